@@ -1,0 +1,142 @@
+"""``python -m shards {validate,info,index,to-coco,from-coco,report} ...``: the dataset command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import validate_dataset
+
+    problems = validate_dataset(args.dataset)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset}", file=sys.stderr)
+        return 1
+    print(f"{args.dataset}: OK")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .dataset import list_shards, read_run, read_stats
+
+    shards = list_shards(args.dataset)
+    complete = [s for s in shards if s.complete]
+    totals = {"samples": 0, "failures": 0, "filtered": 0, "objects": 0}
+    by_stage: dict[str, int] = {}
+    for s in complete:
+        st = read_stats(args.dataset, s)
+        for k in totals:
+            totals[k] += st[k]
+        for stage, n in st["failures_by_stage"].items():
+            by_stage[stage] = by_stage.get(stage, 0) + n
+    run = read_run(args.dataset) or {}
+    info = {
+        "dataset": args.dataset,
+        "shards": len(shards),
+        "complete_shards": len(complete),
+        "incomplete_shards": [s.name for s in shards if not s.complete],
+        **totals,
+        "inputs": totals["samples"] + totals["failures"] + totals["filtered"],
+        "not_kept_by_stage": by_stage,
+        "fingerprint": run.get("fingerprint"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .dataset import build_index
+
+    index = build_index(args.dataset)
+    print(json.dumps(index["totals"]))
+    return 0
+
+
+def _to_coco(args: argparse.Namespace) -> int:
+    from .coco import to_coco
+
+    n = to_coco(args.dataset, args.out)
+    print(f"wrote {args.out}: {n['images']} images, {n['annotations']} annotations")
+    return 0
+
+
+def _from_coco(args: argparse.Namespace) -> int:
+    from .coco import from_coco
+
+    n = from_coco(
+        instances=args.instances,
+        images=args.images,
+        out=args.out,
+        captions=args.captions,
+        stuff=args.stuff,
+        shard_size=args.shard_size,
+        min_area_frac=args.min_area_frac,
+    )
+    print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures, {n['shards']} shards")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return report_main([*args.datasets, "--out", args.out])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check every shard; exit 1 listing each problem with shard and key")
+    v.add_argument("dataset", help="dataset folder or fsspec URI")
+    v.set_defaults(fn=_validate)
+
+    i = sub.add_parser("info", help="print sample, failure and object counts")
+    i.add_argument("dataset")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=_info)
+
+    x = sub.add_parser("index", help="rebuild index.json from the shards' stats files")
+    x.add_argument("dataset")
+    x.set_defaults(fn=_index)
+
+    tc = sub.add_parser("to-coco", help="export a dataset as COCO instances JSON (RLE masks, descriptions)")
+    tc.add_argument("dataset")
+    tc.add_argument("out", help="output JSON path")
+    tc.set_defaults(fn=_to_coco)
+
+    fc = sub.add_parser("from-coco", help="convert COCO (instances [+ stuff] [+ captions]) into shards")
+    fc.add_argument("--instances", required=True, help="instances_*.json")
+    fc.add_argument("--stuff", help="stuff_*.json (merged with instances, as the paper does)")
+    fc.add_argument("--captions", help="captions_*.json (all captions kept; one is drawn at read time)")
+    fc.add_argument("--images", required=True, help="folder holding the images named in the JSON")
+    fc.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    fc.add_argument("--min-area-frac", type=float, default=0.0, help="drop boxes smaller than this image fraction")
+    fc.add_argument("out", help="output dataset folder")
+    fc.set_defaults(fn=_from_coco)
+
+    r = sub.add_parser("report", help="static HTML report with figures and galleries")
+    r.add_argument("datasets", nargs="+")
+    r.add_argument("--out", required=True, help="report.html path")
+    r.set_defaults(fn=_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

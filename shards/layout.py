@@ -1,0 +1,64 @@
+"""Where things live in a dataset folder (local path or fsspec URI), and atomic small-file writes."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+
+RUN_FILE = "run.json"
+INDEX_FILE = "index.json"
+SHARD_DIGITS = 6
+
+
+def shard_name(shard_id: int) -> str:
+    """``000042`` for shard 42."""
+    return f"{shard_id:0{SHARD_DIGITS}d}"
+
+
+def fs_and_root(dataset: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the root path inside it for a local path or fsspec URI."""
+    fs, root = url_to_fs(str(dataset))
+    return fs, root.rstrip("/") or root
+
+
+def join(root: str, *parts: str) -> str:
+    """Join with '/' (fsspec paths are posix-style on every filesystem)."""
+    return posixpath.join(root, *parts)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local filesystem, where paths can be handed to tools that read files directly."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path usable by another process: plain path locally, else ``protocol://path``."""
+    if is_local(fs):
+        return path
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return f"{proto}://{path}"
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so readers see the old file or the whole new one, never a part.
+
+    Locally a rename is atomic. On object stores a single PUT is already all-or-nothing, and a
+    rename would be a copy, so write in place there.
+    """
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def dump_json(obj: object) -> bytes:
+    """Deterministic, human-readable JSON."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()

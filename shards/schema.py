@@ -1,0 +1,204 @@
+"""The versioned sample record stored as ``{key}.json`` beside each image in a shard.
+
+Every optional field is present in the JSON (as ``null``) so readers never guess about missing keys.
+Validation names the key and the field, so a bad record can be traced to its input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# WebDataset splits a member name into key and extension at the first dot, and keys become file names
+# in the tar: allow only a conservative set, no dots, no slashes.
+KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+class SchemaError(ValueError):
+    """A record does not satisfy the shard contract; the message names the key and the field."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid sample key, else raise SchemaError."""
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise SchemaError(
+            f"key {key!r}: field 'key' must match {KEY_RE.pattern} (letters, digits, '_' and '-', "
+            "no dots or slashes, at most 100 characters)"
+        )
+    return key
+
+
+def _finite(key: str, name: str, value: Any, optional: bool = True) -> float | None:
+    if value is None:
+        if optional:
+            return None
+        raise SchemaError(f"key {key!r}: field {name!r} is required")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SchemaError(f"key {key!r}: field {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise SchemaError(f"key {key!r}: field {name!r} must be finite, got {v!r}")
+    return v
+
+
+def _box(key: str, name: str, value: Any, width: int, height: int) -> tuple[float, float, float, float]:
+    if value is None or len(value) != 4:
+        raise SchemaError(f"key {key!r}: field {name!r} must be 4 numbers [x1, y1, x2, y2], got {value!r}")
+    x1, y1, x2, y2 = (_finite(key, name, v, optional=False) for v in value)
+    if x2 <= x1 or y2 <= y1:
+        raise SchemaError(f"key {key!r}: field {name!r} needs x2 > x1 and y2 > y1, got {list(value)}")
+    # A tolerance of one pixel's rounding: boxes come from float model outputs clipped to the image.
+    eps = 1e-3
+    if x1 < -eps or y1 < -eps or x2 > width + eps or y2 > height + eps:
+        raise SchemaError(
+            f"key {key!r}: field {name!r} {list(value)} lies outside the {width}x{height} image"
+        )
+    return (x1, y1, x2, y2)
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """One grounded object of a sample; pixel coordinates refer to the stored image."""
+
+    box: tuple[float, float, float, float]  # xyxy, float pixels of the stored image
+    phrase: str  # the short phrase the detector was asked for
+    description: str | None = None  # the rich description (VLM), None when not described
+    detector_score: float | None = None
+    mask: dict | None = None  # COCO RLE {"size": [h, w], "counts": str}, decodable by pycocotools
+    mask_score: float | None = None  # SAM's predicted IoU
+    mask_box: tuple[float, float, float, float] | None = None  # tight xyxy box of the mask
+    clip_score: float | None = None  # 100 * cosine(CLIP(crop), CLIP(description))
+
+    def validate(self, key: str, index: int, width: int, height: int) -> ObjectRecord:
+        """Return a normalized copy, raising SchemaError naming ``objects[index].field``."""
+        p = f"objects[{index}]"
+        box = _box(key, f"{p}.box", self.box, width, height)
+        if not isinstance(self.phrase, str):
+            raise SchemaError(f"key {key!r}: field '{p}.phrase' must be a string, got {self.phrase!r}")
+        if self.description is not None and not isinstance(self.description, str):
+            raise SchemaError(f"key {key!r}: field '{p}.description' must be a string or null")
+        mask = self.mask
+        if mask is not None:
+            size = mask.get("size") if isinstance(mask, dict) else None
+            if size is None or not isinstance(mask.get("counts"), str):
+                raise SchemaError(
+                    f"key {key!r}: field '{p}.mask' must be a COCO RLE dict with 'size' and string 'counts'"
+                )
+            if list(size) != [height, width]:
+                raise SchemaError(
+                    f"key {key!r}: field '{p}.mask' has size {list(size)}, the image is [{height}, {width}] (h, w)"
+                )
+            mask = {"size": [int(size[0]), int(size[1])], "counts": mask["counts"]}
+        mask_box = None if self.mask_box is None else _box(key, f"{p}.mask_box", self.mask_box, width, height)
+        return ObjectRecord(
+            box=box,
+            phrase=self.phrase,
+            description=self.description,
+            detector_score=_finite(key, f"{p}.detector_score", self.detector_score),
+            mask=mask,
+            mask_score=_finite(key, f"{p}.mask_score", self.mask_score),
+            mask_box=mask_box,
+            clip_score=_finite(key, f"{p}.clip_score", self.clip_score),
+        )
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """The ``{key}.json`` member of a shard: image sizes, captions and objects."""
+
+    key: str
+    width: int  # of the stored image
+    height: int
+    original_width: int  # of the source image before any resize
+    original_height: int
+    source: str = ""  # where the input came from (path, URL, tar member)
+    source_caption: str | None = None  # alt-text / given caption
+    caption: str | None = None  # global caption written by the VLM
+    objects: tuple[ObjectRecord, ...] = ()
+    meta: dict = field(default_factory=dict)  # JSON-safe extras (e.g. all COCO captions)
+    schema_version: int = SCHEMA_VERSION
+
+    def validate(self) -> SampleRecord:
+        """Return a normalized copy or raise SchemaError naming the key and the field."""
+        key = check_key(self.key)
+        if self.schema_version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"key {key!r}: schema_version {self.schema_version} is newer than this richlayout "
+                f"understands ({SCHEMA_VERSION}); upgrade richlayout to read this dataset"
+            )
+        for name in ("width", "height", "original_width", "original_height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SchemaError(f"key {key!r}: field {name!r} must be a positive integer, got {v!r}")
+        for name in ("source_caption", "caption"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise SchemaError(f"key {key!r}: field {name!r} must be a string or null, got {v!r}")
+        if not isinstance(self.meta, dict):
+            raise SchemaError(f"key {key!r}: field 'meta' must be an object")
+        objects = tuple(
+            (o if isinstance(o, ObjectRecord) else ObjectRecord(**o)).validate(key, i, self.width, self.height)
+            for i, o in enumerate(self.objects)
+        )
+        return SampleRecord(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "objects": objects})
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with every field present."""
+        d = asdict(self)
+        d["objects"] = [
+            {**o, "box": list(o["box"]), "mask_box": None if o["mask_box"] is None else list(o["mask_box"])}
+            for o in d["objects"]
+        ]
+        return d
+
+    def to_json_bytes(self) -> bytes:
+        """Deterministic JSON (sorted keys, no whitespace variance) so tars are byte-reproducible."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> SampleRecord:
+        """Parse and validate a dict read from a shard; ``where`` (e.g. the tar path) prefixes errors."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(d, dict):
+            raise SchemaError(f"{prefix}sample JSON must be an object")
+        version = d.get("schema_version")
+        if not isinstance(version, int):
+            raise SchemaError(f"{prefix}key {d.get('key')!r}: field 'schema_version' missing or not an integer")
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{prefix}key {d.get('key')!r}: schema_version {version} is newer than this richlayout "
+                f"understands ({SCHEMA_VERSION}); upgrade richlayout to read this dataset"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SchemaError(f"{prefix}key {d.get('key')!r}: unknown fields {unknown}")
+        obj_known = {f.name for f in fields(ObjectRecord)}
+        objects = []
+        for i, o in enumerate(d.get("objects") or []):
+            bad = sorted(set(o) - obj_known) if isinstance(o, dict) else ["<not an object>"]
+            if bad:
+                raise SchemaError(f"{prefix}key {d.get('key')!r}: objects[{i}] has unknown fields {bad}")
+            objects.append(ObjectRecord(**o))
+        try:
+            rec = cls(**{**d, "objects": tuple(objects)})
+            return rec.validate()
+        except SchemaError as e:
+            raise SchemaError(f"{prefix}{e}") from None
+        except TypeError as e:
+            raise SchemaError(f"{prefix}key {d.get('key')!r}: {e}") from None
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, where: str = "") -> SampleRecord:
+        """Parse a ``{key}.json`` member."""
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SchemaError(f"{where}: not valid JSON: {e}") from None
+        return cls.from_dict(d, where)
