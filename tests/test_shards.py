@@ -287,3 +287,14 @@ def test_cli_help_on_every_command(capsys):
             cli([*cmd, "--help"])
         assert e.value.code == 0
     assert "from-coco" in capsys.readouterr().out
+
+
+def test_network_is_blocked_in_tests():
+    import socket
+
+    s = socket.socket()
+    try:
+        with pytest.raises(ConnectionRefusedError, match="offline"):
+            s.connect(("203.0.113.7", 443))  # TEST-NET-3: never routed
+    finally:
+        s.close()
