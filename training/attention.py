@@ -1,0 +1,267 @@
+"""Position net and regional cross-attention (REGIONAL_ATTENTION.md §3.5 and §4).
+
+``PositionNet`` becomes ``unet.position_net``: diffusers' UNet calls it once per forward with the
+``gligen`` dict (see ``training.encoding.grounding_inputs``) and hands its output, ``objs``, to every
+``BasicTransformerBlock.fuser``. ``RegionalCrossAttention`` is that fuser: each pixel ``p`` of a block's
+hidden states attends to the 77 position-net tokens of its own region ``r(p)``::
+
+    out_p = x_p + W_o . Attn(W_q x_p, W_k c_r(p), W_v c_r(p); bias b_r(p))      (x_p + null if r(p) = -1)
+
+Two implementations compute the same thing:
+
+- ``"naive"``: the public release's form, kept as the reference: ``x`` repeated once per slot, full
+  attention of every pixel over every slot (padded slots included), then masked and summed. Its cost and
+  activation memory scale with pixels x slots.
+- ``"packed"`` (default): one query projection, one output projection, and one attention call in which
+  each pixel sees only its region's live tokens. Pixels are sorted by region and cut into tiles of ``Tq``
+  pixels; each tile gathers its region's keys. Only live tokens (bias within ``DEAD_MARGIN`` of the slot's
+  best) of real slots are projected by ``W_k`` / ``W_v``: the others' softmax weight underflows to 0, so
+  skipping them is exact. Cost and memory scale with pixels + slots x 77.
+
+The index plans (token packing, per-level pixel tiles) depend only on the layout, so the first fuser of a
+forward builds them and stores them in ``objs`` for the other blocks of the same forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
+from torch import nn
+
+__all__ = [
+    "DEAD_MARGIN",
+    "IMPLEMENTATIONS",
+    "PositionNet",
+    "RegionalCrossAttention",
+    "level_grid",
+]
+
+IMPLEMENTATIONS = ("packed", "naive")
+# A token whose bias is this far below its slot's best token has softmax weight < exp(-100) relative to
+# it: treating it as absent is exact in fp32 and below (the encoder's dead tokens sit 999 below).
+DEAD_MARGIN = 100.0
+_TILE_SIZES = (16, 32, 64, 128)
+_PLAN_KEY = "_regional_plans"  # where fusers memoize index plans inside objs
+
+
+class PositionNet(nn.Module):
+    """GLIGEN-style per-token grounding features: ``MLP(concat(text, fourier(box)))``; padded slots use a null input."""
+
+    def __init__(self, text_dim: int, out_dim: int, fourier_freqs: int = 8, hidden_dim: int = 512) -> None:
+        super().__init__()
+        self.fourier_freqs = fourier_freqs
+        position_dim = fourier_freqs * 2 * 4  # sin and cos of each of x1, y1, x2, y2
+        self.linears = nn.Sequential(
+            nn.Linear(text_dim + position_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+        self.null_text_feature = nn.Parameter(torch.zeros(text_dim + position_dim))
+
+    def forward(
+        self,
+        text_embeddings: torch.Tensor,
+        bbox_embeddings: torch.Tensor,
+        object_masks: torch.Tensor,
+        **objs: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Return ``objs`` plus ``text_feat`` (B, S, 77, out_dim) and ``object_masks``."""
+        b, s, t, _ = text_embeddings.shape
+        dtype = self.null_text_feature.dtype
+        boxes = bbox_embeddings.reshape(b * s, t, 4).to(dtype)
+        fourier = get_fourier_embeds_from_boundingbox(self.fourier_freqs, boxes).reshape(b, s, t, -1)
+        feats = torch.cat([text_embeddings.to(dtype), fourier], dim=-1)
+        real = object_masks.to(dtype)[:, :, None, None]
+        feats = feats * real + (1 - real) * self.null_text_feature
+        out = {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
+        # Pack the live tokens here, at the UNet level: a gather made inside a gradient-checkpointed block
+        # and reused by the next blocks would tie their graphs to that block's recomputation.
+        _token_memo(out)
+        return out
+
+
+def level_grid(latent_hw: tuple[int, int], n_pixels: int) -> tuple[int, int]:
+    """Grid ``(h_l, w_l)`` of the UNet level holding ``n_pixels``, from the latent grid (never sqrt)."""
+    h, w = latent_hw
+    # SDXL downsamples with stride-2 convolutions of padding 1, which round odd sizes up.
+    while h * w > n_pixels:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != n_pixels:
+        raise ValueError(f"{n_pixels} pixels match no UNet level of the latent grid {tuple(latent_hw)}")
+    return h, w
+
+
+def _level_region_map(region_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Region map (B, h, w) resized to a level's grid with nearest sampling, flattened to (B, L)."""
+    if tuple(region_map.shape[-2:]) != grid:
+        region_map = F.interpolate(region_map[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+    return region_map.reshape(region_map.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class _TokenPlan:
+    """Live tokens of the real slots, packed; each slot's key rows padded to ``width``."""
+
+    live_index: torch.Tensor  # (Nk,) flat index into (B * S * 77) of the live tokens
+    key_table: torch.Tensor  # (B * S, width) row of each slot's k-th live token in the packed keys
+    key_bias: torch.Tensor  # (B * S, width) its bias; -inf on padding
+    key_counts: torch.Tensor  # (B * S,) live tokens per slot
+
+
+@dataclass(frozen=True)
+class _PixelPlan:
+    """Pixels of one level sorted by slot and cut into ``n_tiles`` tiles of ``tile`` rows."""
+
+    tile: int
+    tile_slot: torch.Tensor  # (n_tiles,) global slot b * S + s of each tile
+    query_index: torch.Tensor  # (n_tiles * tile,) pixel (flat b * L + p) in each tile row; 0 on padding
+    pixel_row: torch.Tensor  # (B * L,) tile row holding each pixel; 0 for dropped pixels
+    dropped: torch.Tensor  # (B * L,) bool: pixel's region dropped by the caps
+
+
+def _token_plan(bias: torch.Tensor, object_masks: torch.Tensor) -> _TokenPlan:
+    """Pack the live tokens: real slot, bias within ``DEAD_MARGIN`` of the slot's best token."""
+    n_slots, n_tokens = bias.shape[0] * bias.shape[1], bias.shape[2]
+    bias = bias.reshape(n_slots, n_tokens)
+    live = (object_masks.reshape(n_slots, 1) > 0.5) & (bias >= bias.amax(dim=1, keepdim=True) - DEAD_MARGIN)
+    live_index = live.reshape(-1).nonzero().squeeze(1)
+    slot = live_index // n_tokens
+    counts = live.sum(dim=1)
+    # A multiple of 8 keeps the fused GPU attention kernels on their aligned paths.
+    width = max(8, -(-int(counts.max()) // 8) * 8)
+    rank = torch.arange(len(live_index), device=bias.device) - (counts.cumsum(0) - counts)[slot]
+    key_table = torch.zeros(n_slots, width, dtype=torch.long, device=bias.device)
+    key_table[slot, rank] = torch.arange(len(live_index), device=bias.device)
+    key_bias = torch.full((n_slots, width), -math.inf, dtype=bias.dtype, device=bias.device)
+    key_bias[slot, rank] = bias.reshape(-1)[live_index]
+    return _TokenPlan(live_index, key_table, key_bias, counts)
+
+
+def _token_memo(objs: dict) -> dict:
+    """The plan memo of ``objs``, holding the token plan and the packed live tokens of ``text_feat``."""
+    memo = objs.setdefault(_PLAN_KEY, {})
+    if "tokens" not in memo:
+        memo["tokens"] = tokens = _token_plan(objs["attention_bias"], objs["object_masks"])
+        feats = objs["text_feat"]
+        memo["context"] = feats.reshape(-1, feats.shape[-1])[tokens.live_index]
+    return memo
+
+
+def _pick_tile(pixel_counts: torch.Tensor, width: int) -> int:
+    """Tile size minimizing padded attention work plus the per-tile copies of the region's keys."""
+    counts = pixel_counts[pixel_counts > 0].tolist()
+    cost = {t: sum(-(-c // t) for c in counts) * (t * width + 8 * width) for t in _TILE_SIZES}
+    return min(cost, key=cost.get)
+
+
+def _pixel_plan(region_map: torch.Tensor, n_slots: int, tokens: _TokenPlan) -> _PixelPlan:
+    """Sort a level's pixels (B, L) by global slot and lay them out in tiles of one slot each."""
+    batch, n_pixels = region_map.shape
+    device = region_map.device
+    flat = region_map.reshape(-1)
+    dropped = flat < 0
+    batch_of = torch.arange(batch * n_pixels, device=device) // n_pixels
+    global_slot = torch.where(dropped, batch * n_slots, batch_of * n_slots + flat)
+    counts = torch.bincount(global_slot, minlength=batch * n_slots + 1)[:-1]
+    if bool(((counts > 0) & (tokens.key_counts == 0)).any()):
+        raise ValueError("region_map points at a slot with object_masks == 0 (padding)")
+    tile = _pick_tile(counts, tokens.key_table.shape[1])
+
+    order = torch.argsort(global_slot, stable=True)[: int((~dropped).sum())]
+    slot_sorted = global_slot[order]
+    tiles_per_slot = (counts + tile - 1) // tile
+    first_tile = tiles_per_slot.cumsum(0) - tiles_per_slot
+    rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts)[slot_sorted]
+    row = (first_tile[slot_sorted] + rank // tile) * tile + rank % tile
+    n_tiles = int(tiles_per_slot.sum())
+    query_index = torch.zeros(n_tiles * tile, dtype=torch.long, device=device)
+    query_index[row] = order
+    pixel_row = torch.zeros(batch * n_pixels, dtype=torch.long, device=device)
+    pixel_row[order] = row
+    tile_slot = torch.repeat_interleave(torch.arange(batch * n_slots, device=device), tiles_per_slot)
+    return _PixelPlan(tile, tile_slot, query_index, pixel_row, dropped)
+
+
+class RegionalCrossAttention(nn.Module):
+    """The fuser: each pixel attends to its own region's position-net tokens; zero-init output."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, implementation: str = "packed"):
+        super().__init__()
+        # diffusers' Attention gives the release's parameter names (attn.to_q / to_k / to_v / to_out.0)
+        # and, called as a module, the release's naive computation.
+        self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+        self.null_text_feat = nn.Parameter(torch.zeros(query_dim))
+        self.implementation = implementation
+
+    @property
+    def implementation(self) -> str:
+        """``"packed"`` or ``"naive"``."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {value!r}")
+        self._implementation = value
+
+    def forward(self, hidden_states: torch.Tensor, objs: dict) -> torch.Tensor:
+        """Add the regional cross-attention of ``hidden_states`` (B, L, dim) over ``objs["text_feat"]``."""
+        grid = level_grid(tuple(objs["region_map"].shape[-2:]), hidden_states.shape[1])
+        if self._implementation == "naive":
+            return self._forward_naive(hidden_states, objs, grid)
+        return self._forward_packed(hidden_states, objs, grid)
+
+    def _null(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.null_text_feat.to(hidden_states.dtype)
+
+    def _forward_naive(self, x: torch.Tensor, objs: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """The release's formulation: x repeated per slot, full attention per slot, masked sum."""
+        batch, n_pixels, dim = x.shape
+        feats = objs["text_feat"].to(x.dtype)
+        n_slots, n_tokens = feats.shape[1], feats.shape[2]
+        region_map = _level_region_map(objs["region_map"], grid)
+        masks = (region_map[:, None, :] == torch.arange(n_slots, device=x.device)[None, :, None]).to(x.dtype)
+        repeated = x[:, None].expand(batch, n_slots, n_pixels, dim).reshape(batch * n_slots, n_pixels, dim)
+        bias = objs["attention_bias"].reshape(batch * n_slots, 1, n_tokens).to(x.dtype)
+        per_slot = self.attn(repeated, feats.reshape(batch * n_slots, n_tokens, -1), attention_mask=bias)
+        out = (per_slot.view(batch, n_slots, n_pixels, dim) * masks[..., None]).sum(dim=1)
+        return x + out + (1 - masks.sum(dim=1))[..., None] * self._null(x)
+
+    def _plans(self, objs: dict, grid: tuple[int, int]) -> tuple[_TokenPlan, _PixelPlan, torch.Tensor]:
+        """Token plan, this level's pixel plan and the packed live position-net tokens, memoized in objs."""
+        memo = _token_memo(objs)
+        if grid not in memo:
+            n_slots = objs["text_feat"].shape[1]
+            memo[grid] = _pixel_plan(_level_region_map(objs["region_map"], grid), n_slots, memo["tokens"])
+        return memo["tokens"], memo[grid], memo["context"]
+
+    def _forward_packed(self, x: torch.Tensor, objs: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """One query projection, one attention over each pixel's own region, one output projection."""
+        batch, n_pixels, dim = x.shape
+        tokens, pixels, context = self._plans(objs, grid)
+        attn = self.attn
+        inner = attn.to_q.out_features
+        heads, head_dim = attn.heads, inner // attn.heads
+        n_tiles, width = len(pixels.tile_slot), tokens.key_table.shape[1]
+
+        query = attn.to_q(x).reshape(batch * n_pixels, inner)[pixels.query_index]
+        query = query.view(n_tiles, pixels.tile, heads, head_dim).transpose(1, 2)
+        context = context.to(x.dtype)
+        rows = tokens.key_table[pixels.tile_slot]
+        key = attn.to_k(context)[rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
+        value = attn.to_v(context)[rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
+        bias = tokens.key_bias[pixels.tile_slot].to(x.dtype)[:, None, None, :]
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(n_tiles * pixels.tile, inner)[pixels.pixel_row]
+        out = attn.to_out[0](out).view(batch, n_pixels, dim)
+        return x + torch.where(pixels.dropped.view(batch, n_pixels, 1), self._null(x), out)

@@ -1,0 +1,260 @@
+"""Sequenced grounding encoding (REGIONAL_ATTENTION.md §3): region slots -> the UNet's ``gligen`` inputs.
+
+Each region slot's text is tokenized by both SDXL tokenizers (77 tokens) and encoded by both frozen text
+encoders (last hidden states, concatenated: 768 + 1280 = 2048 per token in SDXL). The text splits into
+one segment per object at the separator tokens; every token of segment ``k`` gets object ``k``'s box and
+the attention bias ``(weight_k - 1) * attention_weight_scale``; the other tokens of a real slot get box
+``[-1, -1, -1, -1]`` and bias ``NEG_BIAS``, whose softmax weight underflows to exactly 0.
+
+A slot with no token in any segment (the background's empty text, or objects whose descriptions were
+empty or truncated away) gets bias 0 on all 77 tokens: it attends normally over the position-net tokens
+of its text. The public release puts -1e3 on all of the background's tokens; an additive constant does
+not change a softmax, and 0 keeps bf16 / fp16 scores exact (their spacing near 1000 is 8 / 0.5).
+
+Usage::
+
+    encoder = RegionTextEncoder((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), cache_size=4096)
+    gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
+    unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
+
+The frozen encoders run once per distinct text: :class:`RegionTextEncoder` batches the texts it has not
+seen and keeps a bounded LRU cache keyed by the text, with hit / miss counters (``encoder.stats``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from training.regions import SEPARATOR, RegionLayout
+
+__all__ = [
+    "NEG_BIAS",
+    "CacheStats",
+    "EncodedText",
+    "RegionTextEncoder",
+    "grounding_inputs",
+    "separator_ids",
+    "slot_token_targets",
+    "token_spans",
+]
+
+log = logging.getLogger(__name__)
+
+# Large enough that exp(score + NEG_BIAS) is exactly 0 in fp32 / bf16 / fp16 for any sane score, small
+# enough not to overflow fp16 (-65504) when added to a score.
+NEG_BIAS = -1e3
+N_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One region text, encoded: both encoders' last hidden states and the segment spans."""
+
+    hidden: torch.Tensor  # (77, D): the encoders' last hidden states concatenated along features
+    spans: tuple[tuple[int, int], ...]  # [start, end) token range of each "; "-separated segment
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of the region-text cache."""
+
+    hits: int  # texts served from the cache (repeats within one call included)
+    misses: int  # texts encoded
+    size: int  # entries held now
+    capacity: int  # maximum entries
+
+
+def separator_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of every vocabulary token containing the separator character."""
+    # Not just the id of ";": byte-level BPE may merge it with punctuation ending the previous description
+    # (e.g. ".;"). Descriptions have the separator removed, so any token holding one is a separator.
+    return frozenset(i for tok, i in tokenizer.get_vocab().items() if SEPARATOR in tok)
+
+
+def token_spans(input_ids: Sequence[int], bos_id: int, eos_id: int, sep_ids: frozenset[int]) -> list[tuple[int, int]]:
+    """[start, end) of each segment: from after BOS, split at separators, to EOS (or the sequence end)."""
+    ids = list(input_ids)
+    start = ids.index(bos_id) + 1
+    end = ids.index(eos_id, start) if eos_id in ids[start:] else len(ids)
+    spans = []
+    for pos in range(start, end):
+        if ids[pos] in sep_ids:
+            spans.append((start, pos))
+            start = pos + 1
+    spans.append((start, end))
+    return spans
+
+
+def slot_token_targets(
+    spans: Sequence[tuple[int, int]],
+    boxes: np.ndarray,
+    weights: np.ndarray,
+    attention_weight_scale: float = 1.0,
+    n_tokens: int = N_TOKENS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token boxes ``(n_tokens, 4)`` and attention bias ``(n_tokens,)`` of one real slot."""
+    if len(spans) > len(boxes):
+        raise ValueError(f"text has {len(spans)} segments but the slot has {len(boxes)} objects")
+    token_boxes = np.full((n_tokens, 4), -1.0, dtype=np.float32)
+    # Segments truncated away (or empty) drop their object: box, weight and bias alike.
+    kept = [k for k, (s, e) in enumerate(spans) if e > s]
+    if not kept:
+        return token_boxes, np.zeros(n_tokens, dtype=np.float32)
+    kept_weights = np.asarray(weights, dtype=np.float64)[kept]
+    kept_weights = kept_weights / kept_weights.max()  # the max over the objects that remain is 1 again
+    bias = np.full(n_tokens, NEG_BIAS, dtype=np.float32)
+    for k, weight in zip(kept, kept_weights):
+        s, e = spans[k]
+        token_boxes[s:e] = boxes[k]
+        bias[s:e] = (weight - 1.0) * attention_weight_scale
+    return token_boxes, bias
+
+
+class RegionTextEncoder:
+    """Encode region texts with SDXL's tokenizers and frozen text encoders: batched, LRU-cached by text."""
+
+    def __init__(
+        self,
+        tokenizers: Sequence[PreTrainedTokenizerBase],
+        text_encoders: Sequence[nn.Module],
+        *,
+        cache_size: int = 1024,
+        batch_size: int = 32,
+    ) -> None:
+        if len(tokenizers) != len(text_encoders) or not tokenizers:
+            raise ValueError("pass one tokenizer per text encoder (SDXL: two of each)")
+        for tok in tokenizers:
+            if tok.model_max_length != N_TOKENS:
+                raise ValueError(f"tokenizer model_max_length is {tok.model_max_length}, expected {N_TOKENS}")
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = list(text_encoders)
+        self.cache_size = cache_size
+        self.batch_size = batch_size
+        # Spans come from the first tokenizer; SDXL's two share one BPE vocabulary and differ only in padding.
+        self._sep_ids = separator_ids(tokenizers[0])
+        self._cache: OrderedDict[str, EncodedText] = OrderedDict()
+        self._hits = 0
+        self._misses = 0
+
+    @property
+    def hidden_size(self) -> int:
+        """Feature size per token (sum of the encoders' hidden sizes; SDXL: 2048)."""
+        return sum(enc.config.hidden_size for enc in self.text_encoders)
+
+    @property
+    def stats(self) -> CacheStats:
+        """Cache counters."""
+        return CacheStats(self._hits, self._misses, len(self._cache), self.cache_size)
+
+    def clear_cache(self) -> None:
+        """Drop every cached text (counters are kept)."""
+        self._cache.clear()
+
+    def encode_texts(self, texts: Sequence[str]) -> list[EncodedText]:
+        """Encode texts, each distinct uncached text once, in batches of ``batch_size``."""
+        found: dict[str, EncodedText] = {}
+        todo: dict[str, None] = {}  # insertion-ordered set
+        for text in texts:
+            if text in found or text in todo:
+                self._hits += 1
+            elif text in self._cache:
+                self._hits += 1
+                self._cache.move_to_end(text)
+                found[text] = self._cache[text]
+            else:
+                self._misses += 1
+                todo[text] = None
+        todo = list(todo)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            found.update(zip(chunk, self._encode_batch(chunk)))
+        for text in todo:
+            self._remember(text, found[text])
+        return [found[text] for text in texts]
+
+    def _remember(self, text: str, encoded: EncodedText) -> None:
+        """Insert into the LRU cache, evicting the least recently used entries beyond capacity."""
+        if self.cache_size <= 0:
+            return
+        self._cache[text] = encoded
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    @torch.no_grad()
+    def _encode_batch(self, texts: list[str]) -> list[EncodedText]:
+        """Run both tokenizers and encoders on one batch of texts."""
+        hidden, ids = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            inputs = tok(texts, padding="max_length", max_length=N_TOKENS, truncation=True, return_tensors="pt")
+            ids = inputs["input_ids"] if ids is None else ids
+            device = next(enc.parameters()).device
+            hidden.append(enc(**inputs.to(device)).last_hidden_state)
+        feats = torch.cat(hidden, dim=-1)
+        tok = self.tokenizers[0]
+        return [
+            EncodedText(feats[i], tuple(token_spans(ids[i].tolist(), tok.bos_token_id, tok.eos_token_id, self._sep_ids)))
+            for i in range(len(texts))
+        ]
+
+
+def grounding_inputs(
+    layouts: Sequence[RegionLayout],
+    encoder: RegionTextEncoder,
+    *,
+    max_slots: int = 30,
+    attention_weight_scale: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The ``cross_attention_kwargs["gligen"]`` dict for a batch of layouts (all on one latent grid).
+
+    Keys: ``text_embeddings`` (B, S, 77, D), ``bbox_embeddings`` (B, S, 77, 4), ``object_masks`` (B, S)
+    (1 for a real slot, 0 for padding), ``attention_bias`` (B, S, 77), ``region_map`` (B, h, w) int64
+    (slot per latent cell, -1 dropped) and ``union_masks`` (B, S, h, w) bool, with ``S = max_slots``.
+    """
+    if not layouts:
+        raise ValueError("grounding_inputs needs at least one layout")
+    grids = {layout.grid_size for layout in layouts}
+    if len(grids) != 1:
+        raise ValueError(f"layouts of one batch must share a latent grid, got {sorted(grids)}")
+    (h, w), n = grids.pop(), len(layouts)
+    for i, layout in enumerate(layouts):
+        if layout.n_slots > max_slots:
+            raise ValueError(f"layout {i} has {layout.n_slots} slots > max_slots={max_slots}")
+
+    encoded = encoder.encode_texts([text for layout in layouts for text in layout.texts])
+    boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
+    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
+    object_masks = np.zeros((n, max_slots), dtype=np.float32)
+    union = np.zeros((n, max_slots, h, w), dtype=bool)
+    where = []
+    for b, layout in enumerate(layouts):
+        object_masks[b, : layout.n_slots] = 1.0
+        union[b, : layout.n_slots] = layout.union_masks
+        for s in range(layout.n_slots):
+            spans = encoded[len(where)].spans
+            boxes[b, s], bias[b, s] = slot_token_targets(
+                spans, layout.boxes[s], layout.weights[s], attention_weight_scale
+            )
+            where.append((b, s))
+
+    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
+    if where:
+        rows, cols = (torch.tensor(idx, device=device) for idx in zip(*where))
+        text[rows, cols] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
+    return {
+        "text_embeddings": text,
+        "bbox_embeddings": torch.from_numpy(boxes).to(device=device, dtype=dtype),
+        "object_masks": torch.from_numpy(object_masks).to(device=device, dtype=dtype),
+        "attention_bias": torch.from_numpy(bias).to(device=device, dtype=dtype),
+        "region_map": torch.from_numpy(np.stack([layout.region_map for layout in layouts]).astype(np.int64)).to(device),
+        "union_masks": torch.from_numpy(union).to(device),
+    }

@@ -1,0 +1,212 @@
+"""Region reorganization (REGIONAL_ATTENTION.md §2): boxes and descriptions -> non-overlapping region slots.
+
+Pure numpy, cheap (about 3 ms for 30 boxes on a 64x64 grid, 2 CPU cores), safe to call from DataLoader
+workers. Any sampling uses the generator the caller passes.
+
+API::
+
+    layout = reorganize_regions(boxes, texts, height, width, rng=np.random.default_rng(seed))
+
+- ``boxes``: ``(N, 4)`` array-like, ``[x1, y1, x2, y2]`` in image pixels (floats allowed);
+  ``texts``: ``N`` descriptions; ``height``, ``width``: image size in pixels, multiples of ``downscale``.
+- Returns a :class:`RegionLayout`: the latent grid ``(h, w) = (height // 8, width // 8)``, a
+  ``region_map`` (slot index of each latent cell, ``-1`` where the caps dropped its region), and per
+  slot its text, normalized boxes, weights, input object indices and union mask. Slots are ordered by
+  the first latent cell (raster order) of each region.
+
+Rules, each unit-tested:
+
+- Box ``i`` covers cell ``(r, c)`` iff the cell's area overlaps the box's with positive area:
+  ``floor(y1/8) <= r < ceil(y2/8)`` and the same for columns, clamped to the grid. A box ending at the
+  image's border covers the last row / column (the public release never covers them). A zero-area box
+  covers nothing.
+- Every distinct membership vector over the objects is one region; the empty vector is the background
+  (text ``""``, box ``[-1, -1, -1, -1]``, weight 1, union mask = whole grid).
+- A region's text joins its objects' descriptions (``;`` removed from each) with ``"; "`` in object
+  order; its boxes are those objects' boxes normalized to 0..1 (clipped to the image); its weights are
+  ``iou(region, box_i) / max_k iou(region, box_k)``, which is ``min_k cells(box_k) / cells(box_i)``
+  since a region lies inside each box covering it.
+- Caps: at most ``max_objs`` objects (a uniform subset drawn with ``rng``; the first ones without),
+  then at most ``min(max_regions, max_slots)`` regions. The background region is always kept; the
+  others are a uniform subset drawn with ``rng`` (two successive uniform subsets, 120 then 30 as in the
+  release, are one uniform subset), or without ``rng`` the largest ones. Cells of dropped regions get
+  ``-1``. Texts, boxes, weights, object ids and union masks are selected together, so they stay aligned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BACKGROUND_BOX", "SEPARATOR", "RegionLayout", "empty_layout", "latent_grid", "reorganize_regions"]
+
+SEPARATOR = ";"
+BACKGROUND_BOX = (-1.0, -1.0, -1.0, -1.0)
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    """Region slots of one image on its latent grid (see the module docstring for the rules)."""
+
+    height: int  # image height in pixels
+    width: int  # image width in pixels
+    region_map: np.ndarray  # (h, w) int32: slot index of each latent cell, -1 if its region was dropped
+    texts: list[str]  # per slot: descriptions joined with "; " ("" for the background)
+    boxes: list[np.ndarray]  # per slot: (k, 4) float32 normalized xyxy, one per joined description
+    weights: list[np.ndarray]  # per slot: (k,) float32 in (0, 1], max 1
+    object_ids: list[np.ndarray]  # per slot: (k,) int64 indices into the input objects (empty: background)
+    union_masks: np.ndarray  # (n_slots, h, w) bool: OR of the slot's boxes; whole grid for the background
+    background_slot: int | None  # slot index of the background region, None if boxes cover every cell
+    n_regions: int  # distinct regions before the caps
+    n_objects: int  # objects kept by the max_objs cap
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Latent grid ``(h, w)``."""
+        return self.region_map.shape
+
+    @property
+    def n_slots(self) -> int:
+        """Number of kept regions."""
+        return len(self.texts)
+
+
+def latent_grid(height: int, width: int, downscale: int = 8) -> tuple[int, int]:
+    """Latent grid size of an image; fails if a side is not a positive multiple of ``downscale``."""
+    if height <= 0 or width <= 0 or height % downscale or width % downscale:
+        raise ValueError(f"image size {height}x{width} must be positive multiples of {downscale} (the VAE's factor)")
+    return height // downscale, width // downscale
+
+
+def _validate(boxes: np.ndarray, texts: list[str]) -> None:
+    """Reject malformed boxes or texts with a message that names the problem."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {boxes.shape}")
+    if len(texts) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(texts)} texts")
+    if not np.isfinite(boxes).all():
+        raise ValueError("boxes contain NaN or inf")
+    bad = np.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0]
+    if bad.size:
+        raise ValueError(f"boxes {bad.tolist()} have x2 < x1 or y2 < y1 (expected [x1, y1, x2, y2] pixels)")
+
+
+def _rasterize(boxes: np.ndarray, h: int, w: int, downscale: int) -> np.ndarray:
+    """``(N, h, w)`` bool: the cells each box overlaps with positive area."""
+    cells = boxes / downscale
+    masks = np.zeros((len(boxes), h, w), dtype=bool)
+    for i, (x1, y1, x2, y2) in enumerate(cells):
+        if x2 <= x1 or y2 <= y1:
+            continue  # zero area overlaps no cell
+        r0, r1 = max(0, math.floor(y1)), min(h, math.ceil(y2))
+        c0, c1 = max(0, math.floor(x1)), min(w, math.ceil(x2))
+        masks[i, r0:r1, c0:c1] = True
+    return masks
+
+
+def _distinct_rows(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label each row by its distinct value, labels in order of first occurrence; also each label's first row."""
+    # Bit-pack up to 62 objects per int64 code: a 1-D unique is ~100x faster than np.unique(axis=0).
+    labels = np.zeros(len(membership), dtype=np.int64)
+    for start in range(0, membership.shape[1], 62):
+        chunk = membership[:, start : start + 62].astype(np.int64)
+        codes = chunk @ (np.int64(1) << np.arange(chunk.shape[1], dtype=np.int64))
+        _, chunk_labels = np.unique(codes, return_inverse=True)
+        _, labels = np.unique(labels * (chunk_labels.max() + 1) + chunk_labels, return_inverse=True)
+    _, first, labels = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[labels], first[order]
+
+
+def _choose(candidates: np.ndarray, k: int, sizes: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """``k`` of ``candidates``: uniform without replacement with ``rng``, else the largest ``sizes``."""
+    if len(candidates) <= k:
+        return candidates
+    if rng is not None:
+        return np.sort(rng.choice(candidates, size=k, replace=False))
+    return np.sort(candidates[np.argsort(-sizes[candidates], kind="stable")[:k]])
+
+
+def reorganize_regions(
+    boxes: np.ndarray,
+    texts: list[str],
+    height: int,
+    width: int,
+    *,
+    max_objs: int = 30,
+    max_regions: int = 120,
+    max_slots: int = 30,
+    rng: np.random.Generator | None = None,
+    downscale: int = 8,
+) -> RegionLayout:
+    """Split a layout into non-overlapping regions on the latent grid (rules in the module docstring)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    texts = list(texts)
+    _validate(boxes, texts)
+    h, w = latent_grid(height, width, downscale)
+    if min(max_objs, max_regions, max_slots) < 1:
+        raise ValueError("max_objs, max_regions and max_slots must be >= 1")
+
+    keep_objs = _choose(np.arange(len(boxes)), max_objs, np.zeros(len(boxes)), rng)
+    boxes, texts = boxes[keep_objs], [texts[i] for i in keep_objs]
+
+    box_masks = _rasterize(boxes, h, w, downscale)
+    box_cells = box_masks.reshape(len(boxes), h * w).sum(1)
+    membership = box_masks.reshape(len(boxes), h * w).T  # (h*w, N)
+    cell_region, first_cell = _distinct_rows(membership)
+    rows = membership[first_cell]  # (n_regions, N); regions numbered by their first cell in raster order
+    n_regions = len(rows)
+
+    sizes = np.bincount(cell_region, minlength=n_regions)
+    is_bg = ~rows.any(axis=1)
+    bg = np.nonzero(is_bg)[0]
+    cap = min(max_regions, max_slots)
+    others = _choose(np.nonzero(~is_bg)[0], cap - len(bg), sizes, rng)
+    kept = np.sort(np.concatenate([bg, others]))
+
+    slot_of_region = np.full(n_regions, -1, dtype=np.int32)
+    slot_of_region[kept] = np.arange(len(kept), dtype=np.int32)
+    region_map = slot_of_region[cell_region].reshape(h, w)
+
+    norm_boxes = np.clip(boxes / np.array([width, height, width, height], dtype=np.float64), 0.0, 1.0)
+    slot_texts, slot_boxes, slot_weights, slot_ids = [], [], [], []
+    union_masks = np.zeros((len(kept), h, w), dtype=bool)
+    for slot, region in enumerate(kept):
+        ids = np.nonzero(rows[region])[0]
+        if ids.size == 0:
+            slot_texts.append("")
+            slot_boxes.append(np.array([BACKGROUND_BOX], dtype=np.float32))
+            slot_weights.append(np.ones(1, dtype=np.float32))
+            union_masks[slot] = True
+        else:
+            slot_texts.append("; ".join(texts[i].replace(SEPARATOR, "") for i in ids))
+            slot_boxes.append(norm_boxes[ids].astype(np.float32))
+            slot_weights.append((box_cells[ids].min() / box_cells[ids]).astype(np.float32))
+            union_masks[slot] = box_masks[ids].any(axis=0)
+        slot_ids.append(keep_objs[ids].astype(np.int64))
+
+    bg_slot = int(slot_of_region[bg[0]]) if len(bg) else None
+    return RegionLayout(
+        height=height,
+        width=width,
+        region_map=region_map,
+        texts=slot_texts,
+        boxes=slot_boxes,
+        weights=slot_weights,
+        object_ids=slot_ids,
+        union_masks=union_masks,
+        background_slot=bg_slot,
+        n_regions=n_regions,
+        n_objects=len(boxes),
+    )
+
+
+def empty_layout(height: int, width: int, downscale: int = 8) -> RegionLayout:
+    """The layout with no objects: one background slot over the whole grid (CFG's unconditional branch)."""
+    return reorganize_regions(np.zeros((0, 4)), [], height, width, downscale=downscale)
