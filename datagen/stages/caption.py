@@ -1,0 +1,60 @@
+"""Stage 3, caption: a global caption from the VLM, as a ``caption`` column (str, or None when the
+model returns nothing usable). The source alt-text stays in ``source_caption``, untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..models import ModelSpec, default_spec, load_model
+from . import Batch, as_image, run_rows
+from .vlm import clean_text, generate
+
+STAGE = "caption"
+DEFAULT_PROMPT = (
+    "Describe this image in one or two sentences: the main objects, their attributes and where they are."
+)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """How the global caption is written."""
+
+    model: ModelSpec = field(default_factory=lambda: default_spec("vlm"))
+    prompt: str = DEFAULT_PROMPT  # the VLM's instruction
+    max_new_tokens: int = 96  # caption length cap in VLM tokens
+    max_pixels: int | None = 448 * 448  # images are downscaled to at most this area for the VLM
+    generate_batch_size: int = 16  # images per generate call
+    batch_size: int = 16  # rows per Ray batch (a hint for the pipeline)
+
+
+class CaptionStage:
+    """Adds ``caption`` to each ok row."""
+
+    def __init__(self, config: CaptionConfig) -> None:
+        self.config = config
+        self.model, self.processor = load_model(config.model)
+
+    def __call__(self, batch: Batch) -> Batch:
+        cfg = self.config
+
+        def caption(rows: list[int]) -> dict[str, list]:
+            images = [as_image(batch["image"][i]) for i in rows]
+            answers = generate(
+                self.model,
+                self.processor,
+                images,
+                [cfg.prompt] * len(images),
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.generate_batch_size,
+                max_pixels=cfg.max_pixels,
+            )
+            return {"caption": [clean_caption(a) for a in answers]}
+
+        return run_rows(batch, STAGE, caption, ("caption",))
+
+
+def clean_caption(answer: str) -> str | None:
+    """The answer with whitespace collapsed; None when it holds no word at all."""
+    text = clean_text(answer)
+    return text if any(c.isalpha() for c in text) else None

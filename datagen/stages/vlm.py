@@ -1,0 +1,76 @@
+"""Batched chat generation with a vision-language model, shared by the tag, caption and describe stages.
+
+One user turn per item (the image, then the prompt) through the processor's chat template; items are
+sorted by image area so each ``generate`` call batches images of similar size (less padding), with
+left padding as decoder-only generation needs, greedy decoding, and only the new tokens decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def generate(
+    model,
+    processor,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_pixels: int | None = None,
+) -> list[str]:
+    """The model's raw answer to each (image, prompt) pair, in input order (see ``clean_text``)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    templates = {p: _chat_text(processor, p) for p in set(prompts)}
+    order = sorted(range(len(images)), key=lambda i: images[i].shape[0] * images[i].shape[1])
+    answers: list[str] = [""] * len(images)
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start : start + batch_size]
+        pil = [_to_pil(images[i], max_pixels) for i in chunk]
+        texts = [templates[prompts[i]] for i in chunk]
+        for i, text in zip(chunk, _generate_chunk(model, processor, pil, texts, max_new_tokens), strict=True):
+            answers[i] = text
+    return answers
+
+
+def _chat_text(processor, prompt: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _to_pil(image: np.ndarray, max_pixels: int | None) -> Image.Image:
+    pil = Image.fromarray(image)
+    if max_pixels and pil.width * pil.height > max_pixels:
+        scale = (max_pixels / (pil.width * pil.height)) ** 0.5
+        pil = pil.resize((max(1, int(pil.width * scale)), max(1, int(pil.height * scale))), Image.BICUBIC)
+    return pil
+
+
+@torch.inference_mode()
+def _generate_chunk(
+    model, processor, images: list[Image.Image], texts: list[str], max_new_tokens: int
+) -> list[str]:
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
+
+
+def clean_text(text: str) -> str:
+    """Generated text with control/replacement characters removed and whitespace collapsed."""
+    return " ".join(_CONTROL.sub(" ", text).split())
