@@ -1,0 +1,317 @@
+"""training.stream: split, mixture, fixed-length epochs, error policy, determinism, exact resumption."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shards.masks import encode_mask
+from shards.schema import ObjectRecord, SampleRecord
+from shards.writer import ShardWriter, build_tar
+from training.data_config import ConfigError, StreamConfig
+from training.stream import build_loader, merge_states, mix
+
+W, H = 40, 32  # stored images; the stream crops 16x16
+
+
+def jpeg(rng: np.random.Generator, w: int = W, h: int = H) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def record(key: str, rng: np.random.Generator, w: int = W, h: int = H) -> SampleRecord:
+    objects = []
+    for i in range(int(rng.integers(1, 4))):
+        x1, y1 = float(rng.integers(0, w - 8)), float(rng.integers(0, h - 8))
+        box = (x1, y1, min(w, x1 + float(rng.integers(6, 24))), min(h, y1 + float(rng.integers(6, 24))))
+        mask = np.zeros((h, w), dtype=bool)
+        mask[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = True
+        objects.append(
+            ObjectRecord(
+                box=box,
+                phrase="cat",
+                description=f"cat {i} on the left",
+                clip_score=20.0 + i,
+                mask=encode_mask(mask),
+            )
+        )
+    return SampleRecord(
+        key=key,
+        width=w,
+        height=h,
+        original_width=2 * w,
+        original_height=2 * h,
+        caption=f"caption {key}",
+        objects=tuple(objects),
+    )
+
+
+def write_dataset(root: Path, sizes: list[int], prefix: str = "k", seed: int = 0) -> list[str]:
+    """Shards with ``sizes[i]`` samples each; returns all keys."""
+    rng = np.random.default_rng(seed)
+    keys = []
+    for shard, n in enumerate(sizes):
+        with ShardWriter(str(root), shard) as w:
+            for i in range(n):
+                key = f"{prefix}{shard}x{i}"
+                w.add(record(key, rng), jpeg(rng))
+                keys.append(key)
+    return keys
+
+
+def config(paths, **kw) -> StreamConfig:
+    weights = kw.pop("weights", [1.0] * len(paths))
+    augment = {"size": [16, 16], "min_visibility": 0.0, "max_objects": 4, **kw.pop("augment", {})}
+    filters = kw.pop("filters", {})
+    d = {
+        "datasets": [
+            {"path": str(p), "weight": wt, "augment": augment, "filters": filters}
+            for p, wt in zip(paths, weights, strict=True)
+        ],
+        "batch_size": 3,
+        "num_workers": 0,
+        "shuffle_buffer": 8,
+        "shuffle_initial": 4,
+        "regions": {"max_objs": 4, "max_regions": 8, "max_slots": 6},
+        **kw,
+    }
+    return StreamConfig.from_dict(d)
+
+
+def epoch_keys(loader) -> list[list[str]]:
+    return [b["key"] for b in loader]
+
+
+def fingerprint(batch: dict) -> tuple:
+    """What identifies a batch: keys and a digest of every tensor."""
+    return (
+        tuple(batch["key"]),
+        tuple(batch["region_texts"][0]),
+        *(round(float(v.double().sum()), 4) for v in batch.values() if isinstance(v, torch.Tensor)),
+    )
+
+
+@pytest.fixture(scope="module")
+def even(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("even")
+    return root, write_dataset(root, [6] * 8)
+
+
+def test_split_by_node_and_worker_yields_every_sample_exactly_once(even):
+    root, keys = even
+    cfg = config([root], num_workers=2)  # 2 ranks x 2 workers, 2 shards (12 samples) each
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            loader = build_loader(cfg, rank=rank, world_size=2, epoch=epoch)
+            assert len(loader) == 8  # 48 samples / (2 ranks x 3 per batch)
+            seen += [k for batch in epoch_keys(loader) for k in batch]
+        assert sorted(seen) == sorted(keys), epoch
+    assert len(set(seen)) == 48
+
+
+def test_every_rank_yields_the_same_number_of_batches(tmp_path):
+    # Uneven shards: 30 samples, 3 ranks, so 5 batches of 2 each; short shares wrap into another pass.
+    write_dataset(tmp_path / "a", [3, 10, 7, 1, 9])
+    cfg = config([tmp_path / "a"], batch_size=2)
+    counts = [len(epoch_keys(build_loader(cfg, rank=r, world_size=3))) for r in range(3)]
+    assert counts == [5, 5, 5]
+    cfg = config([tmp_path / "a"], batch_size=2, resampled=True, epoch_samples=40)
+    loaders = [build_loader(cfg, rank=r, world_size=3) for r in range(3)]
+    assert [len(epoch_keys(lo)) for lo in loaders] == [len(lo) for lo in loaders] == [6, 6, 6]
+
+
+def test_mixture_ratio_within_tolerance(tmp_path):
+    draws = Counter(
+        i
+        for i, _ in itertools.islice(
+            mix([itertools.repeat(0)] * 3, [1, 2, 1], np.random.default_rng(0)), 40000
+        )
+    )
+    for i, p in enumerate([0.25, 0.5, 0.25]):
+        assert abs(draws[i] / 40000 - p) < 0.01  # sd 0.0025
+    # End to end through filters, decode and batching: the paper's 1:2 COCO / synthetic mixture.
+    write_dataset(tmp_path / "coco", [10, 10], prefix="c")
+    write_dataset(tmp_path / "syn", [10, 10, 10], prefix="s", seed=1)
+    cfg = config(
+        [tmp_path / "coco", tmp_path / "syn"],
+        weights=[1, 2],
+        resampled=True,
+        epoch_samples=600,
+        batch_size=10,
+    )
+    keys = [k for batch in epoch_keys(build_loader(cfg)) for k in batch]
+    assert len(keys) == 600
+    share = sum(k.startswith("c") for k in keys) / len(keys)
+    assert abs(share - 1 / 3) < 0.06, share  # sd 0.019 at n=600
+
+
+def corrupt_dataset(root: Path) -> list[str]:
+    """Shard 0 good; 1 garbage; 2 truncated inside its 3rd sample; 3 with one bad sample of each kind."""
+    rng = np.random.default_rng(5)
+    good = write_dataset(root, [6, 4, 5, 5], prefix="g")
+    (root / "000001.tar").write_bytes(b"this is not a tar file" * 50)
+    tar2 = (root / "000002.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(tar2)) as t:
+        third_image = t.getmembers()[4]  # members sorted: k.jpg, k.json per sample
+    (root / "000002.tar").write_bytes(tar2[: third_image.offset_data + 10])
+    members = []
+    for i in range(3):
+        key = f"ok{i}"
+        members += [(f"{key}.jpg", jpeg(rng)), (f"{key}.json", record(key, rng).to_json_bytes())]
+    members.append(("lonely.jpg", jpeg(rng)))  # its json is missing
+    members += [
+        ("garbled.jpg", b"\xff\xd8 not a jpeg"),
+        ("garbled.json", record("garbled", rng).to_json_bytes()),
+    ]
+    members += [("small.jpg", jpeg(rng, 20, 20)), ("small.json", record("small", rng).to_json_bytes())]
+    members += [("badjson.jpg", jpeg(rng)), ("badjson.json", b'{"key": "badjson"')]
+    (root / "000003.tar").write_bytes(build_tar(members))
+    return [k for k in good if k.startswith(("g0x", "g2x0", "g2x1"))] + ["ok0", "ok1", "ok2"]
+
+
+def test_corrupt_shard_and_bad_samples_are_counted_by_reason_and_skipped(tmp_path):
+    readable = corrupt_dataset(tmp_path)
+    cfg = config([tmp_path], batch_size=1, epoch_samples=len(readable))  # exactly one pass
+    loader = build_loader(cfg)
+    keys = [k for batch in epoch_keys(loader) for k in batch]
+    assert sorted(keys) == sorted(readable)
+    assert loader.counters() == {
+        "error/corrupt_shard": 2,
+        "error/missing_member": 1,
+        "error/undecodable_image": 1,
+        "error/size_mismatch": 1,
+        "error/bad_json": 1,
+    }
+
+
+def test_a_run_of_failures_raises_instead_of_spinning(tmp_path):
+    readable = corrupt_dataset(tmp_path)
+    cfg = config([tmp_path], batch_size=1, epoch_samples=len(readable), max_consecutive_errors=2)
+    with pytest.raises(RuntimeError, match="failed in a row"):
+        list(build_loader(cfg))
+    cfg = config([tmp_path], batch_size=1, epoch_samples=4, filters={"min_objects": 5})
+    with pytest.raises(RuntimeError, match="gave no usable sample"):
+        list(build_loader(cfg))
+
+
+def test_same_seed_same_batches_other_seed_other_batches(even):
+    root, _ = even
+    runs = [[fingerprint(b) for b in build_loader(config([root], num_workers=2, seed=s))] for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert [r[0] for r in runs[0]] != [r[0] for r in runs[2]]
+
+
+@pytest.mark.parametrize("num_workers, resampled", [(2, False), (0, True)])
+def test_resume_after_n_batches_continues_with_batch_n_plus_1(tmp_path, num_workers, resampled):
+    readable = corrupt_dataset(tmp_path)  # failures before the resume point shift positions
+    cfg = config(
+        [tmp_path],
+        batch_size=2,
+        num_workers=num_workers,
+        resampled=resampled,
+        epoch_samples=4 * len(readable),
+        augment={"flip_prob": 0.5, "scale": [1.0, 1.3]},
+    )
+    reference = build_loader(cfg)
+    expect = [fingerprint(b) for b in reference] + [fingerprint(b) for b in reference]  # two epochs
+    n_epoch = len(reference)
+    for n in (3, n_epoch + 1):
+        first = build_loader(cfg)
+        got = []
+        while len(got) < n:
+            for batch in first:
+                got.append(fingerprint(batch))
+                if len(got) == n:
+                    break
+        state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+        resumed = build_loader(cfg, state=state)
+        while resumed.epoch < 2:
+            got += [fingerprint(b) for b in resumed]
+        assert got == expect, n
+        assert resumed.counters() == reference.counters()
+
+
+def test_interrupted_iteration_resumes_in_the_same_process(even):
+    root, _ = even
+    cfg = config([root], num_workers=2)
+    expect = [fingerprint(b) for b in build_loader(cfg)]
+    loader = build_loader(cfg)
+    got = []
+    for batch in loader:
+        got.append(fingerprint(batch))
+        if len(got) == 5:
+            break
+    got += [fingerprint(b) for b in loader]
+    assert got == expect and loader.epoch == 1
+
+
+def test_state_of_every_rank_merges_and_a_mismatch_is_refused(even):
+    root, _ = even
+    cfg = config([root])
+    loaders = [build_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    for lo in loaders:
+        for i, _ in enumerate(lo):
+            if i == 2:
+                break
+    merged = merge_states([lo.state_dict() for lo in loaders])
+    assert sorted(merged["ranks"]) == ["0", "1"] and merged["batches"] == 3
+    for r in range(2):
+        resumed = build_loader(cfg, rank=r, world_size=2, state=merged)
+        assert resumed.batches == 3 and len(epoch_keys(resumed)) == len(resumed) - 3
+    other = build_loader(cfg, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="another config"):
+        other.load_state_dict(merged)
+    other.load_state_dict(merged, strict=False)
+    assert (other.epoch, other.batches) == (1, 0)
+
+
+def test_config_from_yaml_shape_and_errors(even):
+    root, _ = even
+    cfg = config([root])
+    assert StreamConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown keys"):
+        StreamConfig.from_dict({**cfg.to_dict(), "shuffle": 3})
+    with pytest.raises(ConfigError, match="resampled mode"):
+        StreamConfig.from_dict({**cfg.to_dict(), "resampled": True, "epoch_samples": None})
+    with pytest.raises(ConfigError, match="8 shards for 16 workers"):
+        build_loader(config([root], num_workers=4), world_size=4)
+
+
+def test_batch_tensors_have_fixed_shapes_and_consistent_regions(even):
+    root, _ = even
+    batch = next(iter(build_loader(config([root], augment={"masks": True}))))
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    assert -1.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+    assert batch["original_size"].tolist() == [[2 * H, 2 * W]] * 3
+    assert batch["target_size"].tolist() == [[16, 16]] * 3
+    assert batch["region_map"].shape == (3, 2, 2) and batch["region_union_masks"].shape == (3, 6, 2, 2)
+    assert batch["region_boxes"].shape == (3, 6, 4, 4) and batch["object_masks"].shape == (3, 4, 16, 16)
+    for i in range(3):
+        n_slots = int(batch["slot_mask"][i].sum())
+        texts = batch["region_texts"][i]
+        assert len(texts) == 6 and all(t == "" for t in texts[n_slots:])
+        assert batch["region_map"][i].max() < n_slots
+        segs = batch["segment_mask"][i].sum(1)
+        for s in range(n_slots):
+            n_seg = len(texts[s].split("; ")) if texts[s] else 1
+            assert segs[s] == n_seg
+        n = int(batch["object_count"][i])
+        assert len(batch["object_texts"][i]) == n and not batch["object_boxes"][i, n:].any()
+        # An object's mask lies inside its box.
+        for j in range(n):
+            ys, xs = np.nonzero(batch["object_masks"][i, j].numpy())
+            if len(xs):
+                x1, y1, x2, y2 = batch["object_boxes"][i, j].tolist()
+                assert x1 - 1 <= xs.min() and xs.max() + 1 <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2
+    assert Counter(len(c) > 0 for c in batch["caption"]) == {True: 3}
