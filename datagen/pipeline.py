@@ -1,0 +1,353 @@
+"""The Ray Data pipeline: the one module that imports ``ray.data`` and holds every ``map_batches`` call.
+
+    chunks of input items
+      -> decode        CPU tasks (TaskPoolStrategy, ``execution.decode_tasks`` at a time)
+      -> pool 1..n     actor pools (ActorPoolStrategy): each actor loads its stages' models once
+      -> pack          CPU tasks: JPEG-encode and validate each row
+      -> driver        groups rows by shard; a full shard goes to one ``write_shard`` Ray task
+
+The unit that flows through Ray is a *chunk*: ``execution.chunk_size`` consecutive inputs of one shard.
+Every stage sees whole chunks and cuts them into its own batches of ok rows, so which images share a
+model batch depends only on the inputs, never on scheduling: a resumed run computes exactly what an
+uninterrupted one does, and its tars are byte-identical. Rows travel as Python objects (images are
+variable-sized arrays); Ray serialises them in its object store, nothing is pickled into a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from tqdm import tqdm
+
+from .config import DatagenConfig, PoolConfig, stage_classes
+from .inputs import InputItem
+from .stages import StageError, error_text
+from .stages.decode import STAGE as DECODE
+from .stages.decode import DecodeConfig, DecodeStage
+from .stages.write import WriteConfig, pack, write_shard
+
+log = logging.getLogger(__name__)
+
+PACK = "pack"
+# Environment a worker needs to behave like the driver (offline hub, caches); forwarded to the cluster.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+                 "TORCH_HOME", "TOKENIZERS_PARALLELISM")
+
+
+class PipelineError(RuntimeError):
+    """The run stopped on purpose (a stage failing systematically); the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to (re)write: its inputs to process and whether other rows of it are kept."""
+
+    shard_id: int
+    items: tuple[InputItem, ...]
+    keep_existing: bool = False  # --retry-failed: only these items are redone, the rest is carried over
+
+
+@dataclass
+class StageTime:
+    """Busy time of one stage summed over its workers, and the rows it processed."""
+
+    rows: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """What one execution did."""
+
+    processed: int = 0  # inputs that went through the pipeline this run
+    statuses: Counter = field(default_factory=Counter)  # status -> count
+    failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count
+    objects: int = 0
+    shards: list[dict] = field(default_factory=list)  # stats of each shard written
+    busy: dict[str, StageTime] = field(default_factory=dict)  # stage -> busy time
+    wall_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunks: the unit of work (plain functions, usable without Ray).
+
+
+def make_chunks(jobs: Sequence[ShardJob], chunk_size: int) -> list[dict]:
+    """Consecutive pieces of each shard's items, JSON-encoded (a native string column for Ray)."""
+    chunks = []
+    for job in jobs:
+        for start in range(0, len(job.items), chunk_size):
+            part = job.items[start : start + chunk_size]
+            chunks.append({"shard": job.shard_id, "chunk": json.dumps({"shard": job.shard_id, "start": start,
+                                                                       "items": [it.to_dict() for it in part]})})
+    return chunks
+
+
+def _split(n: int, batch_size: int) -> list[range]:
+    """``n`` rows in ceil(n / batch_size) near-equal batches (never a lone last row when avoidable)."""
+    k = max(1, -(-n // max(1, batch_size)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int) -> dict:
+    """Run ``stage`` on the ok rows of a chunk in batches of ``batch_size``; time it.
+
+    Rows that are not ok skip the stage (they get None in its new columns), so model batches are
+    full of real work and their composition is a pure function of the chunk's content.
+    """
+    cols = chunk["columns"]
+    n = len(cols["key"])
+    ok = [i for i in range(n) if cols["status"][i] == "ok"]
+    results: dict[int, dict] = {}
+    busy = 0.0
+    for part in _split(len(ok), batch_size) if ok else []:
+        rows = [ok[j] for j in part]
+        sub = {k: [v[i] for i in rows] for k, v in cols.items()}
+        t0 = time.perf_counter()
+        try:
+            out = stage(sub)
+        except StageError as e:
+            if len(rows) > 1:
+                raise
+            # One row failing alone is not evidence of a bug: record it on the row. A stage failing
+            # everywhere is still caught, by the batches with several rows and by the fail-fast guard.
+            cause = e.__cause__ or e
+            out = {**sub, "status": ["failed"], "error_stage": [name], "error": [error_text(cause)]}
+        busy += time.perf_counter() - t0
+        for j, i in enumerate(rows):
+            results[i] = {k: v[j] for k, v in out.items()}
+    names = list(cols) + [k for r in results.values() for k in r if k not in cols]
+    names = list(dict.fromkeys(names))
+    merged = {k: [results[i][k] if i in results else cols.get(k, [None] * n)[i] for i in range(n)] for k in names}
+    timing = chunk.setdefault("busy", {})
+    timing[name] = [len(ok), busy]
+    return {**chunk, "columns": merged}
+
+
+def decode_chunk(payload: str, stage: DecodeStage) -> dict:
+    """A JSON chunk of input items -> a chunk of decoded rows."""
+    spec = json.loads(payload)
+    items = spec.pop("items")
+    batch = {k: [it[k] for it in items] for k in items[0]} if items else {"key": []}
+    t0 = time.perf_counter()
+    cols = stage(batch)
+    return {**spec, "columns": cols, "busy": {DECODE: [len(items), time.perf_counter() - t0]}}
+
+
+def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
+    """A chunk of processed rows -> compact entries for the shard writer (images JPEG-encoded)."""
+    t0 = time.perf_counter()
+    entries = pack(chunk["columns"], config)
+    busy = {**chunk.get("busy", {}), PACK: [len(entries), time.perf_counter() - t0]}
+    return {"shard": chunk["shard"], "start": chunk["start"], "entries": entries, "busy": busy}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray: the UDFs and the dataset.
+
+
+# The CPU tasks receive only their own config section: unpickling the whole DatagenConfig would import
+# every stage module (and torch) into each decode/pack worker.
+def _decode_fn(df: pd.DataFrame, config: DecodeConfig) -> pd.DataFrame:
+    stage = DecodeStage(config)  # stateless and cheap: a plain task, no actor
+    return pd.DataFrame({"shard": df["shard"], "chunk": [decode_chunk(c, stage) for c in df["chunk"]]})
+
+
+class PoolWorker:
+    """One actor of a pool: loads its stages once, then runs each chunk through them in order."""
+
+    def __init__(self, cfg: DatagenConfig, pool: PoolConfig):
+        self.stages = []
+        for name in pool.stages:
+            stage_cls, _ = stage_classes(name)
+            self.stages.append((name, stage_cls(cfg.stages[name]), cfg.batch_size(name)))
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        chunks = []
+        for chunk in df["chunk"]:
+            for name, stage, batch_size in self.stages:
+                chunk = run_stage_on_chunk(stage, name, chunk, batch_size)
+            chunks.append(chunk)
+        return pd.DataFrame({"shard": df["shard"], "chunk": chunks})
+
+
+def _pack_fn(df: pd.DataFrame, config: WriteConfig) -> pd.DataFrame:
+    return pd.DataFrame({"shard": df["shard"], "chunk": [pack_chunk(c, config) for c in df["chunk"]]})
+
+
+def pool_remote_args(pool: PoolConfig) -> dict:
+    """The map_batches arguments of one pool (also what ``plan`` prints)."""
+    if pool.max_actors is None:
+        compute = ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=pool.max_tasks_in_flight)
+    else:
+        compute = ActorPoolStrategy(min_size=pool.actors, max_size=pool.max_actors,
+                                    max_tasks_in_flight_per_actor=pool.max_tasks_in_flight)
+    return {"compute": compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+
+
+def build_dataset(chunks: list[dict], cfg: DatagenConfig) -> ray.data.Dataset:
+    """The lazy Ray dataset: decode -> each actor pool -> pack. One row per chunk."""
+    ex = cfg.execution
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 10_000)))
+    # batch_size=1: one chunk per call; the stages batch inside a chunk.
+    ds = ds.map_batches(_decode_fn, fn_kwargs={"config": cfg.decode}, batch_size=1, batch_format="pandas",
+                        compute=TaskPoolStrategy(size=ex.decode_tasks), num_cpus=ex.decode_cpus)
+    for pool in cfg.pools.values():
+        ds = ds.map_batches(PoolWorker, fn_constructor_kwargs={"cfg": cfg, "pool": pool}, batch_size=1,
+                            batch_format="pandas", **pool_remote_args(pool))
+    return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write}, batch_size=1, batch_format="pandas",
+                          compute=TaskPoolStrategy(size=ex.pack_tasks), num_cpus=ex.pack_cpus)
+
+
+@ray.remote
+def _write_shard_task(dataset: str, shard_id: int, entries: list[dict], keep_existing: bool) -> dict:
+    return write_shard(dataset, shard_id, entries, keep_existing)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray runtime and execution.
+
+
+def init_ray(cfg: DatagenConfig) -> bool:
+    """Connect to ``RAY_ADDRESS`` when set, else start an embedded local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.execution.num_cpus, num_gpus=cfg.execution.num_gpus, include_dashboard=False,
+                 runtime_env=runtime_env)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress bar counts images, Ray's would count chunks
+    # Chunks are Python objects: say so, instead of letting Ray warn that Arrow cannot hold them.
+    ctx.enable_fallback_to_arrow_object_ext_type = True
+    return True
+
+
+class _FailFast:
+    """Stop a run whose first rows all fail in the same stage for the same reason (a broken setup)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen = 0
+        self.reasons: Counter = Counter()
+        self.ok = False
+
+    def update(self, entries: list[dict]) -> None:
+        if self.ok:
+            return
+        for e in entries:
+            if e["status"] != "failed":
+                self.ok = True
+                return
+            self.seen += 1
+            self.reasons[(e["error_stage"], e["error"].split(":")[0])] += 1
+        if self.seen >= self.limit and len(self.reasons) == 1:
+            (stage, reason), n = self.reasons.most_common(1)[0]
+            raise PipelineError(
+                f"stage {stage!r} failed on every one of the first {n} inputs ({reason}); stopping instead "
+                "of writing an empty dataset. Check the inputs and the configuration of that stage."
+            )
+
+
+def _stage_error(exc: BaseException) -> StageError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StageError):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return None
+
+
+def _iter_chunks(ds: ray.data.Dataset) -> Iterator[dict]:
+    try:
+        for row in ds.iter_rows():
+            yield row["chunk"]
+    except Exception as e:  # noqa: BLE001 - Ray wraps the stage's exception; unwrap it for the user
+        err = _stage_error(e)
+        if err is not None:
+            raise PipelineError(f"{err} -- the run stops here; complete shards are kept") from e
+        raise
+
+
+def execute(
+    jobs: Sequence[ShardJob],
+    cfg: DatagenConfig,
+    output: str,
+    progress: bool | None = None,
+) -> RunResult:
+    """Run the pipeline over ``jobs`` and write their shards; Ray must be initialised."""
+    result = RunResult()
+    jobs = [j for j in jobs if j.items]
+    if not jobs:
+        return result
+    by_id = {j.shard_id: j for j in jobs}
+    total = sum(len(j.items) for j in jobs)
+    chunks = make_chunks(jobs, cfg.execution.chunk_size)
+    pending: dict[int, list[dict]] = defaultdict(list)
+    writes: list[ray.ObjectRef] = []
+    guard = _FailFast(min(cfg.execution.fail_fast_rows, total))
+    write_task = _write_shard_task.options(num_cpus=cfg.execution.write_cpus)
+    t0 = time.perf_counter()
+    last_log = t0
+    bar = tqdm(total=total, unit="img", desc="datagen", disable=None if progress is None else not progress, dynamic_ncols=True)
+    try:
+        for chunk in _iter_chunks(build_dataset(chunks, cfg)):
+            entries = chunk["entries"]
+            guard.update(entries)
+            for stage, (rows, seconds) in chunk["busy"].items():
+                t = result.busy.setdefault(stage, StageTime())
+                t.rows += int(rows)
+                t.seconds += float(seconds)
+            for e in entries:
+                result.statuses[e["status"]] += 1
+                if e["status"] == "ok":
+                    result.objects += len(e["record"]["objects"])
+                else:
+                    result.failures[(e["error_stage"], _reason(e["error"]))] += 1
+            shard = chunk["shard"]
+            pending[shard].extend(entries)
+            if len(pending[shard]) == len(by_id[shard].items):
+                writes.append(write_task.remote(output, shard, pending.pop(shard), by_id[shard].keep_existing))
+            result.processed += len(entries)
+            bar.update(len(entries))
+            bar.set_postfix(ok=result.statuses["ok"], failed=result.statuses["failed"],
+                            filtered=result.statuses["filtered"], refresh=False)
+            if time.perf_counter() - last_log > 30:
+                last_log = time.perf_counter()
+                log.info("%d/%d inputs, %.2f img/s", result.processed, total, result.processed / (last_log - t0))
+        if pending:
+            raise PipelineError(f"shards {sorted(pending)} did not receive all their rows (a lost chunk)")
+    finally:
+        bar.close()
+        # Shards already handed to writers are finished even when the run stops: they are complete.
+        if writes:
+            try:
+                result.shards = ray.get(writes)
+            except Exception:  # noqa: BLE001 - reported after the primary error, if any
+                log.exception("a shard write failed; that shard stays incomplete and is redone on resume")
+                raise
+    result.wall_seconds = time.perf_counter() - t0
+    return result
+
+
+def _reason(error: str) -> str:
+    """The groupable part of an error message (its first 120 characters)."""
+    return error if len(error) <= 120 else error[:117] + "..."

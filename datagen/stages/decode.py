@@ -1,0 +1,216 @@
+"""Stage 1, on CPU: read each input's bytes, decode, apply EXIF orientation, convert to RGB, bound the size.
+
+A bad input never raises: its row gets ``status="failed"``, ``error_stage="decode"`` and a reason that
+names what is wrong (empty file, truncated, not an image, too large, too small) without paths or
+memory addresses, so reasons group in the summary and reruns write the same parquet.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+STAGE = "decode"
+# Sources PIL decodes to 16 bits per channel (or 32-bit ints/floats) that ``convert("RGB")`` would clip.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How inputs are read and bounded."""
+
+    max_side: int = 1024  # the longer side of the stored image; larger images are downscaled
+    min_side: int = 32  # shorter sides below this fail (nothing groundable; the paper's 32 px floor)
+    max_pixels: int = 100_000_000  # decompression-bomb guard, checked from the header before decoding
+    max_bytes: int = 64 * 2**20  # files larger than this are refused unread
+    keep_source_jpeg: bool = True  # store the source bytes when they already are the RGB JPEG we'd write
+
+
+class DecodeError(Exception):
+    """A reason an input cannot become an image; its message is what the parquet row records."""
+
+
+def _read_group(uri: str, items: list[dict], max_bytes: int) -> list[bytes | DecodeError]:
+    """The bytes of the items that share one file (an image, a tar, a parquet), opening it once."""
+    if not uri:
+        return [DecodeError("no path or URL given") for _ in items]
+    try:
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            if items[0].get("column"):
+                return _read_parquet_rows(f, items)
+            return [_read_one(f, it, max_bytes) for it in items]
+    except FileNotFoundError:
+        return [DecodeError("file not found") for _ in items]
+    except OSError as e:
+        return [DecodeError(f"read failed: {type(e).__name__}: {e.strerror or e}") for _ in items]
+
+
+def _read_one(f, item: dict, max_bytes: int) -> bytes | DecodeError:
+    if item.get("offset") is None:  # the file is the image
+        data = f.read(max_bytes + 1)
+    elif item["size"] > max_bytes:  # a tar member: its size is known before reading
+        return DecodeError(f"file is {item['size']} bytes, above max_bytes {max_bytes}")
+    else:
+        f.seek(item["offset"])
+        data = f.read(item["size"])
+    return data if len(data) <= max_bytes else DecodeError(f"file is larger than max_bytes {max_bytes}")
+
+
+def _read_parquet_rows(f, items: list[dict]) -> list[bytes | DecodeError]:
+    pf = pq.ParquetFile(f)
+    cache: dict[tuple[int, str], list] = {}
+    out: list[bytes | DecodeError] = []
+    for it in items:
+        k = (it["row_group"], it["column"])
+        if k not in cache:
+            cache[k] = pf.read_row_group(k[0], columns=[k[1]]).column(0).to_pylist()
+        data = cache[k][it["row"]]
+        out.append(data if data else DecodeError(f"no image bytes in column {it['column']!r}"))
+    return out
+
+
+def read_inputs(items: Sequence[dict], max_bytes: int) -> list[bytes | DecodeError]:
+    """The bytes of each item, in order, or the reason they could not be read."""
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["uri"], []).append(i)
+    out: list[bytes | DecodeError] = [b""] * len(items)
+    for uri, idx in groups.items():
+        for i, data in zip(idx, _read_group(uri, [items[i] for i in idx], max_bytes), strict=True):
+            out[i] = data
+    return out
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, handling what ``convert("RGB")`` gets wrong: 16-bit (clips), and transparency (garbage)."""
+    if im.mode in _WIDE_MODES:
+        a = np.asarray(im).astype(np.float64)
+        # 16-bit and wider: rescale to 8 bits instead of clipping everything above 255 to white.
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels hold arbitrary colours: composite on white, as a viewer shows them.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _bounded(w: int, h: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image and what the writer needs to store it."""
+
+    image: np.ndarray  # HxWx3 uint8 RGB
+    original_size: tuple[int, int]  # (w, h) after EXIF rotation, before resizing
+    source_jpeg: bytes | None  # the source bytes, when they can be stored as they are
+
+
+def decode_image(data: bytes, cfg: DecodeConfig) -> Decoded:
+    """Decode one encoded image under ``cfg``'s bounds, or raise DecodeError with the reason."""
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    if len(data) > cfg.max_bytes:
+        raise DecodeError(f"file is larger than max_bytes {cfg.max_bytes}")
+    fmt = None
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels guard below decides; PIL's global bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > cfg.max_pixels:
+                raise DecodeError(
+                    f"decompression-bomb guard: {w}x{h} = {w * h} pixels exceeds max_pixels {cfg.max_pixels}"
+                )
+            fmt = im.format
+            orientation = im.getexif().get(0x0112, 1)
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free: never decode more pixels than needed.
+            if fmt == "JPEG" and max(w, h) > cfg.max_side:
+                im.draft(im.mode, _bounded(w, h, cfg.max_side))
+            im.load()
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
+            ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognized format)") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit, hit while reading the header
+        raise DecodeError(f"decompression-bomb guard: {str(e).split(',')[0]}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e).split(" (")[0] or type(e).__name__
+        raise DecodeError(f"corrupt or truncated {fmt or 'image'}: {msg}") from None
+    if min(ow, oh) < cfg.min_side:
+        raise DecodeError(f"image is {ow}x{oh}, below min_side {cfg.min_side}")
+    passthrough = (
+        cfg.keep_source_jpeg and fmt == "JPEG" and im.mode == "RGB" and orientation == 1 and max(ow, oh) <= cfg.max_side
+    )
+    rgb = _to_rgb(im)
+    size = _bounded(ow, oh, cfg.max_side)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return Decoded(np.asarray(rgb, dtype=np.uint8), (ow, oh), data if passthrough else None)
+
+
+class DecodeStage:
+    """``batch`` of input items (the InputItem columns) -> the decoded columns of the stage contract."""
+
+    def __init__(self, config: DecodeConfig | None = None):
+        self.config = config or DecodeConfig()
+
+    def __call__(self, batch: dict) -> dict:
+        keys = list(batch["key"])
+        items = [{k: _item(batch[k][i]) for k in batch} for i in range(len(keys))]
+        cols: dict[str, list] = {
+            name: []
+            for name in (
+                "key", "source", "source_caption", "meta", "image", "source_jpeg", "width", "height",
+                "original_width", "original_height", "status", "error_stage", "error",
+            )
+        }
+        for it, data in zip(items, read_inputs(items, self.config.max_bytes), strict=True):
+            cols["key"].append(it["key"])
+            cols["source"].append(it["source"])
+            cols["source_caption"].append(it.get("caption"))
+            cols["meta"].append(dict(it.get("meta") or {}))
+            try:
+                if isinstance(data, DecodeError):
+                    raise data
+                d = decode_image(data, self.config)
+            except DecodeError as e:
+                row = {"image": None, "source_jpeg": None, "width": None, "height": None, "original_width": None,
+                       "original_height": None, "status": "failed", "error_stage": STAGE, "error": str(e)}
+            else:
+                h, w = d.image.shape[:2]
+                row = {"image": d.image, "source_jpeg": d.source_jpeg, "width": w, "height": h,
+                       "original_width": d.original_size[0], "original_height": d.original_size[1],
+                       "status": "ok", "error_stage": None, "error": None}
+            for k, v in row.items():
+                cols[k].append(v)
+        return cols
+
+
+def _item(value):
+    """Ray may hand nested values back as numpy scalars/arrays; turn them into plain Python."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
