@@ -1,0 +1,266 @@
+"""Layout-to-image generation on the stock ``StableDiffusionXLPipeline`` (REGIONAL_ATTENTION.md §7).
+
+Nothing of diffusers' ``__call__`` is copied: the layout reaches the UNet as
+``cross_attention_kwargs={"gligen": ...}`` (the hook where diffusers calls ``position_net`` and every
+block's ``fuser``), and a step-end callback switches it off for scheduled sampling::
+
+    pipe = LayoutPipeline.from_pretrained("hotshotco/SDXL-512", adapter="adapter/adapter.safetensors",
+                                          ema="adapter/adapter_ema.safetensors", dtype=torch.float16)
+    image = pipe("a beach at sunset", boxes=[[32, 40, 200, 300]], labels=["a red kite with a long tail"],
+                 height=512, width=512, num_inference_steps=50, guidance_scale=5.0,
+                 scheduled_sampling_beta=1.0, generator=torch.Generator().manual_seed(0)).images[0]
+
+Semantics:
+
+- Classifier-free guidance: the positive rows get the layout, the negative rows the empty layout (one
+  background slot), as the layout dropout trained it. ``negative_prompt`` defaults to ``""``, encoded as
+  training encodes a dropped caption (not SDXL's zeroed embeddings).
+- ``scheduled_sampling_beta`` in [0, 1]: the layout is active for the first ``ceil(beta * T)`` denoising
+  steps (``T`` = the pipeline's timesteps) and then removed, so the rest runs the base UNet exactly.
+  ``beta = 0`` never passes the layout, and no layout (``boxes=None`` or empty) is the base SDXL.
+- Bad input fails before any model runs with a ``ValueError`` (``training.layouts.validate_layout``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from safetensors import safe_open
+
+from training.adapter import ADAPTER_FORMAT, AdapterConfig, attach_regional_adapter, load_adapter
+from training.encoding import RegionTextEncoder, grounding_inputs
+from training.layouts import validate_layout, validate_size
+from training.regions import empty_layout, reorganize_regions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayoutPipeline", "active_layout_steps", "adapter_config_of", "load_adapter_weights"]
+
+
+def active_layout_steps(beta: float, num_timesteps: int) -> int:
+    """How many first steps keep the layout: ``ceil(beta * T)``, so any ``beta > 0`` grounds at least one."""
+    # round() first: 0.7 * 10 is 7.000000000000001 in floating point.
+    return math.ceil(round(beta * num_timesteps, 9))
+
+
+def adapter_config_of(path: str | Path) -> AdapterConfig:
+    """The ``AdapterConfig`` stored in an adapter safetensors' metadata (the default for other files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return AdapterConfig()
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
+        return AdapterConfig(**json.loads(metadata["config"]))
+    return AdapterConfig()
+
+
+def load_adapter_weights(unet: torch.nn.Module, path: str | Path) -> None:
+    """Load an adapter by key names: ours, or the release's (a whole-UNet checkpoint: its base keys are ignored).
+
+    Every adapter weight must be present; base-UNet keys in the file are counted and logged, not loaded,
+    since the base stays frozen.
+    """
+    report = load_adapter(unet, path, strict=False)
+    if report.missing:
+        raise ValueError(
+            f"{path}: {len(report.missing)} adapter weights missing (e.g. {report.missing[:3]}); "
+            "is it an adapter for this base model?"
+        )
+    if report.unexpected:
+        log.info("%s: ignored %d non-adapter keys (base UNet weights)", path, len(report.unexpected))
+    log.info("%s: loaded %d adapter tensors", path, report.loaded)
+
+
+class LayoutPipeline:
+    """A ``StableDiffusionXLPipeline`` whose UNet carries the regional adapter, called with a layout."""
+
+    def __init__(
+        self,
+        sdxl: StableDiffusionXLPipeline,
+        *,
+        max_objects: int = 30,
+        max_regions: int = 120,
+        max_slots: int = 30,
+        text_cache_size: int = 1024,
+    ) -> None:
+        if getattr(sdxl.unet, "position_net", None) is None:
+            raise ValueError(
+                "the UNet has no regional adapter: use from_pretrained / from_sdxl, or attach one"
+            )
+        self.sdxl = sdxl
+        self.max_objects = max_objects
+        self.max_regions = max_regions
+        self.max_slots = max_slots
+        # Region texts are static per image: the encoder caches them, so repeated labels encode once.
+        self.region_encoder = RegionTextEncoder(
+            (sdxl.tokenizer, sdxl.tokenizer_2),
+            (sdxl.text_encoder, sdxl.text_encoder_2),
+            cache_size=text_cache_size,
+        )
+
+    @classmethod
+    def from_sdxl(
+        cls,
+        sdxl: StableDiffusionXLPipeline,
+        adapter: str | Path | None = None,
+        ema: str | Path | None = None,
+        adapter_config: AdapterConfig | None = None,
+        **kwargs: Any,
+    ) -> LayoutPipeline:
+        """Attach the adapter to ``sdxl.unet`` (if absent), then load ``adapter`` and, over it, ``ema`` weights."""
+        unet = sdxl.unet
+        if getattr(unet, "position_net", None) is None:
+            source = adapter or ema
+            config = adapter_config or (adapter_config_of(source) if source else AdapterConfig())
+            attach_regional_adapter(unet, config)
+        for path in (adapter, ema):
+            if path is not None:
+                load_adapter_weights(unet, path)
+        if adapter is None and ema is None:
+            log.warning("no adapter weights given: the adapter is freshly initialised (an exact no-op)")
+        return cls(sdxl, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str,
+        adapter: str | Path | None = None,
+        ema: str | Path | None = None,
+        *,
+        vae: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        variant: str | None = None,
+        adapter_config: AdapterConfig | None = None,
+        **kwargs: Any,
+    ) -> LayoutPipeline:
+        """Load a base SDXL (hub id or folder; optionally another VAE), attach and load the adapter."""
+        extra = {}
+        if vae is not None:
+            extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        sdxl = StableDiffusionXLPipeline.from_pretrained(
+            base, torch_dtype=dtype, variant=variant, add_watermarker=False, **extra
+        )
+        if device is not None:
+            sdxl = sdxl.to(device)
+        return cls.from_sdxl(sdxl, adapter, ema, adapter_config, **kwargs)
+
+    def to(self, device: str | torch.device) -> LayoutPipeline:
+        """Move the models (the adapter with the UNet)."""
+        self.sdxl.to(device)
+        return self
+
+    def _gligen(
+        self,
+        boxes: np.ndarray,
+        labels: Sequence[str],
+        height: int,
+        width: int,
+        rows: int,
+        cfg: bool,
+        scale: float,
+    ) -> dict[str, torch.Tensor]:
+        """The payload: ``rows`` copies of the layout, after as many empty layouts when CFG is on."""
+        layout = reorganize_regions(
+            boxes,
+            list(labels),
+            height,
+            width,
+            max_objs=self.max_objects,
+            max_regions=self.max_regions,
+            max_slots=self.max_slots,
+        )
+        if layout.n_regions > layout.n_slots:
+            log.warning(
+                "layout has %d regions; kept the %d largest (max_slots), the others get the null feature",
+                layout.n_regions,
+                layout.n_slots,
+            )
+        negative = [empty_layout(height, width)] * rows if cfg else []
+        unet = self.sdxl.unet
+        return grounding_inputs(
+            negative + [layout] * rows,
+            self.region_encoder,
+            max_slots=self.max_slots,
+            attention_weight_scale=scale,
+            device=unet.device,
+            dtype=unet.dtype,
+        )
+
+    def __call__(
+        self,
+        prompt: str | None = None,
+        boxes: object = None,
+        labels: Sequence[str] | None = None,
+        negative_prompt: str | None = "",
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        scheduled_sampling_beta: float = 1.0,
+        attention_weight_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        **sdxl_kwargs: Any,
+    ) -> StableDiffusionXLPipelineOutput:
+        """Generate one prompt with one layout; ``sdxl_kwargs`` go to the stock pipeline unchanged.
+
+        ``boxes``: ``(N, 4)`` xyxy pixels of the output image; ``labels``: ``N`` descriptions.
+        """
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError("prompt must be one string: the pipeline takes one layout per call")
+        if "cross_attention_kwargs" in sdxl_kwargs:
+            raise ValueError("cross_attention_kwargs is set by the layout pipeline; pass boxes and labels")
+        validate_size(height, width)
+        if not (isinstance(scheduled_sampling_beta, int | float) and 0.0 <= scheduled_sampling_beta <= 1.0):
+            raise ValueError(f"scheduled_sampling_beta must be in [0, 1], got {scheduled_sampling_beta!r}")
+        if not math.isfinite(attention_weight_scale):
+            raise ValueError(f"attention_weight_scale must be finite, got {attention_weight_scale!r}")
+        if (boxes is None) != (labels is None):
+            raise ValueError("pass boxes and labels together (or neither, for no layout)")
+        box_array = validate_layout(
+            [] if boxes is None else boxes, labels or [], height, width, max_objects=self.max_objects
+        )
+
+        attention: dict[str, Any] = {}
+        if len(box_array) and scheduled_sampling_beta > 0:
+            rows = sdxl_kwargs.get("num_images_per_prompt") or 1
+            cfg = guidance_scale > 1 and self.sdxl.unet.config.time_cond_proj_dim is None  # as SDXL decides
+            attention["gligen"] = self._gligen(
+                box_array, labels, height, width, rows, cfg, attention_weight_scale
+            )
+        user_callback = sdxl_kwargs.pop("callback_on_step_end", None)
+        return self.sdxl(
+            prompt=prompt or "",
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            cross_attention_kwargs=attention,
+            callback_on_step_end=_layout_schedule(attention, scheduled_sampling_beta, user_callback),
+            **sdxl_kwargs,
+        )
+
+
+def _layout_schedule(attention: dict[str, Any], beta: float, user_callback: Callable | None) -> Callable:
+    """A step-end callback removing the layout after the first ``active_layout_steps(beta, T)`` steps."""
+
+    def callback(pipe: StableDiffusionXLPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+        # The pipeline holds this very dict as its cross_attention_kwargs and the UNet copies it before
+        # use, so removing the key here drops the layout from the next step on.
+        if "gligen" in attention and step + 1 >= active_layout_steps(beta, pipe.num_timesteps):
+            del attention["gligen"]
+        return user_callback(pipe, step, timestep, tensors) if user_callback is not None else tensors
+
+    return callback
