@@ -162,8 +162,8 @@ def _load_hf_segmenter(spec: ModelSpec) -> tuple[Any, Any]:
 
     if spec.name not in sam_model_registry:
         raise ValueError(f"unknown SAM model {spec.name!r}; known: {sorted(sam_model_registry)}")
-    sam = sam_model_registry[spec.name](checkpoint=None)
     path = _resolve_file(spec.weights, spec.revision)
+    sam = sam_model_registry[spec.name](checkpoint=None)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -56,6 +56,14 @@ class ClipProcessor(NamedTuple):
     tokenizer: Callable  # list[str] -> (N, context_length) long tensor, truncating
 
 
+# open_clip's model_cfg of the tiny CLIP (the form open_clip_config.json holds).
+CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
 @contextmanager
 def _seeded(seed: int = SEED) -> Iterator[None]:
     """Seed torch for a build without disturbing the caller's random state."""
@@ -198,12 +206,12 @@ def tiny_grounding_dino():
             intermediate_size=64,
             max_position_embeddings=128,
         ),
-        d_model=32,
+        d_model=64,  # its GroupNorm has 32 groups: 2 channels each keep 1x1 feature maps (tiny images) valid
         num_queries=20,
         encoder_layers=1,
         decoder_layers=2,  # 1 fails transformers 5's weight tying
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
         num_feature_levels=4,
@@ -221,34 +229,34 @@ def tiny_sam():
     from segment_anything.utils.transforms import ResizeLongestSide
 
     img_size, patch, dim = 128, 16, 32
-    encoder = ImageEncoderViT(
-        img_size=img_size,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=2,
-        num_heads=2,
-        mlp_ratio=2.0,
-        out_chans=dim,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=4,
-        global_attn_indexes=[1],
-    )
-    prompt_encoder = PromptEncoder(
-        embed_dim=dim,
-        image_embedding_size=(img_size // patch, img_size // patch),
-        input_image_size=(img_size, img_size),
-        mask_in_chans=8,
-    )
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-        transformer_dim=dim,
-        iou_head_depth=2,
-        iou_head_hidden_dim=32,
-    )
     with _seeded():
+        encoder = ImageEncoderViT(
+            img_size=img_size,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=[1],
+        )
+        prompt_encoder = PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(img_size // patch, img_size // patch),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=8,
+        )
+        decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
+        )
         sam = Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder)
     return sam.eval(), ResizeLongestSide(img_size)
 
@@ -259,11 +267,7 @@ def tiny_clip():
     from open_clip.transform import image_transform
 
     with _seeded():
-        model = open_clip.CLIP(
-            embed_dim=32,
-            vision_cfg={"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
-            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-        )
+        model = open_clip.CLIP(**CLIP_CFG)
     preprocess = image_transform(64, is_train=False)
     return model.eval(), ClipProcessor(preprocess, open_clip.SimpleTokenizer(context_length=77))
 
