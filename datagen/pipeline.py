@@ -129,10 +129,17 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
             results[i] = {k: v[j] for k, v in out.items()}
     names = list(cols) + [k for r in results.values() for k in r if k not in cols]
     names = list(dict.fromkeys(names))
-    merged = {k: [results[i][k] if i in results else cols.get(k, [None] * n)[i] for i in range(n)] for k in names}
+    merged = {k: [_cell(results.get(i), cols, k, i) for i in range(n)] for k in names}
     timing = chunk.setdefault("busy", {})
     timing[name] = [len(ok), busy]
     return {**chunk, "columns": merged}
+
+
+def _cell(result: dict | None, cols: dict, name: str, i: int):
+    """Row ``i``'s value of column ``name``: the stage's result if it has one, else the old value or None."""
+    if result is not None and name in result:
+        return result[name]
+    return cols[name][i] if name in cols else None
 
 
 def decode_chunk(payload: str, stage: DecodeStage) -> dict:

@@ -57,7 +57,8 @@ def _read_group(uri: str, items: list[dict], max_bytes: int) -> list[bytes | Dec
 
 
 def _read_one(f, item: dict, max_bytes: int) -> bytes | DecodeError:
-    if item.get("offset") is None:  # the file is the image
+    if item.get("offset") is None:  # the file is the image (listed twice in a list: read it twice)
+        f.seek(0)
         data = f.read(max_bytes + 1)
     elif item["size"] > max_bytes:  # a tar member: its size is known before reading
         return DecodeError(f"file is {item['size']} bytes, above max_bytes {max_bytes}")

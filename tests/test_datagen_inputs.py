@@ -1,0 +1,316 @@
+"""Datagen without Ray: input listing and keys, decode, pack/write, config, chunk batching, resume plans."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datagen_fixture import make_awkward_files
+from PIL import Image
+
+from datagen.config import ConfigError, build_config, fingerprint_dict, load_config
+from datagen.inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs, make_key
+from datagen.pipeline import ShardJob, _FailFast, _split, make_chunks, run_stage_on_chunk
+from datagen.run import plan_jobs
+from datagen.stages import StageError
+from datagen.stages.decode import DecodeConfig, DecodeStage, decode_image
+from datagen.stages.write import WriteConfig, pack, write_shard
+from shards import check_key, list_shards, open_run, validate_dataset
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datagen"
+
+
+def _jpeg(rgb: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _rgb(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+
+
+def _columns(items) -> dict:
+    return {k: [it.to_dict()[k] for it in items] for k in items[0].to_dict()}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def test_folder_listing_is_recursive_sorted_and_keys_are_stable(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(_rgb()).save(tmp_path / "a" / "b" / "deep.png")
+    (tmp_path / "top.jpg").write_bytes(_jpeg(_rgb()))
+    (tmp_path / "top.txt").write_text("a red car\n")
+    (tmp_path / "top.json").write_text(json.dumps({"url": "http://example.com/top.jpg"}))
+    Image.fromarray(_rgb()).save(tmp_path / "a" / "x.webp")
+    (tmp_path / "notes.md").write_text("not an input")
+    items = list_inputs(str(tmp_path))
+    assert [Path(i.source).name for i in items] == ["deep.png", "x.webp", "top.jpg"]
+    top = items[-1]
+    assert top.caption == "a red car" and top.meta == {"url": "http://example.com/top.jpg"}
+    assert all(check_key(i.key) for i in items) and top.key.startswith("top-")
+    # Keys come from the path relative to the input: a moved copy lists the same keys and order.
+    copy = shutil.copytree(tmp_path, tmp_path.parent / "moved")
+    assert [i.key for i in list_inputs(str(copy))] == [i.key for i in items]
+    assert inputs_digest(list_inputs(str(copy))) == inputs_digest(items)
+
+
+def test_make_key_sanitizes_and_hashes_identity():
+    k = make_key("dir/My Photo.v2 (1).JPG", "My Photo.v2 (1)")
+    assert check_key(k) and "." not in k and k.startswith("My_Photo_v2_1-")
+    assert make_key("a/x.jpg", "x") != make_key("b/x.jpg", "x")
+    assert make_key("", "...").startswith("img-")
+
+
+def _img2dataset_tar(path: Path, n: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            key = f"{i:09d}"
+            for ext, data in (("jpg", _jpeg(_rgb(seed=i))), ("txt", f"caption {i}".encode()),
+                              ("json", json.dumps({"url": f"http://x/{i}.jpg", "key": key}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_img2dataset_webdataset_output_is_read_by_offset(tmp_path):
+    out = tmp_path / "i2d"
+    out.mkdir()
+    _img2dataset_tar(out / "00000.tar", 3)
+    _img2dataset_tar(out / "00001.tar", 2)
+    pd.DataFrame({"key": ["x"], "status": ["success"]}).to_parquet(out / "00000.parquet")  # download log
+    items = list_inputs(str(out))
+    assert len(items) == 5
+    assert [i.caption for i in items[:3]] == ["caption 0", "caption 1", "caption 2"]
+    assert items[0].source.endswith("00000.tar#000000000.jpg") and items[0].meta == {"url": "http://x/0.jpg"}
+    decoded = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
+    assert decoded["status"] == ["ok"] * 5
+    # The stored bytes are the tar member itself (an RGB JPEG within bounds): no re-encode.
+    assert decoded["source_jpeg"][1] == _jpeg(_rgb(seed=1))
+
+
+def test_img2dataset_parquet_output_and_lists(tmp_path):
+    table = pa.table({"key": ["000000000", "000000001"], "caption": ["first", "second"],
+                      "url": ["http://x/0", "http://x/1"], "jpg": [_jpeg(_rgb(seed=0)), None]})
+    (tmp_path / "p").mkdir()
+    pq.write_table(table, tmp_path / "p" / "00000.parquet", row_group_size=1)
+    items = list_inputs(str(tmp_path / "p"))
+    assert [i.caption for i in items] == ["first", "second"] and items[0].meta == {"url": "http://x/0"}
+    out = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
+    assert out["status"] == ["ok", "failed"] and "no image bytes" in out["error"][1]
+
+    # A CSV list: relative paths resolve against the list's folder; an empty cell is still an input.
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(_rgb()))
+    (tmp_path / "list.csv").write_text("image_path,text\nimgs/a.jpg,hello\n,empty\nimgs/a.jpg,again\n")
+    items = list_inputs(str(tmp_path / "list.csv"))
+    assert [i.caption for i in items] == ["hello", "empty", "again"]
+    assert len({i.key for i in items}) == 3  # the repeated path is a separate input, not merged
+    out = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
+    assert out["status"] == ["ok", "failed", "ok"] and out["error"][1] == "no path or URL given"
+    with pytest.raises(InputError, match="no column 'nope'"):
+        list_inputs(str(tmp_path / "list.csv"), path_column="nope")
+    with pytest.raises(InputError, match="no such file"):
+        list_inputs(str(tmp_path / "missing"))
+
+
+def test_assign_shards_is_fixed_size():
+    assert assign_shards(5, 2) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
+    assert assign_shards(0, 3) == []
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+
+def test_decode_awkward_files(tmp_path):
+    expected = make_awkward_files(tmp_path)
+    items = list_inputs(str(tmp_path))
+    out = DecodeStage(DecodeConfig(max_side=256, min_side=16))(_columns(items))
+    by_name = {Path(s).name: i for i, s in enumerate(out["source"])}
+    assert set(by_name) == set(expected)
+    for name, failure in expected.items():
+        i = by_name[name]
+        if failure is None:
+            assert out["status"][i] == "ok", (name, out["error"][i])
+            img = out["image"][i]
+            assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and max(img.shape[:2]) <= 256
+            assert (out["width"][i], out["height"][i]) == (img.shape[1], img.shape[0])
+        else:
+            assert out["status"][i] == "failed" and out["error_stage"][i] == "decode"
+            assert failure in out["error"][i], (name, out["error"][i])
+            assert "0x" not in out["error"][i] and str(tmp_path) not in out["error"][i]  # groupable reasons
+    gray16 = out["image"][by_name["gray16.png"]]
+    assert gray16[0, 0, 0] == 0 and gray16[-1, -1, 0] == 255  # rescaled, not clipped to white
+    rot = by_name["rotated.jpg"]
+    assert (out["original_width"][rot], out["original_height"][rot]) == (120, 160)  # EXIF 6 applied
+    wide = by_name["wide_large.jpg"]
+    assert (out["original_width"][wide], out["width"][wide]) == (4800, 256)
+    alpha = out["image"][by_name["alpha.webp"]].astype(int)
+    assert alpha.min() >= 120  # half-transparent pixels composited on white
+
+
+def test_decode_passthrough_and_bounds():
+    small = _jpeg(_rgb(40, 50))
+    d = decode_image(small, DecodeConfig(min_side=8))
+    assert d.source_jpeg == small and d.image.shape == (40, 50, 3)
+    d = decode_image(small, DecodeConfig(min_side=8, max_side=25))
+    assert d.source_jpeg is None and d.image.shape == (20, 25, 3)
+    with pytest.raises(Exception, match="max_pixels"):
+        decode_image(small, DecodeConfig(min_side=8, max_pixels=100))
+
+
+# ------------------------------------------------------------------------------------------ write
+
+
+def _row(key: str, status: str = "ok", **kw) -> dict:
+    img = _rgb(32, 40)
+    return {"key": key, "source": f"src/{key}", "source_caption": "alt", "meta": {}, "image": img,
+            "source_jpeg": None, "width": 40, "height": 32, "original_width": 80, "original_height": 64,
+            "status": status, "error_stage": None if status == "ok" else "decode",
+            "error": None if status == "ok" else "empty file (0 bytes)", "caption": "a caption",
+            "objects": [{"box": [1, 2, 30, 20], "phrase": "thing", "detector_score": 0.5}], **kw}
+
+
+def test_pack_and_write_account_for_every_row(tmp_path):
+    rows = [_row("k1"), _row("k2", status="failed"), _row("k3", objects=[{"box": [0, 0, 99, 99], "phrase": "x"}])]
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    entries = pack(batch, WriteConfig())
+    assert [e["status"] for e in entries] == ["ok", "failed", "failed"]
+    assert entries[2]["error_stage"] == "write" and "outside" in entries[2]["error"]  # box off the image
+    stats = write_shard(str(tmp_path), 0, entries)
+    assert (stats["samples"], stats["failures"]) == (1, 2)
+    assert validate_dataset(str(tmp_path)) == []
+    df = pd.read_parquet(tmp_path / "000000.parquet")
+    assert sorted(df.key) == ["k1", "k2", "k3"]
+
+
+def test_retry_rewrites_only_the_failed_rows(tmp_path):
+    entries = pack({k: [r[k] for r in (_row("k1"), _row("k2", status="failed"))] for k in _row("k1")}, WriteConfig())
+    write_shard(str(tmp_path), 0, entries)
+    tar_before = (tmp_path / "000000.tar").read_bytes()
+    # k2 now decodes: the retry replaces its row, k1 is carried over untouched.
+    fixed = pack({k: [v] for k, v in _row("k2").items()}, WriteConfig())
+    stats = write_shard(str(tmp_path), 0, fixed, keep_existing=True)
+    assert (stats["samples"], stats["failures"]) == (2, 0)
+    assert validate_dataset(str(tmp_path)) == []
+    both = write_shard(str(tmp_path / "fresh"), 0, pack({k: [r[k] for r in (_row("k1"), _row("k2"))] for k in _row("k1")}, WriteConfig()))
+    assert both["tar_sha256"] == stats["tar_sha256"] and tar_before != (tmp_path / "000000.tar").read_bytes()
+
+
+def test_plan_jobs_resumes_and_retries(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(5):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(_jpeg(_rgb(seed=i)))
+    items = list_inputs(str(tmp_path / "in"))
+    cfg = build_config({"inputs": {"samples_per_shard": 2}, "pools": {"p": {"stages": ["tag"]}}})
+    out = str(tmp_path / "out")
+    open_run(out, {"x": 1})
+    # Shard 0 complete with one failure, shard 1 incomplete (no stats), shard 2 absent.
+    e = pack({k: [v] for k, v in _row(items[0].key).items()}, WriteConfig())
+    e += pack({k: [v] for k, v in _row(items[1].key, status="failed").items()}, WriteConfig())
+    write_shard(out, 0, e)
+    (tmp_path / "out" / "000001.tar").write_bytes(b"partial")
+    jobs, skipped = plan_jobs(items, cfg, out)
+    assert (skipped, [(j.shard_id, len(j.items), j.keep_existing) for j in jobs]) == (1, [(1, 2, False), (2, 1, False)])
+    jobs, skipped = plan_jobs(items, cfg, out, retry_failed=True)
+    assert (skipped, [(j.shard_id, [i.key for i in j.items], j.keep_existing) for j in jobs][0]) == (
+        0, (0, [items[1].key], True))
+    assert [s.complete for s in list_shards(out)] == [True, False]
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_presets_load_and_fingerprint_ignores_execution():
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    real = load_config(CONFIGS / "real.yaml")
+    assert tiny.stages["tag"].model.backend == "tiny" and real.stages["tag"].model.name == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert tiny.stage_names == real.stage_names == ("tag", "caption", "ground", "segment", "describe", "score", "filter")
+    assert any(p.num_gpus > 0 for p in real.pools.values())
+    inputs = {"count": 3, "keys_sha256": "x"}
+    moved = load_config(CONFIGS / "tiny.yaml", {"execution": {"chunk_size": 3}, "stages": {"tag": {"batch_size": 2}},
+                                                "pools": {"models": {"actors": 1}}})
+    assert fingerprint_dict(moved, inputs) == fingerprint_dict(tiny, inputs)
+    changed = load_config(CONFIGS / "tiny.yaml", {"stages": {"ground": {"box_threshold": 0.3}}})
+    assert fingerprint_dict(changed, inputs) != fingerprint_dict(tiny, inputs)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"inputs": {"samples_per_shard": "many"}}, "samples_per_shard: expected int"),
+        ({"decode": {"max_sides": 3}}, "unknown field"),
+        ({"pools": {"p": {"stages": ["ground", "tag"]}}}, "must run in the order"),
+        ({"pools": {"p": {"stages": ["segment"]}}}, "needs stage 'ground'"),
+        ({"pools": {"p": {"stages": ["tag"], "num_gpus": 1.5}}}, "num_gpus"),
+        ({"pools": {"p": {"stages": ["tag"]}}, "stages": {"caption": {}}}, "no pool runs it"),
+    ],
+)
+def test_config_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(data)
+
+
+# ------------------------------------------------------------------------------------------ chunks
+
+
+class _Recorder:
+    """A fake stage: records its batch sizes, fails rows whose key says so."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch["key"]))
+        if all(k.startswith("bad") for k in batch["key"]):
+            raise StageError("every row failed") from ValueError("boom")
+        return {**batch, "seen": [True] * len(batch["key"])}
+
+
+def _chunk(keys, statuses):
+    return {"shard": 0, "start": 0, "columns": {"key": keys, "status": statuses, "error_stage": [None] * len(keys),
+                                                "error": [None] * len(keys)}}
+
+
+def test_stage_batches_are_balanced_and_skip_failed_rows():
+    assert [len(r) for r in _split(17, 16)] == [8, 9] and [len(r) for r in _split(3, 8)] == [3]
+    stage = _Recorder()
+    keys = [f"k{i}" for i in range(10)]
+    statuses = ["ok"] * 10
+    statuses[3] = "failed"
+    out = run_stage_on_chunk(stage, "fake", _chunk(keys, statuses), batch_size=4)
+    assert stage.sizes == [3, 3, 3]
+    assert out["columns"]["seen"] == [True] * 3 + [None] + [True] * 6
+    assert out["busy"]["fake"][0] == 9
+
+
+def test_single_row_stage_error_fails_that_row_but_a_batch_stops_the_run():
+    out = run_stage_on_chunk(_Recorder(), "fake", _chunk(["bad1", "ok1"], ["ok", "ok"]), batch_size=1)
+    assert out["columns"]["status"] == ["failed", "ok"] and out["columns"]["error"][0] == "ValueError: boom"
+    with pytest.raises(StageError):
+        run_stage_on_chunk(_Recorder(), "fake", _chunk(["bad1", "bad2"], ["ok", "ok"]), batch_size=2)
+
+
+def test_fail_fast_guard():
+    guard = _FailFast(3)
+    guard.update([{"status": "failed", "error_stage": "decode", "error": "empty file (0 bytes)"}] * 2)
+    with pytest.raises(Exception, match="stage 'decode' failed on every one of the first 3"):
+        guard.update([{"status": "failed", "error_stage": "decode", "error": "empty file (0 bytes)"}])
+    mixed = _FailFast(2)
+    mixed.update([{"status": "ok"}] + [{"status": "failed", "error_stage": "decode", "error": "x"}] * 5)
+
+
+def test_chunks_cover_each_shard_in_order():
+    job = ShardJob(3, tuple(InputItem(key=f"k{i}", source="s", uri="u") for i in range(5)))
+    chunks = make_chunks([job], 2)
+    assert [c["shard"] for c in chunks] == [3, 3, 3]
+    assert [[it["key"] for it in json.loads(c["chunk"])["items"]] for c in chunks] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
