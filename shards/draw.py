@@ -109,7 +109,7 @@ def draw_layout(
 
 
 def draw_sample(sample: Sample, max_size: int | None = 384, numbered: bool = True) -> Image.Image:
-    """A shard sample drawn with its objects' masks, boxes and phrases (``"1 cat"`` when ``numbered``)."""
+    """A shard sample drawn with its objects' masks, boxes and phrases (``"1. cat"`` when ``numbered``)."""
     objects = sample.record.objects
-    labels = [f"{i + 1} {o.phrase}" if numbered else o.phrase for i, o in enumerate(objects)]
+    labels = [f"{i + 1}. {o.phrase}" if numbered else o.phrase for i, o in enumerate(objects)]
     return draw_layout(sample.image(), [o.box for o in objects], labels, sample.masks(), max_size=max_size)

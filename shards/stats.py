@@ -28,6 +28,7 @@ from itertools import islice
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from .dataset import list_shards
 from .layout import fs_and_root
@@ -124,7 +125,7 @@ def load_objects(dataset: str, max_samples: int | None = 1000) -> pd.DataFrame:
     per_shard = None if max_samples is None else math.ceil(max_samples / max(1, len(shards)))
     rows: list[dict] = []
     taken = 0
-    for s in shards:
+    for s in tqdm(shards, desc=f"objects of {dataset}", unit="shard", disable=None):
         limit = None if max_samples is None else min(per_shard, max_samples - taken)
         if limit == 0:
             break
@@ -312,12 +313,12 @@ def unique_words_per_sample(objects: pd.DataFrame) -> pd.Series:
 
 # --- headline numbers ------------------------------------------------------------------------------
 
-# The paper's dataset figure: metric -> axis label.
+# The paper's dataset figure: metric -> (panel title, axis label).
 PAPER_METRICS = {
-    "description_words": "description length (words)",
-    "fog_index": "Gunning fog index",
-    "unique_words": "unique words per sample",
-    "clip_score": "CLIP score (crop vs. description)",
+    "description_words": ("Description length", "words per object text"),
+    "fog_index": ("Gunning fog index", "fog index per object text"),
+    "unique_words": ("Unique words per sample", "distinct words over a sample's objects"),
+    "clip_score": ("CLIP alignment", "CLIP score, object crop vs. its text"),
 }
 
 
@@ -334,7 +335,7 @@ def paper_metrics(objects: pd.DataFrame) -> dict[str, pd.Series]:
 def summary(index: pd.DataFrame, objects: pd.DataFrame) -> dict[str, float | int]:
     """Headline numbers of one dataset: counts from the index, medians from the object sample."""
     status = status_counts(index)
-    medians = {f"median {k}": v.median() for k, v in paper_metrics(objects).items()}
+    medians = {f"median {PAPER_METRICS[k][0].lower()}": v.median() for k, v in paper_metrics(objects).items()}
     return {
         "inputs": int(len(index)),
         "shards": int(index["shard"].nunique()),

@@ -144,7 +144,7 @@ def test_summary_headline_numbers(index, objects):
     s = stats.summary(index, objects)
     assert (s["inputs"], s["shards"], s["ok"], s["failed"], s["filtered"], s["objects"]) == (8, 2, 4, 3, 1, 4)
     assert s["mean objects per image"] == 1.0
-    assert s["median description_words"] == 3.5 and s["median clip_score"] == 25.0
+    assert s["median description length"] == 3.5 and s["median clip alignment"] == 25.0
 
 
 def test_draw_layout_tints_masks_and_outlines_boxes_in_object_colours():
