@@ -1,0 +1,328 @@
+"""Score generated images against their layouts: ``python -m training.evaluate --images DIR --layouts FILE``.
+
+For each layout line (``training.layouts``) the image ``DIR/<id>.png`` (or .jpg/.jpeg/.webp) is scored
+with CropCLIP and SAMIoU (``training.metrics``); FID against ``--reference`` when Inception weights are on
+the local disk. Writes into ``--out`` (default ``DIR/eval``):
+
+- ``objects.parquet`` (or ``.csv``): one row per object: image, object, label, box, size bucket,
+  ``crop_clip``, ``sam_iou``, ``sam_score``, ``error`` (None unless the object could not be scored);
+- ``summary.json``: the paper's averages (mean over each image's objects, then over images), object
+  counts, failures by reason, the breakdown by object size, FID or why it was skipped.
+
+Every object of the layouts file is counted: a missing image or an object that cannot be scored scores 0
+and is reported. Boxes are in the pixels of the layout's ``height`` x ``width``; an image of another size
+has its boxes scaled to it. Examples::
+
+    python -m training.evaluate --preset paper --images gen/ --layouts gen/layouts.jsonl --reference coco_val/
+    python -m training.evaluate --preset tiny --images /tmp/gen --layouts /tmp/gen/layouts.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from datagen.models import ModelSpec
+from training.generate import load_section
+from training.layouts import LayoutRecord, read_layouts
+from training.metrics import (
+    SAM_SCORE_THRESHOLD,
+    CropClipScorer,
+    FidUnavailable,
+    InceptionFeatures,
+    SamIoUScorer,
+    frechet_distance,
+    mean_per_image,
+)
+from training.train_config import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "FidConfig", "evaluate", "main", "size_buckets"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+COCO_AREAS = (32.0**2, 96.0**2)  # COCO's small / medium / large limits, in pixels
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    """FID against a folder of reference images (skipped with a message when impossible)."""
+
+    reference: str | None = None  # folder of reference images (e.g. the real images of the layouts)
+    inception_weights: str | None = None  # torchvision inception_v3 .pth; None: the torch hub cache's file
+    batch_size: int = 32
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``evaluate`` section of a ``configs/eval`` preset."""
+
+    clip: ModelSpec = ModelSpec("clip", "ViT-B-32", weights="openai", dtype="float32")  # CropCLIP's model
+    sam: ModelSpec = ModelSpec(  # SAMIoU's model (segment-anything ViT-H)
+        "segmenter",
+        "vit_h",
+        weights="hf-hub:ybelkada/segment-anything/checkpoints/sam_vit_h_4b8939.pth",
+        dtype="float32",
+    )
+    clip_batch_size: int = 64  # crops / texts per CLIP forward
+    chunk_images: int = 16  # images loaded and scored together (bounds memory)
+    sam_score_threshold: float = SAM_SCORE_THRESHOLD  # SAM score <= this scores 0 (the paper: 0.5)
+    size_scheme: Literal["coco", "relative"] = (
+        "coco"  # coco: box area vs 32^2 / 96^2 px; relative: area fraction
+    )
+    relative_limits: tuple[float, float] = (0.02, 0.2)  # relative scheme: small < a <= medium < b <= large
+    table_format: Literal["parquet", "csv"] = "parquet"
+    height: int = 512  # the size layout boxes refer to when a line does not say
+    width: int = 512
+    fid: FidConfig = field(default_factory=FidConfig)
+
+    def __post_init__(self) -> None:
+        if self.clip.kind != "clip" or self.sam.kind != "segmenter":
+            raise ConfigError("evaluate.clip must be a 'clip' model spec and evaluate.sam a 'segmenter'")
+        lo, hi = self.relative_limits
+        if not 0 < lo < hi < 1:
+            raise ConfigError(f"relative_limits must satisfy 0 < a < b < 1, got {self.relative_limits}")
+        if self.chunk_images < 1 or self.clip_batch_size < 1:
+            raise ConfigError("chunk_images and clip_batch_size must be >= 1")
+
+
+def size_buckets(areas: np.ndarray, fractions: np.ndarray, cfg: EvalConfig) -> list[str]:
+    """``small`` / ``medium`` / ``large`` per object: COCO pixel areas or fractions of the image area."""
+    values, (lo, hi) = (areas, COCO_AREAS) if cfg.size_scheme == "coco" else (fractions, cfg.relative_limits)
+    return [("small", "medium", "large")[int(v >= lo) + int(v >= hi)] for v in values]
+
+
+def _find_image(images: Path, record_id: str) -> Path | None:
+    return next(
+        (images / f"{record_id}{s}" for s in IMAGE_SUFFIXES if (images / f"{record_id}{s}").is_file()), None
+    )
+
+
+def _load(images: Path, record: LayoutRecord) -> tuple[Image.Image | None, str | None]:
+    path = _find_image(images, record.id)
+    if path is None:
+        return None, f"missing image: no {record.id}{{{','.join(IMAGE_SUFFIXES)}}} in {images}"
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB"), None
+    except (OSError, UnidentifiedImageError) as err:
+        return None, f"unreadable image {path}: {err}"
+
+
+def _rows(record: LayoutRecord, image: Image.Image | None, image_error: str | None) -> list[dict]:
+    """The object rows of one image before scoring (boxes in the image's pixels)."""
+    boxes = record.boxes
+    size = (record.width, record.height)
+    if image is not None and image.size != size:
+        scale = np.array([image.width / record.width, image.height / record.height] * 2)
+        boxes = boxes * scale
+        size = image.size
+    rows = []
+    for j, (box, label) in enumerate(zip(boxes, record.labels, strict=True)):
+        rows.append(
+            {
+                "image": record.id,
+                "object": j,
+                "label": label,
+                "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+                "image_width": size[0],
+                "image_height": size[1],
+                "crop_clip": 0.0,
+                "sam_iou": 0.0,
+                "sam_score": np.nan,
+                "error": image_error,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def _score_chunk(
+    chunk: list[tuple[LayoutRecord, Image.Image | None, str | None]], clip: CropClipScorer, sam: SamIoUScorer
+) -> list[dict]:
+    rows_per_image = [_rows(record, image, error) for record, image, error in chunk]
+    scored = [
+        (rows, image) for rows, (_, image, _) in zip(rows_per_image, chunk, strict=True) if image is not None
+    ]
+    if scored:
+        images = [image for _, image in scored]
+        boxes = [
+            np.array([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows]).reshape(-1, 4)
+            for rows, _ in scored
+        ]
+        labels = [[r["label"] for r in rows] for rows, _ in scored]
+        for (rows, _), c, s in zip(scored, clip(images, boxes, labels), sam(images, boxes), strict=True):
+            for j, row in enumerate(rows):
+                row["crop_clip"], row["sam_iou"], row["sam_score"] = c.scores[j], s.scores[j], s.sam_scores[j]
+                errors = [e for e in (c.errors[j], s.errors[j]) if e]
+                row["error"] = "; ".join(errors) or None
+    return [row for rows in rows_per_image for row in rows]
+
+
+def _features(extractor: InceptionFeatures, paths: list[Path], batch_size: int) -> np.ndarray:
+    """Inception features of image files, opened a batch at a time."""
+    feats = []
+    for first in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[first : first + batch_size]:
+            with Image.open(path) as im:
+                batch.append(im.convert("RGB"))
+        feats.append(extractor(batch))
+    return np.concatenate(feats) if feats else np.zeros((0, 2048))
+
+
+def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
+    """``{"fid": value, ...}`` or ``{"fid": None, "fid_skipped": reason}``."""
+    if cfg.reference is None:
+        return {"fid": None, "fid_skipped": "no reference folder (--reference)"}
+    if not Path(cfg.reference).is_dir():
+        return {"fid": None, "fid_skipped": f"reference folder {cfg.reference} does not exist"}
+    try:
+        extractor = InceptionFeatures(cfg.inception_weights, cfg.device, cfg.batch_size)
+        ref_paths = sorted(p for p in Path(cfg.reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        gen_paths = [p for p in (_find_image(images_dir, r.id) for r in records) if p is not None]
+        feats = [_features(extractor, paths, cfg.batch_size) for paths in (gen_paths, ref_paths)]
+        value = frechet_distance(*feats)
+    except FidUnavailable as err:
+        log.warning("%s", err)
+        return {"fid": None, "fid_skipped": str(err)}
+    return {"fid": value, "fid_images": len(gen_paths), "fid_reference_images": len(ref_paths)}
+
+
+def summarize(table: pd.DataFrame, n_images: int) -> dict:
+    """The summary: paper averages, counts, failures by reason, breakdown by size."""
+    failed = table[table["error"].notna()]
+    reasons = Counter(e.split(":")[0] for err in failed["error"] for e in err.split("; "))
+    by_size = {}
+    for bucket in ("small", "medium", "large"):
+        part = table[table["size"] == bucket]
+        by_size[bucket] = {
+            "objects": len(part),
+            "crop_clip": float(part["crop_clip"].mean()) if len(part) else None,
+            "sam_iou": float(part["sam_iou"].mean()) if len(part) else None,
+        }
+    return {
+        # The paper's averages: each image's objects first, then the images.
+        "crop_clip": mean_per_image(table, "crop_clip"),
+        "sam_iou": mean_per_image(table, "sam_iou"),
+        # Object-weighted means, for reference only: images with many objects weigh more.
+        "object_mean": {
+            "crop_clip": float(table["crop_clip"].mean()),
+            "sam_iou": float(table["sam_iou"].mean()),
+        },
+        "images": n_images,
+        "images_with_objects": int(table["image"].nunique()),
+        "objects": len(table),
+        "failed_objects": len(failed),
+        "failures_by_reason": dict(sorted(reasons.items())),
+        "by_size": by_size,  # means over the objects of each size bucket
+    }
+
+
+def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str | Path | None = None) -> dict:
+    """Score every object of every layout; write the table and summary into ``out``; return the summary."""
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images {images} is not a folder")
+    records = read_layouts(layouts, cfg.height, cfg.width)
+    out = Path(out) if out is not None else images / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    clip = CropClipScorer(cfg.clip, cfg.clip_batch_size)
+    sam = SamIoUScorer(cfg.sam, cfg.sam_score_threshold)
+    rows: list[dict] = []
+    for first in tqdm(range(0, len(records), cfg.chunk_images), desc="evaluate", unit="chunk"):
+        chunk = [(r, *_load(images, r)) for r in records[first : first + cfg.chunk_images]]
+        rows += _score_chunk(chunk, clip, sam)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise ValueError(f"{layouts}: no objects to score")
+    area = (table["x2"] - table["x1"]) * (table["y2"] - table["y1"])
+    table["area_fraction"] = area / (table["image_width"] * table["image_height"])
+    table["size"] = size_buckets(area.to_numpy(), table["area_fraction"].to_numpy(), cfg)
+    table_path = out / f"objects.{cfg.table_format}"
+    if cfg.table_format == "parquet":
+        table.to_parquet(table_path, index=False)
+    else:
+        table.to_csv(table_path, index=False)
+    summary = summarize(table, len(records))
+    summary.update(_fid(cfg.fid, images, records))
+    summary.update(
+        size_scheme=cfg.size_scheme,
+        seconds=round(time.perf_counter() - start, 3),
+        table=str(table_path),
+        config=dataclasses.asdict(cfg),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if summary["failed_objects"]:
+        log.warning("%d of %d objects could not be scored (scored 0): %s", summary["failed_objects"],
+                    summary["objects"], summary["failures_by_reason"])  # fmt: skip
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--images", required=True, help="folder of generated images named <id>.png")
+    p.add_argument("--layouts", required=True, help="the layouts file (JSON lines) the images were made from")
+    p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval)")
+    p.add_argument(
+        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in = paper)"
+    )
+    p.add_argument("--config", default=None, help="a preset YAML file (its 'evaluate' section)")
+    p.add_argument(
+        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
+    )
+    p.add_argument("--reference", help="folder of reference images for FID")
+    p.add_argument("--inception-weights", help="torchvision inception_v3 weights (.pth) for FID")
+    p.add_argument(
+        "--format", choices=("parquet", "csv"), dest="table_format", help="per-object table format"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. sam.device=cuda:1",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; prints the summary JSON (without the config)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = [
+        f"{key}={json.dumps(value)}"
+        for key, value in (
+            ("fid.reference", args.reference),
+            ("fid.inception_weights", args.inception_weights),
+            ("table_format", args.table_format),
+        )
+        if value is not None
+    ] + args.set
+    preset = "tiny" if args.tiny and not args.config else args.preset
+    try:
+        cfg = load_section(EvalConfig, preset, args.config, "evaluate", overrides)
+        summary = evaluate(cfg, args.images, args.layouts, args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
