@@ -118,18 +118,18 @@ def test_without_zoom_the_output_is_the_crop_and_sdxl_offsets_match(th, tw, extr
         Image.fromarray(src), np.zeros((0, 4)), [], "", cfg, np.random.default_rng(seed), original_size=(7, 9)
     )
     plan = plan_crop((sh, sw), cfg, np.random.default_rng(seed))
-    assert plan.scale == 1.0
-    window = src[plan.top : plan.top + th, plan.left : plan.left + tw]
+    assert (plan.win_h, plan.win_w) == (th, tw)
+    window = src[plan.y0 : plan.y0 + th, plan.x0 : plan.x0 + tw]
     top, left = out.crop_top_left
     assert out.original_size == (7, 9) and out.target_size == (th, tw)
     if flip:
         assert np.array_equal(out.pixels, window[:, ::-1])
         # Measured in the mirrored image: the window's left edge there is sw - (left + tw).
-        assert (top, left) == (plan.top, sw - plan.left - tw)
+        assert (top, left) == (plan.y0, sw - plan.x0 - tw)
         assert np.array_equal(src[:, ::-1][top : top + th, left : left + tw], out.pixels)
     else:
         assert np.array_equal(out.pixels, window)
-        assert (top, left) == (plan.top, plan.left)
+        assert (top, left) == (plan.y0, plan.x0)
 
 
 def test_visibility_floor_keeps_exactly_the_objects_at_or_above_it():
@@ -172,9 +172,9 @@ def test_visibility_floor_property(data):
         Image.new("RGB", (sw, sh)), boxes, [str(i) for i in range(n)], "", cfg, np.random.default_rng(1)
     )
     plan = plan_crop((sh, sw), cfg, np.random.default_rng(1))
-    s = plan.scale
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * s * s
-    shifted = boxes * s - [plan.left, plan.top, plan.left, plan.top]
+    sx, sy = plan.sx, plan.sy
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * sx * sy
+    shifted = (boxes - [plan.x0, plan.y0, plan.x0, plan.y0]) * [sx, sy, sx, sy]
     ix = np.clip(np.minimum(shifted[:, 2], 16) - np.maximum(shifted[:, 0], 0), 0, None)
     iy = np.clip(np.minimum(shifted[:, 3], 16) - np.maximum(shifted[:, 1], 0), 0, None)
     vis = ix * iy / area

@@ -17,6 +17,7 @@ from PIL import Image
 from shards.masks import encode_mask
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter, build_tar
+from training.collate import normalize_pixels
 from training.data_config import ConfigError, StreamConfig
 from training.stream import build_loader, merge_states, mix
 
@@ -315,3 +316,11 @@ def test_batch_tensors_have_fixed_shapes_and_consistent_regions(even):
                 x1, y1, x2, y2 = batch["object_boxes"][i, j].tolist()
                 assert x1 - 1 <= xs.min() and xs.max() + 1 <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2
     assert Counter(len(c) > 0 for c in batch["caption"]) == {True: 3}
+
+
+def test_uint8_pixels_normalize_to_the_float_pixel_values(even):
+    root, _ = even
+    floats = next(iter(build_loader(config([root]))))
+    ints = next(iter(build_loader(config([root], pixel_format="uint8"))))
+    assert "pixel_values" not in ints and ints["pixels"].dtype == torch.uint8
+    assert torch.equal(normalize_pixels(ints["pixels"]), floats["pixel_values"])

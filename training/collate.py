@@ -9,7 +9,9 @@ Batch fields (B samples, output size H x W, latent grid h x w = H/8 x W/8, S = m
 =========================  ======================  =============================================
 field                      shape, dtype            meaning
 =========================  ======================  =============================================
-pixel_values               (B, 3, H, W) float32    RGB in [-1, 1] (the VAE's input range)
+pixel_values               (B, 3, H, W) float32    RGB in [-1, 1] (the VAE's input range), or
+pixels                     (B, 3, H, W) uint8      with ``pixel_format: uint8``: normalize_pixels()
+                                                   on the device gives pixel_values
 original_size              (B, 2) int64            (height, width) of the source image (SDXL)
 crops_coords_top_left      (B, 2) int64            (top, left) of the crop in the resized image
 target_size                (B, 2) int64            (height, width) of pixel_values
@@ -79,11 +81,16 @@ def _pad_layout(layout: RegionLayout, max_slots: int, max_objs: int) -> dict[str
     }
 
 
-def collate(examples: list[Example], max_slots: int, max_objs: int) -> dict:
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (0..255) -> float32 in [-1, 1], the VAE's input range; do it on the device."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def collate(examples: list[Example], max_slots: int, max_objs: int, pixel_format: str = "float") -> dict:
     """Stack examples into the fixed tensors listed in the module docstring."""
-    pixels = torch.from_numpy(np.stack([e.aug.pixels for e in examples]))
+    pixels = torch.stack([torch.from_numpy(e.aug.pixels).permute(2, 0, 1) for e in examples])
     batch: dict = {
-        "pixel_values": pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0),
+        **({"pixels": pixels} if pixel_format == "uint8" else {"pixel_values": normalize_pixels(pixels)}),
         "original_size": torch.tensor([e.aug.original_size for e in examples], dtype=torch.int64),
         "crops_coords_top_left": torch.tensor([e.aug.crop_top_left for e in examples], dtype=torch.int64),
         "target_size": torch.tensor([e.aug.target_size for e in examples], dtype=torch.int64),
@@ -96,7 +103,9 @@ def collate(examples: list[Example], max_slots: int, max_objs: int) -> dict:
         n = min(len(e.aug.boxes), max_objs)
         obj_boxes[i, :n] = e.aug.boxes[:n]
     batch["object_boxes"] = torch.from_numpy(obj_boxes)
-    batch["object_count"] = torch.tensor([min(len(e.aug.texts), max_objs) for e in examples], dtype=torch.int64)
+    batch["object_count"] = torch.tensor(
+        [min(len(e.aug.texts), max_objs) for e in examples], dtype=torch.int64
+    )
     batch["object_texts"] = [e.aug.texts[:max_objs] for e in examples]
     if examples[0].aug.masks is not None:
         h, w = examples[0].aug.target_size

@@ -126,6 +126,9 @@ class StreamConfig:
     max_consecutive_errors: int = 200  # more failures in a row means a bug, not bad data: raise
     prefetch_factor: int = 2
     pin_memory: bool = False
+    # "float": pixel_values, float32 in [-1, 1], made in the workers. "uint8": pixels, uint8, a quarter
+    # of the bytes through shared memory; the trainer calls training.collate.normalize_pixels on the device.
+    pixel_format: Literal["float", "uint8"] = "float"
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -140,6 +143,8 @@ class StreamConfig:
             raise ConfigError("resampled mode has no natural epoch: set epoch_samples")
         if self.shuffle_buffer < 0 or self.shuffle_initial < 0:
             raise ConfigError("shuffle_buffer and shuffle_initial must be >= 0")
+        if self.pixel_format not in ("float", "uint8"):
+            raise ConfigError(f"pixel_format must be 'float' or 'uint8', got {self.pixel_format!r}")
         sizes = {d.augment.size for d in self.datasets}
         if len(sizes) > 1:
             raise ConfigError(

@@ -456,7 +456,9 @@ def batches(
     items = iter(items)
     for _ in range(ctx.batches):
         chunk = list(itertools.islice(items, cfg.batch_size))
-        batch = collate([ex for _, ex in chunk], cfg.regions.max_slots, cfg.regions.max_objs)
+        batch = collate(
+            [ex for _, ex in chunk], cfg.regions.max_slots, cfg.regions.max_objs, cfg.pixel_format
+        )
         batch[_META] = {
             "worker": ctx.worker,
             "position": chunk[-1][0] + 1,
