@@ -79,7 +79,8 @@ TINY_KINDS = {name: kind for name, (kind, _) in TINY_FACTORIES.items()}
 PRESETS: dict[str, dict[str, ModelSpec]] = {
     "real": {
         "vlm": ModelSpec("vlm", "Qwen/Qwen2.5-VL-7B-Instruct"),
-        "detector": ModelSpec("detector", "IDEA-Research/grounding-dino-tiny"),
+        # float32: boxes come out normalised to [0, 1], where bfloat16 steps are ~4 px of a 1024 px image.
+        "detector": ModelSpec("detector", "IDEA-Research/grounding-dino-tiny", dtype="float32"),
         "segmenter": ModelSpec(
             "segmenter", "vit_h", weights="hf-hub:ybelkada/segment-anything/checkpoints/sam_vit_h_4b8939.pth"
         ),
@@ -126,7 +127,10 @@ def _load_cached(spec: ModelSpec) -> tuple[Any, Any]:
         "loading %s model %s (%s) on %s as %s", spec.kind, spec.name, spec.backend, spec.device, spec.dtype
     )
     model, processor = loader(spec)
-    model = model.to(device=spec.resolved_device(), dtype=spec.resolved_dtype()).eval()
+    # SAM's prompt encoder takes pixel coordinates, which bfloat16 rounds to 8 px near 1024: its weights
+    # stay float32 and the segment stage runs the image encoder under autocast to the spec's dtype.
+    dtype = torch.float32 if spec.kind == "segmenter" else spec.resolved_dtype()
+    model = model.to(device=spec.resolved_device(), dtype=dtype).eval()
     model.requires_grad_(False)
     return model, processor
 

@@ -4,6 +4,7 @@ parsing, and the per-row error policy."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -68,7 +69,7 @@ def _count_calls(monkeypatch, obj, name: str) -> list:
     original = getattr(obj, name)
 
     def wrapper(*args, **kwargs):
-        calls.append(args)
+        calls.append((args, kwargs))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(obj, name, wrapper)
@@ -159,6 +160,7 @@ def test_parse_tag_list_caps_the_number_of_tags():
         ("The building is tall and the sky is blue", ["building", "sky"]),
         ("Two dogs playing with a ball in the grass", ["dogs", "ball", "grass"]),
         (None, []),
+        (float("nan"), []),  # a missing caption read from a table
         ("", []),
     ],
 )
@@ -314,6 +316,14 @@ def test_ground_batches_images_without_changing_results(ground, monkeypatch):
         assert np.allclose([o["box"] for o in alone], [o["box"] for o in objs], atol=1e-3)
 
 
+def test_ground_image_size_sets_the_detector_input(monkeypatch):
+    stage = GroundStage(GroundConfig(model=TINY["detector"], image_size=96))
+    calls = _count_calls(monkeypatch, stage.model, "forward")
+    stage.detect([_image(100, 300, 33)], [["dog"]])
+    # shortest edge 96, longest capped at 96 * 1333 / 800 = 159 (the real processor's ratio)
+    assert calls and tuple(calls[0][1]["pixel_values"].shape) == (1, 3, 53, 159)
+
+
 def test_ground_splits_tags_that_overflow_the_text_length(ground):
     tags = list(WORDS[:40])  # one token each, two with the " ." separator: 31 fit in 62 tokens
     assert [len(p) for p in ground.pack_prompts(tags)] == [31, 9]
@@ -379,6 +389,15 @@ def test_segment_batched_encoder_matches_one_image_at_a_time(segment):
     together = segment.embed(images)
     for image, emb in zip(images, together, strict=True):
         assert torch.allclose(segment.embed([image])[0], emb, atol=1e-5)
+
+
+def test_segment_in_bfloat16_keeps_prompts_in_float32():
+    stage = SegmentStage(
+        SegmentConfig(model=dataclasses.replace(TINY["segmenter"], dtype="bfloat16", device="cpu"))
+    )
+    assert all(p.dtype == torch.float32 for p in stage.sam.parameters())
+    out = stage(_batch([_image(50, 70, 32)], objects=[_objects(([3, 4, 40, 45], "dog", 0.9))]))
+    assert decode_mask(out["objects"][0][0]["mask"]).shape == (50, 70)
 
 
 def test_mask_agreement():

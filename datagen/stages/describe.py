@@ -38,6 +38,7 @@ class DescribeConfig:
     max_crop_side: int = 1536  # ... and their longer side capped to this (token cost)
     max_crop_aspect: float = 8.0  # longer/shorter side; beyond it the crop widens into its context
     min_crop_area: int = 32 * 32  # boxes under this area (px) keep their phrase (the paper's rule)
+    max_pixels: int | None = None  # crops downscaled to at most this area for the VLM; None: as resized
     max_new_tokens: int = 96  # description length cap in VLM tokens
     generate_batch_size: int = 16  # crops per generate call
     batch_size: int = 4  # rows per Ray batch (a hint for the pipeline)
@@ -70,6 +71,7 @@ class DescribeStage:
                 [cfg.prompt] * len(crops),
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.generate_batch_size,
+                max_pixels=cfg.max_pixels,
             )
             for (k, j), answer in zip(where, answers, strict=True):
                 text = clean_text(answer)

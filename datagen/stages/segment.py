@@ -41,7 +41,8 @@ class SegmentStage:
 
     def __init__(self, config: SegmentConfig) -> None:
         self.config = config
-        self.sam, self.transform = load_model(config.model)
+        self.sam, self.transform = load_model(config.model)  # float32 weights (see datagen.models)
+        self.encoder_dtype = config.model.resolved_dtype()
         self.predictor = SamPredictor(self.sam)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -60,15 +61,14 @@ class SegmentStage:
         """SAM image embeddings (1, C, h, w) of each image, encoded ``encoder_batch_size`` at a time."""
         embeddings: list[torch.Tensor] = []
         step = max(1, self.config.encoder_batch_size)
+        device = self.sam.device
+        low_precision = self.encoder_dtype != torch.float32
         for start in range(0, len(images), step):
             inputs = torch.cat([self._input(im) for im in images[start : start + step]])
-            features = self.sam.image_encoder(inputs.to(self._dtype))
-            embeddings.extend(features.split(1))
+            with torch.autocast(device.type, dtype=self.encoder_dtype, enabled=low_precision):
+                features = self.sam.image_encoder(inputs)
+            embeddings.extend(features.float().split(1))
         return embeddings
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.sam.parameters()).dtype
 
     def _input(self, image: np.ndarray) -> torch.Tensor:
         """Resize the longest side to SAM's input size, normalise and pad (as SamPredictor.set_image)."""
@@ -87,7 +87,7 @@ class SegmentStage:
         out = []
         step = max(1, self.config.max_boxes_per_call)
         for start in range(0, len(objects), step):
-            prompts = self.transform.apply_boxes_torch(boxes[start : start + step], (h, w)).to(self._dtype)
+            prompts = self.transform.apply_boxes_torch(boxes[start : start + step], (h, w))
             masks, scores, _ = p.predict_torch(None, None, boxes=prompts, multimask_output=False)
             masks, scores = masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().tolist()
             for obj, mask, score in zip(objects[start : start + step], masks, scores, strict=True):

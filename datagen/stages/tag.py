@@ -199,7 +199,8 @@ _COLORS_SIZES = frozenset(
 def caption_phrases(caption: str | None, max_tags: int = 20, max_words: int = 4) -> list[str]:
     """Noun phrases of a caption: "A man riding a horse on the beach." -> ["man", "horse", "beach"]."""
     phrases: list[str | None] = []
-    for clause in re.split(r"[,.;:!?()\"\[\]]+", (caption or "").lower()):
+    text = caption.lower() if isinstance(caption, str) else ""  # None / NaN from a table: no caption
+    for clause in re.split(r"[,.;:!?()\"\[\]]+", text):
         run: list[str] = []
         for word in re.findall(r"[a-z][a-z'-]*", clause) + [""]:
             verb_like = (
