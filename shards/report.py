@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -328,9 +329,7 @@ class GalleryItem:
 def sample_gallery(dataset: str, n: int = 8, max_size: int = 384) -> list[GalleryItem]:
     """The first ``n`` samples drawn with masks, numbered boxes and phrases; descriptions listed below."""
     items = []
-    for sample in iter_samples(dataset):
-        if len(items) >= n:
-            break
+    for sample in islice(iter_samples(dataset), n):
         rec = sample.record
         lines = [("#444", f"caption: {rec.caption or rec.source_caption or '-'}")]
         lines += [
