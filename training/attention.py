@@ -80,11 +80,7 @@ class PositionNet(nn.Module):
         feats = torch.cat([text_embeddings.to(dtype), fourier], dim=-1)
         real = object_masks.to(dtype)[:, :, None, None]
         feats = feats * real + (1 - real) * self.null_text_feature
-        out = {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
-        # Pack the live tokens here, at the UNet level: a gather made inside a gradient-checkpointed block
-        # and reused by the next blocks would tie their graphs to that block's recomputation.
-        _token_memo(out)
-        return out
+        return {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
 
 
 def level_grid(latent_hw: tuple[int, int], n_pixels: int) -> tuple[int, int]:
@@ -106,79 +102,65 @@ def _level_region_map(region_map: torch.Tensor, grid: tuple[int, int]) -> torch.
 
 
 @dataclass(frozen=True)
-class _TokenPlan:
-    """Live tokens of the real slots, packed; each slot's key rows padded to ``width``."""
+class _Plan:
+    """Index plan of one UNet level: which tokens to project, and pixels sorted by slot in tiles.
 
-    live_index: torch.Tensor  # (Nk,) flat index into (B * S * 77) of the live tokens
-    key_table: torch.Tensor  # (B * S, width) row of each slot's k-th live token in the packed keys
-    key_bias: torch.Tensor  # (B * S, width) its bias; -inf on padding
-    key_counts: torch.Tensor  # (B * S,) live tokens per slot
+    Integer tensors only (no autograd), so memoizing it across the blocks of a forward is safe under
+    gradient checkpointing.
+    """
 
-
-@dataclass(frozen=True)
-class _PixelPlan:
-    """Pixels of one level sorted by slot and cut into ``n_tiles`` tiles of ``tile`` rows."""
-
-    tile: int
+    live_index: torch.Tensor  # (Nk,) flat index into (B * S * 77): live tokens of slots with pixels here
+    key_table: torch.Tensor  # (B * S, width) row in the packed keys of each slot's k-th live token
+    key_bias: torch.Tensor  # (B * S, width) that token's bias; -inf on padding
+    tile: int  # pixels per tile
     tile_slot: torch.Tensor  # (n_tiles,) global slot b * S + s of each tile
-    query_index: torch.Tensor  # (n_tiles * tile,) pixel (flat b * L + p) in each tile row; 0 on padding
+    query_index: torch.Tensor  # (n_tiles * tile,) pixel (flat b * L + p) of each tile row; 0 on padding
     pixel_row: torch.Tensor  # (B * L,) tile row holding each pixel; 0 for dropped pixels
-    dropped: torch.Tensor  # (B * L,) bool: pixel's region dropped by the caps
+    dropped: torch.Tensor  # (B * L,) bool: the pixel's region was dropped by the caps
 
 
-def _token_plan(bias: torch.Tensor, object_masks: torch.Tensor) -> _TokenPlan:
-    """Pack the live tokens: real slot, bias within ``DEAD_MARGIN`` of the slot's best token."""
-    n_slots, n_tokens = bias.shape[0] * bias.shape[1], bias.shape[2]
-    bias = bias.reshape(n_slots, n_tokens)
-    live = (object_masks.reshape(n_slots, 1) > 0.5) & (bias >= bias.amax(dim=1, keepdim=True) - DEAD_MARGIN)
-    live_index = live.reshape(-1).nonzero().squeeze(1)
-    slot = live_index // n_tokens
-    counts = live.sum(dim=1)
-    # A multiple of 8 keeps the fused GPU attention kernels on their aligned paths.
-    width = max(8, -(-int(counts.max()) // 8) * 8)
-    rank = torch.arange(len(live_index), device=bias.device) - (counts.cumsum(0) - counts)[slot]
-    key_table = torch.zeros(n_slots, width, dtype=torch.long, device=bias.device)
-    key_table[slot, rank] = torch.arange(len(live_index), device=bias.device)
-    key_bias = torch.full((n_slots, width), -math.inf, dtype=bias.dtype, device=bias.device)
-    key_bias[slot, rank] = bias.reshape(-1)[live_index]
-    return _TokenPlan(live_index, key_table, key_bias, counts)
-
-
-def _token_memo(objs: dict) -> dict:
-    """The plan memo of ``objs``, holding the token plan and the packed live tokens of ``text_feat``."""
-    memo = objs.setdefault(_PLAN_KEY, {})
-    if "tokens" not in memo:
-        memo["tokens"] = tokens = _token_plan(objs["attention_bias"], objs["object_masks"])
-        feats = objs["text_feat"]
-        memo["context"] = feats.reshape(-1, feats.shape[-1])[tokens.live_index]
-    return memo
-
-
-def _pick_tile(pixel_counts: torch.Tensor, width: int) -> int:
+def _pick_tile(pixel_counts: list[int], width: int) -> int:
     """Tile size minimizing padded attention work plus the per-tile copies of the region's keys."""
-    counts = pixel_counts[pixel_counts > 0].tolist()
-    cost = {t: sum(-(-c // t) for c in counts) * (t * width + 8 * width) for t in _TILE_SIZES}
+    cost = {t: sum(-(-c // t) for c in pixel_counts) * (t + 8) * width for t in _TILE_SIZES}
     return min(cost, key=cost.get)
 
 
-def _pixel_plan(region_map: torch.Tensor, n_slots: int, tokens: _TokenPlan) -> _PixelPlan:
-    """Sort a level's pixels (B, L) by global slot and lay them out in tiles of one slot each."""
-    batch, n_pixels = region_map.shape
-    device = region_map.device
+def _build_plan(objs: dict, grid: tuple[int, int]) -> _Plan:
+    """Plan one level: live tokens of the slots present at this level, pixels sorted by slot into tiles."""
+    bias, object_masks = objs["attention_bias"], objs["object_masks"]
+    batch, n_slots, n_tokens = bias.shape
+    region_map = _level_region_map(objs["region_map"], grid)
+    n_pixels, device = region_map.shape[1], bias.device
+
     flat = region_map.reshape(-1)
     dropped = flat < 0
     batch_of = torch.arange(batch * n_pixels, device=device) // n_pixels
     global_slot = torch.where(dropped, batch * n_slots, batch_of * n_slots + flat)
-    counts = torch.bincount(global_slot, minlength=batch * n_slots + 1)[:-1]
-    if bool(((counts > 0) & (tokens.key_counts == 0)).any()):
-        raise ValueError("region_map points at a slot with object_masks == 0 (padding)")
-    tile = _pick_tile(counts, tokens.key_table.shape[1])
+    pixel_counts = torch.bincount(global_slot, minlength=batch * n_slots + 1)[:-1]
+    real = object_masks.reshape(-1) > 0.5
+    if bool(((pixel_counts > 0) & ~real).any()):
+        raise ValueError("region_map points at a slot whose object_masks is 0 (a padded slot)")
 
+    # Slots without a pixel at this level (small regions vanish at coarse levels) need no keys.
+    slot_bias = bias.reshape(batch * n_slots, n_tokens)
+    live = (pixel_counts > 0)[:, None] & (slot_bias >= slot_bias.amax(dim=1, keepdim=True) - DEAD_MARGIN)
+    live_index = live.reshape(-1).nonzero().squeeze(1)
+    key_slot = live_index // n_tokens
+    key_counts = live.sum(dim=1)
+    # A multiple of 8 keeps fused GPU attention kernels on their aligned paths.
+    width = max(8, -(-int(key_counts.max()) // 8) * 8)
+    key_rank = torch.arange(len(live_index), device=device) - (key_counts.cumsum(0) - key_counts)[key_slot]
+    key_table = torch.zeros(batch * n_slots, width, dtype=torch.long, device=device)
+    key_table[key_slot, key_rank] = torch.arange(len(live_index), device=device)
+    key_bias = torch.full((batch * n_slots, width), -math.inf, dtype=bias.dtype, device=device)
+    key_bias[key_slot, key_rank] = slot_bias.reshape(-1)[live_index]
+
+    tile = _pick_tile([c for c in pixel_counts.tolist() if c], width)
     order = torch.argsort(global_slot, stable=True)[: int((~dropped).sum())]
     slot_sorted = global_slot[order]
-    tiles_per_slot = (counts + tile - 1) // tile
+    tiles_per_slot = (pixel_counts + tile - 1) // tile
     first_tile = tiles_per_slot.cumsum(0) - tiles_per_slot
-    rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts)[slot_sorted]
+    rank = torch.arange(len(order), device=device) - (pixel_counts.cumsum(0) - pixel_counts)[slot_sorted]
     row = (first_tile[slot_sorted] + rank // tile) * tile + rank % tile
     n_tiles = int(tiles_per_slot.sum())
     query_index = torch.zeros(n_tiles * tile, dtype=torch.long, device=device)
@@ -186,7 +168,16 @@ def _pixel_plan(region_map: torch.Tensor, n_slots: int, tokens: _TokenPlan) -> _
     pixel_row = torch.zeros(batch * n_pixels, dtype=torch.long, device=device)
     pixel_row[order] = row
     tile_slot = torch.repeat_interleave(torch.arange(batch * n_slots, device=device), tiles_per_slot)
-    return _PixelPlan(tile, tile_slot, query_index, pixel_row, dropped)
+    return _Plan(live_index, key_table, key_bias, tile, tile_slot, query_index, pixel_row, dropped)
+
+
+def level_plan(objs: dict, grid: tuple[int, int]) -> _Plan:
+    """The level's plan, built by the first fuser of a forward and memoized in ``objs`` for the others."""
+    memo = objs.setdefault(_PLAN_KEY, {})
+    if grid not in memo:
+        with torch.no_grad():
+            memo[grid] = _build_plan(objs, grid)
+    return memo[grid]
 
 
 class RegionalCrossAttention(nn.Module):
@@ -236,32 +227,27 @@ class RegionalCrossAttention(nn.Module):
         out = (per_slot.view(batch, n_slots, n_pixels, dim) * masks[..., None]).sum(dim=1)
         return x + out + (1 - masks.sum(dim=1))[..., None] * self._null(x)
 
-    def _plans(self, objs: dict, grid: tuple[int, int]) -> tuple[_TokenPlan, _PixelPlan, torch.Tensor]:
-        """Token plan, this level's pixel plan and the packed live position-net tokens, memoized in objs."""
-        memo = _token_memo(objs)
-        if grid not in memo:
-            n_slots = objs["text_feat"].shape[1]
-            memo[grid] = _pixel_plan(_level_region_map(objs["region_map"], grid), n_slots, memo["tokens"])
-        return memo["tokens"], memo[grid], memo["context"]
-
     def _forward_packed(self, x: torch.Tensor, objs: dict, grid: tuple[int, int]) -> torch.Tensor:
         """One query projection, one attention over each pixel's own region, one output projection."""
         batch, n_pixels, dim = x.shape
-        tokens, pixels, context = self._plans(objs, grid)
+        plan = level_plan(objs, grid)
         attn = self.attn
         inner = attn.to_q.out_features
         heads, head_dim = attn.heads, inner // attn.heads
-        n_tiles, width = len(pixels.tile_slot), tokens.key_table.shape[1]
+        n_tiles, width = len(plan.tile_slot), plan.key_table.shape[1]
 
-        query = attn.to_q(x).reshape(batch * n_pixels, inner)[pixels.query_index]
-        query = query.view(n_tiles, pixels.tile, heads, head_dim).transpose(1, 2)
-        context = context.to(x.dtype)
-        rows = tokens.key_table[pixels.tile_slot]
-        key = attn.to_k(context)[rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
-        value = attn.to_v(context)[rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
-        bias = tokens.key_bias[pixels.tile_slot].to(x.dtype)[:, None, None, :]
+        query = attn.to_q(x).reshape(batch * n_pixels, inner)[plan.query_index]
+        query = query.view(n_tiles, plan.tile, heads, head_dim).transpose(1, 2)
+        # Gathered in every call (a copy ~1/dim of the projection's cost) rather than shared across blocks,
+        # so each block's graph stays self-contained under gradient checkpointing.
+        feats = objs["text_feat"]
+        context = feats.reshape(-1, feats.shape[-1])[plan.live_index].to(x.dtype)
+        key_value = F.linear(context, torch.cat([attn.to_k.weight, attn.to_v.weight]))  # one matmul for both
+        key_value = key_value[plan.key_table[plan.tile_slot]].view(n_tiles, width, 2, heads, head_dim)
+        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)
+        bias = plan.key_bias[plan.tile_slot].to(x.dtype)[:, None, None, :]
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(n_tiles * pixels.tile, inner)[pixels.pixel_row]
+        out = out.transpose(1, 2).reshape(n_tiles * plan.tile, inner)[plan.pixel_row]
         out = attn.to_out[0](out).view(batch, n_pixels, dim)
-        return x + torch.where(pixels.dropped.view(batch, n_pixels, 1), self._null(x), out)
+        return x + torch.where(plan.dropped.view(batch, n_pixels, 1), self._null(x), out)

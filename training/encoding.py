@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ __all__ = [
     "EncodedText",
     "RegionTextEncoder",
     "grounding_inputs",
+    "grounding_inputs_from_batch",
     "separator_ids",
     "slot_token_targets",
     "token_spans",
@@ -161,9 +162,9 @@ class RegionTextEncoder:
     def encode_texts(self, texts: Sequence[str]) -> list[EncodedText]:
         """Encode texts, each distinct uncached text once, in batches of ``batch_size``."""
         found: dict[str, EncodedText] = {}
-        todo: dict[str, None] = {}  # insertion-ordered set
+        pending: dict[str, None] = {}  # insertion-ordered set of texts to encode
         for text in texts:
-            if text in found or text in todo:
+            if text in found or text in pending:
                 self._hits += 1
             elif text in self._cache:
                 self._hits += 1
@@ -171,8 +172,8 @@ class RegionTextEncoder:
                 found[text] = self._cache[text]
             else:
                 self._misses += 1
-                todo[text] = None
-        todo = list(todo)
+                pending[text] = None
+        todo = list(pending)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             found.update(zip(chunk, self._encode_batch(chunk)))
@@ -205,6 +206,52 @@ class RegionTextEncoder:
         ]
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One real region slot of a batch: where it goes and what it holds."""
+
+    sample: int
+    slot: int
+    text: str
+    boxes: np.ndarray  # (k, 4) normalized, one per segment
+    weights: np.ndarray  # (k,)
+
+
+def _assemble(
+    slots: list[_Slot],
+    region_map: np.ndarray,
+    union_masks: np.ndarray,
+    encoder: RegionTextEncoder,
+    attention_weight_scale: float,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Encode the slots' texts and lay everything out as the ``gligen`` dict (padded slots stay empty)."""
+    n, max_slots = union_masks.shape[:2]
+    encoded = encoder.encode_texts([slot.text for slot in slots])
+    boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
+    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
+    object_masks = np.zeros((n, max_slots), dtype=np.float32)
+    for slot, enc in zip(slots, encoded):
+        object_masks[slot.sample, slot.slot] = 1.0
+        boxes[slot.sample, slot.slot], bias[slot.sample, slot.slot] = slot_token_targets(
+            enc.spans, slot.boxes, slot.weights, attention_weight_scale
+        )
+    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
+    if slots:
+        rows = torch.tensor([slot.sample for slot in slots], device=device)
+        cols = torch.tensor([slot.slot for slot in slots], device=device)
+        text[rows, cols] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
+    return {
+        "text_embeddings": text,
+        "bbox_embeddings": torch.from_numpy(boxes).to(device=device, dtype=dtype),
+        "object_masks": torch.from_numpy(object_masks).to(device=device, dtype=dtype),
+        "attention_bias": torch.from_numpy(bias).to(device=device, dtype=dtype),
+        "region_map": torch.from_numpy(region_map.astype(np.int64)).to(device),
+        "union_masks": torch.from_numpy(union_masks).to(device),
+    }
+
+
 def grounding_inputs(
     layouts: Sequence[RegionLayout],
     encoder: RegionTextEncoder,
@@ -225,36 +272,37 @@ def grounding_inputs(
     grids = {layout.grid_size for layout in layouts}
     if len(grids) != 1:
         raise ValueError(f"layouts of one batch must share a latent grid, got {sorted(grids)}")
-    (h, w), n = grids.pop(), len(layouts)
-    for i, layout in enumerate(layouts):
-        if layout.n_slots > max_slots:
-            raise ValueError(f"layout {i} has {layout.n_slots} slots > max_slots={max_slots}")
-
-    encoded = encoder.encode_texts([text for layout in layouts for text in layout.texts])
-    boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
-    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
-    object_masks = np.zeros((n, max_slots), dtype=np.float32)
-    union = np.zeros((n, max_slots, h, w), dtype=bool)
-    where = []
+    h, w = grids.pop()
+    union = np.zeros((len(layouts), max_slots, h, w), dtype=bool)
+    slots = []
     for b, layout in enumerate(layouts):
-        object_masks[b, : layout.n_slots] = 1.0
+        if layout.n_slots > max_slots:
+            raise ValueError(f"layout {b} has {layout.n_slots} slots > max_slots={max_slots}")
         union[b, : layout.n_slots] = layout.union_masks
-        for s in range(layout.n_slots):
-            spans = encoded[len(where)].spans
-            boxes[b, s], bias[b, s] = slot_token_targets(
-                spans, layout.boxes[s], layout.weights[s], attention_weight_scale
-            )
-            where.append((b, s))
+        slots += [
+            _Slot(b, s, layout.texts[s], layout.boxes[s], layout.weights[s]) for s in range(layout.n_slots)
+        ]
+    region_map = np.stack([layout.region_map for layout in layouts])
+    return _assemble(slots, region_map, union, encoder, attention_weight_scale, device, dtype)
 
-    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
-    if where:
-        rows, cols = (torch.tensor(idx, device=device) for idx in zip(*where))
-        text[rows, cols] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
-    return {
-        "text_embeddings": text,
-        "bbox_embeddings": torch.from_numpy(boxes).to(device=device, dtype=dtype),
-        "object_masks": torch.from_numpy(object_masks).to(device=device, dtype=dtype),
-        "attention_bias": torch.from_numpy(bias).to(device=device, dtype=dtype),
-        "region_map": torch.from_numpy(np.stack([layout.region_map for layout in layouts]).astype(np.int64)).to(device),
-        "union_masks": torch.from_numpy(union).to(device),
-    }
+
+def grounding_inputs_from_batch(
+    batch: Mapping[str, object],
+    encoder: RegionTextEncoder,
+    *,
+    attention_weight_scale: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The ``gligen`` dict from a batch of ``training.collate.collate`` (its ``region_*`` fields)."""
+    slot_mask = np.asarray(batch["slot_mask"])
+    boxes, weights = np.asarray(batch["region_boxes"]), np.asarray(batch["region_weights"])
+    segments = np.asarray(batch["segment_mask"])
+    slots = [
+        _Slot(b, s, batch["region_texts"][b][s], boxes[b, s][segments[b, s]], weights[b, s][segments[b, s]])
+        for b, s in zip(*np.nonzero(slot_mask))
+    ]
+    union = np.asarray(batch["region_union_masks"])
+    return _assemble(
+        slots, np.asarray(batch["region_map"]), union, encoder, attention_weight_scale, device, dtype
+    )
