@@ -75,6 +75,9 @@ class RunResult:
     objects: int = 0
     shards: list[dict] = field(default_factory=list)  # stats of each shard written
     busy: dict[str, StageTime] = field(default_factory=dict)  # stage -> busy time
+    nodes: set = field(default_factory=set)  # Ray node ids whose actors ran model stages
+    startup_seconds: float | None = None  # until the first chunk came out (actor start-up, model loads)
+    startup_rows: int = 0  # the rows of that first chunk
     wall_seconds: float = 0.0
 
 
@@ -157,7 +160,13 @@ def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
     t0 = time.perf_counter()
     entries = pack(chunk["columns"], config)
     busy = {**chunk.get("busy", {}), PACK: [len(entries), time.perf_counter() - t0]}
-    return {"shard": chunk["shard"], "start": chunk["start"], "entries": entries, "busy": busy}
+    return {
+        "shard": chunk["shard"],
+        "start": chunk["start"],
+        "entries": entries,
+        "busy": busy,
+        "nodes": chunk.get("nodes", []),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,6 +184,7 @@ class PoolWorker:
     """One actor of a pool: loads its stages once, then runs each chunk through them in order."""
 
     def __init__(self, cfg: DatagenConfig, pool: PoolConfig):
+        self.node = ray.get_runtime_context().get_node_id()
         self.stages = []
         for name in pool.stages:
             stage_cls, _ = stage_classes(name)
@@ -185,7 +195,7 @@ class PoolWorker:
         for chunk in df["chunk"]:
             for name, stage, batch_size in self.stages:
                 chunk = run_stage_on_chunk(stage, name, chunk, batch_size)
-            chunks.append(chunk)
+            chunks.append({**chunk, "nodes": [*chunk.get("nodes", []), self.node]})
         return pd.DataFrame({"shard": df["shard"], "chunk": chunks})
 
 
@@ -318,7 +328,10 @@ def execute(
     try:
         for chunk in _iter_chunks(build_dataset(chunks, cfg)):
             entries = chunk["entries"]
+            if result.startup_seconds is None:
+                result.startup_seconds, result.startup_rows = time.perf_counter() - t0, len(entries)
             guard.update(entries)
+            result.nodes.update(chunk["nodes"])
             for stage, (rows, seconds) in chunk["busy"].items():
                 t = result.busy.setdefault(stage, StageTime())
                 t.rows += int(rows)
@@ -342,17 +355,28 @@ def execute(
                 log.info("%d/%d inputs, %.2f img/s", result.processed, total, result.processed / (last_log - t0))
         if pending:
             raise PipelineError(f"shards {sorted(pending)} did not receive all their rows (a lost chunk)")
+    except BaseException:
+        # Shards already handed to writers still finish (and count as complete on resume); the
+        # error that stopped the run is the one reported.
+        _finish_writes(writes, raise_errors=False)
+        raise
     finally:
         bar.close()
-        # Shards already handed to writers are finished even when the run stops: they are complete.
-        if writes:
-            try:
-                result.shards = ray.get(writes)
-            except Exception:  # noqa: BLE001 - reported after the primary error, if any
-                log.exception("a shard write failed; that shard stays incomplete and is redone on resume")
-                raise
+    result.shards = _finish_writes(writes, raise_errors=True)
     result.wall_seconds = time.perf_counter() - t0
     return result
+
+
+def _finish_writes(writes: list[ray.ObjectRef], raise_errors: bool) -> list[dict]:
+    stats = []
+    for ref in writes:
+        try:
+            stats.append(ray.get(ref))
+        except Exception:
+            log.exception("a shard write failed; that shard stays incomplete and is redone on resume")
+            if raise_errors:
+                raise
+    return stats
 
 
 def _reason(error: str) -> str:

@@ -52,6 +52,7 @@ class Summary:
     failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count, this run
     busy: dict = field(default_factory=dict)  # stage -> (rows, seconds), this run
     wall_seconds: float = 0.0
+    nodes: int = 0  # Ray nodes whose actors ran the model stages this run
 
     def format(self) -> str:
         """A readable table."""
@@ -63,7 +64,8 @@ class Summary:
             f"{self.shards_written} written now)",
             f"  samples    {t.get('samples', 0):>8}   objects {t.get('objects', 0)}",
             f"  failed     {t.get('failures', 0):>8}   filtered {t.get('filtered', 0)}",
-            f"  this run   {self.processed:>8} inputs in {self.wall_seconds:.1f} s = {rate:.2f} images/s",
+            f"  this run   {self.processed:>8} inputs in {self.wall_seconds:.1f} s = {rate:.2f} images/s"
+            + (f" on {self.nodes} Ray node(s)" if self.nodes else ""),
         ]
         if self.failures:
             lines.append("  not kept this run, by stage and reason:")
@@ -153,6 +155,7 @@ def run(
         summary.failures = result.failures
         summary.busy = {k: (v.rows, v.seconds) for k, v in result.busy.items()}
         summary.wall_seconds = result.wall_seconds
+        summary.nodes = len(result.nodes)
     summary.totals = build_index(output)["totals"]
     return summary
 

@@ -1,0 +1,150 @@
+"""End-to-end datagen on an embedded local Ray with the tiny models: accounting, resume, kill, retry.
+
+The runs go through the CLI in a subprocess (``python -m datagen run``), as a user runs them: a fresh
+Ray per run, and a process that can be SIGKILLed mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datagen_fixture import make_inputs
+
+from datagen.inputs import list_inputs
+from shards import list_shards, validate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "datagen" / "tiny.yaml")
+# Small shards: 40 inputs make 5 shards, so a run can be interrupted between shards.
+SETTINGS = ["--set", "inputs.samples_per_shard=8", "--set", "execution.num_cpus=2"]
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONHASHSEED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cmd(inputs: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "datagen", "run", "--config", TINY, "--input", str(inputs), "--output", str(output),
+            "--no-progress", *SETTINGS, *extra]
+
+
+def datagen(inputs: Path, output: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI to completion; returns the finished process (stdout/stderr captured)."""
+    return subprocess.run(_cmd(inputs, output, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _parquet(output: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(output.glob("*.parquet"))], ignore_index=True)
+
+
+def _files(output: Path, pattern: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(output.glob(pattern))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run over 28 synthetic images and 12 awkward files."""
+    root = tmp_path_factory.mktemp("datagen")
+    expected = make_inputs(root / "in")
+    out = root / "reference"
+    proc = datagen(root / "in", out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "in", out, expected, proc.stdout
+
+
+def test_every_input_is_accounted_for(reference):
+    inputs, out, expected, stdout = reference
+    items = list_inputs(str(inputs))
+    df = _parquet(out)
+    assert len(items) == 40
+    assert sorted(df.key) == sorted(i.key for i in items)  # every input has exactly one parquet row
+    assert validate_dataset(str(out)) == []
+    assert [s.complete for s in list_shards(str(out))] == [True] * 5
+    by_name = {Path(s).name: row for s, row in zip(df.source, df.to_dict("records"), strict=True)}
+    for name, failure in expected.items():
+        row = by_name[name]
+        if failure is None:
+            assert row["error_stage"] != "decode", (name, row["error"])
+        else:
+            assert (row["status"], row["error_stage"]) == ("failed", "decode") and failure in row["error"]
+    ok = df[df.status == "ok"]
+    assert len(ok) >= 20 and (ok.num_objects > 0).all()
+    assert set(df.status) <= {"ok", "failed", "filtered"}
+    assert "inputs           40" in stdout and "decode" in stdout and "describe" in stdout
+
+
+def test_rerun_skips_complete_shards_and_changed_config_is_refused(reference, tmp_path):
+    inputs, out, _, _ = reference
+    before = _files(out, "*.tar")
+    proc = datagen(inputs, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "5 already complete, 0 written now" in proc.stdout
+    assert _files(out, "*.tar") == before
+    proc = datagen(inputs, out, "--set", "decode.max_side=200")
+    assert proc.returncode == 2 and "different configuration" in proc.stderr and "--new-run" in proc.stderr
+    assert _files(out, "*.tar") == before
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_byte_identical_tars(reference, tmp_path):
+    inputs, ref, _, _ = reference
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(inputs, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 500
+        while not (out / "000000.stats.json").exists() and not (out / "000001.stats.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any shard was written"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (its process group)
+        proc.wait()
+    complete = [s.complete for s in list_shards(str(out))]
+    assert 0 < sum(complete) < 5, complete  # killed mid-run
+    resumed = datagen(inputs, out)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{sum(complete)} already complete" in resumed.stdout
+    assert _files(out, "*.tar") == _files(ref, "*.tar")
+    assert _files(out, "*.parquet") == _files(ref, "*.parquet")
+
+
+@pytest.mark.slow
+def test_retry_failed_reprocesses_failed_rows(reference, tmp_path):
+    inputs, ref, _, _ = reference
+    copy = tmp_path / "in"
+    subprocess.run(["cp", "-r", str(inputs), str(copy)], check=True)
+    victim = copy / "good" / "img_0005.jpg"
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 3])  # a transient failure: the download was cut short
+    out = tmp_path / "out"
+    first = datagen(copy, out)
+    assert first.returncode == 0, first.stderr[-4000:]
+    df = _parquet(out)
+    assert df[df.source.str.endswith("img_0005.jpg")].status.item() == "failed"
+    victim.write_bytes(good)  # fixed at the source
+    retry = datagen(copy, out, "--retry-failed")
+    assert retry.returncode == 0, retry.stderr[-4000:]
+    assert validate_dataset(str(out)) == []
+    # The retried shard now equals the uninterrupted reference; the others were left as they were.
+    assert _files(out, "*.tar") == _files(ref, "*.tar")
+
+
+@pytest.mark.slow
+def test_a_stage_failing_everywhere_stops_the_run(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(b"")
+    proc = datagen(tmp_path / "in", tmp_path / "out", "--set", "execution.fail_fast_rows=4")
+    assert proc.returncode == 1
+    assert "stage 'decode' failed on every one of the first" in proc.stderr
+    assert not any(s.complete for s in list_shards(str(tmp_path / "out")))
