@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from datagen.models import ModelSpec
-from training.generate import load_section
+from training.generate import add_preset_arguments, config_from_args
 from training.layouts import LayoutRecord, read_layouts
 from training.metrics import (
     SAM_SCORE_THRESHOLD,
@@ -278,24 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of generated images named <id>.png")
     p.add_argument("--layouts", required=True, help="the layouts file (JSON lines) the images were made from")
     p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval)")
-    p.add_argument(
-        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in = paper)"
-    )
-    p.add_argument("--config", default=None, help="a preset YAML file (its 'evaluate' section)")
-    p.add_argument(
-        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
-    )
+    add_preset_arguments(p, "evaluate")
     p.add_argument("--reference", help="folder of reference images for FID")
     p.add_argument("--inception-weights", help="torchvision inception_v3 weights (.pth) for FID")
     p.add_argument(
         "--format", choices=("parquet", "csv"), dest="table_format", help="per-object table format"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. sam.device=cuda:1",
     )
     return p
 
@@ -312,10 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             ("table_format", args.table_format),
         )
         if value is not None
-    ] + args.set
-    preset = "tiny" if args.tiny and not args.config else args.preset
+    ]
     try:
-        cfg = load_section(EvalConfig, preset, args.config, "evaluate", overrides)
+        cfg = config_from_args(EvalConfig, args, "evaluate", overrides)
         summary = evaluate(cfg, args.images, args.layouts, args.out)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}")

@@ -36,7 +36,15 @@ from training.train_config import _build as build_config  # the project's typed 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerateConfig", "PRESET_DIR", "generate", "load_section", "main"]
+__all__ = [
+    "GenerateConfig",
+    "PRESET_DIR",
+    "add_preset_arguments",
+    "config_from_args",
+    "generate",
+    "load_section",
+    "main",
+]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 
@@ -90,6 +98,26 @@ def load_section(
         return build_config(cls, apply_overrides(d, overrides), section)
     except ConfigError as err:
         raise ConfigError(f"{path or 'defaults'}: {err}") from None
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--preset``, ``--config``, ``--tiny`` and ``--set``: where a CLI's ``section`` config comes from."""
+    parser.add_argument(
+        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in)"
+    )
+    parser.add_argument("--config", default=None, help=f"a preset YAML file (its '{section}' section)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+
+
+def config_from_args(cls: type, args: argparse.Namespace, section: str, overrides: list[str]) -> Any:
+    """The ``section`` config of a CLI's preset arguments, with ``overrides`` then ``--set`` applied."""
+    preset = "tiny" if args.tiny and not args.config else args.preset
+    return load_section(cls, preset, args.config, section, overrides + args.set)
 
 
 def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
@@ -163,13 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layouts", required=True, help="JSON lines: boxes (or bboxes), labels, optional caption/id/seed"
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in defaults)"
-    )
-    p.add_argument("--config", default=None, help="a preset YAML file (its 'generate' section)")
-    p.add_argument(
-        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
-    )
+    add_preset_arguments(p, "generate")
     p.add_argument("--base", help="SDXL hub id or folder (or 'tiny')")
     p.add_argument("--adapter", help="adapter weights (safetensors, ours or the release's)")
     p.add_argument("--ema", help="EMA adapter weights, loaded over --adapter")
@@ -180,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     return p
 
 
@@ -198,12 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed",
         "device",
     )
-    overrides = [
-        f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None
-    ] + args.set
-    preset = "tiny" if args.tiny and not args.config else args.preset
+    overrides = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
     try:
-        cfg = load_section(GenerateConfig, preset, args.config, "generate", overrides)
+        cfg = config_from_args(GenerateConfig, args, "generate", overrides)
         summary = generate(cfg, args.layouts, args.out)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}")
