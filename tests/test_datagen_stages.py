@@ -401,9 +401,11 @@ def test_segment_in_bfloat16_keeps_prompts_in_float32():
 
 
 def test_mask_agreement():
-    assert mask_agreement([0, 0, 10, 10], [0, 0, 10, 5]) == pytest.approx(0.5)
-    assert mask_agreement([0, 0, 10, 10], [0, 0, 10, 10]) == pytest.approx(1.0)
-    assert mask_agreement([0, 0, 10, 10], None) == 0.0
+    boxes = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [5, 5, 15, 15]]
+    assert mask_agreement(boxes, [[0, 0, 10, 5], [0, 0, 10, 10], None, [10, 10, 20, 20]]) == pytest.approx(
+        [0.5, 1.0, 0.0, 25 / 175]
+    )
+    assert mask_agreement([], []) == []
 
 
 # ---------------------------------------------------------------- describe

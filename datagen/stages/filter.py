@@ -60,9 +60,10 @@ class FilterStage:
         cfg = self.config
         if not objects:
             return [], "no objects detected"
+        agreement = mask_agreement([o["box"] for o in objects], [o["mask_box"] for o in objects])
         kept, dropped = [], Counter()
-        for obj in objects:
-            failed = self._failed_floor(obj)
+        for obj, agree in zip(objects, agreement, strict=True):
+            failed = self._failed_floor(obj, agree)
             if failed:
                 dropped[failed] += 1
             else:
@@ -80,15 +81,13 @@ class FilterStage:
                     obj["description"] = fitted or obj["phrase"]
         return kept, None
 
-    def _failed_floor(self, obj: dict) -> str | None:
+    def _failed_floor(self, obj: dict, agreement: float) -> str | None:
         cfg = self.config
         if _below(obj["clip_score"], cfg.min_clip_score):
             return f"clip_score < {cfg.min_clip_score}"
         if _below(obj["detector_score"], cfg.min_detector_score):
             return f"detector_score < {cfg.min_detector_score}"
-        if obj["mask"] is not None and _below(
-            mask_agreement(obj["box"], obj["mask_box"]), cfg.min_mask_agreement
-        ):
+        if obj["mask"] is not None and _below(agreement, cfg.min_mask_agreement):
             return f"mask_agreement < {cfg.min_mask_agreement}"
         return None
 

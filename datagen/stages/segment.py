@@ -104,10 +104,12 @@ class SegmentStage:
         return out
 
 
-def mask_agreement(box: Sequence[float], mask_box: Sequence[float] | None) -> float:
-    """IoU of the prompt box and the mask's tight box; 0 for an empty mask."""
-    if mask_box is None:
-        return 0.0
-    return float(
-        box_iou(torch.tensor([box], dtype=torch.float64), torch.tensor([mask_box], dtype=torch.float64))
-    )
+def mask_agreement(
+    boxes: Sequence[Sequence[float]], mask_boxes: Sequence[Sequence[float] | None]
+) -> list[float]:
+    """IoU of each prompt box with its mask's tight box; 0 for an empty mask (None)."""
+    if not len(boxes):
+        return []
+    filled = [(0.0, 0.0, 0.0, 0.0) if m is None else m for m in mask_boxes]  # zero area: IoU 0
+    iou = box_iou(torch.tensor(boxes, dtype=torch.float64), torch.tensor(filled, dtype=torch.float64))
+    return iou.diagonal().nan_to_num(0.0).tolist()
