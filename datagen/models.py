@@ -144,7 +144,7 @@ def _load_hf_vlm(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(
-        spec.name, revision=spec.revision, dtype=spec.resolved_dtype()
+        spec.name, revision=spec.revision, dtype=spec.resolved_dtype(), device_map=str(spec.resolved_device())
     )
     processor = AutoProcessor.from_pretrained(spec.name, revision=spec.revision)
     processor.tokenizer.padding_side = "left"  # decoder-only batched generation
@@ -155,7 +155,7 @@ def _load_hf_detector(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     model = AutoModelForZeroShotObjectDetection.from_pretrained(
-        spec.name, revision=spec.revision, dtype=spec.resolved_dtype()
+        spec.name, revision=spec.revision, dtype=spec.resolved_dtype(), device_map=str(spec.resolved_device())
     )
     return model, AutoProcessor.from_pretrained(spec.name, revision=spec.revision)
 
