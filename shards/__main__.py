@@ -88,7 +88,8 @@ def _from_coco(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import main as report_main
 
-    return report_main([*args.datasets, "--out", args.out])
+    return report_main([*args.datasets, "--out", args.out, "--max-samples", str(args.max_samples),
+                        "--gallery", str(args.gallery)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="static HTML report with figures and galleries")
     r.add_argument("datasets", nargs="+")
     r.add_argument("--out", required=True, help="report.html path")
+    r.add_argument("--max-samples", type=int, default=1000, help="JSON members read per dataset for text statistics (0: all)")
+    r.add_argument("--gallery", type=int, default=8, help="samples per gallery")
     r.set_defaults(fn=_report)
     return p
 
