@@ -43,6 +43,7 @@ __all__ = [
     "is_adapter_key",
     "load_adapter",
     "normalize_release_keys",
+    "read_state_dict",
     "save_adapter",
     "set_adapter_trainable",
     "set_implementation",
@@ -160,7 +161,7 @@ def normalize_release_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _read_state(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict from a mapping, a safetensors file, or a torch checkpoint (tensors only)."""
     if isinstance(source, Mapping):
         return dict(source)
@@ -178,7 +179,7 @@ def load_adapter(
     unet: torch.nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True
 ) -> LoadReport:
     """Load adapter weights by name; with ``strict``, fail on missing adapter keys or unexpected keys."""
-    state = normalize_release_keys(_read_state(source))
+    state = normalize_release_keys(read_state_dict(source))
     own = adapter_state_dict(unet)
     if not own:
         raise ValueError("no adapter on this UNet: call attach_regional_adapter(unet) first")

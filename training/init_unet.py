@@ -1,0 +1,105 @@
+"""Initialise the regional adapter on a base SDXL UNet and write its (zero-init) weights.
+
+    python -m training.init_unet --base hotshotco/SDXL-512 --out runs/init
+    python -m training.init_unet --base path/to/sdxl --out runs/init --adapter release_pn_and_fuser.pth
+
+Loads the base UNet (a hub id or a local pipeline / UNet folder), attaches ``unet.position_net`` and a
+``fuser`` on every transformer block (``training.adapter``), optionally loads adapter weights (ours, or the
+public release's by key name), and writes ``OUT/regional_adapter.safetensors`` plus ``OUT/init_report.json``
+with the missing and unexpected keys: base-UNet keys the checkpoint lacked or held in excess, and adapter
+keys left at their fresh initialisation. A base checkpoint that already holds adapter keys (the release's
+initialised UNet) has them loaded into the adapter instead of reported as unexpected.
+The base UNet itself is not copied: the trainer loads it from ``--base`` again (recorded in the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+
+from training.adapter import (
+    AdapterConfig,
+    attach_regional_adapter,
+    is_adapter_key,
+    load_adapter,
+    read_state_dict,
+    save_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "regional_adapter.safetensors"
+REPORT_FILE = "init_report.json"
+
+
+def _subfolder(base: str, subfolder: str | None) -> str | None:
+    """``unet`` for a pipeline (hub id or folder with ``unet/``), none for a bare UNet folder."""
+    if subfolder is not None:
+        return subfolder or None
+    path = Path(base)
+    if path.is_dir() and not (path / "unet").is_dir() and (path / "config.json").is_file():
+        return None
+    return "unet"
+
+
+def _adapter_tensors_in(folder: Path) -> dict:
+    """Adapter tensors stored in a local UNet folder's safetensors files (the release's initialised UNet)."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if is_adapter_key(k)})
+    return found
+
+
+def initialise(base: str, out: str | Path, *, subfolder: str | None = None, adapter: str | None = None) -> dict:
+    """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
+    sub = _subfolder(base, subfolder)
+    unet, info = UNet2DConditionModel.from_pretrained(base, subfolder=sub, output_loading_info=True)
+    attach_regional_adapter(unet, AdapterConfig())
+    unexpected = list(info.get("unexpected_keys", []))
+    adapter_unexpected = [k for k in unexpected if is_adapter_key(k)]
+    folder = Path(base) / (sub or "")
+    state = _adapter_tensors_in(folder) if adapter_unexpected and folder.is_dir() else {}
+    if adapter:
+        state.update(read_state_dict(adapter))
+    report = load_adapter(unet, state, strict=False) if state else None
+    fresh = report.missing if report else sorted(k for k in unet.state_dict() if is_adapter_key(k))
+
+    out = Path(out)
+    save_adapter(unet, out / ADAPTER_FILE)
+    summary = {
+        "base": base,
+        "subfolder": sub,
+        "adapter_file": str(out / ADAPTER_FILE),
+        "base_missing_keys": sorted(info.get("missing_keys", [])),
+        "base_unexpected_keys": sorted(k for k in unexpected if not is_adapter_key(k)),
+        "adapter_keys_loaded": report.loaded if report else 0,
+        "adapter_keys_fresh": fresh,
+        "adapter_unexpected_keys": report.unexpected if report else [],
+    }
+    (out / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description="Attach the regional adapter to a base SDXL UNet and save it.")
+    parser.add_argument("--base", required=True, help="hub id or local folder of the base SDXL (or its UNet)")
+    parser.add_argument("--out", required=True, help="output folder for the adapter and the report")
+    parser.add_argument("--subfolder", default=None, help="UNet subfolder (default: 'unet' unless --base is a UNet folder)")
+    parser.add_argument("--adapter", default=None, help="adapter weights to load (safetensors, or the release's .pth)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = initialise(args.base, args.out, subfolder=args.subfolder, adapter=args.adapter)
+    counts = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
