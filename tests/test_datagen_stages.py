@@ -189,9 +189,7 @@ def test_vlm_tags_are_clean_phrases(vlm_tagger):
 
 def test_vlm_tags_fall_back_to_the_caption_when_the_answer_is_unusable(vlm_tagger, monkeypatch):
     answers = ["", "1. A dog\n2. the dogs", "\ufffd\ufffd"]
-    monkeypatch.setattr(
-        tag_mod, "generate", lambda model, processor, images, prompts, **kw: answers[: len(images)]
-    )
+    monkeypatch.setattr(tag_mod, "ask", lambda model, processor, images, cfg: answers[: len(images)])
     batch = _batch([_image(40, 40, i) for i in range(3)], source_caption=["A cat on a sofa", "a bird", None])
     assert vlm_tagger(batch)["tags"] == [["cat", "sofa"], ["dog"], []]
 
@@ -433,9 +431,7 @@ def test_describe_all_crops_of_a_batch_in_one_generate(describe, monkeypatch):
 
 
 def test_describe_keeps_the_phrase_when_the_answer_is_empty(describe, monkeypatch):
-    monkeypatch.setattr(
-        describe_mod, "generate", lambda model, processor, images, prompts, **kw: [" \ufffd "] * len(images)
-    )
+    monkeypatch.setattr(describe_mod, "ask", lambda model, processor, images, cfg: [" \ufffd "] * len(images))
     out = describe(_batch([_image(64, 64, 25)], objects=[_objects(([0, 0, 64, 64], "a red kite", 0.5))]))
     assert out["objects"][0][0]["description"] == "a red kite"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, run_rows
-from .vlm import clean_text, generate
+from .vlm import ask, clean_text
 
 STAGE = "caption"
 DEFAULT_PROMPT = (
@@ -36,19 +36,9 @@ class CaptionStage:
         self.model, self.processor = load_model(config.model)
 
     def __call__(self, batch: Batch) -> Batch:
-        cfg = self.config
-
         def caption(rows: list[int]) -> dict[str, list]:
             images = [as_image(batch["image"][i]) for i in rows]
-            answers = generate(
-                self.model,
-                self.processor,
-                images,
-                [cfg.prompt] * len(images),
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.generate_batch_size,
-                max_pixels=cfg.max_pixels,
-            )
+            answers = ask(self.model, self.processor, images, self.config)
             return {"caption": [clean_caption(a) for a in answers]}
 
         return run_rows(batch, STAGE, caption, ("caption",))

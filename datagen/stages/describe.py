@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, as_objects, crop_box, run_rows
-from .vlm import clean_text, generate
+from .vlm import ask, clean_text
 
 STAGE = "describe"
 # The paper's instruction (its public datagen script), verbatim.
@@ -64,15 +64,7 @@ class DescribeStage:
                     if box_area(obj["box"]) >= cfg.min_crop_area:
                         crops.append(object_crop(image, obj["box"], cfg))
                         where.append((k, j))
-            answers = generate(
-                self.model,
-                self.processor,
-                crops,
-                [cfg.prompt] * len(crops),
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.generate_batch_size,
-                max_pixels=cfg.max_pixels,
-            )
+            answers = ask(self.model, self.processor, crops, cfg)
             for (k, j), answer in zip(where, answers, strict=True):
                 text = clean_text(answer)
                 if any(c.isalpha() for c in text):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, run_rows
-from .vlm import generate
+from .vlm import ask
 
 STAGE = "tag"
 DEFAULT_PROMPT = (
@@ -85,15 +85,7 @@ class VlmTagger:
 
     def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str | None]) -> list[list[str]]:
         cfg = self.config
-        answers = generate(
-            self.model,
-            self.processor,
-            images,
-            [cfg.prompt] * len(images),
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.generate_batch_size,
-            max_pixels=cfg.max_pixels,
-        )
+        answers = ask(self.model, self.processor, images, cfg)
         tags = []
         for answer, caption in zip(answers, captions, strict=True):
             # A list, else the phrases of a sentence answer, else the source caption's.

@@ -42,6 +42,20 @@ def generate(
     return answers
 
 
+def ask(model, processor, images: Sequence[np.ndarray], cfg) -> list[str]:
+    """``generate`` with one prompt for every image, set by a VLM stage's config (its ``prompt``,
+    ``max_new_tokens``, ``generate_batch_size`` and ``max_pixels`` fields)."""
+    return generate(
+        model,
+        processor,
+        images,
+        [cfg.prompt] * len(images),
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.generate_batch_size,
+        max_pixels=cfg.max_pixels,
+    )
+
+
 def _chat_text(processor, prompt: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
