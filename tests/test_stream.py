@@ -15,11 +15,20 @@ import torch
 from PIL import Image
 
 from shards.masks import encode_mask
+from shards.reader import Sample
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter, build_tar
 from training.collate import normalize_pixels
-from training.data_config import ConfigError, StreamConfig
-from training.stream import build_loader, merge_states, mix
+from training.data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
+from training.stream import (
+    ErrorPolicy,
+    build_loader,
+    filter_samples,
+    keep_objects,
+    merge_states,
+    mix,
+    pick_caption,
+)
 
 W, H = 40, 32  # stored images; the stream crops 16x16
 
@@ -324,3 +333,56 @@ def test_uint8_pixels_normalize_to_the_float_pixel_values(even):
     ints = next(iter(build_loader(config([root], pixel_format="uint8"))))
     assert "pixel_values" not in ints and ints["pixels"].dtype == torch.uint8
     assert torch.equal(normalize_pixels(ints["pixels"]), floats["pixel_values"])
+
+
+def test_json_filters_drop_objects_below_the_floors_then_samples_by_count():
+    def obj(clip, det, text, size=10.0):
+        return ObjectRecord(
+            box=(0.0, 0.0, size, size), phrase="thing", description=text, clip_score=clip, detector_score=det
+        )
+
+    rec = SampleRecord(
+        key="k",
+        width=40,
+        height=40,
+        original_width=40,
+        original_height=40,
+        objects=(
+            obj(30.0, 0.9, "a tall red lamp"),  # passes every floor
+            obj(10.0, 0.9, "a tall red lamp"),  # CLIP score too low
+            obj(30.0, 0.2, "a tall red lamp"),  # detector score too low
+            obj(30.0, 0.9, "lamp"),  # too few words
+            obj(None, 0.9, "a tall red lamp"),  # no CLIP score never passes a floor that is set
+            obj(30.0, 0.9, "a tall red lamp", size=2.0),  # 4 of 1600 px: under the area floor
+        ),
+    )
+    f = FilterConfig(
+        min_clip_score=25.0, min_detector_score=0.3, min_description_words=3, min_box_area_frac=0.01
+    )
+    assert keep_objects(rec, f).objects == rec.objects[:1]
+    assert keep_objects(rec, FilterConfig()) is rec
+
+    sample = Sample(record=rec, image_bytes=b"", image_ext="jpg", url="u")
+    policy = ErrorPolicy(60.0, 10)
+    kept = list(filter_samples([sample], f, policy))
+    assert [len(s.record.objects) for s in kept] == [1]
+    assert list(filter_samples([sample], FilterConfig(min_objects=5, min_clip_score=25.0), policy)) == []
+    assert list(filter_samples([sample], FilterConfig(max_objects=5), policy)) == []
+    assert policy.counts == {"filtered/too_few_objects": 1, "filtered/too_many_objects": 1}
+
+
+def test_caption_is_one_of_the_coco_captions_drawn_with_the_generator():
+    base = dict(key="k", width=8, height=8, original_width=8, original_height=8)
+    coco = SampleRecord(**base, source_caption="first", meta={"captions": ["first", "second", "third"]})
+    spec = DatasetSpec(path="p")
+    drawn = {pick_caption(coco, spec, np.random.default_rng(s)) for s in range(30)}
+    assert drawn == {"first", "second", "third"}
+    assert pick_caption(coco, spec, np.random.default_rng(4)) == pick_caption(
+        coco, spec, np.random.default_rng(4)
+    )
+    vlm = SampleRecord(**base, caption="vlm", source_caption="alt")
+    assert pick_caption(vlm, spec, np.random.default_rng(0)) == "vlm"
+    assert (
+        pick_caption(vlm, DatasetSpec(path="p", caption="source_caption"), np.random.default_rng(0)) == "alt"
+    )
+    assert pick_caption(SampleRecord(**base, source_caption="alt"), spec, np.random.default_rng(0)) == "alt"
