@@ -13,7 +13,7 @@ The trainer's side::
 Each DataLoader worker runs these stages (open_clip's ``get_wds_dataset``, as small generators)::
 
     per dataset:  worker_shard_passes -> read_shards -> parse_samples -> filter_samples -> shuffle
-    then:         mix -> enumerate -> skip (resume) -> decode_augment_reorganize -> batch_and_collate
+    then:         mix -> enumerate -> skip (resume) -> examples (decode, augment, reorganize) -> batches
 
 Determinism. Every random choice comes from a generator seeded by (seed, epoch, rank, worker, ...):
 the shard order and split, each dataset's shuffle buffer, the mixture draws, and per sample (keyed by
@@ -36,15 +36,20 @@ image or a size mismatch is counted by reason (``loader.counters()``), logged at
 (a bug, not bad data), or a worker whose shards yield no usable sample at all, raise.
 
 Resumption guarantee. ``state_dict()`` records, per rank and per worker, how far into its mixed
-stream the last batch handed to the trainer reached. ``load_state_dict`` with the same config, dataset
-shards, world size, worker count and batch size continues with exactly the batch that would have come
-next, batch N+1 after N, on every rank, and then the same batches as an uninterrupted run: nothing is
-replayed or skipped, whatever was filtered or failed before. This holds in both modes and across
-epochs, and survives a trainer that stops iterating mid-epoch and starts again. Cost: each worker reads
-and parses (but does not decode) the samples it skips. With a different world size, worker count,
-batch size, config or shard list, the state cannot be mapped exactly: ``load_state_dict`` raises, or
-with ``strict=False`` starts the next epoch (the interrupted epoch's remaining samples are skipped).
-Each rank's state is its own: gather them (``merge_states``) to save one checkpoint for all ranks.
+stream the last batch handed to the trainer reached (prefetched batches do not count). Loaded into a
+loader with the same config, shard list, world size, worker count and batch size, over unchanged shard
+files and the same numpy / Pillow / torch versions, it continues with exactly the batch that would have
+come next, batch N+1 after N, on every rank, and then the same batches as an uninterrupted run: nothing
+is replayed or skipped, whatever was filtered or failed before. This holds in both modes (resampled or
+not), within and across epochs, with ``num_workers`` 0 and 1 interchangeable, and also when the trainer
+stops iterating mid-epoch and iterates again in the same process; ``counters()`` continue as if
+uninterrupted too. How: a batch's position depends only on deterministic reading, parsing and
+filtering, so a resumed worker skips (reads and parses, but does not decode) the samples before its
+position, and the physical workers are rotated so the DataLoader's round-robin starts with the worker
+that owes batch N+1. With another world size, worker count, batch size, config or shard list the state
+cannot be mapped exactly: ``load_state_dict`` raises, or with ``strict=False`` starts the next epoch
+(the rest of the interrupted epoch is skipped). Each rank's state is its own; ``merge_states`` gathers
+them into one checkpoint entry. Not covered: a shard file rewritten in place under the same name.
 """
 
 from __future__ import annotations
