@@ -74,13 +74,14 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
+    # Merges grow each word from its end ("g</w>" -> "og</w>" -> "dog</w>"): at every step the only
+    # applicable merge is the one at the word's end, so no two words' merges can conflict.
     for word in TINY_WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            merges.append(f"{parts[0]} {parts[1]}")
-            tokens.append(merged)
-            parts = [merged] + parts[2:]
+        suffix = word[-1] + "</w>"
+        for char in reversed(word[:-1]):
+            merges.append(f"{char} {suffix}")
+            suffix = char + suffix
+            tokens.append(suffix)
     vocab: dict[str, int] = {}
     for token in tokens + [BOS, EOS]:
         vocab.setdefault(token, len(vocab))
