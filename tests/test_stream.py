@@ -66,7 +66,7 @@ def record(key: str, rng: np.random.Generator, w: int = W, h: int = H) -> Sample
     )
 
 
-def write_dataset(root: Path, sizes: list[int], prefix: str = "k", seed: int = 0) -> list[str]:
+def write_dataset(root: Path | str, sizes: list[int], prefix: str = "k", seed: int = 0) -> list[str]:
     """Shards with ``sizes[i]`` samples each; returns all keys."""
     rng = np.random.default_rng(seed)
     keys = []
@@ -386,3 +386,26 @@ def test_caption_is_one_of_the_coco_captions_drawn_with_the_generator():
         pick_caption(vlm, DatasetSpec(path="p", caption="source_caption"), np.random.default_rng(0)) == "alt"
     )
     assert pick_caption(SampleRecord(**base, source_caption="alt"), spec, np.random.default_rng(0)) == "alt"
+
+
+def test_fsspec_uri_dataset_streams_like_a_folder():
+    keys = write_dataset("memory://stream-test/ds", [4, 4])
+    got = [
+        k
+        for batch in epoch_keys(build_loader(config(["memory://stream-test/ds"], batch_size=2)))
+        for k in batch
+    ]
+    assert sorted(got) == sorted(keys)
+
+
+def test_errors_are_logged_at_a_limited_rate(caplog):
+    policy = ErrorPolicy(log_interval_s=3600.0, max_consecutive=100, where="w0: ")
+    with caplog.at_level("WARNING", logger="training.stream"):
+        for i in range(5):
+            policy.error("bad_json", ValueError(f"sample {i}"))
+        policy.error("corrupt_shard", OSError("truncated"))
+    assert policy.counts == {"error/bad_json": 5, "error/corrupt_shard": 1}
+    assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
+        "skipped (bad_json, 1 so far, 0 not logged)",
+        "skipped (corrupt_shard, 1 so far, 0 not logged)",
+    ]
