@@ -1,0 +1,192 @@
+"""The adapter on a stock diffusers UNet: exact identity when fresh, trainable set, weights I/O, init CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._model_fixtures import random_layout, region_encoder
+from training import init_unet
+from training.adapter import (
+    AdapterConfig,
+    adapter_parameters,
+    adapter_state_dict,
+    attach_regional_adapter,
+    load_adapter,
+    save_adapter,
+    set_adapter_trainable,
+    set_implementation,
+    transformer_blocks,
+)
+from training.encoding import grounding_inputs
+from training.regions import empty_layout
+from training.tiny import tiny_unet
+
+SIZE = 64  # pixels: an 8x8 latent
+
+
+def _inputs(seed: int = 0) -> dict:
+    """UNet inputs for a CFG-sized batch: the empty layout and a random layout with a dropped region."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = random_layout(np.random.default_rng(seed), 8, SIZE, SIZE, max_slots=4)
+    gligen = grounding_inputs([empty_layout(SIZE, SIZE), layout], region_encoder(), max_slots=5)
+    return {
+        "sample": torch.randn(2, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor([10, 700]),
+        "encoder_hidden_states": torch.randn(2, 77, 64, generator=gen),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=gen), "time_ids": torch.randn(2, 6, generator=gen)},
+        "cross_attention_kwargs": {"gligen": gligen},
+    }
+
+
+def _randomize_adapter(unet, seed: int = 0) -> None:
+    """Random adapter weights of a trained model's scale (a fresh adapter is the identity, hiding differences)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in adapter_parameters(unet):
+            std = p.shape[1] ** -0.5 if p.ndim == 2 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def test_fresh_adapter_leaves_the_unet_output_identical():
+    unet = tiny_unet()
+    inputs = _inputs()
+    base_inputs = {k: v for k, v in inputs.items() if k != "cross_attention_kwargs"}
+    with torch.no_grad():
+        base = unet(**base_inputs).sample
+        attach_regional_adapter(unet)
+        calls = {"fuser": 0, "position_net": 0}
+        unet.position_net.register_forward_hook(lambda *a: calls.__setitem__("position_net", calls["position_net"] + 1))
+        for _, block in transformer_blocks(unet):
+            block.fuser.register_forward_hook(lambda *a: calls.__setitem__("fuser", calls["fuser"] + 1))
+        adapted = unet(**inputs).sample
+    assert torch.equal(adapted, base)
+    assert calls == {"fuser": len(transformer_blocks(unet)), "position_net": 1} and calls["fuser"] == 11
+
+
+def test_packed_equals_naive_through_the_whole_unet():
+    unet = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(unet)
+    inputs = _inputs(1)
+    with torch.no_grad():
+        packed = unet(**inputs).sample
+        set_implementation(unet, "naive")
+        naive = unet(**inputs).sample
+    assert not torch.equal(packed, unet(**{k: v for k, v in inputs.items() if k != "cross_attention_kwargs"}).sample)
+    torch.testing.assert_close(packed, naive, rtol=1e-5, atol=1e-5)
+
+
+def _grads(unet, inputs) -> dict:
+    unet.zero_grad(set_to_none=True)
+    unet(**inputs).sample.square().mean().backward()
+    return {name: p.grad.clone() for name, p in unet.named_parameters() if p.grad is not None}
+
+
+def test_gradients_reach_only_adapter_parameters_also_with_checkpointing():
+    unet = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(unet)
+    trainable = set_adapter_trainable(unet)
+    adapter_names = {name for name, _ in adapter_parameters(unet)}
+    assert {id(p) for p in trainable} == {id(p) for n, p in unet.named_parameters() if n in adapter_names}
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if n not in adapter_names)
+    unet.train()
+    inputs = _inputs(2)
+    grads = _grads(unet, inputs)
+    assert set(grads) == adapter_names
+    assert all(float(g.abs().sum()) > 0 for name, g in grads.items() if ".attn." in name or "linears" in name)
+    unet.enable_gradient_checkpointing()
+    checkpointed = _grads(unet, inputs)
+    for name in grads:
+        torch.testing.assert_close(checkpointed[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_save_then_load_round_trips(tmp_path):
+    unet = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(unet)
+    path = save_adapter(unet, tmp_path / "adapter.safetensors")
+    saved = load_file(str(path))
+    assert set(saved) == set(adapter_state_dict(unet)) and len(saved) == 7 + 6 * 11
+    assert not any(k.startswith(("conv_in", "down_blocks.0.resnets")) for k in saved)
+
+    other = attach_regional_adapter(tiny_unet())
+    report = load_adapter(other, path)
+    assert report.missing == [] and report.unexpected == [] and report.loaded == len(saved)
+    for key, value in adapter_state_dict(other).items():
+        assert torch.equal(value, saved[key])
+    inputs = _inputs(3)
+    with torch.no_grad():
+        assert torch.equal(other(**inputs).sample, unet(**inputs).sample)
+
+
+def test_release_key_names_load(tmp_path):
+    unet = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(unet)
+    # The release's extracted checkpoint: keys as diffusers names them, from a torch.save'd dict.
+    release = {
+        "unet." + k.replace("null_text_feature", "null_positive_feature"): v
+        for k, v in adapter_state_dict(unet).items()
+    }
+    assert "unet.position_net.linears.4.weight" in release
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.1.fuser.attn.to_out.0.bias" in release
+    torch.save(release, tmp_path / "pn_and_fuser.pth")
+    fresh = attach_regional_adapter(tiny_unet())
+    report = load_adapter(fresh, tmp_path / "pn_and_fuser.pth")
+    assert report.missing == [] and report.unexpected == []
+    for key, value in adapter_state_dict(fresh).items():
+        assert torch.equal(value, adapter_state_dict(unet)[key])
+
+
+def test_load_reports_and_fails_loudly():
+    unet = attach_regional_adapter(tiny_unet())
+    state = adapter_state_dict(unet)
+    partial = {k: v for k, v in state.items() if not k.startswith("position_net.")}
+    partial["mid_block.fuser.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="7 missing keys.*1 unexpected"):
+        load_adapter(unet, partial)
+    report = load_adapter(unet, partial, strict=False)
+    assert report.missing == sorted(k for k in state if k.startswith("position_net."))
+    assert report.unexpected == ["mid_block.fuser.extra"]
+    wrong = dict(state, **{"position_net.null_text_feature": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_adapter(unet, wrong)
+    with pytest.raises(ValueError, match="attach_regional_adapter"):
+        load_adapter(tiny_unet(), state)
+
+
+def test_adapter_shapes_follow_the_host_blocks():
+    unet = attach_regional_adapter(tiny_unet(), AdapterConfig(hidden_dim=16))
+    assert unet.position_net.linears[0].in_features == 64 + 64 and unet.position_net.linears[2].in_features == 16
+    for _, block in transformer_blocks(unet):
+        assert block.fuser.attn.heads == block.attn2.heads
+        assert block.fuser.attn.to_q.in_features == block.attn1.query_dim
+        assert block.fuser.attn.to_k.in_features == 64
+    with pytest.raises(ValueError, match="implementation"):
+        AdapterConfig(implementation="fast")
+
+
+def test_init_unet_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        init_unet.main(["--help"])
+    assert exit_info.value.code == 0
+
+    base = tmp_path / "sdxl"
+    tiny_unet().save_pretrained(base / "unet")
+    assert init_unet.main(["--base", str(base), "--out", str(tmp_path / "init")]) == 0
+    report = json.loads((tmp_path / "init" / "init_report.json").read_text())
+    assert report["subfolder"] == "unet" and report["base_missing_keys"] == [] and report["base_unexpected_keys"] == []
+    assert len(report["adapter_keys_fresh"]) == 7 + 6 * 11 and report["adapter_keys_loaded"] == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapter_keys_fresh"] == 73
+    weights = load_file(str(tmp_path / "init" / init_unet.ADAPTER_FILE))
+    assert all(float(v.abs().sum()) == 0 for k, v in weights.items() if "to_out" in k or "null" in k)
+
+    # A base that already holds adapter keys (the release's initialised UNet): they load, none is fresh.
+    trained = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(trained)
+    trained.save_pretrained(tmp_path / "regional_unet")
+    summary = init_unet.initialise(str(tmp_path / "regional_unet"), tmp_path / "init2")
+    assert summary["subfolder"] is None and summary["adapter_keys_fresh"] == [] and summary["adapter_keys_loaded"] == 73
+    reloaded = load_file(summary["adapter_file"])
+    for key, value in adapter_state_dict(trained).items():
+        assert torch.equal(reloaded[key], value)
