@@ -48,7 +48,10 @@ def typical_layout(rng: np.random.Generator) -> tuple[RegionLayout, list[list[in
         sizes = rng.uniform(0.1, 0.4, size=(8, 2)) * IMAGE
         corners = rng.uniform(0, 1, size=(8, 2)) * (IMAGE - sizes)
         boxes = np.concatenate([corners, corners + sizes], axis=1)
-        overlap = (np.minimum(boxes[:, None, 2:], boxes[None, :, 2:]) > np.maximum(boxes[:, None, :2], boxes[None, :, :2])).all(-1)
+        overlap = (
+            np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+            > np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+        ).all(-1)
         np.fill_diagonal(overlap, False)
         if overlap.any(axis=1).all():
             break
@@ -94,7 +97,9 @@ def make_objs(layout: RegionLayout, bias: torch.Tensor, batch: int, device: str,
     object_masks = torch.zeros(batch, MAX_SLOTS, device=device)
     object_masks[:, : layout.n_slots] = 1
     return {
-        "text_feat": torch.randn(batch, MAX_SLOTS, N_TOKENS, CONTEXT_DIM, device=device, dtype=dtype, requires_grad=True),
+        "text_feat": torch.randn(
+            batch, MAX_SLOTS, N_TOKENS, CONTEXT_DIM, device=device, dtype=dtype, requires_grad=True
+        ),
         "attention_bias": bias.expand(batch, -1, -1).to(device=device, dtype=dtype),
         "object_masks": object_masks,
         "region_map": torch.from_numpy(layout.region_map).long().to(device).expand(batch, -1, -1),
@@ -187,7 +192,9 @@ def run(device: str, dtype: torch.dtype, batch: int, repeats: int, prefix: str) 
         side = int(level.split("x")[0])
         grid = (side, side)
         torch.manual_seed(0)
-        fuser = RegionalCrossAttention(dim, CONTEXT_DIM, dim // HEAD_DIM, HEAD_DIM).to(device=device, dtype=dtype)
+        fuser = RegionalCrossAttention(dim, CONTEXT_DIM, dim // HEAD_DIM, HEAD_DIM).to(
+            device=device, dtype=dtype
+        )
         for p in fuser.parameters():  # non-zero output weights: a zero W_o would make the backward trivial
             torch.nn.init.normal_(p, std=dim**-0.5)
         x = torch.randn(batch, side * side, dim, device=device, dtype=dtype, requires_grad=True)
@@ -247,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     for device, dtype, prefix in runs:
         rows, figs = run(device, dtype, args.batch, args.repeats, prefix)
         figures.update(figs)
-        print(f"\n{device} {str(dtype).removeprefix('torch.')}, batch {args.batch}, forward+backward of one layer")
+        print(
+            f"\n{device} {str(dtype).removeprefix('torch.')}, batch {args.batch}, forward+backward of one layer"
+        )
         print(header)
         print("\n".join(rows))
     ok = {

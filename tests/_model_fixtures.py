@@ -43,7 +43,9 @@ def random_texts(rng: np.random.Generator, n: int) -> list[str]:
 
 def random_layout(rng: np.random.Generator, n: int, height: int, width: int, **caps) -> RegionLayout:
     """A random layout of ``n`` objects, reorganized with the caps given."""
-    return reorganize_regions(random_boxes(rng, n, height, width), random_texts(rng, n), height, width, rng=rng, **caps)
+    return reorganize_regions(
+        random_boxes(rng, n, height, width), random_texts(rng, n), height, width, rng=rng, **caps
+    )
 
 
 def random_objs(
@@ -64,4 +66,9 @@ def random_objs(
             bias[b, s] = -1e3
             bias[b, s, 1 : 1 + n_live] = -torch.rand(n_live, generator=gen, dtype=dtype)
     region_map = torch.from_numpy(np.stack([layout.region_map for layout in layouts])).long()
-    return {"text_feat": feats, "attention_bias": bias, "object_masks": object_masks, "region_map": region_map}
+    return {
+        "text_feat": feats,
+        "attention_bias": bias,
+        "object_masks": object_masks,
+        "region_map": region_map,
+    }

@@ -36,7 +36,10 @@ def _inputs(seed: int = 0) -> dict:
         "sample": torch.randn(2, 4, 8, 8, generator=gen),
         "timestep": torch.tensor([10, 700]),
         "encoder_hidden_states": torch.randn(2, 77, 64, generator=gen),
-        "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=gen), "time_ids": torch.randn(2, 6, generator=gen)},
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 32, generator=gen),
+            "time_ids": torch.randn(2, 6, generator=gen),
+        },
         "cross_attention_kwargs": {"gligen": gligen},
     }
 
@@ -58,7 +61,9 @@ def test_fresh_adapter_leaves_the_unet_output_identical():
         base = unet(**base_inputs).sample
         attach_regional_adapter(unet)
         calls = {"fuser": 0, "position_net": 0}
-        unet.position_net.register_forward_hook(lambda *a: calls.__setitem__("position_net", calls["position_net"] + 1))
+        unet.position_net.register_forward_hook(
+            lambda *a: calls.__setitem__("position_net", calls["position_net"] + 1)
+        )
         for _, block in transformer_blocks(unet):
             block.fuser.register_forward_hook(lambda *a: calls.__setitem__("fuser", calls["fuser"] + 1))
         adapted = unet(**inputs).sample
@@ -74,7 +79,9 @@ def test_packed_equals_naive_through_the_whole_unet():
         packed = unet(**inputs).sample
         set_implementation(unet, "naive")
         naive = unet(**inputs).sample
-    assert not torch.equal(packed, unet(**{k: v for k, v in inputs.items() if k != "cross_attention_kwargs"}).sample)
+    assert not torch.equal(
+        packed, unet(**{k: v for k, v in inputs.items() if k != "cross_attention_kwargs"}).sample
+    )
     torch.testing.assert_close(packed, naive, rtol=1e-5, atol=1e-5)
 
 
@@ -157,7 +164,9 @@ def test_load_reports_and_fails_loudly():
 
 def test_adapter_shapes_follow_the_host_blocks():
     unet = attach_regional_adapter(tiny_unet(), AdapterConfig(hidden_dim=16))
-    assert unet.position_net.linears[0].in_features == 64 + 64 and unet.position_net.linears[2].in_features == 16
+    assert (
+        unet.position_net.linears[0].in_features == 64 + 64 and unet.position_net.linears[2].in_features == 16
+    )
     for _, block in transformer_blocks(unet):
         assert block.fuser.attn.heads == block.attn2.heads
         assert block.fuser.attn.to_q.in_features == block.attn1.query_dim
@@ -175,7 +184,11 @@ def test_init_unet_cli(tmp_path, capsys):
     tiny_unet().save_pretrained(base / "unet")
     assert init_unet.main(["--base", str(base), "--out", str(tmp_path / "init")]) == 0
     report = json.loads((tmp_path / "init" / "init_report.json").read_text())
-    assert report["subfolder"] == "unet" and report["base_missing_keys"] == [] and report["base_unexpected_keys"] == []
+    assert (
+        report["subfolder"] == "unet"
+        and report["base_missing_keys"] == []
+        and report["base_unexpected_keys"] == []
+    )
     assert len(report["adapter_keys_fresh"]) == 7 + 6 * 11 and report["adapter_keys_loaded"] == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapter_keys_fresh"] == 73
     weights = load_file(str(tmp_path / "init" / init_unet.ADAPTER_FILE))
@@ -186,7 +199,11 @@ def test_init_unet_cli(tmp_path, capsys):
     _randomize_adapter(trained)
     trained.save_pretrained(tmp_path / "regional_unet")
     summary = init_unet.initialise(str(tmp_path / "regional_unet"), tmp_path / "init2")
-    assert summary["subfolder"] is None and summary["adapter_keys_fresh"] == [] and summary["adapter_keys_loaded"] == 73
+    assert (
+        summary["subfolder"] is None
+        and summary["adapter_keys_fresh"] == []
+        and summary["adapter_keys_loaded"] == 73
+    )
     reloaded = load_file(summary["adapter_file"])
     for key, value in adapter_state_dict(trained).items():
         assert torch.equal(reloaded[key], value)

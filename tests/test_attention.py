@@ -30,7 +30,9 @@ def _both(fuser, x, objs):
         xi = x.detach().requires_grad_(True)
         out = fuser(xi, {**objs, "text_feat": feats})
         weight = torch.linspace(-1, 1, out.numel()).view_as(out)
-        grads = torch.autograd.grad((out * weight).sum(), [xi, feats, *fuser.parameters()])
+        grads = torch.autograd.grad(
+            (out * weight).sum(), [xi, feats, *fuser.parameters()], materialize_grads=True
+        )
         results[implementation] = (out, grads)
     return results["naive"], results["packed"]
 
@@ -38,7 +40,7 @@ def _both(fuser, x, objs):
 def _assert_equivalent(fuser, x, objs):
     (out_n, grads_n), (out_p, grads_p) = _both(fuser, x, objs)
     torch.testing.assert_close(out_p, out_n, rtol=1e-5, atol=1e-5)
-    for g_p, g_n in zip(grads_p, grads_n):
+    for g_p, g_n in zip(grads_p, grads_n, strict=True):
         torch.testing.assert_close(g_p, g_n, rtol=1e-5, atol=1e-5 * max(1.0, float(g_n.abs().max())))
 
 
@@ -72,9 +74,20 @@ def test_one_pass_equals_naive_with_dropped_regions_and_empty_layout():
     torch.testing.assert_close(out[0, cells], x[0, cells] + fuser.null_text_feat)
 
 
+def test_level_where_every_pixel_was_dropped():
+    objs = random_objs([empty_layout(16, 16)], max_slots=2, context_dim=CONTEXT)
+    objs["region_map"] = torch.full_like(objs["region_map"], -1)
+    x = torch.randn(1, 4, DIM)
+    _assert_equivalent(_fuser(), x, objs)
+    fuser = _fuser()
+    torch.testing.assert_close(fuser(x, objs), x + fuser.null_text_feat)
+
+
 def test_fresh_fuser_is_the_identity():
     fuser = RegionalCrossAttention(DIM, CONTEXT, HEADS, DIM // HEADS)
-    objs = random_objs([random_layout(np.random.default_rng(0), 5, 32, 32, max_slots=3)], max_slots=3, context_dim=CONTEXT)
+    objs = random_objs(
+        [random_layout(np.random.default_rng(0), 5, 32, 32, max_slots=3)], max_slots=3, context_dim=CONTEXT
+    )
     x = torch.randn(1, 16, DIM)
     for implementation in ("naive", "packed"):
         fuser.implementation = implementation
@@ -109,11 +122,14 @@ def test_background_slot_attends_normally_over_its_77_tokens():
     torch.testing.assert_close(fuser(x, dict(objs)), x + plain, rtol=1e-5, atol=1e-5)
 
 
-def test_region_map_pointing_at_a_padded_slot_fails():
+def test_region_map_pointing_at_a_padded_or_missing_slot_fails():
     objs = random_objs([empty_layout(16, 16)], max_slots=2, context_dim=CONTEXT)
     objs["region_map"] = torch.ones_like(objs["region_map"])
     with pytest.raises(ValueError, match="padded slot"):
-        _fuser()(torch.randn(1, 4, DIM), objs)
+        _fuser()(torch.randn(1, 4, DIM), dict(objs))
+    objs["region_map"] = torch.full_like(objs["region_map"], 2)
+    with pytest.raises(ValueError, match="holds slot 2 but objs has 2 slots"):
+        _fuser()(torch.randn(1, 4, DIM), dict(objs))
 
 
 def test_level_grid_comes_from_the_layout():
@@ -134,7 +150,9 @@ def test_position_net_tokens_and_null_feature():
     text = torch.randn(2, 3, 77, 16)
     boxes = torch.rand(2, 3, 77, 4)
     masks = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    out = net(text_embeddings=text, bbox_embeddings=boxes, object_masks=masks, region_map=torch.zeros(2, 4, 4))
+    out = net(
+        text_embeddings=text, bbox_embeddings=boxes, object_masks=masks, region_map=torch.zeros(2, 4, 4)
+    )
     assert out["text_feat"].shape == (2, 3, 77, 24) and "region_map" in out and out["object_masks"] is masks
     fourier = get_fourier_embeds_from_boundingbox(8, boxes[0, :1])
     torch.testing.assert_close(out["text_feat"][0, 0], net.linears(torch.cat([text[0, 0], fourier[0]], -1)))

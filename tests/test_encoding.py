@@ -44,7 +44,9 @@ def test_separator_ids_are_every_token_holding_the_separator():
 def test_slot_token_targets_exact_boxes_and_biases():
     spans = [(1, 3), (4, 6)]
     boxes = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]], dtype=np.float32)
-    token_boxes, bias = slot_token_targets(spans, boxes, np.array([1.0, 0.25]), attention_weight_scale=2.0, n_tokens=8)
+    token_boxes, bias = slot_token_targets(
+        spans, boxes, np.array([1.0, 0.25]), attention_weight_scale=2.0, n_tokens=8
+    )
     np.testing.assert_array_equal(bias, [NEG_BIAS, 0, 0, NEG_BIAS, -1.5, -1.5, NEG_BIAS, NEG_BIAS])
     expected = np.full((8, 4), -1.0, dtype=np.float32)
     expected[1:3], expected[4:6] = boxes[0], boxes[1]
@@ -70,7 +72,9 @@ def test_slot_without_segment_tokens_attends_like_the_background():
 
 def _count_calls(module):
     calls = []
-    handle = module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    handle = module.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     return calls, handle
 
 
@@ -92,7 +96,7 @@ def test_encoder_batches_and_never_encodes_a_text_twice():
 def test_batched_encoding_equals_one_by_one():
     texts = ["a dog sitting on a red sofa", "", "small bird; tall tree"]
     batched = region_encoder().encode_texts(texts)
-    for text, enc in zip(texts, batched):
+    for text, enc in zip(texts, batched, strict=True):
         single = region_encoder().encode_texts([text])[0]
         torch.testing.assert_close(enc.hidden, single.hidden, rtol=1e-5, atol=1e-5)
         assert enc.spans == single.spans
@@ -125,7 +129,9 @@ def test_grounding_inputs_layout_to_tensors():
     # the background slot: bias 0 on all 77 tokens (see the encoding module's docstring)
     assert (gligen["attention_bias"][0, layout.background_slot] == 0).all()
     assert (gligen["attention_bias"][1] == 0).all() and (gligen["text_embeddings"][1, 1:] == 0).all()
-    torch.testing.assert_close(gligen["text_embeddings"][0, s], encoder.encode_texts([layout.texts[s]])[0].hidden)
+    torch.testing.assert_close(
+        gligen["text_embeddings"][0, s], encoder.encode_texts([layout.texts[s]])[0].hidden
+    )
 
 
 def test_truncated_object_is_dropped_consistently():
@@ -164,7 +170,9 @@ def test_grounding_inputs_from_a_collated_batch_match():
             batch["region_union_masks"][b, s] = layout.union_masks[s]
     encoder = region_encoder()
     ours = grounding_inputs(layouts, encoder, max_slots=max_slots)
-    theirs = grounding_inputs_from_batch({k: torch.as_tensor(v) if k != "region_texts" else v for k, v in batch.items()}, encoder)
+    theirs = grounding_inputs_from_batch(
+        {k: torch.as_tensor(v) if k != "region_texts" else v for k, v in batch.items()}, encoder
+    )
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key])

@@ -55,7 +55,9 @@ def test_overlapping_boxes_regions_texts_boxes_weights_unions():
     union[2:, 2:] = True
     np.testing.assert_array_equal(layout.union_masks[2], union)
     assert layout.union_masks[1].all()  # background: the whole image
-    np.testing.assert_array_equal(layout.union_masks[0], union & (np.arange(8) < 4) & (np.arange(6) < 4)[:, None])
+    np.testing.assert_array_equal(
+        layout.union_masks[0], union & (np.arange(8) < 4) & (np.arange(6) < 4)[:, None]
+    )
 
 
 def test_nested_boxes_weight_is_area_ratio():
@@ -163,7 +165,9 @@ def test_max_objs_keeps_a_seeded_subset_or_the_first_objects():
 def test_random_layouts_partition_the_grid():
     rng = np.random.default_rng(11)
     for _ in range(20):
-        layout = random_layout(rng, int(rng.integers(0, 15)), 8 * int(rng.integers(1, 12)), 8 * int(rng.integers(1, 12)))
+        layout = random_layout(
+            rng, int(rng.integers(0, 15)), 8 * int(rng.integers(1, 12)), 8 * int(rng.integers(1, 12))
+        )
         assert layout.region_map.min() >= 0  # no cap reached with these sizes
         assert sorted(np.unique(layout.region_map).tolist()) == list(range(layout.n_slots))
         assert len(layout.texts) == len(layout.boxes) == len(layout.weights) == len(layout.union_masks)

@@ -59,7 +59,7 @@ ADAPTER_FORMAT = "richlayout-regional-adapter"
 class AdapterConfig:
     """Shape of the adapter; stored in the safetensors metadata."""
 
-    text_dim: int | None = None  # per-token text feature size; None: the UNet's cross_attention_dim (SDXL 2048)
+    text_dim: int | None = None  # text features per token; None: cross_attention_dim (SDXL 2048)
     fourier_freqs: int = 8  # frequencies of the box embedding (8 -> 64 dims)
     hidden_dim: int = 512  # width of the position net's MLP
     implementation: str = "packed"  # "packed" (fast) or "naive" (the release's form, a test reference)
@@ -83,7 +83,9 @@ def transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransforme
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
 
 
-def attach_regional_adapter(unet: UNet2DConditionModel, config: AdapterConfig = AdapterConfig()) -> UNet2DConditionModel:
+def attach_regional_adapter(
+    unet: UNet2DConditionModel, config: AdapterConfig = AdapterConfig()
+) -> UNet2DConditionModel:
     """Set ``unet.position_net`` and a zero-initialised ``fuser`` on every transformer block (in place)."""
     context_dim = unet.config.cross_attention_dim
     if not isinstance(context_dim, int):
@@ -156,7 +158,9 @@ def normalize_release_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     """Map the release's key spellings (``unet.`` prefix, ``null_positive_feature``) to ours."""
     out = {}
     for key, value in state.items():
-        key = key.removeprefix("unet.").replace("position_net.null_positive_feature", "position_net.null_text_feature")
+        key = key.removeprefix("unet.").replace(
+            "position_net.null_positive_feature", "position_net.null_text_feature"
+        )
         out[key] = value
     return out
 
@@ -186,9 +190,15 @@ def load_adapter(
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     matched = {k: v for k, v in state.items() if k in own}
-    bad_shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape]
+    bad_shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in matched.items()
+        if v.shape != own[k].shape
+    ]
     if bad_shapes:
-        raise ValueError("adapter shape mismatch (other base model or AdapterConfig?): " + "; ".join(bad_shapes[:5]))
+        raise ValueError(
+            "adapter shape mismatch (other base model or AdapterConfig?): " + "; ".join(bad_shapes[:5])
+        )
     if strict and (missing or unexpected):
         raise ValueError(
             f"adapter load: {len(missing)} missing keys (e.g. {missing[:3]}), "

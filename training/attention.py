@@ -15,11 +15,13 @@ Two implementations compute the same thing:
 - ``"packed"`` (default): one query projection, one output projection, and one attention call in which
   each pixel sees only its region's live tokens. Pixels are sorted by region and cut into tiles of ``Tq``
   pixels; each tile gathers its region's keys. Only live tokens (bias within ``DEAD_MARGIN`` of the slot's
-  best) of real slots are projected by ``W_k`` / ``W_v``: the others' softmax weight underflows to 0, so
-  skipping them is exact. Cost and memory scale with pixels + slots x 77.
+  best) of slots that own pixels at this level are projected by ``W_k`` / ``W_v``: the others' softmax
+  weight underflows to 0 (as long as attention scores stay far below the bias gap, ~900), so skipping
+  them is exact. Cost and memory scale with pixels + slots x 77.
 
-The index plans (token packing, per-level pixel tiles) depend only on the layout, so the first fuser of a
-forward builds them and stores them in ``objs`` for the other blocks of the same forward.
+The index plans depend only on the layout and the level, so the first fuser of a level builds its plan
+and stores it in ``objs`` for the other blocks of the same forward. ``benchmarks/regional_attention.py``
+measures both forms.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ __all__ = [
 
 IMPLEMENTATIONS = ("packed", "naive")
 # A token whose bias is this far below its slot's best token has softmax weight < exp(-100) relative to
-# it: treating it as absent is exact in fp32 and below (the encoder's dead tokens sit 999 below).
+# it (unless its score is ~100 higher): treating it as absent is exact in fp32 and below. The encoder's
+# dead tokens sit 999 below the segments.
 DEAD_MARGIN = 100.0
 _TILE_SIZES = (16, 32, 64, 128)
 _PLAN_KEY = "_regional_plans"  # where fusers memoize index plans inside objs
@@ -136,6 +139,8 @@ def _build_plan(objs: dict, grid: tuple[int, int]) -> _Plan:
     dropped = flat < 0
     batch_of = torch.arange(batch * n_pixels, device=device) // n_pixels
     global_slot = torch.where(dropped, batch * n_slots, batch_of * n_slots + flat)
+    if int(flat.max()) >= n_slots:
+        raise ValueError(f"region_map holds slot {int(flat.max())} but objs has {n_slots} slots")
     pixel_counts = torch.bincount(global_slot, minlength=batch * n_slots + 1)[:-1]
     real = object_masks.reshape(-1) > 0.5
     if bool(((pixel_counts > 0) & ~real).any()):
@@ -183,11 +188,15 @@ def level_plan(objs: dict, grid: tuple[int, int]) -> _Plan:
 class RegionalCrossAttention(nn.Module):
     """The fuser: each pixel attends to its own region's position-net tokens; zero-init output."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, implementation: str = "packed"):
+    def __init__(
+        self, query_dim: int, context_dim: int, heads: int, dim_head: int, implementation: str = "packed"
+    ):
         super().__init__()
         # diffusers' Attention gives the release's parameter names (attn.to_q / to_k / to_v / to_out.0)
         # and, called as a module, the release's naive computation.
-        self.attn = Attention(query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head)
+        self.attn = Attention(
+            query_dim=query_dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head
+        )
         nn.init.zeros_(self.attn.to_out[0].weight)
         nn.init.zeros_(self.attn.to_out[0].bias)
         self.null_text_feat = nn.Parameter(torch.zeros(query_dim))
@@ -231,6 +240,8 @@ class RegionalCrossAttention(nn.Module):
         """One query projection, one attention over each pixel's own region, one output projection."""
         batch, n_pixels, dim = x.shape
         plan = level_plan(objs, grid)
+        if not len(plan.tile_slot):  # every region of this level was dropped by the caps
+            return x + self._null(x)
         attn = self.attn
         inner = attn.to_q.out_features
         heads, head_dim = attn.heads, inner // attn.heads

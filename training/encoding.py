@@ -80,7 +80,9 @@ def separator_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(i for tok, i in tokenizer.get_vocab().items() if SEPARATOR in tok)
 
 
-def token_spans(input_ids: Sequence[int], bos_id: int, eos_id: int, sep_ids: frozenset[int]) -> list[tuple[int, int]]:
+def token_spans(
+    input_ids: Sequence[int], bos_id: int, eos_id: int, sep_ids: frozenset[int]
+) -> list[tuple[int, int]]:
     """[start, end) of each segment: from after BOS, split at separators, to EOS (or the sequence end)."""
     ids = list(input_ids)
     start = ids.index(bos_id) + 1
@@ -112,7 +114,7 @@ def slot_token_targets(
     kept_weights = np.asarray(weights, dtype=np.float64)[kept]
     kept_weights = kept_weights / kept_weights.max()  # the max over the objects that remain is 1 again
     bias = np.full(n_tokens, NEG_BIAS, dtype=np.float32)
-    for k, weight in zip(kept, kept_weights):
+    for k, weight in zip(kept, kept_weights, strict=True):
         s, e = spans[k]
         token_boxes[s:e] = boxes[k]
         bias[s:e] = (weight - 1.0) * attention_weight_scale
@@ -176,7 +178,7 @@ class RegionTextEncoder:
         todo = list(pending)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            found.update(zip(chunk, self._encode_batch(chunk)))
+            found.update(zip(chunk, self._encode_batch(chunk), strict=True))
         for text in todo:
             self._remember(text, found[text])
         return [found[text] for text in texts]
@@ -193,15 +195,20 @@ class RegionTextEncoder:
     def _encode_batch(self, texts: list[str]) -> list[EncodedText]:
         """Run both tokenizers and encoders on one batch of texts."""
         hidden, ids = [], None
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
-            inputs = tok(texts, padding="max_length", max_length=N_TOKENS, truncation=True, return_tensors="pt")
+        for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True):
+            inputs = tok(
+                texts, padding="max_length", max_length=N_TOKENS, truncation=True, return_tensors="pt"
+            )
             ids = inputs["input_ids"] if ids is None else ids
             device = next(enc.parameters()).device
             hidden.append(enc(**inputs.to(device)).last_hidden_state)
         feats = torch.cat(hidden, dim=-1)
         tok = self.tokenizers[0]
         return [
-            EncodedText(feats[i], tuple(token_spans(ids[i].tolist(), tok.bos_token_id, tok.eos_token_id, self._sep_ids)))
+            EncodedText(
+                feats[i],
+                tuple(token_spans(ids[i].tolist(), tok.bos_token_id, tok.eos_token_id, self._sep_ids)),
+            )
             for i in range(len(texts))
         ]
 
@@ -232,7 +239,7 @@ def _assemble(
     boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
     bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
     object_masks = np.zeros((n, max_slots), dtype=np.float32)
-    for slot, enc in zip(slots, encoded):
+    for slot, enc in zip(slots, encoded, strict=True):
         object_masks[slot.sample, slot.slot] = 1.0
         boxes[slot.sample, slot.slot], bias[slot.sample, slot.slot] = slot_token_targets(
             enc.spans, slot.boxes, slot.weights, attention_weight_scale
@@ -300,7 +307,7 @@ def grounding_inputs_from_batch(
     segments = np.asarray(batch["segment_mask"])
     slots = [
         _Slot(b, s, batch["region_texts"][b][s], boxes[b, s][segments[b, s]], weights[b, s][segments[b, s]])
-        for b, s in zip(*np.nonzero(slot_mask))
+        for b, s in zip(*np.nonzero(slot_mask), strict=True)
     ]
     union = np.asarray(batch["region_union_masks"])
     return _assemble(

@@ -56,7 +56,9 @@ def _adapter_tensors_in(folder: Path) -> dict:
     return found
 
 
-def initialise(base: str, out: str | Path, *, subfolder: str | None = None, adapter: str | None = None) -> dict:
+def initialise(
+    base: str, out: str | Path, *, subfolder: str | None = None, adapter: str | None = None
+) -> dict:
     """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
     sub = _subfolder(base, subfolder)
     unet, info = UNet2DConditionModel.from_pretrained(base, subfolder=sub, output_loading_info=True)
@@ -88,11 +90,17 @@ def initialise(base: str, out: str | Path, *, subfolder: str | None = None, adap
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description="Attach the regional adapter to a base SDXL UNet and save it.")
+    parser = argparse.ArgumentParser(
+        description="Attach the regional adapter to a base SDXL UNet and save it."
+    )
     parser.add_argument("--base", required=True, help="hub id or local folder of the base SDXL (or its UNet)")
     parser.add_argument("--out", required=True, help="output folder for the adapter and the report")
-    parser.add_argument("--subfolder", default=None, help="UNet subfolder (default: 'unet' unless --base is a UNet folder)")
-    parser.add_argument("--adapter", default=None, help="adapter weights to load (safetensors, or the release's .pth)")
+    parser.add_argument(
+        "--subfolder", default=None, help="UNet subfolder (default: 'unet' unless --base is a UNet folder)"
+    )
+    parser.add_argument(
+        "--adapter", default=None, help="adapter weights to load (safetensors, or the release's .pth)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = initialise(args.base, args.out, subfolder=args.subfolder, adapter=args.adapter)

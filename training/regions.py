@@ -76,7 +76,9 @@ class RegionLayout:
 def latent_grid(height: int, width: int, downscale: int = 8) -> tuple[int, int]:
     """Latent grid size of an image; fails if a side is not a positive multiple of ``downscale``."""
     if height <= 0 or width <= 0 or height % downscale or width % downscale:
-        raise ValueError(f"image size {height}x{width} must be positive multiples of {downscale} (the VAE's factor)")
+        raise ValueError(
+            f"image size {height}x{width} must be positive multiples of {downscale} (the VAE's factor)"
+        )
     return height // downscale, width // downscale
 
 

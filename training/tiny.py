@@ -120,7 +120,9 @@ def tiny_tokenizers(directory: str | Path | None = None) -> tuple[CLIPTokenizer,
     return tok, tok_2
 
 
-def _text_config(hidden: int, vocab_size: int, eos_id: int, bos_id: int, projection_dim: int) -> CLIPTextConfig:
+def _text_config(
+    hidden: int, vocab_size: int, eos_id: int, bos_id: int, projection_dim: int
+) -> CLIPTextConfig:
     """A two-layer CLIP text config with SDXL's 77-token context."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
