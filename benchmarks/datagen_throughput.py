@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts its workers at niceness 15; the paper loop runs in this process at 0. On a shared machine
+# that alone would skew the comparison, so both sides run at the same priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 from datagen.config import DatagenConfig, load_config, stage_classes  # noqa: E402
 from datagen.inputs import list_inputs  # noqa: E402

@@ -133,9 +133,7 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
     names = list(cols) + [k for r in results.values() for k in r if k not in cols]
     names = list(dict.fromkeys(names))
     merged = {k: [_cell(results.get(i), cols, k, i) for i in range(n)] for k in names}
-    timing = chunk.setdefault("busy", {})
-    timing[name] = [len(ok), busy]
-    return {**chunk, "columns": merged}
+    return {**chunk, "columns": merged, "busy": {**chunk.get("busy", {}), name: [len(ok), busy]}}
 
 
 def _cell(result: dict | None, cols: dict, name: str, i: int):
@@ -246,6 +244,8 @@ def init_ray(cfg: DatagenConfig) -> bool:
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        log.info("Ray cluster: %d node(s), resources %s", len(nodes), ray.cluster_resources())
     else:
         ray.init(num_cpus=cfg.execution.num_cpus, num_gpus=cfg.execution.num_gpus, include_dashboard=False,
                  runtime_env=runtime_env)

@@ -19,7 +19,7 @@ from PIL import Image
 from datagen.config import ConfigError, build_config, fingerprint_dict, load_config
 from datagen.inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs, make_key
 from datagen.pipeline import ShardJob, _FailFast, _split, make_chunks, run_stage_on_chunk
-from datagen.run import plan_jobs
+from datagen.run import main, plan_jobs, plan_text
 from datagen.stages import StageError
 from datagen.stages.decode import DecodeConfig, DecodeStage, decode_image
 from datagen.stages.write import WriteConfig, pack, write_shard
@@ -111,12 +111,13 @@ def test_img2dataset_parquet_output_and_lists(tmp_path):
     # A CSV list: relative paths resolve against the list's folder; an empty cell is still an input.
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(_rgb()))
-    (tmp_path / "list.csv").write_text("image_path,text\nimgs/a.jpg,hello\n,empty\nimgs/a.jpg,again\n")
+    (tmp_path / "list.csv").write_text("image_path,text\nimgs/a.jpg,hello\n,empty\nimgs/a.jpg,again\nimgs/gone.jpg,x\n")
     items = list_inputs(str(tmp_path / "list.csv"))
-    assert [i.caption for i in items] == ["hello", "empty", "again"]
-    assert len({i.key for i in items}) == 3  # the repeated path is a separate input, not merged
+    assert [i.caption for i in items] == ["hello", "empty", "again", "x"]
+    assert len({i.key for i in items}) == 4  # the repeated path is a separate input, not merged
     out = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
-    assert out["status"] == ["ok", "failed", "ok"] and out["error"][1] == "no path or URL given"
+    assert out["status"] == ["ok", "failed", "ok", "failed"]
+    assert out["error"][1:4:2] == ["no path or URL given", "file not found"]
     with pytest.raises(InputError, match="no column 'nope'"):
         list_inputs(str(tmp_path / "list.csv"), path_column="nope")
     with pytest.raises(InputError, match="no such file"):
@@ -242,6 +243,14 @@ def test_presets_load_and_fingerprint_ignores_execution():
     assert fingerprint_dict(moved, inputs) == fingerprint_dict(tiny, inputs)
     changed = load_config(CONFIGS / "tiny.yaml", {"stages": {"ground": {"box_threshold": 0.3}}})
     assert fingerprint_dict(changed, inputs) != fingerprint_dict(tiny, inputs)
+
+
+def test_plan_prints_each_stage_resources(tmp_path):
+    text = plan_text(load_config(CONFIGS / "real.yaml"))
+    assert "describe  actor pool 'describe'" in text and "Qwen/Qwen2.5-VL-7B-Instruct (hf)" in text
+    assert "GPUs needed at full pool size: 29" in text
+    assert main(["plan", "--config", str(CONFIGS / "tiny.yaml"), "--set", "pools.models.actors=1"]) == 0
+    assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
 @pytest.mark.parametrize(

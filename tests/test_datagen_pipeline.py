@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from datagen_fixture import make_inputs
 
 from datagen.inputs import list_inputs
+from datagen.synthetic import make_image_folder
 from shards import list_shards, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,25 +120,41 @@ def test_sigkill_then_resume_gives_byte_identical_tars(reference, tmp_path):
     assert _files(out, "*.parquet") == _files(ref, "*.parquet")
 
 
+def _members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
 @pytest.mark.slow
-def test_retry_failed_reprocesses_failed_rows(reference, tmp_path):
-    inputs, ref, _, _ = reference
+def test_retry_failed_reprocesses_failed_rows(tmp_path):
     copy = tmp_path / "in"
-    subprocess.run(["cp", "-r", str(inputs), str(copy)], check=True)
-    victim = copy / "good" / "img_0005.jpg"
+    make_image_folder(copy, 20, seed=1, min_size=64, max_size=160)  # 3 shards, no failure but ours
+    victim = copy / "img_0005.jpg"
     good = victim.read_bytes()
     victim.write_bytes(good[: len(good) // 3])  # a transient failure: the download was cut short
     out = tmp_path / "out"
     first = datagen(copy, out)
     assert first.returncode == 0, first.stderr[-4000:]
     df = _parquet(out)
-    assert df[df.source.str.endswith("img_0005.jpg")].status.item() == "failed"
+    row = df[df.source.str.endswith("img_0005.jpg")].iloc[0]
+    assert (row.status, row.error_stage) == ("failed", "decode")
+    shard = f"{[i.key for i in list_inputs(str(copy))].index(row.key) // 8:06d}"
+    before_tars = _files(out, "*.tar")
+    before = _members(out / f"{shard}.tar")
     victim.write_bytes(good)  # fixed at the source
     retry = datagen(copy, out, "--retry-failed")
     assert retry.returncode == 0, retry.stderr[-4000:]
+    assert "2 already complete, 1 written now" in retry.stdout  # only the shard with a failed row
     assert validate_dataset(str(out)) == []
-    # The retried shard now equals the uninterrupted reference; the others were left as they were.
-    assert _files(out, "*.tar") == _files(ref, "*.tar")
+    df = _parquet(out)
+    assert df[df.key == row.key].status.item() == "ok"
+    # Shards without failed rows are untouched; in the retried one, every other sample is carried over.
+    after_tars = _files(out, "*.tar")
+    assert {k: v for k, v in after_tars.items() if k != f"{shard}.tar"} == {
+        k: v for k, v in before_tars.items() if k != f"{shard}.tar"}
+    after = _members(out / f"{shard}.tar")
+    assert {k: v for k, v in after.items() if not k.startswith(row.key)} == before
+    assert {f"{row.key}.jpg", f"{row.key}.json"} <= set(after)
 
 
 @pytest.mark.slow

@@ -52,8 +52,9 @@ def _read_group(uri: str, items: list[dict], max_bytes: int) -> list[bytes | Dec
             return [_read_one(f, it, max_bytes) for it in items]
     except FileNotFoundError:
         return [DecodeError("file not found") for _ in items]
-    except OSError as e:
-        return [DecodeError(f"read failed: {type(e).__name__}: {e.strerror or e}") for _ in items]
+    except Exception as e:  # noqa: BLE001 - each fsspec backend (http, s3, gcs) raises its own types
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else ""
+        return [DecodeError(f"read failed: {type(e).__name__}: {reason}") for _ in items]
 
 
 def _read_one(f, item: dict, max_bytes: int) -> bytes | DecodeError:
