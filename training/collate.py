@@ -9,9 +9,9 @@ Batch fields (B samples, output size H x W, latent grid h x w = H/8 x W/8, S = m
 =========================  ======================  =============================================
 field                      shape, dtype            meaning
 =========================  ======================  =============================================
-pixel_values               (B, 3, H, W) float32    RGB in [-1, 1] (the VAE's input range), or
-pixels                     (B, 3, H, W) uint8      with ``pixel_format: uint8``: normalize_pixels()
-                                                   on the device gives pixel_values
+pixels                     (B, 3, H, W) uint8      RGB; normalize_pixels() gives the VAE's input
+pixel_values               (B, 3, H, W) float32    instead of ``pixels`` with ``pixel_format: float``:
+                                                   RGB in [-1, 1], made by the loader's main process
 original_size              (B, 2) int64            (height, width) of the source image (SDXL)
 crops_coords_top_left      (B, 2) int64            (top, left) of the crop in the resized image
 target_size                (B, 2) int64            (height, width) of pixel_values
@@ -86,11 +86,10 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
-def collate(examples: list[Example], max_slots: int, max_objs: int, pixel_format: str = "float") -> dict:
-    """Stack examples into the fixed tensors listed in the module docstring."""
-    pixels = torch.stack([torch.from_numpy(e.aug.pixels).permute(2, 0, 1) for e in examples])
+def collate(examples: list[Example], max_slots: int, max_objs: int) -> dict:
+    """Stack examples into the fixed tensors listed in the module docstring (``pixels`` in uint8)."""
     batch: dict = {
-        **({"pixels": pixels} if pixel_format == "uint8" else {"pixel_values": normalize_pixels(pixels)}),
+        "pixels": torch.stack([torch.from_numpy(e.aug.pixels).permute(2, 0, 1) for e in examples]),
         "original_size": torch.tensor([e.aug.original_size for e in examples], dtype=torch.int64),
         "crops_coords_top_left": torch.tensor([e.aug.crop_top_left for e in examples], dtype=torch.int64),
         "target_size": torch.tensor([e.aug.target_size for e in examples], dtype=torch.int64),

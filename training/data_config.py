@@ -126,8 +126,8 @@ class StreamConfig:
     max_consecutive_errors: int = 200  # more failures in a row means a bug, not bad data: raise
     prefetch_factor: int = 2
     pin_memory: bool = False
-    # "float": pixel_values, float32 in [-1, 1], made in the workers. "uint8": pixels, uint8, a quarter
-    # of the bytes through shared memory; the trainer calls training.collate.normalize_pixels on the device.
+    # "float": batches hold pixel_values, float32 in [-1, 1], made in the loader's main process.
+    # "uint8": they hold pixels, uint8; the trainer calls training.collate.normalize_pixels on the device.
     pixel_format: Literal["float", "uint8"] = "float"
 
     def __post_init__(self) -> None:

@@ -79,7 +79,7 @@ from shards.reader import Sample, to_sample
 from shards.schema import SampleRecord, SchemaError
 
 from .augment import augment
-from .collate import Example, collate
+from .collate import Example, collate, normalize_pixels
 from .data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
 from .regions import reorganize_regions
 
@@ -461,9 +461,7 @@ def batches(
     items = iter(items)
     for _ in range(ctx.batches):
         chunk = list(itertools.islice(items, cfg.batch_size))
-        batch = collate(
-            [ex for _, ex in chunk], cfg.regions.max_slots, cfg.regions.max_objs, cfg.pixel_format
-        )
+        batch = collate([ex for _, ex in chunk], cfg.regions.max_slots, cfg.regions.max_objs)
         batch[_META] = {
             "worker": ctx.worker,
             "position": chunk[-1][0] + 1,
@@ -652,6 +650,9 @@ class StreamLoader:
             self._positions[worker] = meta["position"]
             self._live[worker] = Counter(meta["counts"])
             self.batches += 1
+            if cfg.pixel_format == "float":
+                # Here rather than in the workers: uint8 crosses shared memory at a quarter of the bytes.
+                batch["pixel_values"] = normalize_pixels(batch.pop("pixels"))
             yield batch
         self._next_epoch()
 
