@@ -22,7 +22,7 @@ from training.adapter import (
 )
 from training.encoding import grounding_inputs
 from training.regions import empty_layout
-from training.tiny import tiny_unet
+from training.tiny import tiny_sdxl_pipeline, tiny_unet
 
 SIZE = 64  # pixels: an 8x8 latent
 
@@ -207,3 +207,23 @@ def test_init_unet_cli(tmp_path, capsys):
     reloaded = load_file(summary["adapter_file"])
     for key, value in adapter_state_dict(trained).items():
         assert torch.equal(reloaded[key], value)
+
+
+def test_stock_sdxl_pipeline_runs_the_adapter_through_cross_attention_kwargs():
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    layout = random_layout(np.random.default_rng(4), 3, SIZE, SIZE, max_slots=4)
+    # classifier-free guidance: the unconditional rows come first and get the empty layout
+    gligen = grounding_inputs([empty_layout(SIZE, SIZE), layout], region_encoder(), max_slots=4)
+    call = dict(prompt="a dog", num_inference_steps=1, height=SIZE, width=SIZE, output_type="latent")
+    base = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    attach_regional_adapter(pipe.unet)
+    fresh = pipe(
+        **call, generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"gligen": gligen}
+    ).images
+    assert torch.equal(fresh, base)
+    _randomize_adapter(pipe.unet)
+    steered = pipe(
+        **call, generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"gligen": gligen}
+    ).images
+    assert steered.shape == (1, 4, 8, 8) and not torch.equal(steered, base)
