@@ -201,12 +201,13 @@ class RegionTextEncoder:
             )
             ids = inputs["input_ids"] if ids is None else ids
             device = next(enc.parameters()).device
+            # With the padding mask, as the release encodes region texts.
             hidden.append(enc(**inputs.to(device)).last_hidden_state)
         feats = torch.cat(hidden, dim=-1)
         tok = self.tokenizers[0]
         return [
             EncodedText(
-                feats[i],
+                feats[i].clone(),  # not a view: a cached row must not keep its whole batch alive
                 tuple(token_spans(ids[i].tolist(), tok.bos_token_id, tok.eos_token_id, self._sep_ids)),
             )
             for i in range(len(texts))
