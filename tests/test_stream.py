@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from shards.masks import encode_mask
@@ -29,6 +30,7 @@ from training.stream import (
     mix,
     pick_caption,
 )
+from training.stream import main as stream_main
 
 W, H = 40, 32  # stored images; the stream crops 16x16
 
@@ -409,3 +411,13 @@ def test_errors_are_logged_at_a_limited_rate(caplog):
         "skipped (bad_json, 1 so far, 0 not logged)",
         "skipped (corrupt_shard, 1 so far, 0 not logged)",
     ]
+
+
+def test_cli_prints_batches_and_state(even, tmp_path, capsys):
+    root, _ = even
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config([root]).to_dict()))
+    assert stream_main([str(path), "--batches", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "16 batches per epoch on rank 0 of 1" and lines[1].startswith("batch 0: keys [")
+    assert json.loads(lines[-1])["state"]["batches"] == 2
