@@ -240,12 +240,6 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
-    def __post_init__(self) -> None:
-        if self.optim.warmup_steps > self.train.max_steps:
-            raise ConfigError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be <= train.max_steps ({self.train.max_steps})"
-            )
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from plain dicts/lists (a parsed YAML file); bad keys or values raise ConfigError."""
