@@ -18,7 +18,7 @@ from PIL import Image
 
 from datagen.config import ConfigError, build_config, fingerprint_dict, load_config
 from datagen.inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs, make_key
-from datagen.pipeline import ShardJob, _FailFast, _split, make_chunks, run_stage_on_chunk
+from datagen.pipeline import ShardJob, _FailFast, _split, _stage_error, make_chunks, run_stage_on_chunk
 from datagen.run import main, plan_jobs, plan_text
 from datagen.stages import StageError
 from datagen.stages.decode import DecodeConfig, DecodeStage, decode_image
@@ -323,3 +323,15 @@ def test_chunks_cover_each_shard_in_order():
     chunks = make_chunks([job], 2)
     assert [c["shard"] for c in chunks] == [3, 3, 3]
     assert [[it["key"] for it in json.loads(c["chunk"])["items"]] for c in chunks] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+
+
+def test_stage_error_is_found_inside_ray_wrappers():
+    try:
+        raise StageError("stage 'tag' failed on all 8 ok rows") from ValueError("boom")
+    except StageError as e:
+        inner = e
+    wrapper = RuntimeError("task failed")
+    wrapper.__cause__ = inner
+    outer = type("RayTaskErrorLike", (Exception,), {})("wrapped")
+    outer.cause = wrapper
+    assert _stage_error(outer) is inner and _stage_error(ValueError("x")) is None
