@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from shards import decode_mask, iter_samples, validate_dataset
 from shards.__main__ import main as cli
-from shards.coco import from_coco, to_coco
+from shards.coco import to_coco
 from tests.test_shards import write_dataset
 
 
