@@ -75,7 +75,7 @@ class RunResult:
     objects: int = 0
     shards: list[dict] = field(default_factory=list)  # stats of each shard written
     busy: dict[str, StageTime] = field(default_factory=dict)  # stage -> busy time
-    nodes: set = field(default_factory=set)  # Ray node ids whose actors ran model stages
+    nodes: set = field(default_factory=set)  # Ray node ids that decoded or ran model stages
     startup_seconds: float | None = None  # until the first chunk came out (actor start-up, model loads)
     startup_rows: int = 0  # the rows of that first chunk
     wall_seconds: float = 0.0
@@ -175,7 +175,9 @@ def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
 # every stage module (and torch) into each decode/pack worker.
 def _decode_fn(df: pd.DataFrame, config: DecodeConfig) -> pd.DataFrame:
     stage = DecodeStage(config)  # stateless and cheap: a plain task, no actor
-    return pd.DataFrame({"shard": df["shard"], "chunk": [decode_chunk(c, stage) for c in df["chunk"]]})
+    node = ray.get_runtime_context().get_node_id()
+    chunks = [{**decode_chunk(c, stage), "nodes": [node]} for c in df["chunk"]]
+    return pd.DataFrame({"shard": df["shard"], "chunk": chunks})
 
 
 class PoolWorker:

@@ -52,7 +52,7 @@ class Summary:
     failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count, this run
     busy: dict = field(default_factory=dict)  # stage -> (rows, seconds), this run
     wall_seconds: float = 0.0
-    nodes: int = 0  # Ray nodes whose actors ran the model stages this run
+    nodes: int = 0  # Ray nodes that decoded or ran model stages this run
 
     def format(self) -> str:
         """A readable table."""

@@ -8,10 +8,12 @@ including other runs' local clusters.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,18 +71,24 @@ def test_two_node_cluster_runs_the_pipeline(tmp_path):
     ports = _free_ports(14)
     gcs, client = ports[0], ports[1]
     address = f"127.0.0.1:{gcs}"
+    # Ray's Unix sockets live under the temp dir and must stay under ~107 characters: pytest's
+    # tmp_path is too deep, so the cluster gets a short one of its own.
+    temp_dir = tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp")
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("head", "worker")}  # noqa: SIM115
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
-         f"--temp-dir={tmp_path / 'ray'}", *_node_args(ports[2:8], (20000 + gcs % 5000, 20099 + gcs % 5000))],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         f"--temp-dir={temp_dir}", *_node_args(ports[2:8], (20000 + gcs % 5000, 20099 + gcs % 5000))],
+        env=env, start_new_session=True, stdout=logs["head"], stderr=subprocess.STDOUT)
     worker = None
     try:
         worker = subprocess.Popen(
             [RAY, "start", f"--address={address}", *_node_args(ports[8:14], (30000 + gcs % 5000, 30099 + gcs % 5000))],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env, start_new_session=True, stdout=logs["worker"], stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while _active_nodes(address, env) < 2:
-            assert head.poll() is None and worker.poll() is None, "a Ray node exited during start-up"
+            if head.poll() is not None or worker.poll() is not None:
+                tails = {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in logs}
+                pytest.fail(f"a Ray node exited during start-up: {tails}")
             assert time.monotonic() < deadline, "the two-node cluster did not come up"
             time.sleep(2)
 
@@ -89,11 +97,13 @@ def test_two_node_cluster_runs_the_pipeline(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "datagen", "run", "--config", str(ROOT / "configs" / "datagen" / "tiny.yaml"),
              "--input", str(tmp_path / "in"), "--output", str(out), "--no-progress",
-             "--set", "pools.models.num_cpus=0.5"],
+             # Two actors cannot share a 1-CPU node; small chunks give both nodes work.
+             "--set", "pools.models.num_cpus=0.75", "--set", "execution.chunk_size=4"],
             cwd=ROOT, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert f"connecting to the Ray cluster at {address}" in proc.stderr
-        assert "on 2 Ray node(s)" in proc.stdout  # the actors ran on both nodes
+        assert "Ray cluster: 2 node(s)" in proc.stderr
+        assert "on 2 Ray node(s)" in proc.stdout, proc.stdout  # both nodes did work
         df = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))])
         assert sorted(df.key) == sorted(i.key for i in list_inputs(str(tmp_path / "in")))
         assert validate_dataset(str(out)) == []
@@ -101,3 +111,6 @@ def test_two_node_cluster_runs_the_pipeline(tmp_path):
         if worker is not None:
             _stop(worker)
         _stop(head)
+        for f in logs.values():
+            f.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
