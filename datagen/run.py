@@ -101,7 +101,8 @@ def plan_jobs(items: list[InputItem], cfg: DatagenConfig, output: str, retry_fai
     """``(jobs, skipped)``: the shards to (re)write and how many complete shards are left as they are."""
     from .pipeline import ShardJob
 
-    existing = {s.id: s for s in list_shards(output)}
+    fs, root = fs_and_root(output)
+    existing = {s.id: s for s in list_shards(output)} if fs.exists(root) else {}
     jobs, skipped = [], 0
     for shard_id, start, stop in assign_shards(len(items), cfg.inputs.samples_per_shard):
         shard_items = tuple(items[start:stop])
@@ -185,7 +186,7 @@ def plan_text(cfg: DatagenConfig, inputs: list[str] | None = None, output: str |
         items = list_inputs(inputs, cfg.inputs.path_column, cfg.inputs.caption_column)
         n_shards = len(assign_shards(len(items), cfg.inputs.samples_per_shard))
         lines.append(f"inputs: {len(items)} in {n_shards} shards of {cfg.inputs.samples_per_shard}")
-        if output is not None and fs_and_root(output)[0].exists(fs_and_root(output)[1]):
+        if output is not None:
             jobs, skipped = plan_jobs(items, cfg, output)
             lines.append(f"output {output}: {skipped} shards complete, {len(jobs)} to write")
     return "\n".join(lines)
