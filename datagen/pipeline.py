@@ -285,13 +285,21 @@ class _FailFast:
 
 
 def _stage_error(exc: BaseException) -> StageError | None:
+    """The StageError behind a Ray error: in its cause chain, or in the remote traceback it carries."""
     seen = set()
+    first = exc
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, StageError):
             return exc
         cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    # Ray Data re-raises a UDF failure as a UserCodeException whose original exception survives only
+    # as the remote traceback's text.
+    marker = f"{StageError.__module__}.{StageError.__name__}: "
+    for line in str(first).splitlines():
+        if marker in line:
+            return StageError(line.split(marker, 1)[1])
     return None
 
 

@@ -335,3 +335,5 @@ def test_stage_error_is_found_inside_ray_wrappers():
     outer = type("RayTaskErrorLike", (Exception,), {})("wrapped")
     outer.cause = wrapper
     assert _stage_error(outer) is inner and _stage_error(ValueError("x")) is None
+    remote = RuntimeError("Traceback ...\ndatagen.stages.StageError: stage 'tag' failed on all 8 ok rows\n\nmore")
+    assert str(_stage_error(remote)) == "stage 'tag' failed on all 8 ok rows"
