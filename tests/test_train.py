@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -385,3 +386,18 @@ def test_main_runs_the_cli(dataset, tmp_path, capsys):
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "config.yaml").exists()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     shutil.rmtree(out)
+
+
+def test_bf16_computes_in_bf16_with_fp32_master_weights_of_the_adapter(dataset, tmp_path):
+    # accelerate fixes the precision once per process; the other tests of this process train in fp32.
+    AcceleratorState._reset_state()
+    try:
+        res = T.train(
+            tiny_config(dataset, tmp_path, **{"train.mixed_precision": "bf16", "train.max_steps": 1})
+        )
+    finally:
+        AcceleratorState._reset_state()
+    dtypes = {name: p.dtype for name, p in res.unet.named_parameters()}
+    assert {d for k, d in dtypes.items() if is_adapter_key(k)} == {torch.float32}
+    assert {d for k, d in dtypes.items() if not is_adapter_key(k)} == {torch.bfloat16}
+    assert np.isfinite(res.losses).all() and res.grad_norms[0] > 0

@@ -22,6 +22,9 @@ Launch (accelerate starts torchrun-style workers; the config is the single sourc
     accelerate launch --multi_gpu --num_processes 8 -m training.train \\
         --config configs/train/sdxl512_8gpu.yaml --override train.distributed=fsdp
 
+    # several processes on CPU (gloo), as tests/test_train_ddp.py does
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m training.train --config ...
+
     # torchrun works too; resume from the newest checkpoint of output_dir
     torchrun --nproc_per_node 8 -m training.train --config configs/train/sdxl512_8gpu.yaml \\
         --override checkpoint.resume=latest
@@ -88,7 +91,7 @@ from .encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from
 from .pipeline import LayoutPipeline
 from .regions import empty_layout
 from .stream import build_loader, derive_seed, merge_states
-from .train_config import ModelConfig, TrainConfig, ValidationLayout
+from .train_config import ModelConfig, OptimConfig, TrainConfig, ValidationLayout
 
 __all__ = [
     "TrainResult",
@@ -96,6 +99,7 @@ __all__ = [
     "learning_rate",
     "load_components",
     "main",
+    "make_optimizer",
     "train",
     "unet_inputs",
 ]
@@ -171,12 +175,15 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked."""
-    o = config.optim
+def make_optimizer(
+    params: list[torch.nn.Parameter], o: OptimConfig, sharded: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (torch's fused kernel unless the parameters are FSDP-sharded), or bitsandbytes' 8-bit AdamW."""
     kw = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
     if not o.adam_8bit:
-        return torch.optim.AdamW(params, **kw)
+        # The fused kernel runs the whole update in one pass: ~8x faster than the default on CPU for a
+        # SDXL-width adapter (70 M parameters: 0.3 s instead of 2.3 s), and faster on GPUs too.
+        return torch.optim.AdamW(params, fused=not sharded, **kw)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -482,7 +489,10 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) training as configured; returns where the weights are and the per-step losses."""
+    """Run (or resume) training as configured; returns where the weights are and the per-step losses.
+
+    Callable several times in one process, but accelerate fixes the mixed precision at the first call.
+    """
     accelerator = make_accelerator(config)
     device, is_main = accelerator.device, accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -526,6 +536,11 @@ def train(config: TrainConfig) -> TrainResult:
     for name in ("text_encoder", "text_encoder_2"):
         components[name].requires_grad_(False).to(**to_compute)
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(
+            f"{config.model.base}: scheduler prediction_type is {noise_scheduler.config.prediction_type!r}; "
+            "this trainer's loss is epsilon-prediction MSE (SDXL's), use an epsilon-prediction base"
+        )
     pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     frozen = Frozen(
@@ -544,7 +559,9 @@ def train(config: TrainConfig) -> TrainResult:
     # The model first, then the optimizer over the wrapped model's parameters (what FSDP requires).
     unet = accelerator.prepare(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = accelerator.prepare(make_optimizer(params, config))
+    optimizer = accelerator.prepare(
+        make_optimizer(params, config.optim, sharded=config.train.distributed == "fsdp")
+    )
     register_checkpoint_hooks(accelerator)
     ema = None
     if config.ema.enabled:

@@ -1,0 +1,222 @@
+"""Training-step cost of the regional adapter vs the base UNet, and what the region-text cache saves.
+
+Same frozen UNet weights, same batch; a typical layout per sample (8 overlapping objects with
+15-word descriptions):
+
+- base step: the UNet without the layout (the fusers are not called, so this is the stock UNet),
+  forward and backward to the input latents (nothing of the base trains);
+- adapter step: the UNet with the layout, forward, backward to the adapter weights, AdamW step;
+- region-text encoding of the batch's layouts with an empty cache vs a warm one.
+
+Default (CPU, about a minute and a half): SDXL's real channel widths (320/640/1280, 64-dim heads) and 2048-wide
+text embeddings, one transformer layer per block (``training.tiny.benchmark_unet``), a 32x32 latent,
+text encoders of SDXL's widths (768 and 1280) with 2 layers each instead of 12 and 32; times are the
+process's CPU time on one thread (robust to other processes' load on a shared machine).
+``--sdxl`` (on a GPU): the real SDXL UNet and text-encoder shapes with random weights at 512 px
+(64x64 latent), bf16 compute with fp32 adapter weights, and samples/s per GPU.
+
+    .venv/bin/python benchmarks/train_step.py                     # CPU
+    python benchmarks/train_step.py --sdxl --device cuda          # GPU, real SDXL size
+
+Prints a table, then one JSON line ``{"benchmark": "train_step", "figures": {...}, "targets": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from training.adapter import attach_regional_adapter, set_adapter_trainable
+from training.encoding import RegionTextEncoder, grounding_inputs
+from training.regions import reorganize_regions
+from training.tiny import benchmark_unet, tiny_tokenizers
+from training.train import diffusion_loss, make_optimizer
+from training.train_config import OptimConfig
+
+WORDS = (
+    "a small red wooden chair with a curved back standing near the left wall of a bright room "
+    "under an old lamp beside green plants and a striped rug on the floor"
+).split()
+
+
+def typical_layouts(n: int, height: int, width: int, objects: int = 8, words: int = 15, seed: int = 0):
+    """``n`` layouts of ``objects`` overlapping boxes, each with a ``words``-word description."""
+    rng = np.random.default_rng(seed)
+    layouts = []
+    for _ in range(n):
+        x1, y1 = rng.uniform(0, 0.6, objects) * width, rng.uniform(0, 0.6, objects) * height
+        w, h = rng.uniform(0.2, 0.4, objects) * width, rng.uniform(0.2, 0.4, objects) * height
+        boxes = np.stack([x1, y1, np.minimum(x1 + w, width), np.minimum(y1 + h, height)], axis=1)
+        texts = [" ".join(rng.choice(WORDS, words)) for _ in range(objects)]
+        layouts.append(reorganize_regions(boxes, texts, height, width))
+    return layouts
+
+
+def text_encoders(layers: tuple[int, int], vocab_size: int, eos: int, bos: int):
+    """SDXL's two text encoders at their real widths (768, 1280), random, with the given layer counts."""
+
+    def config(hidden, heads, n_layers, inter):
+        return CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=1280,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu",
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    enc = CLIPTextModel(config(768, 12, layers[0], 3072)).eval()
+    enc_2 = CLIPTextModelWithProjection(config(1280, 20, layers[1], 5120)).eval()
+    return enc, enc_2
+
+
+def sdxl_unet() -> UNet2DConditionModel:
+    """The real SDXL UNet shape (2.6 B parameters, random): the benchmark UNet's config with 1/2/10 layers."""
+    with torch.device("meta"):  # only its config is needed
+        config = dict(benchmark_unet(0).config)
+    return UNet2DConditionModel.from_config({**config, "transformer_layers_per_block": (1, 2, 10)}).eval()
+
+
+def _clock(fn, device: torch.device) -> float:
+    """Seconds of one call: wall time on a GPU; on CPU the process's CPU time (one thread, see main)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
+
+
+def paired(fa, fb, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of ``fa`` and ``fb`` run alternately after a warm-up each, and the median of b / a.
+
+    Alternating, and taking the ratio within each pair, keeps load from other processes on a shared
+    machine from landing on one side of the comparison only.
+    """
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_clock(fa, device))
+        tb.append(_clock(fb, device))
+    ratio = statistics.median(b / a for a, b in zip(ta, tb, strict=True))
+    return statistics.median(ta), statistics.median(tb), ratio
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sdxl", action="store_true", help="real SDXL shapes at 512 px (for a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=2, help="samples per step (the recipe's per-GPU batch)")
+    parser.add_argument(
+        "--latent", type=int, default=None, help="latent side (default 32 on CPU, 64 with --sdxl)"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed pairs after a warm-up (median)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        # CPU time of one thread: on a shared machine wall time follows the other processes' load, and
+        # several threads' CPU time includes their spin-waits; one thread's CPU time is the work itself.
+        torch.set_num_threads(1)
+    latent = args.latent or (64 if args.sdxl else 32)
+    dtype = torch.bfloat16 if args.sdxl else torch.float32
+    torch.manual_seed(0)
+
+    unet = (sdxl_unet() if args.sdxl else benchmark_unet(0)).to(device=device, dtype=dtype)
+    attach_regional_adapter(unet)
+    params = set_adapter_trainable(unet)
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights, as the trainer
+    unet.train()
+    optimizer = make_optimizer(params, OptimConfig(lr=1e-5, weight_decay=1e-5))  # as the trainer
+    n_base = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params)
+
+    tok, tok_2 = tiny_tokenizers()
+    vocab = tok.get_vocab()
+    enc, enc_2 = text_encoders(
+        (12, 32) if args.sdxl else (2, 2), len(vocab), tok.eos_token_id, tok.bos_token_id
+    )
+    encoder = RegionTextEncoder(
+        (tok, tok_2), (enc.to(device, dtype), enc_2.to(device, dtype)), cache_size=4096
+    )
+    layouts = typical_layouts(args.batch, latent * 8, latent * 8)
+    gligen = grounding_inputs(layouts, encoder, device=device, dtype=dtype)
+
+    b = args.batch
+    g = torch.Generator().manual_seed(0)
+    base_inputs = {
+        "sample": torch.randn(b, 4, latent, latent, generator=g).to(device, dtype),
+        "timestep": torch.randint(0, 1000, (b,), generator=g).to(device),
+        "encoder_hidden_states": torch.randn(b, 77, 2048, generator=g).to(device, dtype),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(b, 1280, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[512, 512, 0, 0, 512, 512]] * b).to(device, dtype),
+        },
+        "target": torch.randn(b, 4, latent, latent, generator=g).to(device),
+    }
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.sdxl else contextlib.nullcontext()
+
+    def base_step():
+        sample = base_inputs["sample"].detach().requires_grad_(True)
+        with autocast:
+            loss = diffusion_loss(unet, {**base_inputs, "sample": sample})
+        loss.backward()
+        assert sample.grad is not None and all(p.grad is None for p in params)
+
+    def adapter_step():
+        with autocast:
+            loss = diffusion_loss(unet, {**base_inputs, "cross_attention_kwargs": {"gligen": gligen}})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def encode_uncached():
+        encoder.clear_cache()
+        grounding_inputs(layouts, encoder, device=device, dtype=dtype)
+
+    def encode_cached():
+        grounding_inputs(layouts, encoder, device=device, dtype=dtype)
+
+    t_base, t_adapter, adapter_over_base = paired(base_step, adapter_step, args.repeats, device)
+    t_uncached, t_cached, _ = paired(encode_uncached, encode_cached, args.repeats, device)
+    texts = sum(layout.n_slots for layout in layouts)
+
+    rows = [
+        ("base step (fwd + bwd to input)", t_base),
+        ("adapter step (fwd + bwd + AdamW)", t_adapter),
+        (f"region texts, empty cache ({texts} texts)", t_uncached),
+        ("region texts, warm cache", t_cached),
+    ]
+    shape = "SDXL" if args.sdxl else "SDXL widths, 1 layer/block"
+    print(f"{shape}, latent {latent}x{latent}, batch {b}, {device.type}, {dtype}; base {n_base / 1e6:.0f} M "
+          f"frozen params, adapter {sum(p.numel() for p in params) / 1e6:.1f} M trainable; "
+          f"{sum(lay.n_slots for lay in layouts) / b:.1f} region slots per sample")  # fmt: skip
+    clock = "wall ms" if device.type == "cuda" else "CPU ms, 1 thread"
+    print(f"{'what':44s} {clock:>16s}")
+    for name, t in rows:
+        print(f"{name:44s} {1000 * t:16.1f}")
+    figures = {
+        "adapter_over_base": round(adapter_over_base, 3),
+        "base_step_ms": round(1000 * t_base, 1),
+        "adapter_step_ms": round(1000 * t_adapter, 1),
+        "encode_uncached_ms": round(1000 * t_uncached, 1),
+        "encode_cached_ms": round(1000 * t_cached, 1),
+        "cache_speedup": round(t_uncached / t_cached, 1),
+        "encode_uncached_over_adapter_step": round(t_uncached / t_adapter, 3),
+        "adapter_samples_per_s": round(b / t_adapter, 3),
+    }
+    result = {"benchmark": "train_step", "figures": figures, "targets": {"adapter_over_base": 1.5}}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
