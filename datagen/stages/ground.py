@@ -7,6 +7,7 @@ always exactly what the detector was asked (the paper's token-threshold decoding
 several tags together). Then, as in the paper: box threshold 0.25, text threshold 0.2, class-agnostic
 NMS at IoU 0.5; and beyond it: min/max box size, same-phrase near-duplicate removal, a cap on objects.
 Images are batched through the detector; tags that overflow the text length go to a second prompt.
+``engine: groundingdino-py`` runs IDEA's original code instead (``ground_gdino``, its own environment).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import Batch, as_image, new_object, run_rows
 log = logging.getLogger(__name__)
 
 STAGE = "ground"
+ENGINES = ("transformers", "groundingdino-py")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class GroundConfig:
     """Detector thresholds and box filters."""
 
     model: ModelSpec = field(default_factory=lambda: default_spec("detector"))
+    engine: str = "transformers"  # "transformers" (GroundingDinoForObjectDetection) or "groundingdino-py"
+    #                               (the original code, transformers<5 only: see ground_gdino)
     box_threshold: float = 0.25  # a box's best tag score must exceed this (the paper's value)
     text_threshold: float = 0.2  # a tag counts only when one of its tokens exceeds this (the paper's)
     nms_iou: float = 0.5  # class-agnostic NMS IoU (the paper's value)
@@ -43,15 +47,26 @@ class GroundConfig:
     forward_batch_size: int = 8  # (image, prompt) pairs per detector forward
     batch_size: int = 8  # rows per Ray batch (a hint for the pipeline)
 
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"GroundConfig.engine {self.engine!r} is not one of {ENGINES}")
+
 
 class GroundStage:
     """Adds ``objects`` (box, phrase, detector_score; other fields None) to each ok row."""
 
     def __init__(self, config: GroundConfig) -> None:
         self.config = config
-        self.model, self.processor = load_model(config.model)
+        if config.engine == "groundingdino-py":
+            from .ground_gdino import load_gdino  # needs transformers<5: imported only when chosen
+
+            self.model = load_gdino(config.model)
+            self.tokenizer, max_text_len = self.model.tokenizer, self.model.max_text_len
+        else:
+            self.model, self.processor = load_model(config.model)
+            self.tokenizer, max_text_len = self.processor.tokenizer, self.model.config.max_text_len
         # Tokens available to the tags: the model's text length less [CLS] and [SEP].
-        self.token_budget = int(self.model.config.max_text_len) - 2
+        self.token_budget = int(max_text_len) - 2
 
     def __call__(self, batch: Batch) -> Batch:
         def ground(rows: list[int]) -> dict[str, list]:
@@ -77,9 +92,7 @@ class GroundStage:
         """Tags grouped greedily into prompts that fit the detector's text length."""
         if not tags:
             return []
-        lengths = [
-            len(ids) + 1 for ids in self.processor.tokenizer(tags, add_special_tokens=False)["input_ids"]
-        ]
+        lengths = [len(ids) + 1 for ids in self.tokenizer(tags, add_special_tokens=False)["input_ids"]]
         prompts: list[list[str]] = []
         used = self.token_budget
         for tag, n in zip(tags, lengths, strict=True):
@@ -98,20 +111,17 @@ class GroundStage:
         """(box xyxy px, score, phrase) above the thresholds for each (image, tags) pair."""
         cfg = self.config
         texts, spans = zip(*(prompt_text(p) for p in prompts), strict=True)
-        size = {}
-        if cfg.image_size:
-            size = {"size": {"shortest_edge": cfg.image_size, "longest_edge": cfg.image_size * 1333 // 800}}
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt", **size)
-        text = self.processor.tokenizer(
+        text = self.tokenizer(
             list(texts), padding="longest", return_offsets_mapping=True, return_tensors="pt"
         )
         offsets = text.pop("offset_mapping")
-        device, dtype = self.model.device, self.model.dtype
-        inputs = {k: v.to(device) for k, v in {**text, **pixels}.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        out = self.model(**inputs)
-        probs = out.logits.float().sigmoid().cpu()  # (pairs, queries, max_text_len)
-        boxes = box_convert(out.pred_boxes.float().cpu(), "cxcywh", "xyxy")  # relative to the image
+        size = (cfg.image_size, cfg.image_size * 1333 // 800) if cfg.image_size else None
+        if cfg.engine == "groundingdino-py":  # its forward tokenizes the texts itself, alike
+            logits, boxes = self.model(images, texts, size)
+        else:
+            logits, boxes = self._predict(images, text, size)
+        probs = logits.float().sigmoid().cpu()  # (pairs, queries, max_text_len)
+        boxes = box_convert(boxes.float().cpu(), "cxcywh", "xyxy")  # relative to the image
         results = []
         for k, image in enumerate(images):
             member = token_membership(offsets[k], spans[k], probs.shape[-1])  # (tokens, tags)
@@ -127,6 +137,18 @@ class GroundStage:
                 ]
             )
         return results
+
+    def _predict(
+        self, images: list[np.ndarray], text: dict, size: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' detector: (logits, boxes cxcywh relative to each image) of each pair."""
+        sizes = {"size": {"shortest_edge": size[0], "longest_edge": size[1]}} if size else {}
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt", **sizes)
+        device, dtype = self.model.device, self.model.dtype
+        inputs = {k: v.to(device) for k, v in {**text, **pixels}.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        out = self.model(**inputs)
+        return out.logits, out.pred_boxes
 
     def _select(self, image: np.ndarray, dets: list[tuple]) -> list[dict]:
         if not dets:
