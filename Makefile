@@ -40,3 +40,22 @@ lint: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# groundingdino-py (the ground stage's engine: groundingdino-py) needs transformers<5 and the project
+# needs transformers>=5, so it gets its own venv: the project without its dependency list, plus what
+# the ground stage, shards and the tests import.
+GDINO_VENV := .venv-gdino
+GDINO_STAMP := $(GDINO_VENV)/.installed
+.PHONY: test-gdino
+
+$(GDINO_STAMP): pyproject.toml
+	test -x $(GDINO_VENV)/bin/python || $(PY) -m venv $(GDINO_VENV)
+	$(GDINO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GDINO_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 transformers==4.57.6 \
+		'groundingdino-py>=0.4' numpy pillow pandas pyarrow webdataset 'fsspec[http]' pycocotools \
+		matplotlib tqdm pyyaml safetensors psutil pytest pytest-timeout
+	$(GDINO_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(GDINO_STAMP)
+
+test-gdino: $(GDINO_STAMP)
+	$(GDINO_VENV)/bin/python -m pytest -q tests/test_ground_gdino.py
