@@ -81,9 +81,20 @@ class PositionNet(nn.Module):
         boxes = bbox_embeddings.reshape(b * s, t, 4).to(dtype)
         fourier = get_fourier_embeds_from_boundingbox(self.fourier_freqs, boxes).reshape(b, s, t, -1)
         feats = torch.cat([text_embeddings.to(dtype), fourier], dim=-1)
-        real = object_masks.to(dtype)[:, :, None, None]
-        feats = feats * real + (1 - real) * self.null_text_feature
-        return {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
+        flat_masks = object_masks.reshape(-1)
+        if not bool(((flat_masks == 0) | (flat_masks == 1)).all()):  # soft masks: blend, as the release
+            real = object_masks.to(dtype)[:, :, None, None]
+            feats = feats * real + (1 - real) * self.null_text_feature
+            return {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
+        # Hard masks: the MLP runs on the real slots only; every padded slot gets the null input's output,
+        # computed once (padded slots are most of the max_slots rows).
+        real_index = flat_masks.nonzero().squeeze(1)
+        null = self.linears(self.null_text_feature)
+        text_feat = null.expand(b * s, t, null.shape[-1])
+        if len(real_index):
+            real_feat = self.linears(feats.reshape(b * s, t, -1)[real_index])
+            text_feat = text_feat.index_copy(0, real_index, real_feat)
+        return {**objs, "text_feat": text_feat.reshape(b, s, t, -1), "object_masks": object_masks}
 
 
 def level_grid(latent_hw: tuple[int, int], n_pixels: int) -> tuple[int, int]:
@@ -253,9 +264,11 @@ class RegionalCrossAttention(nn.Module):
         # so each block's graph stays self-contained under gradient checkpointing.
         feats = objs["text_feat"]
         context = feats.reshape(-1, feats.shape[-1])[plan.live_index].to(x.dtype)
-        key_value = F.linear(context, torch.cat([attn.to_k.weight, attn.to_v.weight]))  # one matmul for both
-        key_value = key_value[plan.key_table[plan.tile_slot]].view(n_tiles, width, 2, heads, head_dim)
-        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)
+        key_rows = plan.key_table[plan.tile_slot].reshape(-1)
+        key, value = (
+            F.linear(context, w.weight, w.bias)[key_rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
+            for w in (attn.to_k, attn.to_v)
+        )
         bias = plan.key_bias[plan.tile_slot].to(x.dtype)[:, None, None, :]
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
