@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,7 +156,7 @@ class StreamConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamConfig:
         """Build from plain dicts/lists (a parsed YAML file); unknown keys raise ConfigError."""
-        return _build(cls, d, "stream")
+        return build_config(cls, d, "stream")
 
     @classmethod
     def from_yaml(cls, path: str) -> StreamConfig:
@@ -167,30 +169,63 @@ class StreamConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-_NESTED = {
-    "filters": FilterConfig,
-    "augment": AugmentConfig,
-    "regions": RegionConfig,
-}
-
-
-def _build(cls: type, d: Any, where: str) -> Any:
+def build_config(cls: type, d: Any, where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a dict, recursing by field type; errors name the field path."""
+    name = where or "config"
     if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+        raise ConfigError(f"{name} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown} (known: {sorted(names)})")
-    kw = {}
-    for k, v in d.items():
-        if k in _NESTED:
-            v = _build(_NESTED[k], v, f"{where}.{k}")
-        elif k == "datasets":
-            v = tuple(_build(DatasetSpec, x, f"{where}.datasets[{i}]") for i, x in enumerate(v))
-        elif isinstance(v, list):
-            v = tuple(v)
-        kw[k] = v
+        raise ConfigError(f"{name}: unknown keys {unknown} (known: {sorted(fields)})")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()}
     try:
-        return cls(**kw)
+        return cls(**kwargs)
     except TypeError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    except ConfigError as e:
+        # __post_init__ checks know their field, not where their section sits in the file.
+        if not where:
+            raise
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _convert(tp: Any, v: Any, where: str) -> Any:
+    """Check ``v`` against type ``tp`` (dataclass, tuple, Literal, Optional, scalar) and convert lists to tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, v, where)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, v, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {v!r} matches none of {args}")
+    if origin is Literal:
+        if v not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {v!r}")
+        return v
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {v!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
+        if len(v) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} items, got {v!r}")
+        return tuple(_convert(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v, strict=True)))
+    if tp is float:
+        # YAML reads "1e-5" (no dot) as a string; accept ints and such strings for float fields.
+        if isinstance(v, bool):
+            raise ConfigError(f"{where} must be a number, got {v!r}")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {v!r}") from None
+    if tp in (int, bool, str) and type(v) is not tp:
+        raise ConfigError(f"{where} must be {tp.__name__}, got {v!r}")
+    return v

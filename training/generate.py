@@ -29,10 +29,10 @@ import yaml
 from tqdm import tqdm
 
 from shards.draw import draw_layout
+from training.data_config import build_config
 from training.layouts import read_layouts, validate_size, write_layouts
 from training.pipeline import LayoutPipeline
 from training.train_config import ConfigError, apply_overrides
-from training.train_config import _build as build_config  # the project's typed dict -> dataclass builder
 
 log = logging.getLogger(__name__)
 
