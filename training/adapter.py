@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from training.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
@@ -152,6 +153,18 @@ def save_adapter(unet: torch.nn.Module, path: str | Path) -> Path:
         metadata["config"] = json.dumps(asdict(config))
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+def adapter_config_of(path: str | Path) -> AdapterConfig:
+    """The ``AdapterConfig`` stored in an adapter safetensors' metadata (the default for other files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return AdapterConfig()
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
+        return AdapterConfig(**json.loads(metadata["config"]))
+    return AdapterConfig()
 
 
 def normalize_release_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

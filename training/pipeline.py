@@ -23,7 +23,6 @@ Semantics:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -34,34 +33,21 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from safetensors import safe_open
 
-from training.adapter import ADAPTER_FORMAT, AdapterConfig, attach_regional_adapter, load_adapter
+from training.adapter import AdapterConfig, adapter_config_of, attach_regional_adapter, load_adapter
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.layouts import validate_layout, validate_size
 from training.regions import empty_layout, reorganize_regions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayoutPipeline", "active_layout_steps", "adapter_config_of", "load_adapter_weights"]
+__all__ = ["LayoutPipeline", "active_layout_steps", "load_adapter_weights"]
 
 
 def active_layout_steps(beta: float, num_timesteps: int) -> int:
     """How many first steps keep the layout: ``ceil(beta * T)``, so any ``beta > 0`` grounds at least one."""
     # round() first: 0.7 * 10 is 7.000000000000001 in floating point.
     return math.ceil(round(beta * num_timesteps, 9))
-
-
-def adapter_config_of(path: str | Path) -> AdapterConfig:
-    """The ``AdapterConfig`` stored in an adapter safetensors' metadata (the default for other files)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return AdapterConfig()
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
-        return AdapterConfig(**json.loads(metadata["config"]))
-    return AdapterConfig()
 
 
 def load_adapter_weights(unet: torch.nn.Module, path: str | Path) -> None:
