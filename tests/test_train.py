@@ -23,7 +23,8 @@ from shards import ObjectRecord, SampleRecord, ShardWriter
 from shards.draw import color
 from training import train as T
 from training.adapter import attach_regional_adapter, is_adapter_key, set_adapter_trainable
-from training.encoding import RegionTextEncoder
+from training.encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
+from training.regions import empty_layout
 from training.stream import build_loader
 from training.tiny import tiny_unet
 from training.train_config import ConfigError, TrainConfig
@@ -197,7 +198,10 @@ def test_dropped_layout_is_the_empty_layout_and_time_ids_are_per_sample(tiny_par
     draws.drop_layout = [False, True]
     gligen = T.unet_inputs(batch, draws, frozen, "cpu")["cross_attention_kwargs"]["gligen"]
     assert gligen["object_masks"][1].tolist() == [1, 0, 0, 0, 0, 0]  # only the background slot
-    assert (gligen["region_map"][1] == 0).all()
+    empty = grounding_inputs([empty_layout(SIZE, SIZE)], frozen.region_encoder, max_slots=6)
+    assert all(torch.equal(gligen[k][1], empty[k][0]) for k in empty)  # what inference's CFG branch gets
+    kept = grounding_inputs_from_batch(batch, frozen.region_encoder)
+    assert all(torch.equal(gligen[k][0], kept[k][0]) for k in kept)
     assert gligen["object_masks"][0].sum() > 1
     ids = T.time_ids(batch)
     assert ids.shape == (2, 6)

@@ -17,6 +17,10 @@ Usage::
     gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
     unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
 
+Layout dropout (classifier-free guidance training) is per sample: ``drop_layout`` (one bool per sample)
+replaces those samples' layouts by the empty layout (``training.regions.empty_layout``: one background
+slot over the whole grid), exactly what inference feeds the negative branch, before anything is encoded.
+
 The frozen encoders run once per distinct text: :class:`RegionTextEncoder` batches the texts it has not
 seen and keeps a bounded LRU cache keyed by the text, with hit / miss counters (``encoder.stats``).
 """
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from training.regions import SEPARATOR, RegionLayout
+from training.regions import SEPARATOR, RegionLayout, empty_layout
 
 __all__ = [
     "NEG_BIAS",
@@ -260,6 +264,23 @@ def _assemble(
     }
 
 
+def _drop_mask(drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None, n: int) -> np.ndarray:
+    """``drop_layout`` as ``n`` bools (all False when None)."""
+    if drop_layout is None:
+        return np.zeros(n, dtype=bool)
+    if isinstance(drop_layout, torch.Tensor):
+        drop_layout = drop_layout.detach().cpu().numpy()
+    mask = np.asarray(drop_layout)
+    if mask.shape != (n,) or (mask.dtype != bool and not np.isin(mask, (0, 1)).all()):
+        raise ValueError(f"drop_layout must hold one bool per sample ({n}), got {mask.tolist()!r}")
+    return mask.astype(bool)
+
+
+def _empty_on_grid(grid: tuple[int, int]) -> RegionLayout:
+    """The empty layout (CFG's negative branch) on a latent grid ``(h, w)``."""
+    return empty_layout(*grid, downscale=1)  # the same slots as empty_layout(8h, 8w) on its 8x8 cells
+
+
 def grounding_inputs(
     layouts: Sequence[RegionLayout],
     encoder: RegionTextEncoder,
@@ -268,12 +289,14 @@ def grounding_inputs(
     attention_weight_scale: float = 1.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``cross_attention_kwargs["gligen"]`` dict for a batch of layouts (all on one latent grid).
 
     Keys: ``text_embeddings`` (B, S, 77, D), ``bbox_embeddings`` (B, S, 77, 4), ``object_masks`` (B, S)
     (1 for a real slot, 0 for padding), ``attention_bias`` (B, S, 77), ``region_map`` (B, h, w) int64
     (slot per latent cell, -1 dropped) and ``union_masks`` (B, S, h, w) bool, with ``S = max_slots``.
+    Samples with ``drop_layout`` True get the empty layout's inputs instead of their own.
     """
     if not layouts:
         raise ValueError("grounding_inputs needs at least one layout")
@@ -281,6 +304,10 @@ def grounding_inputs(
     if len(grids) != 1:
         raise ValueError(f"layouts of one batch must share a latent grid, got {sorted(grids)}")
     h, w = grids.pop()
+    drop = _drop_mask(drop_layout, len(layouts))
+    if drop.any():
+        empty = _empty_on_grid((h, w))
+        layouts = [empty if d else layout for layout, d in zip(layouts, drop, strict=True)]
     union = np.zeros((len(layouts), max_slots, h, w), dtype=bool)
     slots = []
     for b, layout in enumerate(layouts):
@@ -301,16 +328,32 @@ def grounding_inputs_from_batch(
     attention_weight_scale: float = 1.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The ``gligen`` dict from a batch of ``training.collate.collate`` (its ``region_*`` fields)."""
+    """The ``gligen`` dict from a batch of ``training.collate.collate`` (its ``region_*`` fields).
+
+    Samples with ``drop_layout`` True get the empty layout's inputs (layout dropout): their own region
+    texts are not encoded at all.
+    """
     slot_mask = np.asarray(batch["slot_mask"])
     boxes, weights = np.asarray(batch["region_boxes"]), np.asarray(batch["region_weights"])
     segments = np.asarray(batch["segment_mask"])
+    region_map = np.asarray(batch["region_map"])
+    union = np.asarray(batch["region_union_masks"])
+    drop = _drop_mask(drop_layout, len(slot_mask))
     slots = [
         _Slot(b, s, batch["region_texts"][b][s], boxes[b, s][segments[b, s]], weights[b, s][segments[b, s]])
         for b, s in zip(*np.nonzero(slot_mask), strict=True)
+        if not drop[b]
     ]
-    union = np.asarray(batch["region_union_masks"])
-    return _assemble(
-        slots, np.asarray(batch["region_map"]), union, encoder, attention_weight_scale, device, dtype
-    )
+    if drop.any():
+        empty = _empty_on_grid(region_map.shape[1:])
+        region_map, union = region_map.copy(), union.copy()  # never write into the caller's batch
+        for b in np.nonzero(drop)[0]:
+            region_map[b] = empty.region_map
+            union[b] = False
+            union[b, : empty.n_slots] = empty.union_masks
+            slots += [
+                _Slot(int(b), s, empty.texts[s], empty.boxes[s], empty.weights[s]) for s in range(empty.n_slots)
+            ]
+    return _assemble(slots, region_map, union, encoder, attention_weight_scale, device, dtype)

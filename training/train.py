@@ -87,9 +87,8 @@ from .adapter import (
     set_adapter_trainable,
 )
 from .collate import normalize_pixels
-from .encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
+from .encoding import RegionTextEncoder, grounding_inputs_from_batch
 from .pipeline import LayoutPipeline
-from .regions import empty_layout
 from .stream import build_loader, derive_seed, merge_states
 from .train_config import ModelConfig, OptimConfig, TrainConfig, ValidationLayout
 
@@ -271,16 +270,10 @@ def unet_inputs(batch: dict, draws: SampleDraws, frozen: Frozen, device: torch.d
         "device": device,
         "dtype": frozen.weight_dtype,
     }
-    gligen = grounding_inputs_from_batch(batch, frozen.region_encoder, **encode)
-    dropped = [i for i, drop in enumerate(draws.drop_layout) if drop]
-    if dropped:
-        height, width = (int(v) for v in batch["target_size"][0])
-        slots = gligen["object_masks"].shape[1]
-        empty = grounding_inputs(
-            [empty_layout(height, width)], frozen.region_encoder, max_slots=slots, **encode
-        )
-        for key, value in gligen.items():
-            value[dropped] = empty[key]  # (1, ...) broadcasts over the dropped rows
+    # A dropped layout is the empty layout (what inference feeds CFG's negative branch), built per sample.
+    gligen = grounding_inputs_from_batch(
+        batch, frozen.region_encoder, drop_layout=draws.drop_layout, **encode
+    )
     noise = draws.noise.to(device)
     timesteps = draws.timesteps.to(device)
     noisy = frozen.noise_scheduler.add_noise(latents, noise, timesteps)
