@@ -81,6 +81,10 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         "vlm": ModelSpec("vlm", "Qwen/Qwen2.5-VL-7B-Instruct"),
         # float32: boxes come out normalised to [0, 1], where bfloat16 steps are ~4 px of a 1024 px image.
         "detector": ModelSpec("detector", "IDEA-Research/grounding-dino-tiny", dtype="float32"),
+        # segment-anything's ViT-H checkpoint. Official file:
+        #   https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth
+        # The hub mirror below is that file (same name, 2.56 GB), fetched once per node into the HF
+        # cache. A local copy of either works too: weights="/path/to/sam_vit_h_4b8939.pth".
         "segmenter": ModelSpec(
             "segmenter", "vit_h", weights="hf-hub:ybelkada/segment-anything/checkpoints/sam_vit_h_4b8939.pth"
         ),

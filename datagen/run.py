@@ -1,9 +1,14 @@
-"""``python -m datagen run|plan``: raw images -> shards, resumable, with an end-of-run summary.
+"""``python -m datagen run|plan|size``: raw images -> shards, resumable, with an end-of-run summary.
 
     python -m datagen run  --config configs/datagen/tiny.yaml --input images/ --output out/
     python -m datagen run  ... --retry-failed      # redo the rows recorded as failed in parquet
     python -m datagen run  ... --new-run           # the config changed: discard the old shards
     python -m datagen plan --config configs/datagen/real.yaml [--input ... --output ...]
+    python -m datagen size --from out/ --images 3300000 --hours 24   # GPUs for a target (datagen.sizing)
+
+Each run that processed inputs saves its measurements (per-stage rows and busy seconds, the pools'
+GPUs and CPUs per actor, objects per image, wall time, nodes) to ``<output>/runs/<UTC time>.json``:
+``python -m datagen size`` sizes a cluster from them.
 
 Ray: an embedded local Ray by default; with ``RAY_ADDRESS`` set (or under ``ray job submit``) the run
 goes to that cluster. Resume is at shard granularity: a shard whose stats file exists is complete
@@ -27,12 +32,18 @@ import pandas as pd
 import yaml
 
 from shards import RunMismatchError, build_index, list_shards, open_run
-from shards.layout import fs_and_root
+from shards.layout import dump_json, fs_and_root, join, url_for, write_atomic
 
+from . import sizing
 from .config import ConfigError, DatagenConfig, fingerprint_dict, load_config, to_dict
 from .inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs
 
 log = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"  # <output>/runs/<UTC time>.json: one measurement record per run that processed inputs
+RUN_RECORD_KIND = "datagen-run"
+RUN_RECORD_VERSION = 1
+CPU_TASK_STAGES = ("decode", "pack")  # the stages that run as plain CPU tasks, outside the actor pools
 
 PACKAGES = ("richlayout", "ray", "torch", "torchvision", "transformers", "open_clip_torch", "segment-anything",
             "pillow", "numpy", "pyarrow", "pandas", "webdataset")
@@ -53,6 +64,13 @@ class Summary:
     busy: dict = field(default_factory=dict)  # stage -> (rows, seconds), this run
     wall_seconds: float = 0.0
     nodes: int = 0  # Ray nodes that decoded or ran model stages this run
+    statuses: Counter = field(default_factory=Counter)  # ok/failed/filtered -> count, this run
+    objects: int = 0  # objects kept in this run's ok samples
+    startup_seconds: float | None = None  # until the first chunk came out (actor start-up, model loads)
+    startup_rows: int = 0  # the rows of that first chunk
+    started: str = ""  # UTC time the run started
+    resources: dict = field(default_factory=dict)  # ray.cluster_resources() during the run
+    record: str | None = None  # where this run's measurements were saved (<output>/runs/<time>.json)
 
     def format(self) -> str:
         """A readable table."""
@@ -77,7 +95,77 @@ class Summary:
                 per = rows / seconds if seconds > 0 else float("inf")
                 frac = seconds / self.wall_seconds if self.wall_seconds else 0.0
                 lines.append(f"  {stage:<10}{rows:>8}{seconds:>10.2f}{per:>14.2f}{frac:>11.2f}")
+        if self.record:
+            lines.append(f"  measurements saved to {self.record}")
+            lines.append(f"  size a cluster from them: python -m datagen size --from {self.output} --images N --hours H")
         return "\n".join(lines)
+
+
+def run_record(summary: Summary, cfg: DatagenConfig) -> dict:
+    """The measurements of one run, as saved to ``<output>/runs/<time>.json`` (read by datagen.sizing).
+
+    ``stages``: per stage the rows it processed and its busy seconds summed over its workers, so
+    rows / busy_seconds is the images/s of one worker (an actor of its pool, or a CPU task) while busy.
+    ``pools`` and ``cpu_tasks`` give each worker's GPUs and CPUs from the resolved configuration, and
+    ``objects_per_image`` the objects kept per ok sample (describe and score work per object).
+    """
+    pool_of = {stage: name for name, pool in cfg.pools.items() for stage in pool.stages}
+    stages = {}
+    for stage, (rows, seconds) in summary.busy.items():
+        stages[stage] = {
+            "rows": int(rows),
+            "busy_seconds": round(float(seconds), 6),
+            "images_per_busy_second": round(rows / seconds, 6) if seconds > 0 else None,
+            "pool": pool_of.get(stage),
+            "batch_size": cfg.batch_size(stage) if stage in cfg.stages else cfg.execution.chunk_size,
+        }
+    ex = cfg.execution
+    ok = summary.statuses.get("ok", 0)
+    models = {}
+    for name in cfg.stage_names:
+        spec = getattr(cfg.stages[name], "model", None)
+        if spec is not None:
+            models[name] = {"name": spec.name, "backend": spec.backend, "weights": spec.weights,
+                            "revision": spec.revision, "dtype": spec.dtype}
+    return {
+        "kind": RUN_RECORD_KIND,
+        "version": RUN_RECORD_VERSION,
+        "started": summary.started,
+        "output": summary.output,
+        "inputs": summary.inputs,
+        "processed": summary.processed,
+        "statuses": dict(summary.statuses),
+        "objects": summary.objects,
+        "objects_per_image": round(summary.objects / ok, 6) if ok else None,
+        "wall_seconds": round(summary.wall_seconds, 6),
+        "startup_seconds": None if summary.startup_seconds is None else round(summary.startup_seconds, 6),
+        "startup_rows": summary.startup_rows,
+        "nodes": summary.nodes,
+        "cluster_resources": summary.resources,
+        "shards": {"total": summary.shards_total, "skipped": summary.shards_skipped,
+                   "written": summary.shards_written},
+        "stages": stages,
+        "pools": {name: {"stages": list(p.stages), "num_gpus": p.num_gpus, "num_cpus": p.num_cpus,
+                         "actors": p.actors, "max_actors": p.max_actors}
+                  for name, p in cfg.pools.items()},
+        "cpu_tasks": {"decode": {"tasks": ex.decode_tasks, "num_cpus": ex.decode_cpus},
+                      "pack": {"tasks": ex.pack_tasks, "num_cpus": ex.pack_cpus}},
+        "models": models,
+        "failures": [{"stage": stage, "reason": reason, "count": n}
+                     for (stage, reason), n in sorted(summary.failures.items(), key=lambda kv: (-kv[1], kv[0]))],
+    }
+
+
+def save_run_record(output: str, record: dict) -> str:
+    """Write ``record`` to ``<output>/runs/<UTC time>.json`` (atomically); returns its path or URL."""
+    fs, root = fs_and_root(output)
+    folder = join(root, RUNS_DIR)
+    fs.makedirs(folder, exist_ok=True)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"  # sorts by time
+    path = join(folder, f"{stamp}.json")
+    write_atomic(fs, path, dump_json(record))
+    return url_for(fs, path)
 
 
 def _versions() -> dict:
@@ -139,13 +227,15 @@ def run(
     open_run(output, fingerprint_dict(cfg, described), extra, new_run=new_run)
     jobs, skipped = plan_jobs(items, cfg, output, retry_failed)
     summary = Summary(output=output, inputs=len(items), shards_skipped=skipped,
-                      shards_total=len(assign_shards(len(items), cfg.inputs.samples_per_shard)))
+                      shards_total=len(assign_shards(len(items), cfg.inputs.samples_per_shard)),
+                      started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     log.info("%d inputs in %d shards: %d complete, %d to write (%d inputs)", len(items), summary.shards_total,
              skipped, len(jobs), sum(len(j.items) for j in jobs))
     if jobs:
         started = pipeline.init_ray(cfg)
         try:
             result = pipeline.execute(jobs, cfg, output, progress=progress)
+            summary.resources = _cluster_resources()
         finally:
             if started:
                 import ray
@@ -157,8 +247,25 @@ def run(
         summary.busy = {k: (v.rows, v.seconds) for k, v in result.busy.items()}
         summary.wall_seconds = result.wall_seconds
         summary.nodes = len(result.nodes)
+        summary.statuses = result.statuses
+        summary.objects = result.objects
+        summary.startup_seconds = result.startup_seconds
+        summary.startup_rows = result.startup_rows
     summary.totals = build_index(output)["totals"]
+    if summary.processed:
+        summary.record = save_run_record(output, run_record(summary, cfg))
     return summary
+
+
+def _cluster_resources() -> dict:
+    """The Ray cluster's total resources (CPU, GPU, accelerator type, memory), for the run record."""
+    import ray
+
+    try:
+        return {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+    except Exception:  # noqa: BLE001 - a record without resources is still a record
+        log.debug("no cluster resources", exc_info=True)
+        return {}
 
 
 def plan_text(cfg: DatagenConfig, inputs: list[str] | None = None, output: str | None = None) -> str:
@@ -225,14 +332,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--new-run", action="store_true", help="the config changed: delete existing shards, start over")
     r.add_argument("--retry-failed", action="store_true", help="reprocess the rows recorded as failed in parquet")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (logs every 30 s instead)")
+    z = sub.add_parser("size", help="GPUs, CPUs and nodes for a target, from a run's measured per-stage rates",
+                       description=sizing.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sizing.add_arguments(z)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 the run stopped, 2 bad config/input/resume)."""
+    args = _parser().parse_args(argv)
+    if args.command == "size":
+        return sizing.main(args)
     from .pipeline import PipelineError
 
-    args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, _overrides(args.set))

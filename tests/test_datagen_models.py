@@ -16,7 +16,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from transformers import GroundingDinoForObjectDetection, Qwen2_5_VLForConditionalGeneration
 
-from datagen import tiny_models
+from datagen import models, tiny_models
 from datagen.models import ModelSpec, default_spec, load_model, prefetch, preset
 from datagen.tiny_models import ClipProcessor
 
@@ -31,6 +31,39 @@ def test_real_preset_names_the_paper_models_and_qwen():
     )
     assert (real["clip"].name, real["clip"].weights) == ("ViT-L-14", "openai")
     assert all(s.backend == "hf" and s.kind == k for k, s in real.items())
+
+
+def test_real_preset_is_exactly_the_verified_checkpoints():
+    # Checked against the hubs (IDEA-Research/grounding-dino-tiny, Qwen/Qwen2.5-VL-7B-Instruct), open_clip's
+    # pretrained table and segment-anything's README (sam_vit_h_4b8939.pth, mirrored on the hub).
+    assert preset("real") == {
+        "vlm": ModelSpec("vlm", "Qwen/Qwen2.5-VL-7B-Instruct"),
+        "detector": ModelSpec("detector", "IDEA-Research/grounding-dino-tiny", dtype="float32"),
+        "segmenter": ModelSpec(
+            "segmenter", "vit_h", weights="hf-hub:ybelkada/segment-anything/checkpoints/sam_vit_h_4b8939.pth"
+        ),
+        "clip": ModelSpec("clip", "ViT-L-14", weights="openai"),
+    }
+    assert "vit_h" in segment_anything.sam_model_registry
+    assert ("ViT-L-14", "openai") in open_clip.list_pretrained()
+    # OpenAI's ViT-L/14 was trained with QuickGELU: the loader must ask open_clip for it.
+    assert open_clip.pretrained.get_pretrained_cfg("ViT-L-14", "openai")["quick_gelu"] is True
+
+
+def test_real_sam_weights_resolve_to_the_hub_file_without_downloading(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None):
+        calls.append((repo_id, filename, revision))
+        return str(tmp_path / "sam_vit_h_4b8939.pth")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    spec = preset("real")["segmenter"]
+    path = models._resolve_file(spec.weights, spec.revision)
+    assert calls == [("ybelkada/segment-anything", "checkpoints/sam_vit_h_4b8939.pth", None)]
+    assert path.name == "sam_vit_h_4b8939.pth"
 
 
 def test_tiny_preset_covers_every_kind():

@@ -1,0 +1,676 @@
+"""``python -m datagen size``: the GPUs, CPUs and nodes a target needs, from measured per-stage rates.
+
+    python -m datagen size --from out/ --images 3300000 --hours 24 [--gpus-per-node 8] [--headroom 0.15]
+    python -m datagen size --config configs/datagen/real.yaml --rates tag=8,caption=5,... --images 3300000
+    python -m datagen size ... --json                      # the same plan as one JSON object
+
+The method. Every run that processed inputs saves ``<output>/runs/<UTC time>.json`` (datagen.run):
+per stage the rows it processed and its busy seconds summed over its workers, and each worker's
+resources from the resolved configuration. ``rate = rows / busy seconds`` is the images/s of one
+worker of that stage while it works: an actor of its pool holding the pool's ``num_gpus`` (a fraction
+packs several actors on one GPU), or a CPU task (decode, pack). For a target of T images/s:
+
+- an actor runs its pool's stages one after the other, so one actor of a pool does
+  ``1 / sum(1 / rate)`` images/s and the pool needs ``ceil(T / that)`` actors;
+- a stage costs ``num_gpus / rate`` GPU-seconds per image; the stage with the largest cost is the
+  bottleneck, the one worth a bigger batch, a smaller model or vLLM first;
+- describe and score work per object: with ``--objects-per-image`` their rates scale by
+  measured / target objects per image;
+- actors holding a fraction of a GPU are packed onto whole GPUs (first-fit decreasing, across pools,
+  as Ray packs fractional requests), and GPUs onto nodes of ``--gpus-per-node``.
+
+Busy time leaves out start-up (model loads), waiting and transfers: the plan prints the pilot's
+end-to-end rate beside the rate its workers' busy time allows, and ``--headroom`` adds a margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+PER_OBJECT_STAGES = ("describe", "score")  # their work is one crop per object
+CPU_TASK_STAGES = ("decode", "pack")  # plain Ray tasks, sized by execution.<stage>_tasks
+CPU_ONLY_STAGES = ("filter",)  # model-free: without a config, their pool holds no GPU
+RUN_RECORD_KIND = "datagen-run"  # datagen.run writes records of this kind
+RUNS_DIR = "runs"
+_EPS = 1e-9
+
+
+class SizingError(ValueError):
+    """A measurement or request that cannot be sized; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Workers that run some stages: an actor pool (``pools.<name>``) or CPU tasks (decode, pack)."""
+
+    name: str
+    stages: tuple[str, ...]
+    num_gpus: float = 0.0  # GPUs per actor; a fraction packs several actors on one GPU
+    num_cpus: float = 1.0  # CPUs per worker (what Ray reserves)
+    tasks: bool = False  # CPU tasks (execution.<name>_tasks) instead of an actor pool
+    workers: int | None = None  # how many the measured run had (actors, max_actors or tasks in flight)
+
+    @property
+    def kind(self) -> str:
+        return "CPU tasks" if self.tasks else "GPU actors" if self.num_gpus > 0 else "CPU actors"
+
+    @property
+    def cpus_per_worker(self) -> float:
+        """CPUs a worker needs: a CPU worker computes on at least one core (Ray gives it
+        max(1, int(num_cpus)) threads); a GPU actor's CPUs are its reservation."""
+        return self.num_cpus if self.num_gpus > 0 else max(1.0, self.num_cpus)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Per-stage rates and the pools that ran them: from a run record, a config, or ``--rates``."""
+
+    rates: dict[str, float]  # stage -> images/s of one worker while busy
+    pools: tuple[Pool, ...]
+    objects_per_image: float | None = None  # at which the per-object stages were measured
+    source: str = "--rates"
+    processed: int = 0  # images the measured run processed
+    wall_seconds: float = 0.0
+    nodes: int = 0
+    startup_seconds: float | None = None  # until the measured run's first chunk came out
+    startup_rows: int = 0  # the rows of that first chunk
+    models: dict[str, str] = field(default_factory=dict)  # stage -> "name (backend)"
+    overridden: tuple[str, ...] = ()  # stages whose rate came from --rates
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    pool: str
+    rate: float  # images/s of one worker while busy (scaled to the target objects per image)
+    gpus_per_worker: float
+    gpu_seconds_per_image: float
+    cpu_seconds_per_image: float
+    gpus: float  # GPUs this stage alone keeps busy at the target (not rounded)
+    share: float  # of the plan's scarce resource (GPU-seconds, or CPU-seconds without GPUs) per image
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    name: str
+    kind: str
+    stages: tuple[str, ...]
+    rate: float  # images/s of one worker (its stages in sequence)
+    workers: int
+    num_gpus: float
+    num_cpus: float  # per worker, as the configuration sets it
+    gpus: float  # workers * num_gpus
+    cpus: float  # workers * CPUs a worker needs
+    load: float  # target / (workers * rate): how busy the workers are at the target
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a target needs: per stage, per pool, in total, and the configuration values to set."""
+
+    images: int
+    hours: float
+    headroom: float
+    required_rate: float  # images / seconds
+    target_rate: float  # required_rate * (1 + headroom): what the pools are sized for
+    gpus_per_node: int
+    cpus_per_node: int | None
+    stages: tuple[StagePlan, ...]
+    pools: tuple[PoolPlan, ...]
+    gpus: int  # whole GPUs after packing fractional actors
+    nodes: int
+    cpus: float
+    bottleneck: str
+    resource: str  # "GPU" or "CPU": what the stage costs and the bottleneck are counted in
+    objects_per_image: float | None  # target
+    measured_objects_per_image: float | None
+    measurement: Measurement
+
+    def config_values(self) -> dict:
+        """The configuration to run the target with: pool sizes and GPUs per actor, CPU task counts."""
+        pools = {p.name: {"actors": p.workers, "max_actors": p.workers, "num_gpus": p.num_gpus}
+                 for p in self.pools if p.kind != "CPU tasks"}
+        execution = {f"{p.name}_tasks": p.workers for p in self.pools if p.kind == "CPU tasks"}
+        return {"pools": pools, **({"execution": execution} if execution else {})}
+
+    def set_flags(self) -> list[str]:
+        """The same values as ``--set key=value`` arguments of ``python -m datagen run``."""
+        flags = []
+        for section, values in self.config_values().items():
+            for name, value in values.items():
+                if isinstance(value, dict):
+                    flags += [f"--set {section}.{name}.{k}={_num(v)}" for k, v in value.items()]
+                else:
+                    flags.append(f"--set {section}.{name}={_num(value)}")
+        return flags
+
+    def to_json(self) -> dict:
+        """The plan as JSON-ready data (an infinite rate, a negligible stage, is written as null)."""
+        m = self.measurement
+        return _finite({
+            "images": self.images, "hours": self.hours, "headroom": self.headroom,
+            "required_images_per_second": self.required_rate, "target_images_per_second": self.target_rate,
+            "gpus": self.gpus, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
+            "cpus": self.cpus, "cpus_per_node": self.cpus_per_node, "bottleneck": self.bottleneck,
+            "resource": self.resource, "objects_per_image": self.objects_per_image,
+            "measured_objects_per_image": self.measured_objects_per_image,
+            "stages": [asdict(s) for s in self.stages], "pools": [asdict(p) for p in self.pools],
+            "config": self.config_values(), "set_flags": self.set_flags(),
+            "source": {"from": m.source, "processed": m.processed, "wall_seconds": m.wall_seconds,
+                       "nodes": m.nodes, "models": m.models, "rates_given": list(m.overridden)},
+        })
+
+    def format(self) -> str:
+        """The plan as readable tables."""
+        m = self.measurement
+        lines = [f"datagen size: {self.images:,} images in {self.hours:g} h = {self.required_rate:.2f} images/s"
+                 + (f"; with {self.headroom:.0%} headroom {self.target_rate:.2f} images/s" if self.headroom else "")]
+        if m.processed:  # a run record
+            lines.append(f"rates from {m.source}" + (f" (--rates for {', '.join(m.overridden)})" if m.overridden else ""))
+        elif m.source.startswith("--rates"):
+            lines.append(f"rates from {m.source}")
+        else:  # a config's pools
+            lines.append(f"pools from {m.source}; rates from --rates (measured elsewhere, or assumed)")
+        if m.processed:
+            lines.append(f"  pilot: {m.processed} images in {m.wall_seconds:.1f} s wall on {m.nodes} node(s) = "
+                         f"{m.processed / m.wall_seconds if m.wall_seconds else 0:.2f} images/s end to end "
+                         "(start-up included)")
+            if m.startup_seconds is not None and m.wall_seconds > m.startup_seconds > 0:
+                steady = (m.processed - m.startup_rows) / (m.wall_seconds - m.startup_seconds)
+                lines.append(f"  after its start-up ({m.startup_seconds:.1f} s until the first chunk): "
+                             f"{steady:.2f} images/s")
+            capacity = _pilot_capacity(m)
+            if capacity is not None:
+                lines.append(f"  its workers' busy time allows {capacity:.2f} images/s: end to end is "
+                             f"{m.processed / m.wall_seconds / capacity if m.wall_seconds else 0:.0%} of that")
+        if m.models:
+            names = sorted(set(m.models.values()))
+            lines.append("  models: " + ", ".join(names))
+            if all("(tiny)" in n for n in names):
+                lines.append("  (tiny random-weight models: these rates show the method, not real-model throughput)")
+        if self.measured_objects_per_image is not None or self.objects_per_image is not None:
+            scaled = (self.objects_per_image is not None and self.measured_objects_per_image is not None
+                      and self.objects_per_image != self.measured_objects_per_image)
+            lines.append(f"objects per image: {_opt(self.measured_objects_per_image)} where the rates were measured"
+                         + (f", {self.objects_per_image:g} target ({'/'.join(PER_OBJECT_STAGES)} rates scaled)"
+                            if scaled else ""))
+        r = self.resource
+        lines += ["", f"{'stage':<10}{'pool':<10}{'img/s/worker':>14}{'GPUs/worker':>13}{r + '-s/img':>11}"
+                      f"{r + 's':>9}{'share':>7}"]
+        for s in self.stages:
+            cost = s.gpu_seconds_per_image if r == "GPU" else s.cpu_seconds_per_image
+            lines.append(f"{s.stage:<10}{s.pool:<10}{_rate(s.rate):>14}{_gpus(s.gpus_per_worker):>13}"
+                         f"{_cost(cost):>11}{_gpus(cost * self.target_rate, 2):>9}{s.share:>7.0%}")
+        lines += ["", f"{'pool':<10}{'runs as':<12}{'workers':>8}{'img/s/worker':>14}{'GPUs/worker':>13}"
+                      f"{'CPUs/worker':>13}{'GPUs':>7}{'CPUs':>7}{'load':>6}  stages"]
+        for p in self.pools:
+            cpw = p.cpus / p.workers if p.workers else p.num_cpus
+            lines.append(f"{p.name:<10}{p.kind:<12}{p.workers:>8}{_rate(p.rate):>14}{_gpus(p.num_gpus):>13}"
+                         f"{cpw:>13g}{_gpus(p.gpus):>7}{p.cpus:>7g}{p.load:>6.0%}  {', '.join(p.stages)}")
+        per_node = f" ({math.ceil(self.cpus / self.nodes - _EPS)} per node)" if self.nodes else ""
+        if self.gpus:
+            total = (f"total: {self.gpus} GPUs on {self.nodes} node(s) of {self.gpus_per_node} GPUs, "
+                     f"{self.cpus:g} CPUs{per_node}")
+        else:
+            total = f"total: no GPUs, {self.cpus:g} CPUs" + (
+                f" on {self.nodes} node(s) of {self.cpus_per_node} CPUs" if self.cpus_per_node else "")
+        lines += ["", total]
+        b = next(s for s in self.stages if s.stage == self.bottleneck)
+        lines.append(f"bottleneck: {b.stage} ({b.share:.0%} of the {r}-seconds per image, "
+                     f"{_rate(b.rate)} images/s per worker)")
+        lines += ["", "config values (in the YAML, or as --set arguments of python -m datagen run):"]
+        for section, values in self.config_values().items():
+            for name, value in values.items():
+                if isinstance(value, dict):
+                    inner = ", ".join(f"{k}: {_num(v)}" for k, v in value.items())
+                    lines.append(f"  {section}.{name}: {{{inner}}}")
+                else:
+                    lines.append(f"  {section}.{name}: {_num(value)}")
+        lines.append("  " + " ".join(self.set_flags()))
+        return "\n".join(lines)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _opt(v: float | None) -> str:
+    return "unknown" if v is None else f"{v:.2f}"
+
+
+def _cost(v: float) -> str:
+    return "-" if v == 0 else f"{v:.4f}"
+
+
+def _rate(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.2f}"
+
+
+def _gpus(v: float, digits: int = 3) -> str:
+    return "-" if v == 0 else f"{round(v, digits):g}"
+
+
+def _pilot_capacity(m: Measurement) -> float | None:
+    """The images/s the measured run's own workers allow by busy time: its slowest pool."""
+    caps = []
+    for p in m.pools:
+        if p.workers is None or any(s not in m.rates for s in p.stages):
+            return None
+        caps.append(p.workers * _pool_rate([m.rates[s] for s in p.stages]))
+    return min(caps) if caps else None
+
+
+def _pool_rate(rates: Sequence[float]) -> float:
+    """Images/s of one worker that runs stages of these rates one after the other."""
+    seconds = sum(1.0 / r for r in rates)
+    return math.inf if seconds == 0 else 1.0 / seconds
+
+
+def _ceil(x: float) -> int:
+    return max(1, math.ceil(x - _EPS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing: fractional actors onto GPUs, GPUs and multi-GPU actors onto nodes (first-fit decreasing).
+
+
+def _first_fit_decreasing(groups: Iterable[tuple[float, int]], capacity: float) -> list[float]:
+    """``count`` items of each ``size`` into bins of ``capacity``; returns each bin's free space."""
+    free: list[float] = []
+    for size, count in sorted(groups, reverse=True):
+        for i in range(len(free)):
+            if count == 0:
+                break
+            k = min(count, int((free[i] + _EPS) // size))
+            free[i] -= k * size
+            count -= k
+        per_bin = int((capacity + _EPS) // size)
+        while count > 0:
+            k = min(count, per_bin)
+            free.append(capacity - k * size)
+            count -= k
+    return free
+
+
+def pack(actors: Iterable[tuple[float, int]], gpus_per_node: int) -> tuple[int, int]:
+    """``(GPUs, nodes)`` for ``count`` actors of ``num_gpus`` each, per ``(num_gpus, count)`` pair.
+
+    Actors with a fraction of a GPU share whole GPUs (any pools); an actor with n >= 1 GPUs holds n
+    GPUs of one node.
+    """
+    if gpus_per_node < 1:
+        raise SizingError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    whole: dict[float, int] = {}
+    fractional: dict[float, int] = {}
+    for g, n in actors:
+        if g <= 0 or n <= 0:
+            continue
+        if g > gpus_per_node + _EPS:
+            raise SizingError(f"an actor with {g:g} GPUs does not fit on a node of {gpus_per_node} GPUs")
+        target = whole if g >= 1 - _EPS else fractional
+        target[g] = target.get(g, 0) + n
+    shared = len(_first_fit_decreasing(fractional.items(), 1.0))
+    items = [*whole.items(), (1.0, shared)] if shared else list(whole.items())
+    nodes = len(_first_fit_decreasing(items, float(gpus_per_node)))
+    return round(sum(g * n for g, n in whole.items())) + shared, nodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan.
+
+
+def size(
+    m: Measurement,
+    images: int,
+    hours: float,
+    gpus_per_node: int = 8,
+    headroom: float = 0.0,
+    objects_per_image: float | None = None,
+    cpus_per_node: int | None = None,
+) -> Plan:
+    """Size every pool of ``m`` to process ``images`` in ``hours`` (plus ``headroom``, a fraction)."""
+    if images < 1:
+        raise SizingError(f"--images must be >= 1, got {images}")
+    if not hours > 0:
+        raise SizingError(f"--hours must be > 0, got {hours}")
+    if headroom < 0:
+        raise SizingError(f"--headroom must be >= 0 (a fraction: 0.15 for 15%), got {headroom}")
+    if cpus_per_node is not None and cpus_per_node < 1:
+        raise SizingError(f"--cpus-per-node must be >= 1, got {cpus_per_node}")
+    if not m.pools:
+        raise SizingError(f"{m.source}: no pools to size")
+    missing = [s for p in m.pools for s in p.stages if s not in m.rates]
+    if missing:
+        raise SizingError(f"{m.source}: no rate for stage(s) {missing}; give them with --rates "
+                          f"{','.join(f'{s}=IMAGES_PER_S' for s in missing)} (a negligible stage: {missing[0]}=inf)")
+    bad = {s: r for s, r in m.rates.items() if not r > 0}
+    if bad:
+        raise SizingError(f"{m.source}: rates must be > 0 images/s, got {bad}")
+    opi_m = m.objects_per_image
+    scale = 1.0
+    if objects_per_image is not None:
+        if objects_per_image <= 0:
+            raise SizingError(f"--objects-per-image must be > 0, got {objects_per_image}")
+        if opi_m is None:
+            raise SizingError(f"{m.source}: the measured objects per image is unknown, so the per-object stages "
+                              f"{list(PER_OBJECT_STAGES)} cannot be scaled; add --measured-objects-per-image")
+        if opi_m <= 0:
+            raise SizingError(f"{m.source}: measured objects per image is {opi_m}: no per-object work was measured")
+        scale = opi_m / objects_per_image
+
+    required = images / (hours * 3600.0)
+    target = required * (1.0 + headroom)
+    rates = {s: (r * scale if s in PER_OBJECT_STAGES else r) for s, r in m.rates.items()}
+
+    pool_plans, stage_rows = [], []
+    for p in m.pools:
+        rate = _pool_rate([rates[s] for s in p.stages])
+        workers = 1 if math.isinf(rate) else _ceil(target / rate)
+        pool_plans.append(PoolPlan(
+            name=p.name, kind=p.kind, stages=p.stages, rate=rate, workers=workers, num_gpus=p.num_gpus,
+            num_cpus=p.num_cpus, gpus=workers * p.num_gpus, cpus=workers * p.cpus_per_worker,
+            load=0.0 if math.isinf(rate) else target / (workers * rate)))
+        for s in p.stages:
+            stage_rows.append((s, p, rates[s]))
+    gpu_cost = {s: p.num_gpus / r for s, p, r in stage_rows}
+    cpu_cost = {s: p.cpus_per_worker / r for s, p, r in stage_rows}
+    resource = "GPU" if any(v > 0 for v in gpu_cost.values()) else "CPU"
+    cost = gpu_cost if resource == "GPU" else cpu_cost
+    total = sum(cost.values())
+    stage_plans = tuple(
+        StagePlan(stage=s, pool=p.name, rate=r, gpus_per_worker=p.num_gpus, gpu_seconds_per_image=gpu_cost[s],
+                  cpu_seconds_per_image=cpu_cost[s], gpus=target * gpu_cost[s],
+                  share=cost[s] / total if total else 0.0)
+        for s, p, r in stage_rows)
+    gpus, nodes = pack([(p.num_gpus, p.workers) for p in pool_plans if p.num_gpus > 0], gpus_per_node)
+    cpus = sum(p.cpus for p in pool_plans)
+    if cpus_per_node is not None:
+        nodes = max(nodes, math.ceil(cpus / cpus_per_node - _EPS))
+    bottleneck = max(stage_plans, key=lambda s: cost[s.stage]).stage
+    return Plan(images=images, hours=hours, headroom=headroom, required_rate=required, target_rate=target,
+                gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node, stages=stage_plans,
+                pools=tuple(pool_plans), gpus=gpus, nodes=nodes, cpus=cpus, bottleneck=bottleneck,
+                resource=resource, objects_per_image=objects_per_image if objects_per_image is not None else opi_m,
+                measured_objects_per_image=opi_m, measurement=m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading measurements: run records, configs, --rates.
+
+
+def parse_rates(specs: Iterable[str]) -> dict[str, float]:
+    """``["tag=8,caption=5", "describe=1.5"]`` -> ``{"tag": 8.0, ...}``; ``inf`` marks a negligible stage."""
+    rates: dict[str, float] = {}
+    for spec in specs:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            stage, sep, value = part.partition("=")
+            stage = stage.strip()
+            if not sep or not stage:
+                raise SizingError(f"--rates {part!r}: expected stage=images_per_second, e.g. describe=1.5")
+            try:
+                rate = float(value)
+            except ValueError:
+                raise SizingError(f"--rates {part!r}: {value!r} is not a number of images/s") from None
+            if not rate > 0:
+                raise SizingError(f"--rates {part!r}: the rate must be > 0 images/s")
+            rates[stage] = rate
+    return rates
+
+
+def _where(source: str, path: str) -> str:
+    return f"{source}: field {path!r}"
+
+
+def _number(data: Mapping, key: str, source: str, path: str, minimum: float = 0.0, optional: bool = False):
+    if key not in data:
+        if optional:
+            return None
+        raise SizingError(f"{_where(source, path)} is missing")
+    v = data[key]
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum:
+        raise SizingError(f"{_where(source, path)}: expected a number >= {minimum:g}, got {v!r}")
+    return v
+
+
+def _integer(data: Mapping, key: str, source: str, path: str, minimum: int = 0, optional: bool = False):
+    v = _number(data, key, source, path, minimum, optional)
+    if v is not None and v != int(v):
+        raise SizingError(f"{_where(source, path)}: expected a whole number, got {v!r}")
+    return None if v is None else int(v)
+
+
+def _mapping(data: Mapping, key: str, source: str, path: str, optional: bool = False) -> dict | None:
+    if key not in data:
+        if optional:
+            return None
+        raise SizingError(f"{_where(source, path)} is missing")
+    v = data[key]
+    if not isinstance(v, dict):
+        raise SizingError(f"{_where(source, path)}: expected a mapping, got {v!r}")
+    return v
+
+
+def measurement_from_record(record: Any, source: str) -> Measurement:
+    """A Measurement from a parsed run record (``<output>/runs/<time>.json``); errors name the field."""
+    if not isinstance(record, dict):
+        raise SizingError(f"{source}: expected a JSON object (a datagen run record), got {type(record).__name__}")
+    if record.get("kind") != RUN_RECORD_KIND:
+        raise SizingError(f"{_where(source, 'kind')}: expected {RUN_RECORD_KIND!r} (a record that "
+                          f"python -m datagen run writes to <output>/{RUNS_DIR}/), got {record.get('kind')!r}")
+    version = _integer(record, "version", source, "version", 1)
+    if version > 1:
+        raise SizingError(f"{_where(source, 'version')}: version {version} is newer than this code reads (1)")
+    stages = _mapping(record, "stages", source, "stages")
+    rates = {}
+    for name, st in stages.items():
+        if not isinstance(st, dict):
+            raise SizingError(f"{_where(source, f'stages.{name}')}: expected a mapping, got {st!r}")
+        rows = _integer(st, "rows", source, f"stages.{name}.rows")
+        busy = _number(st, "busy_seconds", source, f"stages.{name}.busy_seconds")
+        if rows > 0 and busy > 0:
+            rates[name] = rows / busy
+    pools = []
+    for name, p in _mapping(record, "pools", source, "pools").items():
+        where = f"pools.{name}"
+        if not isinstance(p, dict):
+            raise SizingError(f"{_where(source, where)}: expected a mapping, got {p!r}")
+        names = p.get("stages")
+        if not isinstance(names, list) or not names or not all(isinstance(s, str) for s in names):
+            raise SizingError(f"{_where(source, where + '.stages')}: expected a list of stage names, got {names!r}")
+        num_gpus = _number(p, "num_gpus", source, f"{where}.num_gpus")
+        num_cpus = _number(p, "num_cpus", source, f"{where}.num_cpus")
+        actors = _integer(p, "actors", source, f"{where}.actors", 1)
+        max_actors = _integer(p, "max_actors", source, f"{where}.max_actors", 1, optional=True)
+        pools.append(Pool(name, tuple(names), num_gpus, num_cpus, workers=max_actors or actors))
+    tasks = _mapping(record, "cpu_tasks", source, "cpu_tasks", optional=True) or {}
+    for name in CPU_TASK_STAGES:
+        if name not in rates:
+            continue  # not measured (e.g. an older record): not sized
+        t = tasks.get(name, {})
+        if not isinstance(t, dict):
+            raise SizingError(f"{_where(source, f'cpu_tasks.{name}')}: expected a mapping, got {t!r}")
+        n = _integer(t, "tasks", source, f"cpu_tasks.{name}.tasks", 1, optional=True)
+        cpus = _number(t, "num_cpus", source, f"cpu_tasks.{name}.num_cpus", optional=True)
+        task_pool = Pool(name, (name,), 0.0, 1.0 if cpus is None else cpus, tasks=True, workers=n)
+        pools = [task_pool, *pools] if name == "decode" else [*pools, task_pool]
+    models = {}
+    for stage, spec in (_mapping(record, "models", source, "models", optional=True) or {}).items():
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            models[stage] = f"{spec['name']} ({spec.get('backend', '?')})"
+    return Measurement(
+        rates=rates, pools=tuple(pools), source=source,
+        objects_per_image=_number(record, "objects_per_image", source, "objects_per_image", optional=True),
+        processed=_integer(record, "processed", source, "processed"),
+        wall_seconds=_number(record, "wall_seconds", source, "wall_seconds"),
+        nodes=_integer(record, "nodes", source, "nodes", optional=True) or 0,
+        startup_seconds=_number(record, "startup_seconds", source, "startup_seconds", optional=True),
+        startup_rows=_integer(record, "startup_rows", source, "startup_rows", optional=True) or 0,
+        models=models)
+
+
+def _fs(location: str):
+    """The fsspec filesystem, the path in it, and a URL maker (fsspec alone: no torch to import)."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(str(location))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return fs, path.rstrip("/") or path, (lambda p: p if local else f"{protocol}://{p}")
+
+
+def record_path(location: str) -> str:
+    """The run record to read for ``location``: a .json file, or the newest ``runs/*.json`` of an output."""
+    fs, root, url = _fs(location)
+    if not fs.exists(root):
+        raise SizingError(f"{location}: not found (give a datagen output folder or a run record .json)")
+    if not fs.isdir(root):
+        return location
+    folder = f"{root}/{RUNS_DIR}" if fs.isdir(f"{root}/{RUNS_DIR}") else root
+    found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+    if not found:
+        raise SizingError(f"{location}: no run records in {url(folder)} (python -m datagen run writes "
+                          f"<output>/{RUNS_DIR}/<time>.json after each run that processed inputs)")
+    return url(found[-1])
+
+
+def load_measurement(location: str) -> Measurement:
+    """The Measurement of a run record file, or of the newest record of a datagen output folder."""
+    path = record_path(location)
+    fs, p, _ = _fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            record = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SizingError(f"{path}: not valid JSON ({e})") from None
+    return measurement_from_record(record, path)
+
+
+def measurement_from_config(cfg, source: str) -> Measurement:
+    """The pools of a DatagenConfig (rates to be given with --rates)."""
+    ex = cfg.execution
+    pools = [Pool("decode", ("decode",), 0.0, ex.decode_cpus, tasks=True, workers=ex.decode_tasks)]
+    pools += [Pool(name, tuple(p.stages), p.num_gpus, p.num_cpus, workers=p.max_actors or p.actors)
+              for name, p in cfg.pools.items()]
+    pools.append(Pool("pack", ("pack",), 0.0, ex.pack_cpus, tasks=True, workers=ex.pack_tasks))
+    models = {}
+    for name in cfg.stage_names:
+        spec = getattr(cfg.stages[name], "model", None)
+        if spec is not None:
+            models[name] = f"{spec.name} ({spec.backend})"
+    return Measurement(rates={}, pools=tuple(pools), source=source, models=models)
+
+
+def with_rates(m: Measurement, rates: Mapping[str, float], objects_per_image: float | None = None) -> Measurement:
+    """``m`` with ``rates`` replacing (or adding) stage rates; CPU-task pools without any rate are dropped."""
+    known = {s for p in m.pools for s in p.stages}
+    unknown = sorted(set(rates) - known)
+    if unknown:
+        raise SizingError(f"--rates: stage(s) {unknown} are not run by {m.source}; its stages: {sorted(known)}")
+    merged = {**m.rates, **rates}
+    pools = tuple(p for p in m.pools if not p.tasks or all(s in merged for s in p.stages))
+    opi = m.objects_per_image if objects_per_image is None else objects_per_image
+    return replace(m, rates=merged, pools=pools, objects_per_image=opi,
+                   overridden=tuple(sorted(set(m.overridden) | set(rates))))
+
+
+def measurement_from_rates(rates: Mapping[str, float], objects_per_image: float | None = None) -> Measurement:
+    """Rates alone: each model stage in its own pool of one-GPU actors (filter on a CPU), decode/pack as tasks."""
+    pools = []
+    for s in rates:
+        if s in CPU_TASK_STAGES:
+            pools.append(Pool(s, (s,), 0.0, 1.0, tasks=True))
+        else:
+            pools.append(Pool(s, (s,), 0.0 if s in CPU_ONLY_STAGES else 1.0, 1.0))
+    return Measurement(rates=dict(rates), pools=tuple(pools), objects_per_image=objects_per_image,
+                       source="--rates (one 1-GPU actor pool per stage)", overridden=tuple(rates))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI (``python -m datagen size``; the parser lives with the other subcommands in datagen.run).
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m datagen size``."""
+    p.add_argument("--from", dest="source", metavar="OUTPUT_OR_JSON",
+                   help="a datagen output folder (its newest runs/*.json) or one run record .json")
+    p.add_argument("--config", help="size this config's pools (with --rates), e.g. configs/datagen/real.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --config, e.g. --set pools.detect.num_gpus=1")
+    p.add_argument("--rates", action="append", default=[], metavar="STAGE=IMG_PER_S,...",
+                   help="images/s of one worker of each stage while busy (the summary's img/s/worker), "
+                        "measured elsewhere; replaces measured rates; 'inf' for a negligible stage")
+    p.add_argument("--images", type=int, required=True, help="images to process, e.g. 3300000 for CC3M")
+    p.add_argument("--hours", type=float, default=24.0, help="in how many hours (default 24)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per node, if CPUs may decide the node count")
+    p.add_argument("--headroom", type=float, default=0.0,
+                   help="extra capacity as a fraction, e.g. 0.15 (start-up, stragglers, the last shards)")
+    p.add_argument("--objects-per-image", type=float, default=None,
+                   help="expected objects per image of the full run (default: as measured); scales describe/score")
+    p.add_argument("--measured-objects-per-image", type=float, default=None,
+                   help="objects per image at which --rates for describe/score were measured")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    rates = parse_rates(args.rates)
+    if args.source and args.config:
+        raise SizingError("give --from (a measured run: its pools and rates) or --config (pools, with --rates), not both")
+    if args.set and not args.config:
+        raise SizingError("--set changes --config; without --config there is nothing to set")
+    if args.source:
+        m = load_measurement(args.source)
+        m = with_rates(m, rates, args.measured_objects_per_image) if rates or args.measured_objects_per_image else m
+    elif args.config:
+        from .config import ConfigError, load_config
+        from .run import _overrides
+
+        try:
+            cfg = load_config(args.config, _overrides(args.set))
+        except ConfigError as e:
+            raise SizingError(str(e)) from None
+        m = with_rates(measurement_from_config(cfg, args.config), rates, args.measured_objects_per_image)
+    elif rates:
+        m = measurement_from_rates(rates, args.measured_objects_per_image)
+    else:
+        raise SizingError("nothing to size from: give --from <output or run record>, or --rates (with --config)")
+    return size(m, args.images, args.hours, gpus_per_node=args.gpus_per_node, headroom=args.headroom,
+                objects_per_image=args.objects_per_image, cpus_per_node=args.cpus_per_node)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m datagen size ...`` without importing the pipeline (datagen.__main__ calls this)."""
+    p = argparse.ArgumentParser(prog="python -m datagen size", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main(p.parse_args(argv))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the plan (a table, or JSON with --json); 2 on a bad request or measurement."""
+    import sys
+
+    try:
+        plan = plan_from_args(args)
+    except SizingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json(), indent=1, allow_nan=False) if args.json else plan.format())
+    return 0
