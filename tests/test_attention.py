@@ -161,6 +161,37 @@ def test_position_net_tokens_and_null_feature():
     torch.testing.assert_close(out["text_feat"][1, 1], null.expand(77, -1))
 
 
+def test_position_net_skips_dead_tokens_and_the_fusers_cannot_tell():
+    """With the attention bias given, dead tokens (NEG_BIAS) get the null output instead of the MLP's;
+    both fuser forms give the same outputs and gradients as with every token computed."""
+    rng = np.random.default_rng(7)
+    layouts = [random_layout(rng, 5, 48, 48, max_slots=6) for _ in range(2)]
+    objs = random_objs(layouts, max_slots=7, context_dim=CONTEXT)
+    bias = objs["attention_bias"]
+    torch.manual_seed(0)
+    net = PositionNet(text_dim=16, out_dim=CONTEXT, fourier_freqs=8, hidden_dim=32)
+    text, boxes = torch.randn(2, 7, 77, 16), torch.rand(2, 7, 77, 4)
+    inputs = dict(text_embeddings=text, bbox_embeddings=boxes, object_masks=objs["object_masks"])
+    every = net(**inputs)["text_feat"]  # no bias given: every token of a real slot through the MLP
+    live_only = net(**inputs, attention_bias=bias)["text_feat"]
+    dead = (bias < bias.amax(dim=2, keepdim=True) - 100) & (objs["object_masks"][..., None] > 0)
+    assert dead.any() and (~dead & (objs["object_masks"][..., None] > 0)).any()
+    torch.testing.assert_close(live_only[~dead], every[~dead], rtol=0, atol=0)
+    null = net.linears(net.null_text_feature)
+    torch.testing.assert_close(live_only[dead], null.expand(int(dead.sum()), -1))
+    fuser = _fuser(7)
+    x = torch.randn(2, 36, DIM)
+    for implementation in ("naive", "packed"):
+        fuser.implementation = implementation
+        outs = []
+        for feats in (every, live_only):
+            out = fuser(x, {**objs, "text_feat": feats})
+            outs.append((out, torch.autograd.grad(out.square().sum(), list(net.parameters()), retain_graph=True)))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+        for g_live, g_every in zip(outs[1][1], outs[0][1], strict=True):
+            torch.testing.assert_close(g_live, g_every, rtol=1e-5, atol=1e-6 * max(1.0, float(g_every.abs().max())))
+
+
 def test_bad_implementation_name_fails():
     with pytest.raises(ValueError, match="implementation"):
         RegionalCrossAttention(DIM, CONTEXT, HEADS, DIM // HEADS, implementation="flash")

@@ -86,14 +86,21 @@ class PositionNet(nn.Module):
             real = object_masks.to(dtype)[:, :, None, None]
             feats = feats * real + (1 - real) * self.null_text_feature
             return {**objs, "text_feat": self.linears(feats), "object_masks": object_masks}
-        # Hard masks: the MLP runs on the real slots only; every padded slot gets the null input's output,
-        # computed once (padded slots are most of the max_slots rows).
-        real_index = flat_masks.nonzero().squeeze(1)
+        # Hard masks: the MLP runs on the live tokens of real slots only. Every other row gets the null
+        # input's output, computed once: padded slots (most of the max_slots rows) by definition, and dead
+        # tokens (bias DEAD_MARGIN below their slot's best, most of a slot's 77) because their softmax
+        # weight is exactly 0 in every fuser, so no value of theirs reaches the output or a gradient.
+        live = flat_masks.bool()[:, None].expand(b * s, t)
+        bias = objs.get("attention_bias")
+        if bias is not None:
+            bias = bias.reshape(b * s, t)
+            live = live & (bias >= bias.amax(dim=1, keepdim=True) - DEAD_MARGIN)
+        live_index = live.reshape(-1).nonzero().squeeze(1)
         null = self.linears(self.null_text_feature)
-        text_feat = null.expand(b * s, t, null.shape[-1])
-        if len(real_index):
-            real_feat = self.linears(feats.reshape(b * s, t, -1)[real_index])
-            text_feat = text_feat.index_copy(0, real_index, real_feat)
+        text_feat = null.expand(b * s * t, null.shape[-1])
+        if len(live_index):
+            live_feat = self.linears(feats.reshape(b * s * t, -1)[live_index])
+            text_feat = text_feat.index_copy(0, live_index, live_feat)
         return {**objs, "text_feat": text_feat.reshape(b, s, t, -1), "object_masks": object_masks}
 
 
