@@ -186,10 +186,14 @@ def test_position_net_skips_dead_tokens_and_the_fusers_cannot_tell():
         outs = []
         for feats in (every, live_only):
             out = fuser(x, {**objs, "text_feat": feats})
-            outs.append((out, torch.autograd.grad(out.square().sum(), list(net.parameters()), retain_graph=True)))
+            outs.append(
+                (out, torch.autograd.grad(out.square().sum(), list(net.parameters()), retain_graph=True))
+            )
         torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
         for g_live, g_every in zip(outs[1][1], outs[0][1], strict=True):
-            torch.testing.assert_close(g_live, g_every, rtol=1e-5, atol=1e-6 * max(1.0, float(g_every.abs().max())))
+            torch.testing.assert_close(
+                g_live, g_every, rtol=1e-5, atol=1e-6 * max(1.0, float(g_every.abs().max()))
+            )
 
 
 def test_bad_implementation_name_fails():
