@@ -4,7 +4,9 @@ A run is defined by ``DatagenConfig``. ``fingerprint_dict`` is the part that dec
 contains (inputs and their sharding, decode bounds, each stage's models, prompts and thresholds); it
 goes into ``run.json`` and its fingerprint guards resumes. How the work is spread over a machine or a
 cluster (actor pools, GPUs per actor, batch sizes, chunk size, parallelism) is not part of it, so a
-run started on one machine can be resumed on another.
+run started on one machine can be resumed on another. ``vlm`` picks the VLM stages' engine
+(transformers, or vLLM through ray.data.llm); the vLLM engine and its output-relevant settings are
+fingerprinted, its sizes (GPUs, batch sizes, memory) are not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from .stages import vlm_vllm
 from .stages.decode import DecodeConfig
+from .stages.vlm_vllm import VllmConfig, uses_vlm
 from .stages.write import WriteConfig
 
 # The model stages in pipeline order: name -> (module, stage class, config class). A fixed table in code:
@@ -36,6 +40,7 @@ _STAGE_CLASSES = {
 }
 # What each stage reads that an earlier stage writes.
 _NEEDS = {"ground": "tag", "segment": "ground", "describe": "ground", "score": "describe", "filter": "ground"}
+VLM_ENGINES = ("transformers", "vllm")
 
 
 class ConfigError(ValueError):
@@ -73,6 +78,19 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class VlmConfig:
+    """The engine of the stages that ask the VLM: tag (method "vlm"), caption and describe."""
+
+    engine: str = "transformers"  # "transformers": batched generate in the pools' actors (stages/vlm.py);
+    #                               "vllm": ray.data.llm processors on vLLM (stages/vlm_vllm.py, GPUs only)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # the vLLM engine, used by engine "vllm"
+
+    def __post_init__(self) -> None:
+        if self.engine not in VLM_ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {VLM_ENGINES}")
+
+
+@dataclass(frozen=True)
 class ExecutionConfig:
     """How the work is spread; none of it changes the output."""
 
@@ -96,6 +114,7 @@ class DatagenConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     stages: dict[str, Any] = field(default_factory=dict)  # stage name -> its config (StageConfig class)
+    vlm: VlmConfig = field(default_factory=VlmConfig)  # the VLM stages' engine
     pools: dict[str, PoolConfig] = field(default_factory=dict)  # pool name -> pool, in pipeline order
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
@@ -103,6 +122,17 @@ class DatagenConfig:
     def stage_names(self) -> tuple[str, ...]:
         """The model stages that run, in order."""
         return tuple(s for p in self.pools.values() for s in p.stages)
+
+    def vllm_stages(self) -> tuple[str, ...]:
+        """The stages that run on vLLM (``vlm.engine: vllm``): those that ask the VLM; else none."""
+        if self.vlm.engine != "vllm":
+            return ()
+        return tuple(s for s in self.stage_names if uses_vlm(s, self.stages.get(s)))
+
+    def runs_on_vllm(self, pool: PoolConfig) -> bool:
+        """Whether a pool is a vLLM processor (its stages all run on vLLM) rather than an actor pool."""
+        mine = self.vllm_stages()
+        return bool(mine) and all(s in mine for s in pool.stages)
 
     def batch_size(self, stage: str) -> int:
         """Rows per call of a model stage (its config's ``batch_size`` hint)."""
@@ -231,6 +261,44 @@ def validate(cfg: DatagenConfig) -> None:
         raise ConfigError("config.write.jpeg_quality must be in 1..100")
     if cfg.decode.min_side < 1 or cfg.decode.max_side < cfg.decode.min_side:
         raise ConfigError("config.decode: needs 1 <= min_side <= max_side")
+    _validate_vllm(cfg)
+
+
+def _validate_vllm(cfg: DatagenConfig) -> None:
+    """``vlm.engine: vllm``: vLLM installed, VLM stages in pools of their own, whole GPUs, real weights."""
+    mine = cfg.vllm_stages()
+    if not mine:
+        return
+    if not vlm_vllm.vllm_available():
+        raise ConfigError(
+            f"config.vlm.engine: 'vllm' runs the stages {list(mine)} on vLLM, which is not installed in this "
+            f"environment: {vlm_vllm.INSTALL_HINT}. Or set vlm.engine: transformers (the default)."
+        )
+    gpus = cfg.vlm.vllm.gpus_per_replica
+    for name, p in cfg.pools.items():
+        where = f"config.pools.{name}"
+        vlm = [s for s in p.stages if s in mine]
+        if not vlm:
+            continue
+        if len(vlm) < len(p.stages):
+            others = [s for s in p.stages if s not in mine]
+            raise ConfigError(
+                f"{where}: with vlm.engine vllm the stages {vlm} run as a ray.data.llm processor and cannot share "
+                f"a pool with {others}; give them a pool of their own, e.g. pools: {{vlm: {{stages: {vlm}}}, ...}}"
+            )
+        if p.num_gpus != gpus:
+            raise ConfigError(
+                f"{where}.num_gpus: {p.num_gpus:g}, but each vLLM engine replica takes {gpus} whole GPU(s) "
+                f"(tensor_parallel_size x pipeline_parallel_size): set num_gpus: {gpus}"
+            )
+        specs = {s: cfg.stages[s].model for s in vlm}
+        if len({(m.name, m.revision, m.dtype) for m in specs.values()}) > 1:
+            raise ConfigError(f"{where}: the stages {vlm} share one vLLM engine but name different models "
+                              f"({ {s: m.name for s, m in specs.items()} }); give them the same model or separate pools")
+        for s, m in specs.items():
+            if m.backend != "hf":
+                raise ConfigError(f"config.stages.{s}.model: vLLM loads real checkpoints, not backend {m.backend!r}; "
+                                  "use a hub id or a local folder (models: real)")
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> DatagenConfig:
@@ -274,10 +342,16 @@ def fingerprint_dict(cfg: DatagenConfig, inputs: dict) -> dict:
     """What defines a run's output: ``inputs`` (uris, count, keys digest), bounds, models, prompts, thresholds."""
     from shards import SCHEMA_VERSION
 
-    return {
+    out = {
         "schema_version": SCHEMA_VERSION,
         "inputs": {**inputs, **to_dict(cfg.inputs)},
         "decode": to_dict(cfg.decode),
         "write": to_dict(cfg.write),
         "stages": {name: _without_batch_sizes(to_dict(cfg.stages[name])) for name in cfg.stage_names},
     }
+    if cfg.vllm_stages():  # only then: runs on the transformers engine keep their fingerprints
+        v = cfg.vlm.vllm
+        out["vlm"] = {"engine": cfg.vlm.engine, "model_source": v.model_source, "max_model_len": v.max_model_len,
+                      "chat_template_content_format": v.chat_template_content_format,
+                      "engine_kwargs": v.engine_kwargs}
+    return out

@@ -2,7 +2,9 @@
 
     chunks of input items
       -> decode        CPU tasks (TaskPoolStrategy, ``execution.decode_tasks`` at a time)
-      -> pool 1..n     actor pools (ActorPoolStrategy): each actor loads its stages' models once
+      -> pool 1..n     actor pools (ActorPoolStrategy): each actor loads its stages' models once;
+                       with ``vlm.engine: vllm`` a pool of VLM stages is a ray.data.llm processor instead
+                       (chunks -> request rows -> vLLM -> chunks: ``stages/vlm_vllm.py``)
       -> pack          CPU tasks: JPEG-encode and validate each row
       -> driver        groups rows by shard; a full shard goes to one ``write_shard`` Ray task
 
@@ -15,9 +17,11 @@ variable-sized arrays); Ray serialises them in its object store, nothing is pick
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import pickle
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from .config import DatagenConfig, PoolConfig, stage_classes
 from .inputs import InputItem
-from .stages import StageError, error_text
+from .stages import StageError, error_text, vlm_vllm
 from .stages.decode import STAGE as DECODE
 from .stages.decode import DecodeConfig, DecodeStage
 from .stages.write import WriteConfig, pack, write_shard
@@ -199,8 +203,55 @@ class PoolWorker:
         return pd.DataFrame({"shard": df["shard"], "chunk": chunks})
 
 
+def _explode_fn(row: dict, stages: dict) -> list[dict]:
+    return vlm_vllm.explode_chunk(row["chunk"], stages)
+
+
+class ChunkAssembleWorker:
+    """The single actor after a vLLM processor: answer rows back into chunks (``vlm_vllm.ChunkAssembler``).
+
+    A generator: a batch that completes no chunk yields nothing; all rows of a chunk reach this one
+    actor, in any order, so no shuffle (a barrier) is needed.
+    """
+
+    def __init__(self, stages: dict):
+        self.assembler = vlm_vllm.ChunkAssembler(stages)
+
+    def __call__(self, df: pd.DataFrame) -> Iterator[pd.DataFrame]:
+        chunks = self.assembler.add_all(df.to_dict("records"))
+        if chunks:
+            yield pd.DataFrame({"shard": [c["shard"] for c in chunks], "chunk": chunks})
+
+
+def vllm_pool(ds: ray.data.Dataset, cfg: DatagenConfig, pool: PoolConfig) -> ray.data.Dataset:
+    """A pool of VLM stages on vLLM: chunks -> request rows -> ray.data.llm processor -> chunks.
+
+    Building the processor reads the model's config and tokenizer here (the driver); vLLM itself is
+    imported only by the processor's workers.
+    """
+    from ray.data.llm import build_processor
+
+    stages = {name: cfg.stages[name] for name in pool.stages}
+    v = cfg.vlm.vllm
+    ds = ds.flat_map(_explode_fn, fn_kwargs={"stages": stages}, num_cpus=v.cpu_stage_cpus)
+    processor = build_processor(
+        vlm_vllm.processor_config(v, cfg.stages[pool.stages[0]].model, pool),
+        preprocess=vlm_vllm.preprocess,
+        postprocess=functools.partial(vlm_vllm.postprocess, stages=stages),
+        preprocess_map_kwargs={"num_cpus": v.cpu_stage_cpus},
+        postprocess_map_kwargs={"num_cpus": v.cpu_stage_cpus},
+    )
+    return processor(ds).map_batches(
+        ChunkAssembleWorker, fn_constructor_kwargs={"stages": stages}, batch_size=None, batch_format="pandas",
+        compute=ActorPoolStrategy(size=1), num_cpus=v.cpu_stage_cpus)
+
+
 def _pack_fn(df: pd.DataFrame, config: WriteConfig) -> pd.DataFrame:
-    return pd.DataFrame({"shard": df["shard"], "chunk": [pack_chunk(c, config) for c in df["chunk"]]})
+    # Packed chunks travel to the driver as pickled bytes: as plain data Arrow would make them nested
+    # structs, which Ray fails to concatenate when one block holds several chunks whose entries differ
+    # in shape (ok and failed entries, objects with and without masks), as after a vLLM processor.
+    packed = [pickle.dumps(pack_chunk(c, config), protocol=pickle.HIGHEST_PROTOCOL) for c in df["chunk"]]
+    return pd.DataFrame({"shard": df["shard"], "chunk": packed})
 
 
 def pool_remote_args(pool: PoolConfig) -> dict:
@@ -214,13 +265,16 @@ def pool_remote_args(pool: PoolConfig) -> dict:
 
 
 def build_dataset(chunks: list[dict], cfg: DatagenConfig) -> ray.data.Dataset:
-    """The lazy Ray dataset: decode -> each actor pool -> pack. One row per chunk."""
+    """The lazy Ray dataset: decode -> each actor pool (or vLLM processor) -> pack. One row per chunk."""
     ex = cfg.execution
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 10_000)))
     # batch_size=1: one chunk per call; the stages batch inside a chunk.
     ds = ds.map_batches(_decode_fn, fn_kwargs={"config": cfg.decode}, batch_size=1, batch_format="pandas",
                         compute=TaskPoolStrategy(size=ex.decode_tasks), num_cpus=ex.decode_cpus)
     for pool in cfg.pools.values():
+        if cfg.runs_on_vllm(pool):
+            ds = vllm_pool(ds, cfg, pool)
+            continue
         ds = ds.map_batches(PoolWorker, fn_constructor_kwargs={"cfg": cfg, "pool": pool}, batch_size=1,
                             batch_format="pandas", **pool_remote_args(pool))
     return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write}, batch_size=1, batch_format="pandas",
@@ -306,7 +360,7 @@ def _stage_error(exc: BaseException) -> StageError | None:
 def _iter_chunks(ds: ray.data.Dataset) -> Iterator[dict]:
     try:
         for row in ds.iter_rows():
-            yield row["chunk"]
+            yield pickle.loads(row["chunk"])
     except Exception as e:  # noqa: BLE001 - Ray wraps the stage's exception; unwrap it for the user
         err = _stage_error(e)
         if err is not None:

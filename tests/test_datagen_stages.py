@@ -436,6 +436,18 @@ def test_describe_keeps_the_phrase_when_the_answer_is_empty(describe, monkeypatc
     assert out["objects"][0][0]["description"] == "a red kite"
 
 
+def test_crops_to_describe_and_clean_description_are_what_both_engines_share():
+    cfg = DescribeConfig(model=TINY["vlm"], crop_short_side=32, max_crop_side=96)
+    objects = _objects(([0, 0, 40, 40], "dog", 0.9), ([0, 0, 10, 10], "cup", 0.5), ([0, 0, 64, 16], "bar", 0.4))
+    crops = describe_mod.crops_to_describe(_image(48, 64, 27), objects, cfg)
+    assert [(j, c.shape) for j, c in crops] == [(0, (32, 32, 3)), (2, (24, 96, 3))]  # the cup is under 32x32
+    assert [o["description"] for o in objects] == ["dog", "cup", "bar"]  # what small boxes and empty answers keep
+    assert describe_mod.clean_description(" a dog\n on  grass ") == "a dog on grass"
+    assert describe_mod.clean_description(" \ufffd 42 ") is None
+    assert tag_mod.tags_from_answer("", "A cat on a sofa", TagConfig()) == ["cat", "sofa"]
+    assert tag_mod.tags_from_answer("", "A cat on a sofa", TagConfig(caption_fallback=False)) == []
+
+
 def test_object_crop_size_and_aspect():
     cfg = DescribeConfig(model=TINY["vlm"], crop_short_side=512, max_crop_side=1536)
     image = _image(100, 200, 26)

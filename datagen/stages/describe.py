@@ -59,19 +59,36 @@ class DescribeStage:
             crops, where = [], []
             for k, objs in enumerate(objects):
                 image = as_image(batch["image"][rows[k]]) if objs else None
-                for j, obj in enumerate(objs):
-                    obj["description"] = obj["phrase"]  # kept for small boxes and empty answers
-                    if box_area(obj["box"]) >= cfg.min_crop_area:
-                        crops.append(object_crop(image, obj["box"], cfg))
-                        where.append((k, j))
+                for j, crop in crops_to_describe(image, objs, cfg):
+                    crops.append(crop)
+                    where.append((k, j))
             answers = ask(self.model, self.processor, crops, cfg)
             for (k, j), answer in zip(where, answers, strict=True):
-                text = clean_text(answer)
-                if any(c.isalpha() for c in text):
+                text = clean_description(answer)
+                if text is not None:
                     objects[k][j]["description"] = text
             return {"objects": objects}
 
         return run_rows(batch, STAGE, describe, ("objects",))
+
+
+def crops_to_describe(image: np.ndarray | None, objects: list[dict], cfg: DescribeConfig) -> list[tuple[int, np.ndarray]]:
+    """``(object index, crop)`` of each object of one image big enough to describe (any engine).
+
+    Sets every object's ``description`` to its phrase first: what small boxes and empty answers keep.
+    """
+    crops = []
+    for j, obj in enumerate(objects):
+        obj["description"] = obj["phrase"]
+        if box_area(obj["box"]) >= cfg.min_crop_area:
+            crops.append((j, object_crop(image, obj["box"], cfg)))
+    return crops
+
+
+def clean_description(answer: str) -> str | None:
+    """An answer as a description: whitespace collapsed; None (keep the phrase) when it has no letter."""
+    text = clean_text(answer)
+    return text if any(c.isalpha() for c in text) else None
 
 
 def box_area(box: Sequence[float]) -> float:

@@ -84,18 +84,19 @@ class VlmTagger:
         self.model, self.processor = load_model(config.model)
 
     def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str | None]) -> list[list[str]]:
-        cfg = self.config
-        answers = ask(self.model, self.processor, images, cfg)
-        tags = []
-        for answer, caption in zip(answers, captions, strict=True):
-            # A list, else the phrases of a sentence answer, else the source caption's.
-            found = parse_tag_list(answer, cfg.max_tags, cfg.max_words)
-            if not found:
-                found = caption_phrases(answer, cfg.max_tags, cfg.max_words)
-            if not found and cfg.caption_fallback:
-                found = caption_phrases(caption, cfg.max_tags, cfg.max_words)
-            tags.append(found)
-        return tags
+        answers = ask(self.model, self.processor, images, self.config)
+        return [tags_from_answer(a, c, self.config) for a, c in zip(answers, captions, strict=True)]
+
+
+def tags_from_answer(answer: str, caption: str | None, cfg: TagConfig) -> list[str]:
+    """The tags of one VLM answer (any engine): a list, else the phrases of a sentence answer, else
+    (``caption_fallback``) the source caption's phrases."""
+    found = parse_tag_list(answer, cfg.max_tags, cfg.max_words)
+    if not found:
+        found = caption_phrases(answer, cfg.max_tags, cfg.max_words)
+    if not found and cfg.caption_fallback:
+        found = caption_phrases(caption, cfg.max_tags, cfg.max_words)
+    return found
 
 
 @register_tagger("caption")

@@ -3,6 +3,7 @@
 One user turn per item (the image, then the prompt) through the processor's chat template; items are
 sorted by image area so each ``generate`` call batches images of similar size (less padding), with
 left padding as decoder-only generation needs, greedy decoding, and only the new tokens decoded.
+This is the ``transformers`` engine; ``vlm_vllm`` sends the same turns (``to_pil`` images, greedy) to vLLM.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def generate(
     answers: list[str] = [""] * len(images)
     for start in range(0, len(order), max(1, batch_size)):
         chunk = order[start : start + batch_size]
-        pil = [_to_pil(images[i], max_pixels) for i in chunk]
+        pil = [to_pil(images[i], max_pixels) for i in chunk]
         texts = [templates[prompts[i]] for i in chunk]
         for i, text in zip(chunk, _generate_chunk(model, processor, pil, texts, max_new_tokens), strict=True):
             answers[i] = text
@@ -61,7 +62,8 @@ def _chat_text(processor, prompt: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _to_pil(image: np.ndarray, max_pixels: int | None) -> Image.Image:
+def to_pil(image: np.ndarray, max_pixels: int | None) -> Image.Image:
+    """The image as the VLM sees it: a PIL image, downscaled to at most ``max_pixels`` (aspect kept)."""
     pil = Image.fromarray(image)
     if max_pixels and pil.width * pil.height > max_pixels:
         scale = (max_pixels / (pil.width * pil.height)) ** 0.5
