@@ -6,7 +6,10 @@ Same frozen UNet weights, same batch; a typical layout per sample (8 overlapping
 - base step: the UNet without the layout (the fusers are not called, so this is the stock UNet),
   forward and backward to the input latents (nothing of the base trains);
 - adapter step: the UNet with the layout, forward, backward to the adapter weights, AdamW step;
-- region-text encoding of the batch's layouts with an empty cache vs a warm one.
+- region-text encoding of the batch's layouts with an empty cache vs a warm one;
+- the floor: the fusers' K and V projections of the live region tokens alone (forward and backward,
+  the tokens each fuser needs at its level, its own weights). Every exact form of the model pays it, so
+  ``kv_floor_over_base`` bounds how close ``adapter_over_base`` can get to 1 on this configuration.
 
 Default (CPU, about a minute and a half): SDXL's real channel widths (320/640/1280, 64-dim heads) and 2048-wide
 text embeddings, one transformer layer per block (``training.tiny.benchmark_unet``), a 32x32 latent,
@@ -31,10 +34,12 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.adapter import attach_regional_adapter, set_adapter_trainable
+from training.attention import level_grid, level_plan
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.regions import reorganize_regions
 from training.tiny import benchmark_unet, tiny_tokenizers
@@ -109,6 +114,46 @@ def paired(fa, fb, repeats: int, device: torch.device) -> tuple[float, float, fl
         tb.append(_clock(fb, device))
     ratio = statistics.median(b / a for a, b in zip(ta, tb, strict=True))
     return statistics.median(ta), statistics.median(tb), ratio
+
+
+def kv_projection_floor(unet, gligen: dict, latent_hw: tuple[int, int]):
+    """A function running every fuser's K and V projection of its level's live tokens, fwd + bwd.
+
+    Live tokens per level come from the same index plans the packed fuser uses; each fuser's level is
+    recorded by a forward hook during one forward of the adapter model.
+    """
+    levels: list[tuple[torch.nn.Module, int]] = []
+    hooks = [
+        module.register_forward_hook(lambda m, args, out: levels.append((m, args[0].shape[1])))
+        for module in unet.modules()
+        if type(module).__name__ == "RegionalCrossAttention"
+    ]
+    with torch.no_grad():
+        objs = unet.position_net(**gligen)
+        sample = torch.zeros(gligen["region_map"].shape[0], 4, *latent_hw, device=gligen["region_map"].device)
+        dtype = next(unet.parameters()).dtype
+        unet(
+            sample.to(dtype), 0, torch.zeros(sample.shape[0], 77, 2048, device=sample.device, dtype=dtype),
+            added_cond_kwargs={"text_embeds": torch.zeros(sample.shape[0], 1280, device=sample.device, dtype=dtype),
+                               "time_ids": torch.zeros(sample.shape[0], 6, device=sample.device, dtype=dtype)},
+            cross_attention_kwargs={"gligen": gligen},
+        )  # fmt: skip
+    for hook in hooks:
+        hook.remove()
+    work = []
+    for fuser, n_pixels in levels:
+        plan = level_plan(objs, level_grid(latent_hw, n_pixels))
+        context = torch.randn(len(plan.live_index), objs["text_feat"].shape[-1], device=sample.device)
+        work.append((fuser.attn, context.to(fuser.attn.to_k.weight.dtype).requires_grad_(True)))
+
+    def run():
+        for attn, context in work:
+            loss = F.linear(context, attn.to_k.weight).sum() + F.linear(context, attn.to_v.weight).sum()
+            grads = torch.autograd.grad(loss, [context, attn.to_k.weight, attn.to_v.weight])
+            del grads
+
+    live = {n: len(level_plan(objs, level_grid(latent_hw, n)).live_index) for _, n in levels}
+    return run, live
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -187,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_base, t_adapter, adapter_over_base = paired(base_step, adapter_step, args.repeats, device)
     t_uncached, t_cached, _ = paired(encode_uncached, encode_cached, args.repeats, device)
+    kv_floor, live = kv_projection_floor(unet, gligen, (latent, latent))
+    _, t_kv, kv_over_base = paired(base_step, kv_floor, args.repeats, device)
     texts = sum(layout.n_slots for layout in layouts)
 
     rows = [
@@ -194,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("adapter step (fwd + bwd + AdamW)", t_adapter),
         (f"region texts, empty cache ({texts} texts)", t_uncached),
         ("region texts, warm cache", t_cached),
+        (f"floor: fusers' K/V of live tokens ({'/'.join(map(str, live.values()))})", t_kv),
     ]
     shape = "SDXL" if args.sdxl else "SDXL widths, 1 layer/block"
     print(f"{shape}, latent {latent}x{latent}, batch {b}, {device.type}, {dtype}; base {n_base / 1e6:.0f} M "
@@ -212,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cache_speedup": round(t_uncached / t_cached, 1),
         "encode_uncached_over_adapter_step": round(t_uncached / t_adapter, 3),
         "adapter_samples_per_s": round(b / t_adapter, 3),
+        "kv_floor_ms": round(1000 * t_kv, 1),
+        "kv_floor_over_base": round(kv_over_base, 3),
     }
     result = {"benchmark": "train_step", "figures": figures, "targets": {"adapter_over_base": 1.5}}
     print(json.dumps(result))
