@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from datagen.models import ModelSpec
-from training.generate import add_preset_arguments, config_from_args
+from training.generate import add_preset_arguments, config_from_args, run_cli
 from training.layouts import LayoutRecord, read_layouts
 from training.metrics import (
     SAM_SCORE_THRESHOLD,
@@ -300,14 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     ]
-    try:
-        cfg = config_from_args(EvalConfig, args, "evaluate", overrides)
-        summary = evaluate(cfg, args.images, args.layouts, args.out)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
-    return 0
+    return run_cli(
+        lambda: evaluate(
+            config_from_args(EvalConfig, args, "evaluate", overrides), args.images, args.layouts, args.out
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +119,17 @@ def config_from_args(cls: type, args: argparse.Namespace, section: str, override
     """The ``section`` config of a CLI's preset arguments, with ``overrides`` then ``--set`` applied."""
     preset = "tiny" if args.tiny and not args.config else args.preset
     return load_section(cls, preset, args.config, section, overrides + args.set)
+
+
+def run_cli(job: Callable[[], dict]) -> int:
+    """Run a CLI's job: its summary JSON (without the config) on stdout and 0, or one error line and 2."""
+    try:
+        summary = job()
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return 0
 
 
 def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
@@ -220,14 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "device",
     )
     overrides = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
-    try:
-        cfg = config_from_args(GenerateConfig, args, "generate", overrides)
-        summary = generate(cfg, args.layouts, args.out)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
-    return 0
+    return run_cli(
+        lambda: generate(
+            config_from_args(GenerateConfig, args, "generate", overrides), args.layouts, args.out
+        )
+    )
 
 
 if __name__ == "__main__":
