@@ -7,8 +7,9 @@
     python -m datagen size --from out/ --images 3300000 --hours 24   # GPUs for a target (datagen.sizing)
 
 Each run that processed inputs saves its measurements (per-stage rows and busy seconds, the pools'
-GPUs and CPUs per actor, objects per image, wall time, nodes) to ``<output>/runs/<UTC time>.json``:
-``python -m datagen size`` sizes a cluster from them.
+GPUs and CPUs per actor and engine, objects per image, wall time, nodes) to
+``<output>/runs/<UTC time>.json``: ``python -m datagen size`` sizes a cluster from them. Stages on
+vLLM (``vlm.engine: vllm``) report no busy time; ``size`` asks for their rates (``--rates``).
 
 Ray: an embedded local Ray by default; with ``RAY_ADDRESS`` set (or under ``ray job submit``) the run
 goes to that cluster. Resume is at shard granularity: a shard whose stats file exists is complete
@@ -46,7 +47,7 @@ RUN_RECORD_VERSION = 1
 CPU_TASK_STAGES = ("decode", "pack")  # the stages that run as plain CPU tasks, outside the actor pools
 
 PACKAGES = ("richlayout", "ray", "torch", "torchvision", "transformers", "open_clip_torch", "segment-anything",
-            "pillow", "numpy", "pyarrow", "pandas", "webdataset")
+            "pillow", "numpy", "pyarrow", "pandas", "webdataset", "vllm")  # recorded when installed
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Summary:
     started: str = ""  # UTC time the run started
     resources: dict = field(default_factory=dict)  # ray.cluster_resources() during the run
     record: str | None = None  # where this run's measurements were saved (<output>/runs/<time>.json)
+    vllm_stages: tuple[str, ...] = ()  # stages run on vLLM: no busy time of their own
 
     def format(self) -> str:
         """A readable table."""
@@ -95,6 +97,9 @@ class Summary:
                 per = rows / seconds if seconds > 0 else float("inf")
                 frac = seconds / self.wall_seconds if self.wall_seconds else 0.0
                 lines.append(f"  {stage:<10}{rows:>8}{seconds:>10.2f}{per:>14.2f}{frac:>11.2f}")
+        if self.vllm_stages:
+            lines.append(f"  {', '.join(self.vllm_stages)}: on vLLM, no busy time measured (Ray dashboard, Data view); "
+                         "python -m datagen size needs their rates with --rates")
         if self.record:
             lines.append(f"  measurements saved to {self.record}")
             lines.append(f"  size a cluster from them: python -m datagen size --from {self.output} --images N --hours H")
@@ -108,6 +113,9 @@ def run_record(summary: Summary, cfg: DatagenConfig) -> dict:
     rows / busy_seconds is the images/s of one worker (an actor of its pool, or a CPU task) while busy.
     ``pools`` and ``cpu_tasks`` give each worker's GPUs and CPUs from the resolved configuration, and
     ``objects_per_image`` the objects kept per ok sample (describe and score work per object).
+    A pool's ``engine`` says how it ran: ``"actors"`` (an actor pool of its stages' models, measured
+    in ``stages``) or ``"vllm"`` (a ray.data.llm processor of ``actors`` .. ``max_actors`` engine
+    replicas, with its ``vllm`` settings; vLLM reports no busy time, so its stages are not in ``stages``).
     """
     pool_of = {stage: name for name, pool in cfg.pools.items() for stage in pool.stages}
     stages = {}
@@ -145,15 +153,24 @@ def run_record(summary: Summary, cfg: DatagenConfig) -> dict:
         "shards": {"total": summary.shards_total, "skipped": summary.shards_skipped,
                    "written": summary.shards_written},
         "stages": stages,
-        "pools": {name: {"stages": list(p.stages), "num_gpus": p.num_gpus, "num_cpus": p.num_cpus,
-                         "actors": p.actors, "max_actors": p.max_actors}
-                  for name, p in cfg.pools.items()},
+        "pools": {name: _pool_record(cfg, p) for name, p in cfg.pools.items()},
         "cpu_tasks": {"decode": {"tasks": ex.decode_tasks, "num_cpus": ex.decode_cpus},
                       "pack": {"tasks": ex.pack_tasks, "num_cpus": ex.pack_cpus}},
         "models": models,
         "failures": [{"stage": stage, "reason": reason, "count": n}
                      for (stage, reason), n in sorted(summary.failures.items(), key=lambda kv: (-kv[1], kv[0]))],
     }
+
+
+def _pool_record(cfg: DatagenConfig, pool) -> dict:
+    out = {"stages": list(pool.stages), "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus,
+           "actors": pool.actors, "max_actors": pool.max_actors}
+    if not cfg.runs_on_vllm(pool):
+        return {**out, "engine": "actors"}
+    v = cfg.vlm.vllm
+    return {**out, "engine": "vllm", "vllm": {"gpus_per_replica": v.gpus_per_replica, "batch_size": v.batch_size,
+                                              "max_concurrent_batches": v.max_concurrent_batches,
+                                              "cpu_stage_cpus": v.cpu_stage_cpus}}
 
 
 def save_run_record(output: str, record: dict) -> str:
@@ -228,7 +245,7 @@ def run(
     jobs, skipped = plan_jobs(items, cfg, output, retry_failed)
     summary = Summary(output=output, inputs=len(items), shards_skipped=skipped,
                       shards_total=len(assign_shards(len(items), cfg.inputs.samples_per_shard)),
-                      started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                      started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), vllm_stages=cfg.vllm_stages())
     log.info("%d inputs in %d shards: %d complete, %d to write (%d inputs)", len(items), summary.shards_total,
              skipped, len(jobs), sum(len(j.items) for j in jobs))
     if jobs:
@@ -275,18 +292,32 @@ def plan_text(cfg: DatagenConfig, inputs: list[str] | None = None, output: str |
              "# stages and resources (map_batches in pipeline order)",
              f"{'stage':<10}{'runs as':<26}{'batch':>6}{'cpus':>6}{'gpus':>6}{'workers':>10}  model"]
     lines.append(f"{'decode':<10}{'CPU tasks':<26}{ex.chunk_size:>6}{ex.decode_cpus:>6}{0:>6}{ex.decode_tasks:>10}  -")
+    v = cfg.vlm.vllm
     for pool_name, pool in cfg.pools.items():
         workers = f"{pool.actors}" if pool.max_actors is None else f"{pool.actors}-{pool.max_actors}"
+        on_vllm = cfg.runs_on_vllm(pool)
         for name in pool.stages:
             spec = getattr(cfg.stages[name], "model", None)
-            model = "-" if spec is None else f"{spec.name} ({spec.backend}{', ' + spec.revision if spec.revision else ''})"
-            lines.append(f"{name:<10}{'actor pool ' + repr(pool_name):<26}{cfg.batch_size(name):>6}"
-                         f"{pool.num_cpus:>6}{pool.num_gpus:>6}{workers:>10}  {model}")
+            revision = spec.revision if spec is not None and spec.revision else None
+            if on_vllm:  # a ray.data.llm processor: engine replicas fed batches of requests
+                source = v.model_source or spec.name
+                revision = None if v.model_source else revision
+                model = f"{source} (vLLM{', ' + revision if revision else ''})"
+                runs_as, batch, cpus = "vLLM processor " + repr(pool_name), v.batch_size, v.cpu_stage_cpus
+            else:
+                model = "-" if spec is None else f"{spec.name} ({spec.backend}{', ' + revision if revision else ''})"
+                runs_as, batch, cpus = "actor pool " + repr(pool_name), cfg.batch_size(name), pool.num_cpus
+            lines.append(f"{name:<10}{runs_as:<26}{batch:>6}{cpus:>6}{pool.num_gpus:>6}{workers:>10}  {model}")
     lines.append(f"{'pack':<10}{'CPU tasks':<26}{ex.chunk_size:>6}{ex.pack_cpus:>6}{0:>6}{ex.pack_tasks:>10}  -")
     lines.append(f"{'write':<10}{'one Ray task per shard':<26}{cfg.inputs.samples_per_shard:>6}{ex.write_cpus:>6}"
                  f"{0:>6}{'-':>10}  -")
     gpus = sum(p.num_gpus * (p.max_actors or p.actors) for p in cfg.pools.values())
     lines.append(f"GPUs needed at full pool size: {gpus:g}")
+    if cfg.vllm_stages():
+        lines.append(f"vLLM processor: workers are engine replicas of {v.gpus_per_replica} GPU(s) "
+                     f"(tensor_parallel_size {v.tensor_parallel_size}); batch is vlm.vllm.batch_size requests; "
+                     "cpus is vlm.vllm.cpu_stage_cpus per CPU-side worker (request building, chat template, "
+                     "tokenize, detokenize, answer parsing, chunk assembly)")
     where = os.environ.get("RAY_ADDRESS")
     lines.append(f"Ray: {'cluster at ' + where if where else 'embedded local Ray (set RAY_ADDRESS for a cluster)'}")
     if inputs:

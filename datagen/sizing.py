@@ -21,6 +21,14 @@ packs several actors on one GPU), or a CPU task (decode, pack). For a target of 
 
 Busy time leaves out start-up (model loads), waiting and transfers: the plan prints the pilot's
 end-to-end rate beside the rate its workers' busy time allows, and ``--headroom`` adds a margin.
+
+VLM pools on vLLM (``vlm.engine: vllm``; the record's ``pools.<name>.engine`` is ``"vllm"``) report no
+busy time: ray.data.llm runs them. Their stages have no measured rate, and ``size`` refuses to size
+them until ``--rates`` gives one per engine replica (the error names the pools and stages, and a
+lower bound from the pilot's own end-to-end rate). A worker of such a pool is one engine replica
+of ``num_gpus`` GPUs; it reserves one CPU per GPU (the replica's actor, or its placement group's
+bundles); the processor's CPU-side stages (``vlm.vllm.cpu_stage_cpus`` each, as many as Ray Data
+starts) are not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ PER_OBJECT_STAGES = ("describe", "score")  # their work is one crop per object
 CPU_TASK_STAGES = ("decode", "pack")  # plain Ray tasks, sized by execution.<stage>_tasks
 CPU_ONLY_STAGES = ("filter",)  # model-free: without a config, their pool holds no GPU
 RUN_RECORD_KIND = "datagen-run"  # datagen.run writes records of this kind
+# The pipeline's order (datagen.config.STAGE_ORDER between decode and pack): records list pools by name.
+PIPELINE_ORDER = ("decode", "tag", "caption", "ground", "segment", "describe", "score", "filter", "pack")
+ENGINES = ("actors", "vllm")  # how a pool ran: an actor pool of the stages' own models, or a vLLM processor
 RUNS_DIR = "runs"
 _EPS = 1e-9
 
@@ -54,15 +65,25 @@ class Pool:
     num_cpus: float = 1.0  # CPUs per worker (what Ray reserves)
     tasks: bool = False  # CPU tasks (execution.<name>_tasks) instead of an actor pool
     workers: int | None = None  # how many the measured run had (actors, max_actors or tasks in flight)
+    engine: str = "actors"  # "vllm": a ray.data.llm processor whose workers are vLLM engine replicas
+
+    @property
+    def vllm(self) -> bool:
+        return self.engine == "vllm"
 
     @property
     def kind(self) -> str:
+        if self.vllm:
+            return "vLLM engines"
         return "CPU tasks" if self.tasks else "GPU actors" if self.num_gpus > 0 else "CPU actors"
 
     @property
     def cpus_per_worker(self) -> float:
         """CPUs a worker needs: a CPU worker computes on at least one core (Ray gives it
-        max(1, int(num_cpus)) threads); a GPU actor's CPUs are its reservation."""
+        max(1, int(num_cpus)) threads); a GPU actor's CPUs are its reservation; a vLLM engine replica
+        reserves one CPU per GPU (its pool's num_cpus is unused)."""
+        if self.vllm:
+            return self.num_gpus
         return self.num_cpus if self.num_gpus > 0 else max(1.0, self.num_cpus)
 
 
@@ -186,7 +207,10 @@ class Plan:
                              f"{steady:.2f} images/s")
             capacity = _pilot_capacity(m)
             if capacity is not None:
-                lines.append(f"  its workers' busy time allows {capacity:.2f} images/s: end to end is "
+                unmeasured = [p.name for p in m.pools if p.vllm]
+                whose = (f"its actor pools' busy time (vLLM pools {', '.join(unmeasured)} unmeasured)"
+                         if unmeasured else "its workers' busy time")
+                lines.append(f"  {whose} allows {capacity:.2f} images/s: end to end is "
                              f"{m.processed / m.wall_seconds / capacity if m.wall_seconds else 0:.0%} of that")
         if m.models:
             names = sorted(set(m.models.values()))
@@ -212,6 +236,13 @@ class Plan:
             cpw = p.cpus / p.workers if p.workers else p.num_cpus
             lines.append(f"{p.name:<10}{p.kind:<12}{p.workers:>8}{_rate(p.rate):>14}{_gpus(p.num_gpus):>13}"
                          f"{cpw:>13g}{_gpus(p.gpus):>7}{p.cpus:>7g}{p.load:>6.0%}  {', '.join(p.stages)}")
+        vllm_pools = [p for p in self.pools if p.kind == "vLLM engines"]
+        if vllm_pools:
+            given = [s for p in vllm_pools for s in p.stages if s in m.overridden]
+            lines.append(f"vLLM pools ({', '.join(p.name for p in vllm_pools)}): workers are engine replicas; rates "
+                         + (f"from --rates ({', '.join(given)}), " if given else "")
+                         + "not measured (vLLM reports no busy time); CPUs: one per GPU for the engines, not "
+                         "counting the processors' CPU-side stages (vlm.vllm.cpu_stage_cpus each)")
         per_node = f" ({math.ceil(self.cpus / self.nodes - _EPS)} per node)" if self.nodes else ""
         if self.gpus:
             total = (f"total: {self.gpus} GPUs on {self.nodes} node(s) of {self.gpus_per_node} GPUs, "
@@ -266,9 +297,12 @@ def _gpus(v: float, digits: int = 3) -> str:
 
 
 def _pilot_capacity(m: Measurement) -> float | None:
-    """The images/s the measured run's own workers allow by busy time: its slowest pool."""
+    """The images/s the measured run's own workers allow by busy time: its slowest pool (vLLM pools,
+    which have no busy time, left out)."""
     caps = []
     for p in m.pools:
+        if p.vllm:
+            continue
         if p.workers is None or any(s not in m.rates for s in p.stages):
             return None
         caps.append(p.workers * _pool_rate([m.rates[s] for s in p.stages]))
@@ -334,6 +368,43 @@ def pack(actors: Iterable[tuple[float, int]], gpus_per_node: int) -> tuple[int, 
 # The plan.
 
 
+def _pilot_rate(m: Measurement) -> float | None:
+    """The measured run's end-to-end images/s, after its start-up when known (else with it)."""
+    if not (m.processed and m.wall_seconds > 0):
+        return None
+    if m.startup_seconds is not None and m.wall_seconds > m.startup_seconds > 0 and m.processed > m.startup_rows:
+        return (m.processed - m.startup_rows) / (m.wall_seconds - m.startup_seconds)
+    return m.processed / m.wall_seconds
+
+
+def _require_vllm_rates(m: Measurement) -> None:
+    """Refuse to size a vLLM pool without a rate for each of its stages: vLLM reports no busy time,
+    and a guess would size it silently wrong. The message names the pools, their stages, and a
+    lower bound from the pilot's end-to-end rate (the pool did at least that much per replica)."""
+    pools = [p for p in m.pools if p.vllm and any(s not in m.rates for s in p.stages)]
+    if not pools:
+        return
+    missing = [s for p in pools for s in p.stages if s not in m.rates]
+    names = "; ".join(f"pool {p.name!r} (stages {', '.join(p.stages)})" for p in pools)
+    lines = [f"{m.source}: {names} ran on vLLM, which reports no busy time, so there is no measured rate "
+             f"for {', '.join(missing)}. Give one per vLLM engine replica with --rates "
+             f"{','.join(f'{s}=IMAGES_PER_S' for s in missing)} (images/s of one replica; for a pool measured "
+             "as a whole give its rate to one stage and inf to the others)"]
+    pilot = _pilot_rate(m)
+    for p in pools:
+        if pilot is None or not p.workers:
+            continue
+        bound = pilot / p.workers
+        flags = ",".join(f"{s}={bound:.3g}" if k == 0 else f"{s}=inf" for k, s in enumerate(p.stages))
+        lines.append(f"  a lower bound from this pilot for pool {p.name!r}: {pilot:.3g} images/s end to end over "
+                     f"its {p.workers} replica(s) = {bound:.3g} images/s per replica (--rates {flags}); "
+                     "it is the pool's rate only if the pool was the pilot's bottleneck, otherwise it over-sizes")
+    others = [s for p in m.pools if not p.vllm for s in p.stages if s not in m.rates]
+    if others:
+        lines.append(f"  (no rate either for {', '.join(others)}: give them with --rates too)")
+    raise SizingError("\n".join(lines))
+
+
 def size(
     m: Measurement,
     images: int,
@@ -354,6 +425,7 @@ def size(
         raise SizingError(f"--cpus-per-node must be >= 1, got {cpus_per_node}")
     if not m.pools:
         raise SizingError(f"{m.source}: no pools to size")
+    _require_vllm_rates(m)
     missing = [s for p in m.pools for s in p.stages if s not in m.rates]
     if missing:
         raise SizingError(f"{m.source}: no rate for stage(s) {missing}; give them with --rates "
@@ -498,7 +570,12 @@ def measurement_from_record(record: Any, source: str) -> Measurement:
         num_cpus = _number(p, "num_cpus", source, f"{where}.num_cpus")
         actors = _integer(p, "actors", source, f"{where}.actors", 1)
         max_actors = _integer(p, "max_actors", source, f"{where}.max_actors", 1, optional=True)
-        pools.append(Pool(name, tuple(names), num_gpus, num_cpus, workers=max_actors or actors))
+        engine = p.get("engine", "actors")  # older records: actor pools
+        if engine not in ENGINES:
+            raise SizingError(f"{_where(source, where + '.engine')}: expected one of {list(ENGINES)}, got {engine!r}")
+        pools.append(Pool(name, tuple(names), num_gpus, num_cpus, workers=max_actors or actors, engine=engine))
+    order = {s: k for k, s in enumerate(PIPELINE_ORDER)}
+    pools.sort(key=lambda p: order.get(p.stages[0], len(order)))  # pipeline order (stable for unknown stages)
     tasks = _mapping(record, "cpu_tasks", source, "cpu_tasks", optional=True) or {}
     for name in CPU_TASK_STAGES:
         if name not in rates:
@@ -566,7 +643,8 @@ def measurement_from_config(cfg, source: str) -> Measurement:
     """The pools of a DatagenConfig (rates to be given with --rates)."""
     ex = cfg.execution
     pools = [Pool("decode", ("decode",), 0.0, ex.decode_cpus, tasks=True, workers=ex.decode_tasks)]
-    pools += [Pool(name, tuple(p.stages), p.num_gpus, p.num_cpus, workers=p.max_actors or p.actors)
+    pools += [Pool(name, tuple(p.stages), p.num_gpus, p.num_cpus, workers=p.max_actors or p.actors,
+                   engine="vllm" if cfg.runs_on_vllm(p) else "actors")
               for name, p in cfg.pools.items()]
     pools.append(Pool("pack", ("pack",), 0.0, ex.pack_cpus, tasks=True, workers=ex.pack_tasks))
     models = {}

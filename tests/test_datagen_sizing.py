@@ -183,7 +183,7 @@ def test_run_record_has_the_measured_figures(tmp_path, tiny_cfg):
                                           "pool": "models", "batch_size": 16}
     assert record["stages"]["decode"]["pool"] is None
     assert record["pools"] == {"models": {"stages": list(STAGE_ORDER), "num_gpus": 0.0, "num_cpus": 0.5,
-                                          "actors": 2, "max_actors": None}}
+                                          "actors": 2, "max_actors": None, "engine": "actors"}}
     assert record["cpu_tasks"] == {"decode": {"tasks": 2, "num_cpus": 0.25}, "pack": {"tasks": 1, "num_cpus": 0.25}}
     assert record["objects_per_image"] == 3.0  # 96 objects kept in 32 ok samples
     assert (record["wall_seconds"], record["nodes"], record["processed"]) == (20.0, 1, 40)
@@ -295,6 +295,104 @@ def test_a_stage_that_processed_nothing_needs_a_rate(record_dir):
     assert size(sizing.with_rates(m, {"describe": 10.0}), 10, 1).pools[1].workers == 1
     with pytest.raises(SizingError, match=r"stage\(s\) \['nosuch'\] are not run by"):
         sizing.with_rates(m, {"nosuch": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run whose VLM pools ran on vLLM: no busy time, so no measured rate for their stages.
+
+
+def _vllm_record() -> dict:
+    """A hand-written record of a real_vllm.yaml-shaped pilot: the vlm and describe pools on vLLM
+    (absent from ``stages``), the detect and score actor pools and decode/pack measured."""
+    return {
+        "kind": "datagen-run", "version": 1, "processed": 1000, "wall_seconds": 150.0,
+        "startup_seconds": 50.0, "startup_rows": 200, "nodes": 1, "objects_per_image": 7.0,
+        "stages": {"decode": {"rows": 1000, "busy_seconds": 25.0}, "ground": {"rows": 1000, "busy_seconds": 100.0},
+                   "segment": {"rows": 1000, "busy_seconds": 100.0}, "score": {"rows": 1000, "busy_seconds": 25.0},
+                   "filter": {"rows": 1000, "busy_seconds": 1.0}, "pack": {"rows": 1000, "busy_seconds": 40.0}},
+        "pools": {
+            "vlm": {"stages": ["tag", "caption"], "num_gpus": 1, "num_cpus": 1, "actors": 1, "max_actors": 2,
+                    "engine": "vllm"},
+            "detect": {"stages": ["ground", "segment"], "num_gpus": 0.5, "num_cpus": 4, "actors": 1,
+                       "max_actors": 2, "engine": "actors"},
+            "describe": {"stages": ["describe"], "num_gpus": 2, "num_cpus": 8, "actors": 4, "max_actors": None,
+                         "engine": "vllm"},
+            "score": {"stages": ["score", "filter"], "num_gpus": 0.25, "num_cpus": 2, "actors": 1, "engine": "actors"},
+        },
+        "cpu_tasks": {"decode": {"tasks": 4, "num_cpus": 1}, "pack": {"tasks": 2, "num_cpus": 1}},
+    }
+
+
+def test_a_vllm_pool_without_a_rate_is_refused_naming_pool_and_stages(tmp_path):
+    path = tmp_path / "vllm.json"
+    path.write_text(json.dumps(_vllm_record()))
+    m = sizing.load_measurement(str(path))
+    assert [(p.name, p.engine, p.kind) for p in m.pools] == [
+        ("decode", "actors", "CPU tasks"), ("vlm", "vllm", "vLLM engines"), ("detect", "actors", "GPU actors"),
+        ("describe", "vllm", "vLLM engines"), ("score", "actors", "GPU actors"), ("pack", "actors", "CPU tasks")]
+    assert not {"tag", "caption", "describe"} & set(m.rates)
+    with pytest.raises(SizingError) as info:
+        size(m, CC3M, 24)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: pool 'vlm' (stages tag, caption); pool 'describe' (stages describe) ran on vLLM, "
+                          "which reports no busy time")
+    assert "--rates tag=IMAGES_PER_S,caption=IMAGES_PER_S,describe=IMAGES_PER_S" in msg
+    # After start-up: (1000 - 200) / (150 - 50) = 8 img/s end to end; over 2 replicas 4, over 4 replicas 2.
+    assert "pool 'vlm': 8 images/s end to end over its 2 replica(s) = 4 images/s per replica (--rates tag=4,caption=inf)" in msg
+    assert "pool 'describe': 8 images/s end to end over its 4 replica(s) = 2 images/s per replica (--rates describe=2)" in msg
+    # One vLLM stage given, the other not: still refused, naming only what is missing.
+    with pytest.raises(SizingError, match=r"pool 'vlm' \(stages tag, caption\) ran on vLLM.* for caption\. "):
+        size(sizing.with_rates(m, {"tag": 4.0, "describe": 2.0}), CC3M, 24)
+
+
+def test_a_vllm_pool_is_sized_from_given_rates_as_engine_replicas(tmp_path, capsys):
+    path = tmp_path / "vllm.json"
+    path.write_text(json.dumps(_vllm_record()))
+    m = sizing.with_rates(sizing.load_measurement(str(path)), {"tag": 8.0, "caption": 8.0, "describe": 2.0})
+    plan = size(m, 864_000, 24)  # 10 images/s
+    by_pool = {p.name: p for p in plan.pools}
+    # vlm: 1 / (1/8 + 1/8) = 4 img/s per replica -> 2.5 -> 3 replicas of 1 GPU, one CPU each
+    assert (by_pool["vlm"].kind, by_pool["vlm"].workers, by_pool["vlm"].gpus, by_pool["vlm"].cpus) == (
+        "vLLM engines", 3, 3, 3)
+    # describe: 2 img/s per 2-GPU replica -> 5 replicas, 10 GPUs, 10 CPUs (one per GPU, not num_cpus 8)
+    assert (by_pool["describe"].workers, by_pool["describe"].gpus, by_pool["describe"].cpus) == (5, 10, 10)
+    assert plan.config_values()["pools"]["describe"] == {"actors": 5, "max_actors": 5, "num_gpus": 2}
+    text = plan.format()
+    assert "(--rates for caption, describe, tag)" in text
+    assert "vLLM pools (vlm, describe): workers are engine replicas; rates from --rates (tag, caption, describe)" in text
+    # The pilot's busy-time capacity leaves the unmeasured vLLM pools out (detect: 2 x 1/(1/10 + 1/10) = 10).
+    assert "its actor pools' busy time (vLLM pools vlm, describe unmeasured) allows 10.00 images/s" in text
+    assert main(["size", "--from", str(path), "--images", "864000", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "pool 'vlm' (stages tag, caption); pool 'describe' (stages describe) ran on vLLM" in err
+    assert main(["size", "--from", str(path), "--images", "864000", "--json",
+                 "--rates", "tag=8,caption=8,describe=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["kind"] for p in out["pools"]][1:4] == ["vLLM engines", "GPU actors", "vLLM engines"]
+    assert out["source"]["rates_given"] == ["caption", "describe", "tag"]
+
+
+def test_record_pools_are_read_in_pipeline_order(tmp_path):
+    assert sizing.PIPELINE_ORDER == ("decode", *STAGE_ORDER, "pack")
+    record = _vllm_record()  # saved records list pools by name (sorted keys): describe, detect, score, vlm
+    record["pools"] = dict(sorted(record["pools"].items()))
+    path = tmp_path / "sorted.json"
+    path.write_text(json.dumps(record))
+    pools = sizing.load_measurement(str(path)).pools
+    assert [p.name for p in pools] == ["decode", "vlm", "detect", "describe", "score", "pack"]
+
+
+def test_a_record_with_an_unknown_engine_is_refused(tmp_path):
+    record = _vllm_record()
+    record["pools"]["vlm"]["engine"] = "sglang"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(SizingError, match=r"field 'pools.vlm.engine': expected one of \['actors', 'vllm'\], got 'sglang'"):
+        sizing.load_measurement(str(path))
+    del record["pools"]["vlm"]["engine"]  # an older record: an actor pool, whose missing rates are named as such
+    path.write_text(json.dumps(record))
+    with pytest.raises(SizingError, match=r"no rate for stage\(s\) \['tag', 'caption'\]"):
+        size(sizing.with_rates(sizing.load_measurement(str(path)), {"describe": 2.0}), 10, 1)
 
 
 # ---------------------------------------------------------------------------------------------------

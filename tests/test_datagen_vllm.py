@@ -534,3 +534,89 @@ def test_pipeline_with_ray_data_llm_processors_on_a_stand_in_vllm(tmp_path, monk
             else:
                 assert obj.description == obj.phrase
     assert any(o.description != o.phrase for s in samples for o in s.record.objects)
+
+
+# ---------------------------------------------------------------- plan, run record, sizing
+
+
+def test_plan_shows_vllm_pools_as_processors_and_refuses_without_vllm(with_vllm, monkeypatch, capsys):
+    from datagen.run import main, plan_text
+
+    cfg = load_config(CONFIGS / "real_vllm.yaml", {"vlm": {"vllm": {"batch_size": 24, "cpu_stage_cpus": 0.5}}})
+    rows = {line.split()[0]: line for line in plan_text(cfg).splitlines() if line[:10].strip() in
+            ("tag", "caption", "ground", "describe", "score")}
+    for stage, pool in (("tag", "vlm"), ("caption", "vlm"), ("describe", "describe")):
+        assert rows[stage].startswith(f"{stage:<10}vLLM processor '{pool}'")
+        # batch: vlm.vllm.batch_size; cpus: vlm.vllm.cpu_stage_cpus; gpus: the pool's (one replica's)
+        assert rows[stage].split()[4:7] == ["24", "0.5", "1.0"], rows[stage]
+        assert rows[stage].endswith("Qwen/Qwen2.5-VL-7B-Instruct (vLLM)")
+    assert rows["tag"].split()[7] == "1-8" and rows["describe"].split()[7] == "1-16"  # engine replicas
+    assert rows["ground"].startswith("ground    actor pool 'detect'") and rows["ground"].split()[4:7] == ["16", "4.0", "0.5"]
+    assert "GPUs needed at full pool size: 29" in plan_text(cfg)  # 8 + 8 x 0.5 + 16 + 4 x 0.25
+    assert "vLLM processor: workers are engine replicas of 1 GPU(s)" in plan_text(cfg)
+    # The same config on the transformers engine: actor pools, the stages' own batch sizes, no vLLM line.
+    plain = plan_text(load_config(CONFIGS / "real_vllm.yaml", {"vlm": {"engine": "transformers"}}))
+    assert "vLLM" not in plain and "tag       actor pool 'vlm'" in plain
+    # --set vlm.engine=vllm on the real preset gives the same processors.
+    real = load_config(CONFIGS / "real.yaml", {"vlm": {"engine": "vllm"}})
+    assert [real.runs_on_vllm(p) for p in real.pools.values()] == [True, False, True, False]
+    monkeypatch.setattr(vlm_vllm, "vllm_available", lambda: False)
+    assert main(["plan", "--config", str(CONFIGS / "real_vllm.yaml")]) == 2
+    assert "'vllm' runs the stages ['tag', 'caption', 'describe'] on vLLM, which is not installed" in capsys.readouterr().err
+
+
+def test_run_record_says_which_pools_ran_on_vllm_and_size_asks_for_their_rates(with_vllm, tmp_path):
+    from collections import Counter
+
+    from datagen import sizing
+    from datagen.run import Summary, run_record, save_run_record
+
+    cfg = load_config(CONFIGS / "real_vllm.yaml")
+    busy = {"decode": (100, 2.0), "ground": (100, 10.0), "segment": (100, 10.0), "score": (100, 2.0),
+            "filter": (100, 0.1), "pack": (100, 4.0)}  # what a vLLM run measures: no tag, caption, describe
+    summary = Summary(output=str(tmp_path), inputs=100, processed=100, busy=busy, wall_seconds=40.0, nodes=1,
+                      statuses=Counter(ok=100), objects=700, startup_seconds=20.0, startup_rows=20,
+                      vllm_stages=cfg.vllm_stages())
+    record = run_record(summary, cfg)
+    assert record["pools"]["vlm"] == {"stages": ["tag", "caption"], "num_gpus": 1.0, "num_cpus": 1.0, "actors": 1,
+                                      "max_actors": 8, "engine": "vllm",
+                                      "vllm": {"gpus_per_replica": 1, "batch_size": 32, "max_concurrent_batches": 8,
+                                               "cpu_stage_cpus": 1.0}}
+    assert record["pools"]["describe"]["engine"] == "vllm"
+    assert record["pools"]["detect"]["engine"] == record["pools"]["score"]["engine"] == "actors"
+    assert "vllm" not in record["pools"]["detect"]
+    assert "tag, caption, describe: on vLLM, no busy time measured" in summary.format()
+    save_run_record(str(tmp_path), record)
+    m = sizing.load_measurement(str(tmp_path))
+    with pytest.raises(sizing.SizingError) as info:
+        sizing.size(m, 3_300_000, 24)
+    # (100 - 20) / (40 - 20) = 4 img/s after start-up; over 8 and 16 replicas
+    assert "pool 'vlm' (stages tag, caption); pool 'describe' (stages describe) ran on vLLM" in str(info.value)
+    assert "(--rates tag=0.5,caption=inf)" in str(info.value) and "(--rates describe=0.25)" in str(info.value)
+    plan = sizing.size(sizing.with_rates(m, {"tag": 10.0, "caption": 10.0, "describe": 2.0}), 3_300_000, 24)
+    vlm = next(p for p in plan.pools if p.name == "vlm")
+    assert (vlm.kind, vlm.workers, vlm.gpus) == ("vLLM engines", 8, 8)  # 38.19 / 5 = 7.6 -> 8 replicas
+    assert Summary(output="x").format().count("vLLM") == 0  # a transformers-engine run says nothing of it
+    # size --config of a vLLM config (where vLLM is installed): the same pools, the same refusal.
+    from_config = sizing.measurement_from_config(cfg, "real_vllm.yaml")
+    assert [(p.name, p.engine) for p in from_config.pools] == [
+        ("decode", "actors"), ("vlm", "vllm"), ("detect", "actors"), ("describe", "vllm"), ("score", "actors"),
+        ("pack", "actors")]
+    with pytest.raises(sizing.SizingError, match=r"^real_vllm.yaml: pool 'vlm' \(stages tag, caption\); pool "
+                                                 r"'describe' \(stages describe\) ran on vLLM"):
+        sizing.size(sizing.with_rates(from_config, {"ground": 10.0, "segment": 10.0}), 3_300_000, 24)
+
+
+def test_the_vllm_version_is_recorded_when_installed(monkeypatch):
+    import importlib.metadata
+
+    from datagen import run
+
+    real = importlib.metadata.version
+
+    def version(name):
+        return "0.29.0" if name == "vllm" else real(name)
+
+    assert "vllm" not in run._versions()  # not installed here
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert run._versions()["vllm"] == "0.29.0"
