@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) under ``accelerate launch``: different data per rank, identical weights after."""
+"""Two CPU processes (gloo) under ``accelerate launch``: DDP (different data per rank, identical weights
+after) and FSDP (the same training as DDP, exact resume)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_train import write_dataset
+
+from training import train as T
+from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
+from training.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +42,8 @@ WORKER = textwrap.dedent(
     """
 )
 
+STEPS = 3  # validation at step 2 (EMA and raw weights differ by then) and 3: training goes on after one
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -40,28 +51,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_with_identical_weights_on_both_ranks(tmp_path):
-    dataset = write_dataset(tmp_path / "shards", shards=2, per_shard=4)
-    script = tmp_path / "worker.py"
+@dataclass
+class Run:
+    """What a two-process run left: each rank's trainable weights and losses, and the run folder."""
+
+    out: Path  # the run's output_dir
+    weights: list[dict[str, torch.Tensor]]  # per rank: TrainResult.adapter_state
+    losses: list[list[float]]  # per rank
+
+
+def launch(folder: Path, dataset: str, *overrides: str) -> Run:
+    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
+    folder.mkdir(parents=True)
+    script = folder / "worker.py"
     script.write_text(WORKER)
-    run = tmp_path / "run"
+    run = folder / "run"
     overrides = [
         f"output_dir={run}",
         f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64], max_objects: 4}}}}]",
         "data.regions={max_objs: 4, max_regions: 8, max_slots: 6}",
         "data.batch_size=1",
         "data.epoch_samples=8",
-        "train.max_steps=2",
+        f"train.max_steps={STEPS}",
         "train.gradient_accumulation_steps=2",
-        "validation.every_steps=null",
+        "model.lora_rank=2",  # LoRA on the base attention as well as the adapter
+        "ema.update_after_step=0",
+        "validation.every_steps=2",
+        "validation.num_images=1",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=null",
         "checkpoint.resume=null",
         "log.tensorboard=false",
+        *overrides,
     ]
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(script), str(tmp_path), json.dumps(overrides),
+        str(script), str(folder), json.dumps(overrides),
     ]  # fmt: skip
     # ACCELERATE_USE_CPU turns --multi_gpu's torchrun workers into a gloo process group on CPU
     # (``--cpu`` would make accelerate start a single process).
@@ -72,15 +99,82 @@ def test_two_processes_train_with_identical_weights_on_both_ranks(tmp_path):
         "HF_HUB_OFFLINE": "1",
         "ACCELERATE_USE_CPU": "1",
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return Run(
+        out=run,
+        weights=[load_file(folder / f"rank{r}.safetensors") for r in (0, 1)],
+        losses=[json.loads((folder / f"losses{r}.json").read_text()) for r in (0, 1)],
+    )
 
-    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert w0.keys() == w1.keys() and w0
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("shards"), shards=2, per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, dataset) -> Run:
+    return launch(tmp_path_factory.mktemp("ddp") / "ddp", dataset)
+
+
+def test_two_processes_train_with_identical_weights_on_both_ranks(ddp):
+    w0, w1 = ddp.weights
+    assert w0.keys() == w1.keys() and any(T.is_lora_key(k) for k in w0) and any(map(is_adapter_key, w0))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # all-reduced gradients, same updates
-    l0 = json.loads((tmp_path / "losses0.json").read_text())
-    l1 = json.loads((tmp_path / "losses1.json").read_text())
-    assert len(l0) == len(l1) == 2 and l0 != l1  # each rank saw its own data
+    l0, l1 = ddp.losses
+    assert len(l0) == len(l1) == STEPS and l0 != l1  # each rank saw its own data
     # The checkpoint holds both ranks' stream positions.
-    state = json.loads((run / "checkpoints" / "step_0000002" / "stream_state.json").read_text())
+    state = json.loads((ddp.out / "checkpoints" / f"step_{STEPS:07d}" / "stream_state.json").read_text())
     assert sorted(state["ranks"]) == ["0", "1"]
+
+
+def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    names = ("adapter.safetensors", "adapter_ema.safetensors", "lora.safetensors", "lora_ema.safetensors")
+    return {name: load_file(run / "adapter" / name) for name in names}
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
+    """FSDP (torch's, on CPU over gloo) on the same data: the weights (raw and EMA), losses and validation
+    images of DDP; a run resumed from its step-1 checkpoint ends bit-identical to the uninterrupted one."""
+    fsdp = launch(tmp_path / "fsdp", dataset, "train.distributed=fsdp")
+    w0, w1 = fsdp.weights
+    assert w0.keys() == w1.keys() == ddp.weights[0].keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the full weights, gathered on every rank
+    fresh = attach_regional_adapter(tiny_unet(0)).state_dict()
+    moved = max((w0[k] - fresh[k]).abs().max() for k in w0 if k in fresh)
+    assert moved > 1e-4  # three steps (lr 5e-5, then 1e-4) moved the adapter ...
+    for k in w0:  # ... and FSDP moved it as DDP did (float rounding apart)
+        torch.testing.assert_close(w0[k], ddp.weights[0][k], rtol=0, atol=1e-6)
+    for ours, theirs in zip(fsdp.losses, ddp.losses, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+
+    # The saved files: the same as DDP's, and they load into a fresh UNet.
+    files, ddp_files = _files(fsdp.out), _files(ddp.out)
+    for name, state in files.items():
+        assert state.keys() == ddp_files[name].keys(), name
+        assert all(torch.allclose(state[k], ddp_files[name][k], atol=1e-6) for k in state), name
+    unet = attach_regional_adapter(tiny_unet(0))
+    assert load_adapter(unet, fsdp.out / "adapter" / "adapter.safetensors").loaded == len(
+        files["adapter.safetensors"]
+    )
+    T.load_lora(unet, fsdp.out / "adapter" / "lora.safetensors")
+    loaded = unet.state_dict()
+    assert all(torch.equal(loaded[k], w0[k]) for k in w0)
+
+    # Validation ran on both ranks through the sharded UNet: the images DDP's main rank generated.
+    for step in (2, STEPS):
+        name = f"validation/step_{step:07d}_0.png"
+        ours, theirs = (np.asarray(Image.open(r.out / name), dtype=np.float32) for r in (fsdp, ddp))
+        assert np.abs(ours - theirs).mean() < 0.5, name
+
+    # Checkpoints hold no frozen weights: the trainable files and one optimizer shard per rank.
+    step1 = fsdp.out / "checkpoints" / "step_0000001"
+    assert not list(step1.glob("pytorch_model*")) and not (step1 / "optimizer.bin").exists()
+    assert (step1 / "optimizer_shard_0.bin").exists() and (step1 / "optimizer_shard_1.bin").exists()
+    resumed = launch(tmp_path / "resumed", dataset, "train.distributed=fsdp", f"checkpoint.resume={step1}")
+    assert [len(r) for r in resumed.losses] == [STEPS - 1] * 2
+    assert [r[1:] for r in fsdp.losses] == resumed.losses
+    for name, state in _files(resumed.out).items():
+        assert all(torch.equal(state[k], files[name][k]) for k in state), name

@@ -354,6 +354,7 @@ def grounding_inputs_from_batch(
             union[b] = False
             union[b, : empty.n_slots] = empty.union_masks
             slots += [
-                _Slot(int(b), s, empty.texts[s], empty.boxes[s], empty.weights[s]) for s in range(empty.n_slots)
+                _Slot(int(b), s, empty.texts[s], empty.boxes[s], empty.weights[s])
+                for s in range(empty.n_slots)
             ]
     return _assemble(slots, region_map, union, encoder, attention_weight_scale, device, dtype)

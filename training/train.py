@@ -18,11 +18,11 @@ Launch (accelerate starts torchrun-style workers; the config is the single sourc
         --main_process_ip $MASTER_ADDR --main_process_port 29500 -m training.train \\
         --config configs/train/sdxl512_8gpu.yaml
 
-    # FSDP instead of DDP (shards the trainable state and optimizer)
+    # FSDP instead of DDP (shards the UNet, frozen weights included, and the optimizer state)
     accelerate launch --multi_gpu --num_processes 8 -m training.train \\
         --config configs/train/sdxl512_8gpu.yaml --override train.distributed=fsdp
 
-    # several processes on CPU (gloo), as tests/test_train_ddp.py does
+    # several processes on CPU (gloo), DDP or FSDP, as tests/test_train_ddp.py does
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m training.train --config ...
 
     # torchrun works too; resume from the newest checkpoint of output_dir
@@ -35,14 +35,21 @@ The effective batch is ``data.batch_size x train.gradient_accumulation_steps x n
 Each micro-batch: decode nothing, encode the images with the VAE, draw per sample (from a generator
 keyed by the seed, the rank and the sample's index, so a resumed run draws the same) the noise, a
 uniform timestep and the caption / layout dropout; encode captions as the SDXL pipeline does ("" for a
-dropped one), region texts through the encoder's cache (an empty layout for a dropped one); SDXL's
-micro-conditioning from each sample's original size, crop offset and target size; epsilon MSE.
+dropped one), region texts through the encoder's cache (``grounding_inputs_from_batch(drop_layout=...)``:
+the empty layout for a dropped one); SDXL's micro-conditioning from each sample's original size, crop
+offset and target size; epsilon MSE.
+
+Options: ``model.lora_rank`` adds a LoRA (peft, diffusers' SDXL recipe) on the base UNet's attention
+projections, trained with the adapter; ``optim.adam_8bit`` takes bitsandbytes' 8-bit AdamW;
+``train.distributed: fsdp`` wraps the UNet with torch's FSDP (also on CPU processes, over gloo).
 
 Outputs in ``output_dir``: ``config.yaml``, ``checkpoints/step_NNNNNNN/`` (accelerate state,
-``adapter.safetensors``, ``adapter_ema.safetensors``, ``stream_state.json``, ``trainer_state.json``
-written last), ``adapter/adapter.safetensors`` and ``adapter/adapter_ema.safetensors`` (the final
-weights), ``validation/step_NNNNNNN_K.png`` (generated with the EMA weights, layout drawn) and
-``logs/`` (TensorBoard: loss, lr, grad_norm, samples_per_s, stream/*).
+``adapter.safetensors``, ``adapter_ema.safetensors``, with LoRA ``lora.safetensors`` and
+``lora_ema.safetensors``, under FSDP ``optimizer_shard_<rank>.bin``, ``stream_state.json``,
+``trainer_state.json`` written last), ``adapter/`` (the final weights: ``adapter.safetensors``,
+``adapter_ema.safetensors`` and with LoRA ``lora.safetensors``, ``lora_ema.safetensors``, diffusers' LoRA
+files), ``validation/step_NNNNNNN_K.png`` (generated with the EMA weights, layout drawn) and ``logs/``
+(TensorBoard: loss, lr, grad_norm, samples_per_s, stream/*).
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
@@ -75,7 +82,7 @@ from accelerate.utils import (
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from shards.draw import draw_layout
@@ -84,13 +91,14 @@ from .adapter import (
     attach_regional_adapter,
     is_adapter_key,
     load_adapter,
+    normalize_release_keys,
     set_adapter_trainable,
 )
 from .collate import normalize_pixels
 from .encoding import RegionTextEncoder, grounding_inputs_from_batch
 from .pipeline import LayoutPipeline
 from .stream import build_loader, derive_seed, merge_states
-from .train_config import ModelConfig, OptimConfig, TrainConfig, ValidationLayout
+from .train_config import ConfigError, ModelConfig, OptimConfig, TrainConfig, ValidationLayout
 
 __all__ = [
     "TrainResult",
@@ -124,8 +132,10 @@ class TrainResult:
     validation_images: list[Path] = field(default_factory=list)
     adapter_state: dict[str, torch.Tensor] = field(
         default_factory=dict
-    )  # this rank's raw adapter weights (CPU)
-    unet: torch.nn.Module | None = None  # the trained UNet (unwrapped, raw weights), to generate right away
+    )  # this rank's raw adapter (and LoRA) weights (CPU, UNet state-dict keys)
+    unet: torch.nn.Module | None = None  # the trained UNet (unwrapped, raw weights); None under FSDP
+    lora_path: Path | None = None  # final raw LoRA weights (diffusers' LoRA file), None without LoRA
+    ema_lora_path: Path | None = None  # final EMA LoRA weights
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,18 +170,98 @@ def load_components(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
-    """LoRA of ``rank`` on the base UNet's attention projections (not the adapter's); needs peft."""
+# A regex (peft full-matches it): every attention projection of the base UNet, none inside a fuser.
+LORA_TARGETS = r"^(?!.*\.fuser\.).*\.(to_q|to_k|to_v|to_out\.0)$"
+LORA_ADAPTER = "default"  # peft's adapter name of the trained LoRA
+
+
+def lora_config(rank: int):
+    """diffusers' SDXL LoRA recipe (train_text_to_image_lora_sdxl): alpha = rank, Gaussian A, zero B."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise RuntimeError("model.lora_rank > 0 needs peft: pip install 'richlayout[peft]'") from None
-    # A regex (peft full-matches it): every attention projection except those inside a fuser.
-    targets = r"^(?!.*\.fuser\.).*\.(to_q|to_k|to_v|to_out\.0)$"
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a UNet state-dict key is a LoRA weight (peft's ``lora_A`` / ``lora_B``)."""
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
+    """Add a LoRA of ``rank`` to the base UNet's attention projections (not the adapter's); needs peft.
+
+    Returns the LoRA parameters. A fresh LoRA leaves the UNet's output unchanged (B starts at zero).
+    What was trainable stays trainable: peft freezes every parameter but its own.
+    """
+    config = lora_config(rank)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    unet.add_adapter(config, adapter_name=LORA_ADAPTER)
+    for p in trainable:
+        p.requires_grad_(True)
+    return [p for n, p in unet.named_parameters() if is_lora_key(n)]
+
+
+def lora_diffusers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a UNet state dict with diffusers' LoRA names (``<module>.lora.down.weight``).
+
+    A LoRA file (``save_lora``) holds them under ``unet.``, as ``StableDiffusionXLPipeline.save_lora_weights``
+    writes them and ``load_lora_weights`` (and :func:`load_lora`) reads them.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    peft_keys = {
+        k.replace(f".{LORA_ADAPTER}.", "."): v
+        for k, v in state.items()
+        if is_lora_key(k) and f".{LORA_ADAPTER}." in k
+    }
+    return convert_state_dict_to_diffusers(peft_keys)
+
+
+def lora_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A LoRA file (diffusers' layout) as UNet state-dict keys of the trained adapter (``...lora_A.default.weight``)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state = load_file(str(path))
+    unet_keys = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if len(unet_keys) != len(state) or not state:
+        raise ValueError(f"{path}: not a UNet LoRA file (expected only 'unet.' keys)")
+    peft_keys = convert_unet_state_dict_to_peft(unet_keys)
+    return {re.sub(r"\.(lora_[AB])\.", rf".\1.{LORA_ADAPTER}.", k): v for k, v in peft_keys.items()}
+
+
+def save_lora(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write the LoRA weights of a UNet state dict as a diffusers LoRA file (with its LoraConfig)."""
+    lora = lora_diffusers_state(state)
+    rank = next(v.shape[0] for k, v in lora.items() if k.endswith(".lora.down.weight"))
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(path.parent),
+        unet_lora_layers=lora,
+        weight_name=path.name,
+        unet_lora_adapter_metadata=lora_config(rank).to_dict(),
     )
-    return [p for n, p in unet.named_parameters() if "lora_" in n]
+    return path
+
+
+def load_lora(unet: torch.nn.Module, path: str | Path) -> None:
+    """Load a LoRA file written by the trainer into ``unet`` (adding a LoRA of the file's rank if it has none).
+
+    Every LoRA weight of the UNet must be in the file and every weight of the file must fit the UNet.
+    ``StableDiffusionXLPipeline.load_lora_weights(folder, weight_name=...)`` reads the same files.
+    """
+    state = lora_model_state(path)
+    if not any(is_lora_key(k) for k, _ in unet.named_parameters()):
+        rank = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+        add_lora(unet, rank)
+    own = {k for k, _ in unet.named_parameters() if is_lora_key(k)}
+    if own != set(state):
+        raise ValueError(
+            f"{path}: LoRA keys differ from the UNet's: {len(own - set(state))} missing "
+            f"(e.g. {sorted(own - set(state))[:2]}), {len(set(state) - own)} unexpected "
+            f"(e.g. {sorted(set(state) - own)[:2]})"
+        )
+    unet.load_state_dict(state, strict=False)
 
 
 def make_optimizer(
@@ -301,18 +391,55 @@ def diffusion_loss(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tenso
 # Checkpoints
 
 
+def is_fsdp(accelerator: Accelerator) -> bool:
+    """Whether the UNet is wrapped by torch's FSDP (``train.distributed: fsdp`` with several processes)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _is_trainable_key(key: str) -> bool:
+    return is_adapter_key(key) or is_lora_key(key)
+
+
 def trainable_state(accelerator: Accelerator, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full adapter (and LoRA) weights on CPU; a collective under FSDP, so call it on every rank."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        state = accelerator.get_state_dict(unet)
-    else:
-        state = accelerator.unwrap_model(unet).state_dict()
+    """Full adapter (and LoRA) weights on CPU, on every rank; a collective under FSDP: call it on every rank."""
+    if is_fsdp(accelerator):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # Gathered unit by unit onto rank 0's CPU (the frozen weights too: FSDP1 state dicts come whole),
+        # then only the trainable part is sent to the other ranks.
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+            full = unet.state_dict()
+        box = [{k: v.detach().to(torch.float32, copy=True) for k, v in full.items() if _is_trainable_key(k)}]
+        del full
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    state = accelerator.unwrap_model(unet).state_dict()
     # copy=True: on CPU in fp32 .float().cpu() would alias the live parameters, which the EMA swap changes.
     return {
         k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
         for k, v in state.items()
-        if is_adapter_key(k) or "lora_" in k
+        if _is_trainable_key(k)
     }
+
+
+def load_trainable_state(
+    accelerator: Accelerator, unet: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> None:
+    """Copy full trainable weights (UNet state-dict keys) into the live model; a collective under FSDP."""
+    if is_fsdp(accelerator):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # Every rank holds the (small) state; FSDP copies each rank's shard out of it.
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
+        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+            result = unet.load_state_dict(state, strict=False)
+    else:
+        result = accelerator.unwrap_model(unet).load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"weights that are not the UNet's: {result.unexpected_keys[:3]}")
 
 
 @contextmanager
@@ -334,6 +461,28 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "richlayout-regional-adapter"})
     return path
+
+
+def save_trainable(
+    state: dict[str, torch.Tensor], folder: Path, suffix: str = ""
+) -> tuple[Path, Path | None]:
+    """``adapter{suffix}.safetensors`` (adapter keys) and, with LoRA, ``lora{suffix}.safetensors`` beside it."""
+    adapter = save_weights(
+        {k: v for k, v in state.items() if is_adapter_key(k)}, folder / f"adapter{suffix}.safetensors"
+    )
+    lora = None
+    if any(is_lora_key(k) for k in state):
+        lora = save_lora(state, folder / f"lora{suffix}.safetensors")
+    return adapter, lora
+
+
+def read_trainable(folder: Path, suffix: str = "") -> dict[str, torch.Tensor]:
+    """What :func:`save_trainable` wrote, as UNet state-dict keys."""
+    state = normalize_release_keys(load_file(str(folder / f"adapter{suffix}.safetensors")))
+    lora = folder / f"lora{suffix}.safetensors"
+    if lora.exists():
+        state.update(lora_model_state(lora))
+    return state
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -358,6 +507,30 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+@contextmanager
+def _state_without_model(accelerator: Accelerator):
+    """Hide the UNet and optimizer from accelerate's save_state / load_state under FSDP (no-op otherwise).
+
+    There accelerate would write the whole wrapped UNet, frozen weights included, and FSDP's full optimizer
+    state dict, which torch 2.14's FSDP1 keys wrongly when frozen and trainable parameters share flat
+    parameters (use_orig_params): a resumed run then updated the weights differently from an uninterrupted
+    one. The trainable weights go to their own files and each rank's optimizer shard to its own file.
+    """
+    if not is_fsdp(accelerator):
+        yield
+        return
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        yield
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
+
+
+def _optimizer_shard(folder: Path, rank: int) -> Path:
+    return folder / f"optimizer_shard_{rank}.bin"
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     unet: torch.nn.Module,
@@ -366,18 +539,26 @@ def save_checkpoint(
     loader,
     step: int,
     config: TrainConfig,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """accelerate state + adapter raw / EMA + every rank's stream state + step; call on every rank."""
+    """accelerate state + adapter (and LoRA) raw / EMA + every rank's stream state + step; call on every rank.
+
+    Under FSDP each rank also writes its optimizer shard (``optimizer`` is then required).
+    """
     out = Path(config.output_dir) / "checkpoints" / f"step_{step:07d}"
     stream_state = merge_states(gather_object([loader.state_dict()]))
-    accelerator.save_state(str(out))  # the pre-hook drops the frozen UNet from it
+    with _state_without_model(accelerator):
+        accelerator.save_state(str(out))  # the pre-hook drops the frozen UNet from it
+    if is_fsdp(accelerator):
+        # Local shards keyed by position: exact for a resume with the same processes and wrapping.
+        torch.save(optimizer.state_dict(), _optimizer_shard(out, accelerator.process_index))
     raw = trainable_state(accelerator, unet)
     with ema_weights(ema, params):
         ema_state = trainable_state(accelerator, unet) if ema is not None else None
     if accelerator.is_main_process:
-        save_weights(raw, out / "adapter.safetensors")
+        save_trainable(raw, out)
         if ema_state is not None:
-            save_weights(ema_state, out / "adapter_ema.safetensors")
+            save_trainable(ema_state, out, "_ema")
         (out / "stream_state.json").write_text(json.dumps(stream_state))
         trainer = {"step": step, "ema_optimization_step": ema.optimization_step if ema else None}
         (out / TRAINER_STATE).write_text(json.dumps(trainer))
@@ -390,16 +571,22 @@ def save_checkpoint(
 
 
 def register_checkpoint_hooks(accelerator: Accelerator) -> None:
-    """Keep the frozen UNet out of accelerate's state: only the adapter is saved (by us) and loaded."""
+    """Keep the frozen UNet out of accelerate's state: only the adapter (and LoRA) is saved (by us) and loaded.
+
+    (Under FSDP the UNet is hidden from accelerate altogether: see ``_state_without_model``.)
+    """
 
     def save_hook(models, weights, output_dir):
         weights.clear()  # accelerate then writes no model file
 
     def load_hook(models, input_dir):
         for model in models:
-            load_adapter(
-                accelerator.unwrap_model(model), Path(input_dir) / "adapter.safetensors", strict=False
-            )
+            state = read_trainable(Path(input_dir))
+            result = accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(
+                    f"{input_dir}: weights that are not the UNet's: {result.unexpected_keys[:3]}"
+                )
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -450,15 +637,30 @@ def generate_validation(
 # The loop
 
 
+# FSDP units: each transformer block (its fuser and LoRA inside), each ResNet block and the position net;
+# the root unit keeps only frozen weights. It must: FSDP1 leaves the root unsharded after a forward without
+# backward (validation), and until the next backward its gathers return that stale copy, so the EMA
+# swapped into the shards afterwards (checkpoint) would not be seen there.
+FSDP_WRAP = ["BasicTransformerBlock", "ResnetBlock2D", "PositionNet"]
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """Accelerate with the config's precision, accumulation, distribution and trackers."""
     t, out = config.train, Path(config.output_dir)
     trackers = (["tensorboard"] if config.log.tensorboard else []) + (["wandb"] if config.log.wandb else [])
     kwargs: dict[str, Any] = {}
+    plugin = None
     if t.distributed == "fsdp":
-        # use_orig_params: frozen and trainable parameters share FSDP's flat parameters.
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
-    return Accelerator(
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1,
+            # use_orig_params: frozen and trainable parameters share FSDP's flat parameters.
+            use_orig_params=True,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=FSDP_WRAP,
+            state_dict_type="FULL_STATE_DICT",
+        )
+        kwargs["fsdp_plugin"] = plugin
+    accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=trackers or None,
@@ -466,6 +668,24 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
         **kwargs,
     )
+    if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        kind = accelerator.distributed_type
+        if kind == DistributedType.MULTI_CPU:
+            # accelerate turns a plugin into FSDP on accelerators only and would silently run DDP on CPU
+            # processes; torch's FSDP itself runs on CPU over gloo (tests/test_train_ddp.py), so wrap with it.
+            # As accelerate does for accelerators: the process state says FSDP too (every AcceleratorState()
+            # built later, e.g. by the prepared optimizer, copies it). Its CPU device "cpu:0" becomes "cpu":
+            # FSDP's nested units (compute device "cpu") reject the other as their device_id ("Inconsistent
+            # compute device and `device_id` on rank 0: cpu vs cpu:0").
+            for state in (PartialState(), accelerator.state):
+                state.distributed_type = DistributedType.FSDP
+                state.device = torch.device("cpu")
+            accelerator.state.fsdp_plugin = plugin
+        elif kind == DistributedType.NO:
+            log.warning("train.distributed=fsdp with a single process: nothing to shard, training unwrapped")
+        else:
+            raise ConfigError(f"train.distributed=fsdp is not supported with accelerate's {kind} setup")
+    return accelerator
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -507,7 +727,7 @@ def train(config: TrainConfig) -> TrainResult:
         load_adapter(unet, config.model.adapter)
     params = set_adapter_trainable(unet)
     if config.model.lora_rank:
-        params += add_lora(unet, config.model.lora_rank)
+        params += add_lora(unet, config.model.lora_rank)  # the adapter stays trainable
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     to_compute = (
@@ -551,10 +771,16 @@ def train(config: TrainConfig) -> TrainResult:
 
     # The model first, then the optimizer over the wrapped model's parameters (what FSDP requires).
     unet = accelerator.prepare(unet)
+    fsdp = is_fsdp(accelerator)
+    if fsdp:
+        # The root's own parameters are named with one FSDP prefix, those of nested units with more.
+        in_root = [
+            n for n, p in unet.named_parameters() if p.requires_grad and n.count("_fsdp_wrapped_module") < 2
+        ]
+        if in_root:
+            raise RuntimeError(f"FSDP: trainable parameters in the root unit (see FSDP_WRAP): {in_root[:3]}")
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = accelerator.prepare(
-        make_optimizer(params, config.optim, sharded=config.train.distributed == "fsdp")
-    )
+    optimizer = accelerator.prepare(make_optimizer(params, config.optim, sharded=fsdp))
     register_checkpoint_hooks(accelerator)
     ema = None
     if config.ema.enabled:
@@ -570,15 +796,18 @@ def train(config: TrainConfig) -> TrainResult:
     step, stream_state = 0, None
     resume_from = resolve_resume(config.checkpoint.resume, out)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        with _state_without_model(accelerator):
+            accelerator.load_state(str(resume_from))
+        if fsdp:
+            load_trainable_state(accelerator, unet, read_trainable(resume_from))
+            shard = torch.load(_optimizer_shard(resume_from, rank), map_location=device, weights_only=True)
+            optimizer.load_state_dict(shard)
         trainer_state = json.loads((resume_from / TRAINER_STATE).read_text())
         step = trainer_state["step"]
         stream_state = json.loads((resume_from / "stream_state.json").read_text())
         if ema is not None and (resume_from / "adapter_ema.safetensors").exists():
-            with ema_weights(ema, params):  # load the EMA file into the live params, copy them as the shadow
-                load_adapter(
-                    accelerator.unwrap_model(unet), resume_from / "adapter_ema.safetensors", strict=False
-                )
+            with ema_weights(ema, params):  # load the EMA files into the live params, copy them as the shadow
+                load_trainable_state(accelerator, unet, read_trainable(resume_from, "_ema"))
                 ema.shadow_params = [p.detach().clone() for p in params]
             ema.optimization_step = trainer_state["ema_optimization_step"]
         if is_main:
@@ -594,6 +823,8 @@ def train(config: TrainConfig) -> TrainResult:
         adapter_path=out / "adapter" / "adapter.safetensors",
         ema_adapter_path=out / "adapter" / "adapter_ema.safetensors" if ema else None,
         step=step,
+        lora_path=out / "adapter" / "lora.safetensors" if config.model.lora_rank else None,
+        ema_lora_path=out / "adapter" / "lora_ema.safetensors" if config.model.lora_rank and ema else None,
     )
     validation_layouts = list(config.validation.layouts)
     if is_main:
@@ -637,7 +868,9 @@ def train(config: TrainConfig) -> TrainResult:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(step, config)
                     limit = config.optim.max_grad_norm or float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(params, limit)
+                    # Under FSDP the global norm needs every shard: accelerate hands the whole wrapped
+                    # model to FSDP's own clip_grad_norm_ (frozen parameters have no gradient).
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters() if fsdp else params, limit)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
@@ -678,32 +911,48 @@ def train(config: TrainConfig) -> TrainResult:
                 window_start, window_steps = time.perf_counter(), 0
             every = config.checkpoint.every_steps
             if (every and step % every == 0) or step == config.train.max_steps:
-                result.checkpoint = save_checkpoint(accelerator, unet, params, ema, loader, step, config)
+                result.checkpoint = save_checkpoint(
+                    accelerator, unet, params, ema, loader, step, config, optimizer
+                )
                 window_start, window_steps = time.perf_counter(), 0
             if step >= config.train.max_steps:
                 break
     progress.close()
 
-    # Final weights: raw and EMA, adapter only.
+    # Final weights: raw and EMA, adapter (and LoRA) only.
     raw = trainable_state(accelerator, unet)
     with ema_weights(ema, params):
         ema_state = trainable_state(accelerator, unet) if ema is not None else None
     if is_main:
-        save_weights(raw, result.adapter_path)
+        save_trainable(raw, result.adapter_path.parent)
         if ema_state is not None:
-            save_weights(ema_state, result.ema_adapter_path)
+            save_trainable(ema_state, result.adapter_path.parent, "_ema")
         log.info("done at step %d: %s", step, result.adapter_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result.step = step
     result.adapter_state = raw
-    result.unet = accelerator.unwrap_model(unet)
+    result.unet = None if fsdp else accelerator.unwrap_model(unet)  # FSDP: each rank holds a shard only
     return result
 
 
 def unet_channels(accelerator: Accelerator, unet: torch.nn.Module) -> int:
     """Latent channels of the UNet."""
     return accelerator.unwrap_model(unet).config.in_channels
+
+
+@contextmanager
+def _generate_through(pipe: StableDiffusionXLPipeline, unet: torch.nn.Module | None):
+    """Let ``pipe`` call ``unet`` (the FSDP-wrapped UNet) instead of its own module (no-op for None)."""
+    if unet is None:
+        yield
+        return
+    own = pipe.unet
+    pipe.__dict__["unet"] = unet  # not the pipeline's __setattr__, which would rewrite its config
+    try:
+        yield
+    finally:
+        pipe.__dict__["unet"] = own
 
 
 def validate(
@@ -716,18 +965,31 @@ def validate(
     config: TrainConfig,
     step: int,
 ) -> list[Path]:
-    """Generate the validation images with the EMA weights on the main rank; save them and log them."""
+    """Generate the validation images with the EMA weights; the main rank saves them and logs them.
+
+    Without FSDP only the main rank generates. Under FSDP every rank runs the same generation through the
+    wrapped UNet (each forward gathers the shards from all ranks), with the main rank's layouts.
+    """
     paths: list[Path] = []
-    if accelerator.is_main_process and layouts:
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        with ema_weights(ema, params), accelerator.autocast():
-            r = config.data.regions
-            pipe = LayoutPipeline(
-                frozen.pipe, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots
-            )
+    fsdp = is_fsdp(accelerator)
+    if fsdp:
+        box = [layouts]
+        torch.distributed.broadcast_object_list(box, src=0)
+        layouts = box[0]
+    if (accelerator.is_main_process or fsdp) and layouts:
+        r = config.data.regions
+        pipe = LayoutPipeline(
+            frozen.pipe, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots
+        )
+        unet.eval()
+        with (
+            ema_weights(ema, params),
+            accelerator.autocast(),
+            _generate_through(frozen.pipe, unet if fsdp else None),
+        ):
             images = generate_validation(pipe, layouts, config)
-        model.train()
+        unet.train()
+    if accelerator.is_main_process and layouts:
         folder = Path(config.output_dir) / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -776,7 +1038,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = TrainConfig.from_yaml(args.config, args.override)
-    from accelerate import PartialState
 
     logging.basicConfig(
         level=logging.INFO if PartialState().is_main_process else logging.WARNING,

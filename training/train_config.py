@@ -50,7 +50,7 @@ class ModelConfig:
         False  # keep the VAE in fp32 (the stock SDXL VAE overflows in fp16; the fp16-fix does not)
     )
     adapter: str | None = None  # start from these adapter weights (safetensors) instead of zero-init
-    lora_rank: int = 0  # > 0: also train LoRA of this rank on the base UNet's attention (needs peft)
+    lora_rank: int = 0  # > 0: also train a LoRA of this rank on the base UNet's attention projections (peft)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     attention_weight_scale: float = 1.0  # scale of the per-token region bias (REGIONAL_ATTENTION.md §3.4)
     region_cache_size: int = 4096  # region-text encodings kept in the LRU cache per process
@@ -71,7 +71,7 @@ class OptimConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (as the release); fails clearly if not installed
+    adam_8bit: bool = False  # bitsandbytes' 8-bit AdamW (as the release; runs on CPU too); needs bitsandbytes
     warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
     schedule: Literal["constant", "cosine"] = (
         "constant"  # after warm-up; cosine decays to min_lr at max_steps
@@ -105,7 +105,9 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # frozen weights in this dtype; trained ones fp32
     caption_dropout: float = 0.1  # per sample: the caption becomes "" (encoded as inference encodes "")
     layout_dropout: float = 0.1  # per sample, independently: the layout becomes the empty layout
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # FSDP shards the trainable state; DDP replicates it
+    distributed: Literal["ddp", "fsdp"] = (
+        "ddp"  # DDP replicates the UNet; FSDP (torch's FSDP1) shards it, frozen weights and optimizer state
+    )
     find_unused_parameters: bool = False  # DDP: needed only if some adapter parameter gets no gradient
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     noise_seed_offset: int = 0  # changes the noise / timestep / dropout draws without changing data order
