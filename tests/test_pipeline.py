@@ -127,3 +127,37 @@ def test_loads_adapter_ema_and_release_keys(pipe, tmp_path):
     save_file({k: v for k, v in list(trained.items())[1:]}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="adapter weights missing"):
         loaded(adapter=tmp_path / "partial.safetensors")
+
+
+def test_loads_the_trainers_lora_and_it_changes_the_image(pipe, tmp_path):
+    """A LoRA file written by the trainer (save_lora) loads into a fresh pipeline's UNet weight for weight,
+    and with non-zero B it changes the generated image; a file of another UNet is refused by name."""
+    pytest.importorskip("peft")
+    from training.lora import add_lora, is_lora_key, save_lora
+
+    source = tiny_sdxl_pipeline(0).unet
+    add_lora(source, 4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if is_lora_key(name):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))  # B != 0: the LoRA acts
+    lora = {k: v.detach().clone() for k, v in source.state_dict().items() if is_lora_key(k)}
+    path = save_lora(lora, tmp_path / "lora.safetensors")
+    adapter = save_adapter(pipe.sdxl.unet, tmp_path / "adapter.safetensors")
+
+    def build(**kw):
+        sdxl = tiny_sdxl_pipeline(0)
+        sdxl.set_progress_bar_config(disable=True)
+        return LayoutPipeline.from_sdxl(sdxl, adapter, **kw)
+
+    with_lora = build(lora=path)
+    got = {k: v for k, v in with_lora.sdxl.unet.state_dict().items() if is_lora_key(k)}
+    assert got.keys() == lora.keys() and all(torch.equal(got[k], lora[k]) for k in got)
+    layout = dict(boxes=BOXES, labels=LABELS)
+    assert not np.allclose(_run(with_lora, **layout), _run(build(), **layout))
+
+    other = {"unet.down_blocks.9.attentions.0.to_q.lora.down.weight": torch.zeros(4, 32)}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors: LoRA keys differ"):
+        build(lora=tmp_path / "other.safetensors")

@@ -21,6 +21,7 @@ from test_train import write_dataset
 
 from training import train as T
 from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
+from training.lora import load_lora
 from training.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
     assert load_adapter(unet, fsdp.out / "adapter" / "adapter.safetensors").loaded == len(
         files["adapter.safetensors"]
     )
-    T.load_lora(unet, fsdp.out / "adapter" / "lora.safetensors")
+    load_lora(unet, fsdp.out / "adapter" / "lora.safetensors")
     loaded = unet.state_dict()
     assert all(torch.equal(loaded[k], w0[k]) for k in w0)
 

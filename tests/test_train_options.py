@@ -16,6 +16,7 @@ from test_train import SIZE, tiny_config, write_dataset
 from training import train as T
 from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
 from training.encoding import grounding_inputs, grounding_inputs_from_batch
+from training.lora import load_lora
 from training.regions import empty_layout, reorganize_regions
 from training.tiny import tiny_unet
 from training.train_config import OptimConfig
@@ -211,7 +212,7 @@ def test_lora_trains_with_the_adapter_is_saved_beside_it_reloads_and_resumes(dat
     ours = attach_regional_adapter(tiny_unet(0)).eval()
     load_adapter(ours, folder / "adapter.safetensors")
     without_lora = _unet_output(ours)
-    T.load_lora(ours, res.lora_path)
+    load_lora(ours, res.lora_path)
     torch.testing.assert_close(_unet_output(ours), expected, rtol=0, atol=1e-6)
     assert not torch.allclose(without_lora, expected, atol=1e-4)  # the LoRA is part of the result
     components = tiny_sdxl_components(0)

@@ -273,7 +273,9 @@ class RegionalCrossAttention(nn.Module):
         context = feats.reshape(-1, feats.shape[-1])[plan.live_index].to(x.dtype)
         key_rows = plan.key_table[plan.tile_slot].reshape(-1)
         key, value = (
-            F.linear(context, w.weight, w.bias)[key_rows].view(n_tiles, width, heads, head_dim).transpose(1, 2)
+            F.linear(context, w.weight, w.bias)[key_rows]
+            .view(n_tiles, width, heads, head_dim)
+            .transpose(1, 2)
             for w in (attn.to_k, attn.to_v)
         )
         bias = plan.key_bias[plan.tile_slot].to(x.dtype)[:, None, None, :]

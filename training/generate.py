@@ -7,6 +7,7 @@ ready for ``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl
     # the paper's setting on a GPU (configs/eval/paper.yaml)
     python -m training.generate --preset paper --adapter runs/x/adapter/adapter.safetensors \\
         --ema runs/x/adapter/adapter_ema.safetensors --layouts demos.jsonl --out gen/
+    # a run with model.lora_rank also wrote runs/x/adapter/lora_ema.safetensors: add --lora with it
     # offline, random tiny SDXL (tests, demo)
     python -m training.generate --preset tiny --layouts demos.jsonl --out /tmp/gen
 
@@ -58,6 +59,9 @@ class GenerateConfig:
     vae: str | None = None  # another VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
     adapter: str | None = None  # adapter safetensors (ours) or the release's checkpoint; None: zero-init
     ema: str | None = None  # EMA adapter weights, loaded over ``adapter``
+    lora: str | None = (
+        None  # the trainer's LoRA file (lora.safetensors / lora_ema.safetensors), if it trained one
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     device: str = "auto"  # "auto": cuda when available, else cpu
     tiny_seed: int = 0  # seed of the random tiny models (base: tiny)
@@ -142,12 +146,13 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
         from training.tiny import tiny_sdxl_pipeline
 
         sdxl = tiny_sdxl_pipeline(cfg.tiny_seed).to(device)
-        pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, **limits)
+        pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, lora=cfg.lora, **limits)
     else:
         pipe = LayoutPipeline.from_pretrained(
             cfg.base,
             cfg.adapter,
             cfg.ema,
+            lora=cfg.lora,
             vae=cfg.vae,
             dtype=getattr(torch, cfg.dtype),
             device=device,
@@ -207,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="SDXL hub id or folder (or 'tiny')")
     p.add_argument("--adapter", help="adapter weights (safetensors, ours or the release's)")
     p.add_argument("--ema", help="EMA adapter weights, loaded over --adapter")
+    p.add_argument(
+        "--lora", help="the trainer's LoRA file when it trained one (use lora_ema.safetensors with --ema)"
+    )
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance-scale", type=float, dest="guidance_scale")
     p.add_argument(
@@ -225,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "base",
         "adapter",
         "ema",
+        "lora",
         "num_inference_steps",
         "guidance_scale",
         "scheduled_sampling_beta",

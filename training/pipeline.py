@@ -37,6 +37,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffus
 from training.adapter import AdapterConfig, adapter_config_of, attach_regional_adapter, load_adapter
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.layouts import validate_layout, validate_size
+from training.lora import load_lora
 from training.regions import empty_layout, reorganize_regions
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,15 @@ class LayoutPipeline:
         adapter: str | Path | None = None,
         ema: str | Path | None = None,
         adapter_config: AdapterConfig | None = None,
+        *,
+        lora: str | Path | None = None,
         **kwargs: Any,
     ) -> LayoutPipeline:
-        """Attach the adapter to ``sdxl.unet`` (if absent), then load ``adapter`` and, over it, ``ema`` weights."""
+        """Attach the adapter to ``sdxl.unet`` (if absent), then load ``adapter`` and, over it, ``ema`` weights.
+
+        ``lora``: the trainer's LoRA file of the base attention (``lora.safetensors`` or
+        ``lora_ema.safetensors``, when it trained with ``model.lora_rank``), loaded into the UNet.
+        """
         unet = sdxl.unet
         if getattr(unet, "position_net", None) is None:
             source = adapter or ema
@@ -114,6 +121,8 @@ class LayoutPipeline:
                 load_adapter_weights(unet, path)
         if adapter is None and ema is None:
             log.warning("no adapter weights given: the adapter is freshly initialised (an exact no-op)")
+        if lora is not None:
+            load_lora(unet, lora)
         return cls(sdxl, **kwargs)
 
     @classmethod
@@ -128,6 +137,7 @@ class LayoutPipeline:
         device: str | torch.device | None = None,
         variant: str | None = None,
         adapter_config: AdapterConfig | None = None,
+        lora: str | Path | None = None,
         **kwargs: Any,
     ) -> LayoutPipeline:
         """Load a base SDXL (hub id or folder; optionally another VAE), attach and load the adapter."""
@@ -139,7 +149,7 @@ class LayoutPipeline:
         )
         if device is not None:
             sdxl = sdxl.to(device)
-        return cls.from_sdxl(sdxl, adapter, ema, adapter_config, **kwargs)
+        return cls.from_sdxl(sdxl, adapter, ema, adapter_config, lora=lora, **kwargs)
 
     def to(self, device: str | torch.device) -> LayoutPipeline:
         """Move the models (the adapter with the UNet)."""
