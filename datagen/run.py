@@ -38,12 +38,11 @@ from shards.layout import dump_json, fs_and_root, join, url_for, write_atomic
 from . import sizing
 from .config import ConfigError, DatagenConfig, fingerprint_dict, load_config, to_dict
 from .inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs
+from .measurement import RUN_RECORD_KIND, RUNS_DIR
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "runs"  # <output>/runs/<UTC time>.json: one measurement record per run that processed inputs
-RUN_RECORD_KIND = "datagen-run"
-RUN_RECORD_VERSION = 1
+RUN_RECORD_VERSION = 1  # <output>/RUNS_DIR/<UTC time>.json: one record per run that processed inputs
 CPU_TASK_STAGES = ("decode", "pack")  # the stages that run as plain CPU tasks, outside the actor pools
 
 PACKAGES = ("richlayout", "ray", "torch", "torchvision", "transformers", "open_clip_torch", "segment-anything",

@@ -17,8 +17,9 @@ import pytest
 
 from datagen import sizing
 from datagen.config import STAGE_ORDER, load_config
+from datagen.measurement import PIPELINE_ORDER, Measurement, Pool, SizingError
 from datagen.run import RUNS_DIR, Summary, main, run_record, save_run_record
-from datagen.sizing import Measurement, Pool, SizingError, pack, size
+from datagen.sizing import pack, size
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "datagen" / "tiny.yaml")
@@ -373,7 +374,7 @@ def test_a_vllm_pool_is_sized_from_given_rates_as_engine_replicas(tmp_path, caps
 
 
 def test_record_pools_are_read_in_pipeline_order(tmp_path):
-    assert sizing.PIPELINE_ORDER == ("decode", *STAGE_ORDER, "pack")
+    assert PIPELINE_ORDER == ("decode", *STAGE_ORDER, "pack")
     record = _vllm_record()  # saved records list pools by name (sorted keys): describe, detect, score, vlm
     record["pools"] = dict(sorted(record["pools"].items()))
     path = tmp_path / "sorted.json"
