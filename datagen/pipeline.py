@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,8 @@ import ray
 import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
+
+from shards.writer import STATUS_OK
 
 from .config import DatagenConfig, PoolConfig, stage_classes
 from .inputs import InputItem
@@ -247,11 +248,26 @@ def vllm_pool(ds: ray.data.Dataset, cfg: DatagenConfig, pool: PoolConfig) -> ray
 
 
 def _pack_fn(df: pd.DataFrame, config: WriteConfig) -> pd.DataFrame:
-    # Packed chunks travel to the driver as pickled bytes: as plain data Arrow would make them nested
-    # structs, which Ray fails to concatenate when one block holds several chunks whose entries differ
-    # in shape (ok and failed entries, objects with and without masks), as after a vLLM processor.
-    packed = [pickle.dumps(pack_chunk(c, config), protocol=pickle.HIGHEST_PROTOCOL) for c in df["chunk"]]
-    return pd.DataFrame({"shard": df["shard"], "chunk": packed})
+    # A packed chunk travels to the driver as JSON text plus its images' bytes: as plain nested data Arrow
+    # would make it nested structs, which Ray fails to concatenate when one block holds several chunks
+    # whose entries differ in shape (ok and failed entries, objects with and without masks), as after a
+    # vLLM processor. Entries are JSON-safe but for the image (``pack_row``); no pickle crosses over.
+    metas, images = [], []
+    for chunk in df["chunk"]:
+        packed = pack_chunk(chunk, config)
+        images.append([e.get("image", b"") for e in packed["entries"]])
+        packed["entries"] = [{k: v for k, v in e.items() if k != "image"} for e in packed["entries"]]
+        metas.append(json.dumps(packed))
+    return pd.DataFrame({"shard": df["shard"], "chunk": metas, "images": images})
+
+
+def _unpack_chunk(row: dict) -> dict:
+    """The packed chunk of one ``_pack_fn`` row: its JSON with the images put back into the ok entries."""
+    chunk = json.loads(row["chunk"])
+    for entry, image in zip(chunk["entries"], row["images"], strict=True):
+        if entry["status"] == STATUS_OK:
+            entry["image"] = bytes(image)
+    return chunk
 
 
 def pool_remote_args(pool: PoolConfig) -> dict:
@@ -360,7 +376,7 @@ def _stage_error(exc: BaseException) -> StageError | None:
 def _iter_chunks(ds: ray.data.Dataset) -> Iterator[dict]:
     try:
         for row in ds.iter_rows():
-            yield pickle.loads(row["chunk"])
+            yield _unpack_chunk(row)
     except Exception as e:  # noqa: BLE001 - Ray wraps the stage's exception; unwrap it for the user
         err = _stage_error(e)
         if err is not None:
