@@ -307,16 +307,21 @@ def _is_trainable_key(key: str) -> bool:
     return is_adapter_key(key) or is_lora_key(key)
 
 
+def _full_state_dict(unet: torch.nn.Module, rank0_only: bool):
+    """FSDP's full (unsharded, CPU-offloaded) state-dict mode for ``unet``'s state_dict / load_state_dict."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only)
+    return FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config)
+
+
 def trainable_state(accelerator: Accelerator, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full adapter (and LoRA) weights on CPU, on every rank; a collective under FSDP: call it on every rank."""
     if is_fsdp(accelerator):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         # Gathered unit by unit onto rank 0's CPU (the frozen weights too: FSDP1 state dicts come whole),
         # then only the trainable part is sent to the other ranks.
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+        with _full_state_dict(unet, rank0_only=True):
             full = unet.state_dict()
         box = [{k: v.detach().to(torch.float32, copy=True) for k, v in full.items() if _is_trainable_key(k)}]
         del full
@@ -336,12 +341,8 @@ def load_trainable_state(
 ) -> None:
     """Copy full trainable weights (UNet state-dict keys) into the live model; a collective under FSDP."""
     if is_fsdp(accelerator):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         # Every rank holds the (small) state; FSDP copies each rank's shard out of it.
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+        with _full_state_dict(unet, rank0_only=False):
             result = unet.load_state_dict(state, strict=False)
     else:
         result = accelerator.unwrap_model(unet).load_state_dict(state, strict=False)
