@@ -39,7 +39,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.adapter import attach_regional_adapter, set_adapter_trainable
-from training.attention import level_grid, level_plan
+from training.attention import RegionalCrossAttention, level_grid, level_plan
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.regions import reorganize_regions
 from training.tiny import benchmark_unet, tiny_tokenizers
@@ -116,7 +116,7 @@ def paired(fa, fb, repeats: int, device: torch.device) -> tuple[float, float, fl
     return statistics.median(ta), statistics.median(tb), ratio
 
 
-def kv_projection_floor(unet, gligen: dict, latent_hw: tuple[int, int]):
+def kv_projection_floor(unet, gligen: dict, inputs: dict, latent_hw: tuple[int, int]):
     """A function running every fuser's K and V projection of its level's live tokens, fwd + bwd.
 
     Live tokens per level come from the same index plans the packed fuser uses; each fuser's level is
@@ -126,24 +126,21 @@ def kv_projection_floor(unet, gligen: dict, latent_hw: tuple[int, int]):
     hooks = [
         module.register_forward_hook(lambda m, args, out: levels.append((m, args[0].shape[1])))
         for module in unet.modules()
-        if type(module).__name__ == "RegionalCrossAttention"
+        if isinstance(module, RegionalCrossAttention)
     ]
     with torch.no_grad():
         objs = unet.position_net(**gligen)
-        sample = torch.zeros(gligen["region_map"].shape[0], 4, *latent_hw, device=gligen["region_map"].device)
-        dtype = next(unet.parameters()).dtype
         unet(
-            sample.to(dtype), 0, torch.zeros(sample.shape[0], 77, 2048, device=sample.device, dtype=dtype),
-            added_cond_kwargs={"text_embeds": torch.zeros(sample.shape[0], 1280, device=sample.device, dtype=dtype),
-                               "time_ids": torch.zeros(sample.shape[0], 6, device=sample.device, dtype=dtype)},
-            cross_attention_kwargs={"gligen": gligen},
+            inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+            added_cond_kwargs=inputs["added_cond_kwargs"], cross_attention_kwargs={"gligen": gligen},
         )  # fmt: skip
     for hook in hooks:
         hook.remove()
-    work = []
+    work, live = [], {}
     for fuser, n_pixels in levels:
         plan = level_plan(objs, level_grid(latent_hw, n_pixels))
-        context = torch.randn(len(plan.live_index), objs["text_feat"].shape[-1], device=sample.device)
+        live[n_pixels] = len(plan.live_index)
+        context = torch.randn(len(plan.live_index), objs["text_feat"].shape[-1], device=inputs["sample"].device)
         work.append((fuser.attn, context.to(fuser.attn.to_k.weight.dtype).requires_grad_(True)))
 
     def run():
@@ -152,7 +149,6 @@ def kv_projection_floor(unet, gligen: dict, latent_hw: tuple[int, int]):
             grads = torch.autograd.grad(loss, [context, attn.to_k.weight, attn.to_v.weight])
             del grads
 
-    live = {n: len(level_plan(objs, level_grid(latent_hw, n)).live_index) for _, n in levels}
     return run, live
 
 
@@ -232,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_base, t_adapter, adapter_over_base = paired(base_step, adapter_step, args.repeats, device)
     t_uncached, t_cached, _ = paired(encode_uncached, encode_cached, args.repeats, device)
-    kv_floor, live = kv_projection_floor(unet, gligen, (latent, latent))
+    kv_floor, live = kv_projection_floor(unet, gligen, base_inputs, (latent, latent))
     _, t_kv, kv_over_base = paired(base_step, kv_floor, args.repeats, device)
     texts = sum(layout.n_slots for layout in layouts)
 
