@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m datagen.demo --out demo_out
+	$(BIN)/python -m training.demo --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

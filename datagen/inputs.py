@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
-from shards.layout import url_for
+from shards.paths import url_for
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from shards import RunMismatchError, build_index, list_shards, open_run
-from shards.layout import dump_json, fs_and_root, join, url_for, write_atomic
+from shards.paths import dump_json, fs_and_root, join, url_for, write_atomic
 
 from . import sizing
 from .config import ConfigError, DatagenConfig, fingerprint_dict, load_config, to_dict

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from .dataset import build_index, open_run
-from .layout import fs_and_root
+from .paths import fs_and_root
 from .masks import decode_mask, encode_mask, mask_to_box
 from .reader import iter_samples
 from .schema import ObjectRecord, SampleRecord, SchemaError

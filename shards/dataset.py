@@ -8,7 +8,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from .layout import INDEX_FILE, RUN_FILE, dump_json, fs_and_root, join, url_for, write_atomic
+from .paths import INDEX_FILE, RUN_FILE, dump_json, fs_and_root, join, url_for, write_atomic
 from .schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .dataset import list_shards
-from .layout import fs_and_root
+from .paths import fs_and_root
 from .reader import iter_samples
 from .writer import PARQUET_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES
 

@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from .dataset import ShardInfo, list_shards
-from .layout import fs_and_root
+from .paths import fs_and_root
 from .schema import SampleRecord, SchemaError
 from .writer import IMAGE_EXTS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .layout import dump_json, fs_and_root, join, shard_name, write_atomic
+from .paths import dump_json, fs_and_root, join, shard_name, write_atomic
 from .schema import SCHEMA_VERSION, SampleRecord, SchemaError, check_key
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Sequenced grounding encoding (REGIONAL_ATTENTION.md §3): spans, per-token boxes and biases, cache."""
+"""Sequenced grounding encoding (docs/METHOD.md §3): spans, per-token boxes and biases, cache."""
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from training.adapter import adapter_state_dict, save_adapter
-from training.pipeline import LayoutPipeline, active_layout_steps
+from training.layout_pipeline import LayoutPipeline, active_layout_steps
 from training.tiny import tiny_sdxl_pipeline
 
 SIZE = dict(height=64, width=64)

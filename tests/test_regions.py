@@ -1,4 +1,4 @@
-"""Region reorganization (REGIONAL_ATTENTION.md §2): every rule on small hand-made layouts."""
+"""Region reorganization (docs/METHOD.md §2): every rule on small hand-made layouts."""
 
 import numpy as np
 import pytest

@@ -3,7 +3,7 @@
 diffusers' UNet already calls ``self.position_net(**gligen)`` and every ``BasicTransformerBlock`` calls
 ``self.fuser(hidden_states, objs)`` (after self-attention, before the text cross-attention) whenever
 ``cross_attention_kwargs`` holds a ``"gligen"`` key. So the adapter is two attributes set on a stock
-model, no diffusers file copied (REGIONAL_ATTENTION.md §4, §5)::
+model, no diffusers file copied (docs/METHOD.md §4, §5)::
 
     attach_regional_adapter(unet)                 # unet.position_net + block.fuser on all blocks
     params = set_adapter_trainable(unet)          # base frozen, adapter trainable

@@ -1,4 +1,4 @@
-"""Position net and regional cross-attention (REGIONAL_ATTENTION.md §3.5 and §4).
+"""Position net and regional cross-attention (docs/METHOD.md §3.5 and §4).
 
 ``PositionNet`` becomes ``unet.position_net``: diffusers' UNet calls it once per forward with the
 ``gligen`` dict (see ``training.encoding.grounding_inputs``) and hands its output, ``objs``, to every

@@ -3,7 +3,7 @@
 Frozen dataclasses with a YAML-friendly shape: ``StreamConfig.from_dict(yaml.safe_load(f))`` builds
 the nested objects from plain dicts and lists, and rejects unknown keys by name.
 
-The paper's recipe (REGIONAL_ATTENTION.md §6) as a preset::
+The paper's recipe (docs/METHOD.md §6) as a preset::
 
     datasets:
       - {path: data/coco, weight: 1,
@@ -104,7 +104,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class RegionConfig:
-    """Caps of region reorganization (REGIONAL_ATTENTION.md §2.5) and the padded slot count."""
+    """Caps of region reorganization (docs/METHOD.md §2.5) and the padded slot count."""
 
     max_objs: int = 30
     max_regions: int = 120

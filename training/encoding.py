@@ -1,4 +1,4 @@
-"""Sequenced grounding encoding (REGIONAL_ATTENTION.md §3): region slots -> the UNet's ``gligen`` inputs.
+"""Sequenced grounding encoding (docs/METHOD.md §3): region slots -> the UNet's ``gligen`` inputs.
 
 Each region slot's text is tokenized by both SDXL tokenizers (77 tokens) and encoded by both frozen text
 encoders (last hidden states, concatenated: 768 + 1280 = 2048 per token in SDXL). The text splits into

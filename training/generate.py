@@ -33,7 +33,7 @@ from tqdm import tqdm
 from shards.draw import draw_layout
 from training.data_config import build_config
 from training.layouts import read_layouts, validate_size, write_layouts
-from training.pipeline import LayoutPipeline
+from training.layout_pipeline import LayoutPipeline
 from training.train_config import ConfigError, apply_overrides
 
 log = logging.getLogger(__name__)

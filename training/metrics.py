@@ -1,4 +1,4 @@
-"""Layout-fidelity metrics (REGIONAL_ATTENTION.md §8): CropCLIP, SAMIoU and FID.
+"""Layout-fidelity metrics (docs/METHOD.md §8): CropCLIP, SAMIoU and FID.
 
 - **CropCLIP**: each object's box is cropped from the generated image and scored with CLIP ViT-B/32
   (OpenAI weights, open_clip's ``ViT-B-32``/``openai``) against its description truncated to 77 tokens:

@@ -1,4 +1,4 @@
-"""Region reorganization (REGIONAL_ATTENTION.md §2): boxes and descriptions -> non-overlapping region slots.
+"""Region reorganization (docs/METHOD.md §2): boxes and descriptions -> non-overlapping region slots.
 
 Pure numpy, cheap (about 3 ms for 30 boxes on a 64x64 grid, 2 CPU cores), safe to call from DataLoader
 workers. Any sampling uses the generator the caller passes.

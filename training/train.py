@@ -2,7 +2,7 @@
 
 Only the adapter (``unet.position_net`` and a ``fuser`` per transformer block, optionally LoRA on the
 base attention) trains; the VAE, both text encoders and the base UNet are frozen. The recipe and the
-public release's defects we do not repeat are in ``shared/design/REGIONAL_ATTENTION.md`` §6.
+public release's defects we do not repeat are in ``docs/METHOD.md`` §6.
 
 Launch (accelerate starts torchrun-style workers; the config is the single source of truth)::
 
@@ -97,7 +97,7 @@ from .adapter import (
 from .collate import normalize_pixels
 from .encoding import RegionTextEncoder, grounding_inputs_from_batch
 from .lora import add_lora, is_lora_key, lora_model_state, save_lora
-from .pipeline import LayoutPipeline
+from .layout_pipeline import LayoutPipeline
 from .stream import build_loader, derive_seed, merge_states
 from .train_config import ConfigError, ModelConfig, OptimConfig, TrainConfig, ValidationLayout
 

@@ -52,7 +52,7 @@ class ModelConfig:
     adapter: str | None = None  # start from these adapter weights (safetensors) instead of zero-init
     lora_rank: int = 0  # > 0: also train a LoRA of this rank on the base UNet's attention projections (peft)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    attention_weight_scale: float = 1.0  # scale of the per-token region bias (REGIONAL_ATTENTION.md §3.4)
+    attention_weight_scale: float = 1.0  # scale of the per-token region bias (docs/METHOD.md §3.4)
     region_cache_size: int = 4096  # region-text encodings kept in the LRU cache per process
     tiny_seed: int = 0  # seed of the random tiny models (the same on every rank)
 

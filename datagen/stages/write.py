@@ -27,7 +27,7 @@ from shards import (
     SchemaError,
     ShardWriter,
 )
-from shards.layout import fs_and_root, join, shard_name
+from shards.paths import fs_and_root, join, shard_name
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 synthetic raw images -> datagen (Ray Data on an embedded local Ray) -> shards -> validate + stats
 report -> a few training steps of the regional-attention SDXL -> one generated image with its layout.
 
-    python -m datagen.demo --out demo_out [--images 24] [--steps 4]
+    python -m training.demo --out demo_out [--images 24] [--steps 4]
 
 The models are the real architectures built from small configs with random weights, so captions,
 boxes and the generated image are meaningless; every code path is the one used with real weights.
@@ -32,9 +32,9 @@ def make_dataset(out: Path, n_images: int) -> Path:
     """Synthetic images -> datagen tiny pipeline -> shards; returns the dataset path."""
     from shards import validate_dataset
 
-    from .config import load_config
-    from .run import run
-    from .synthetic import make_image_folder
+    from datagen.config import load_config
+    from datagen.run import run
+    from datagen.synthetic import make_image_folder
 
     raw = out / "raw_images"
     make_image_folder(raw, n_images, seed=0)
@@ -108,7 +108,7 @@ def generate(adapter: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; print where everything is."""
     p = argparse.ArgumentParser(
-        prog="python -m datagen.demo",
+        prog="python -m training.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

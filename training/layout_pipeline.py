@@ -1,4 +1,4 @@
-"""Layout-to-image generation on the stock ``StableDiffusionXLPipeline`` (REGIONAL_ATTENTION.md §7).
+"""Layout-to-image generation on the stock ``StableDiffusionXLPipeline`` (docs/METHOD.md §7).
 
 Nothing of diffusers' ``__call__`` is copied: the layout reaches the UNet as
 ``cross_attention_kwargs={"gligen": ...}`` (the hook where diffusers calls ``position_net`` and every
