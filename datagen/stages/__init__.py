@@ -10,7 +10,6 @@ a broken model, not bad data, and the run must stop loudly.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -152,13 +151,3 @@ def new_object(box: Sequence[float], phrase: str, detector_score: float) -> dict
     obj = dict.fromkeys(OBJECT_FIELDS)
     obj.update(box=[float(v) for v in box], phrase=phrase, detector_score=float(detector_score))
     return obj
-
-
-def crop_box(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-    """The pixels of ``image`` under an xyxy float box, at least 1x1, clipped to the image."""
-    h, w = image.shape[:2]
-    x1 = min(max(int(math.floor(box[0])), 0), w - 1)
-    y1 = min(max(int(math.floor(box[1])), 0), h - 1)
-    x2 = max(min(int(math.ceil(box[2])), w), x1 + 1)
-    y2 = max(min(int(math.ceil(box[3])), h), y1 + 1)
-    return image[y1:y2, x1:x2]

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from ..models import ModelSpec, default_spec, load_model
-from . import Batch, as_image, as_objects, crop_box, run_rows
+from ..scoring import crop_box
+from . import Batch, as_image, as_objects, run_rows
 from .vlm import ask, clean_text
 
 STAGE = "describe"
@@ -100,7 +101,7 @@ def object_crop(image: np.ndarray, box: Sequence[float], cfg: DescribeConfig) ->
     """The crop the VLM sees: the box (widened to ``max_crop_aspect`` when very elongated), resized
     so its shorter side is ``crop_short_side`` and its longer side at most ``max_crop_side``."""
     x1, y1, x2, y2 = widen_to_aspect(box, image.shape[1], image.shape[0], cfg.max_crop_aspect)
-    crop = Image.fromarray(crop_box(image, (x1, y1, x2, y2)))
+    crop = Image.fromarray(crop_box(image, (x1, y1, x2, y2), at_least_one_pixel=True))
     w, h = crop.size
     scale = min(cfg.crop_short_side / min(w, h), cfg.max_crop_side / max(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

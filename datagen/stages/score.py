@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from PIL import Image
 
 from ..models import ModelSpec, default_spec, load_model
-from . import Batch, as_image, as_objects, crop_box, run_rows
+from ..scoring import clip_crop_scores, crop_box
+from . import Batch, as_image, as_objects, run_rows
 
 STAGE = "score"
 
@@ -42,7 +42,7 @@ class ScoreStage:
             for k, objs in enumerate(objects):
                 image = as_image(batch["image"][rows[k]]) if objs else None
                 for obj in objs:
-                    crops.append(Image.fromarray(crop_box(image, obj["box"])))
+                    crops.append(Image.fromarray(crop_box(image, obj["box"], at_least_one_pixel=True)))
                     texts.append(obj["description"] or obj["phrase"])
             scores = iter(self.scores(crops, texts))
             for objs in objects:
@@ -52,17 +52,8 @@ class ScoreStage:
 
         return run_rows(batch, STAGE, score, ("objects",))
 
-    @torch.inference_mode()
     def scores(self, crops: list[Image.Image], texts: list[str]) -> list[float]:
-        """100 * cosine(image, text) for each (crop, text) pair."""
-        out: list[float] = []
-        step = max(1, self.config.encode_batch_size)
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        for start in range(0, len(crops), step):
-            pixels = torch.stack([self.preprocess(c) for c in crops[start : start + step]]).to(device, dtype)
-            tokens = self.tokenizer(texts[start : start + step]).to(device)
-            image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-            text = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            out.extend((100.0 * (image * text).sum(dim=-1)).cpu().tolist())
-        return out
+        """100 * cosine(image, text) for each (crop, text) pair (``datagen.scoring``, as evaluation)."""
+        return clip_crop_scores(
+            self.model, self.preprocess, self.tokenizer, crops, texts, self.config.encode_batch_size
+        ).tolist()

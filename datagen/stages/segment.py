@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from segment_anything import SamPredictor
-from torchvision.ops import box_iou
 
 from shards import encode_mask, mask_to_box
+from shards.masks import box_iou_pairs
 
 from ..models import ModelSpec, default_spec, load_model
+from ..scoring import sam_box_masks, set_sam_embedding
 from . import Batch, as_image, as_objects, run_rows
 
 STAGE = "segment"
@@ -78,29 +79,21 @@ class SegmentStage:
     @torch.inference_mode()
     def masks(self, image: np.ndarray, embedding: torch.Tensor, objects: list[dict]) -> list[dict]:
         """The objects of one image with their masks, every box prompted on the one embedding."""
-        h, w = image.shape[:2]
-        p = self.predictor
-        p.reset_image()
-        p.features, p.original_size, p.is_image_set = embedding, (h, w), True
-        p.input_size = tuple(self.transform.get_preprocess_shape(h, w, self.transform.target_length))
-        boxes = torch.tensor([o["box"] for o in objects], dtype=torch.float32, device=self.sam.device)
+        set_sam_embedding(self.predictor, embedding, image.shape[:2])
+        boxes = np.array([o["box"] for o in objects], dtype=np.float32)
+        masks, scores = sam_box_masks(self.predictor, boxes, self.config.max_boxes_per_call)
+        self.predictor.reset_image()
         out = []
-        step = max(1, self.config.max_boxes_per_call)
-        for start in range(0, len(objects), step):
-            prompts = self.transform.apply_boxes_torch(boxes[start : start + step], (h, w))
-            masks, scores, _ = p.predict_torch(None, None, boxes=prompts, multimask_output=False)
-            masks, scores = masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().tolist()
-            for obj, mask, score in zip(objects[start : start + step], masks, scores, strict=True):
-                mask_box = mask_to_box(mask)
-                out.append(
-                    {
-                        **obj,
-                        "mask": encode_mask(mask),
-                        "mask_score": float(score),
-                        "mask_box": None if mask_box is None else list(mask_box),
-                    }
-                )
-        p.reset_image()
+        for obj, mask, score in zip(objects, masks, scores, strict=True):
+            mask_box = mask_to_box(mask)
+            out.append(
+                {
+                    **obj,
+                    "mask": encode_mask(mask),
+                    "mask_score": float(score),
+                    "mask_box": None if mask_box is None else list(mask_box),
+                }
+            )
         return out
 
 
@@ -111,5 +104,4 @@ def mask_agreement(
     if not len(boxes):
         return []
     filled = [(0.0, 0.0, 0.0, 0.0) if m is None else m for m in mask_boxes]  # zero area: IoU 0
-    iou = box_iou(torch.tensor(boxes, dtype=torch.float64), torch.tensor(filled, dtype=torch.float64))
-    return iou.diagonal().nan_to_num(0.0).tolist()
+    return box_iou_pairs(boxes, filled).tolist()
