@@ -61,21 +61,18 @@ import json
 import logging
 import math
 import random
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
-import fsspec
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from shards.dataset import list_shards, read_stats
-from shards.reader import Sample, to_sample
+from shards.reader import RawSample, Sample, raw_samples, to_sample
 from shards.schema import SampleRecord, SchemaError
 
 from .augment import augment
@@ -237,27 +234,15 @@ def worker_shard_passes(
         yield p, iter(share)
 
 
-def _open(url: str):
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.open(path, "rb")
+def read_shards(urls: Iterable[str], policy: ErrorPolicy) -> Iterator[RawSample]:
+    """Raw samples from each tar in turn; a shard that fails to open or breaks mid-stream is counted.
+
+    The samples read before the fault are kept: the tar stream is broken only past it.
+    """
+    return raw_samples(urls, on_error=lambda exn: policy.error("corrupt_shard", exn))
 
 
-def read_shards(urls: Iterable[str], policy: ErrorPolicy) -> Iterator[dict]:
-    """Raw webdataset samples (``__key__``, ``__url__``, bytes per extension) from each tar in turn."""
-    for url in urls:
-        try:
-            with _open(url) as stream:
-                # A member that cannot be read ends the shard: the tar stream is broken past it.
-                files = tar_file_iterator(stream, handler=policy.handler("corrupt_shard", stop=True))
-                yield from group_by_keys(
-                    ({**f, "__url__": url} for f in files), handler=policy.handler("corrupt_shard")
-                )
-        except (OSError, EOFError, tarfile.TarError, ValueError) as exn:
-            # A shard that fails to open or breaks mid-stream: its readable samples were kept.
-            policy.error("corrupt_shard", RuntimeError(f"{url}: {exn}"))
-
-
-def parse_samples(raws: Iterable[dict], policy: ErrorPolicy) -> Iterator[Sample]:
+def parse_samples(raws: Iterable[RawSample], policy: ErrorPolicy) -> Iterator[Sample]:
     """Validated records with their (still encoded) image; pairs with a member missing are counted."""
     for raw in raws:
         try:

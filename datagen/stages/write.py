@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -27,7 +26,8 @@ from shards import (
     SchemaError,
     ShardWriter,
 )
-from shards.paths import fs_and_root, join, shard_name
+from shards.paths import fs_and_root, join, shard_name, url_for
+from shards.reader import raw_samples
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,9 @@ def _existing_entries(dataset: str, shard_id: int, replaced: set[str]) -> list[d
     with fs.open(join(root, f"{name}.parquet"), "rb") as f:
         df = pd.read_parquet(f)
     members: dict[str, dict[str, bytes]] = {}
-    with fs.open(join(root, f"{name}.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            key, _, ext = m.name.partition(".")
-            if key not in replaced:
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for raw in raw_samples([url_for(fs, join(root, f"{name}.tar"))]):
+        if raw.key not in replaced:
+            members.setdefault(raw.key, {}).update(raw.members)
     kept = []
     for row in df.to_dict("records"):
         if row["key"] in replaced:
