@@ -43,7 +43,7 @@ def test_generate_rejects_a_bad_layout_before_loading_models(tmp_path, capsys):
     layouts = tmp_path / "bad.jsonl"
     layouts.write_text(json.dumps({"boxes": [[0, 0, 80, 8]], "labels": ["a"]}) + "\n")
     assert generate.main(["--tiny", "--layouts", str(layouts), "--out", str(tmp_path / "o")]) == 2
-    assert f"{layouts}:1" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    assert f"error: {layouts}:1" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,11 @@
-"""Generate images from a layouts file: ``python -m training.generate --layouts FILE.jsonl --out DIR``.
+"""Generate images from layouts: ``python -m training.generate --layouts FILE --out DIR`` (or ``--from-shards DS``).
 
-Each layout line (``training.layouts``) becomes ``DIR/<id>.png``, its overlay with the layout drawn
-``DIR/overlays/<id>.png``, and a line of ``DIR/layouts.jsonl`` (the layouts with every default resolved,
-ready for ``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl``)::
+Each layout (``training.layouts``: JSON lines, one JSON object as the release's demos, or an array; or the
+samples of a dataset) becomes ``DIR/<id>.png``, its overlay with the layout drawn ``DIR/overlays/<id>.png``,
+and a line of ``DIR/layouts.jsonl`` (the layouts with every default resolved, ready for
+``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl``). With ``--refiner`` the refined
+image is ``DIR/<id>.png`` and the unrefined one ``DIR/unrefined/<id>.png``; with ``--from-shards`` the
+dataset's images, resized to the generated size, are ``DIR/reference/<id>.png`` (ground truth)::
 
     # the paper's setting on a GPU (configs/eval/paper.yaml)
     python -m training.generate --preset paper --adapter runs/x/adapter/adapter.safetensors \\
@@ -10,6 +13,8 @@ ready for ``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl
     # a run with model.lora_rank also wrote runs/x/adapter/lora_ema.safetensors: add --lora with it
     # offline, random tiny SDXL (tests, demo)
     python -m training.generate --preset tiny --layouts demos.jsonl --out /tmp/gen
+    # the release's inference_on_dataset.py: a dataset's layouts, 25 steps, CFG 4.5, SDXL refiner 0.3
+    python -m training.generate --preset release --adapter A.safetensors --from-shards rccoco/ --out gen/
 
 ``--set key=value`` overrides one field of the preset's ``generate`` section (``--set guidance_scale=7.5``).
 """
@@ -20,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +38,8 @@ from tqdm import tqdm
 
 from shards.draw import draw_layout
 from training.data_config import build_config
-from training.layouts import read_layouts, validate_size, write_layouts
 from training.layout_pipeline import LayoutPipeline
+from training.layouts import LayoutRecord, layouts_from_dataset, load_layouts, validate_size, write_layouts
 from training.train_config import ConfigError, apply_overrides
 
 log = logging.getLogger(__name__)
@@ -75,9 +81,18 @@ class GenerateConfig:
     seed: int = 0  # image i uses seed + i unless its line sets "seed"
     max_objects: int = 30  # more objects in a layout is an error
     max_slots: int = 30  # region slots (the model's)
+    lenient: bool = False  # the release's leniency: keep the first max_objects, clamp boxes, list prompts
+    refiner: str | None = None  # SDXL img2img refiner (hub id / folder, "tiny") run on each image; None: off
+    refiner_strength: float = 0.3  # img2img strength of the refiner (the release: 0.3)
+    refiner_steps: int = 20  # refiner steps before strength (the release: 20)
 
     def __post_init__(self) -> None:
         validate_size(self.height, self.width)
+        if not 0.0 < self.refiner_strength <= 1.0 or self.refiner_steps < 1:
+            raise ConfigError(
+                f"refiner_strength must be in (0, 1] and refiner_steps >= 1, got "
+                f"{self.refiner_strength} and {self.refiner_steps}"
+            )
         if self.num_inference_steps < 1:
             raise ConfigError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if not 0.0 <= self.scheduled_sampling_beta <= 1.0:
@@ -130,17 +145,21 @@ def run_cli(job: Callable[[], dict]) -> int:
     try:
         summary = job()
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
     return 0
 
 
+def _device(cfg: GenerateConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
 def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
     """The layout pipeline of a config: tiny random SDXL, or the base model from the hub / a folder."""
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = _device(cfg)
     limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots}
     if cfg.base == "tiny":
         from training.tiny import tiny_sdxl_pipeline
@@ -162,16 +181,86 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
     return pipe
 
 
+def load_refiner(cfg: GenerateConfig) -> Any:
+    """The SDXL img2img refiner of a config (diffusers ``StableDiffusionXLImg2ImgPipeline``), or None.
+
+    ``"tiny"``: a random tiny SDXL (seed ``tiny_seed + 1``) as img2img, offline; otherwise a hub id or
+    folder such as ``stabilityai/stable-diffusion-xl-refiner-1.0``.
+    """
+    if cfg.refiner is None:
+        return None
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    if cfg.refiner == "tiny":
+        from training.tiny import tiny_sdxl_components
+
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            **tiny_sdxl_components(cfg.tiny_seed + 1), requires_aesthetics_score=False, add_watermarker=False
+        )
+    else:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            cfg.refiner, torch_dtype=getattr(torch, cfg.dtype), add_watermarker=False
+        )
+    refiner = refiner.to(_device(cfg))
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _save_references(dataset: str, records: list[LayoutRecord], folder: Path) -> None:
+    """The dataset's images of ``records``, resized to the generated size: the ground truth to score against."""
+    from shards import iter_samples
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {r.id: r for r in records}
+    for sample in iter_samples(dataset):
+        record = by_id.pop(sample.record.key, None)
+        if record is not None:
+            sample.image().resize((record.width, record.height)).save(folder / f"{record.id}.png")
+        if not by_id:
+            break
+
+
 def generate(
-    cfg: GenerateConfig, layouts: str | Path, out: str | Path, pipe: LayoutPipeline | None = None
+    cfg: GenerateConfig,
+    layouts: str | Path | None,
+    out: str | Path,
+    pipe: LayoutPipeline | None = None,
+    *,
+    from_shards: str | None = None,
+    limit: int | None = None,
+    skip_bad_layouts: bool = False,
+    refiner: Any = None,
 ) -> dict:
-    """Generate every layout of the file into ``out``; return a summary (also written to ``out/generate.json``)."""
-    records = read_layouts(
-        layouts, cfg.height, cfg.width, cfg.seed
-    )  # all lines checked before any model loads
+    """Generate every layout of a file (or of a dataset's samples) into ``out``; return a summary (also
+    written to ``out/generate.json``).
+
+    Every layout is checked before any model loads. ``skip_bad_layouts``: a bad layout is left out and
+    listed in the summary's ``skipped`` instead of stopping the run. ``refiner``: a loaded img2img
+    pipeline (default: ``load_refiner(cfg)``).
+    """
+    if (layouts is None) == (from_shards is None):
+        raise ValueError("give a layouts file (--layouts) or a dataset (--from-shards), not both or neither")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    options = {
+        "max_objects": cfg.max_objects,
+        "lenient": cfg.lenient,
+        "skip_bad": skip_bad_layouts,
+    }
+    if from_shards is not None:
+        long_side = max(cfg.height, cfg.width)
+        records, skipped = layouts_from_dataset(from_shards, long_side, cfg.seed, limit=limit, **options)
+    else:
+        records, skipped = load_layouts(layouts, cfg.height, cfg.width, cfg.seed, **options)
+        records = records[:limit]
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    if from_shards is not None:
+        _save_references(from_shards, records, out / "reference")
     pipe = pipe or load_pipeline(cfg)
+    refiner = refiner or load_refiner(cfg)
+    if refiner is not None:
+        (out / "unrefined").mkdir(exist_ok=True)
     start = time.perf_counter()
     for record in tqdm(records, desc="generate", unit="image"):
         image = pipe(
@@ -187,16 +276,32 @@ def generate(
             attention_weight_scale=cfg.attention_weight_scale,
             generator=torch.Generator().manual_seed(record.seed),
         ).images[0]
+        if refiner is not None:
+            image.save(out / "unrefined" / f"{record.id}.png")
+            # As the release: the caption only (no negative prompt, no layout), on the decoded image.
+            image = refiner(
+                prompt=record.caption,
+                image=image,
+                strength=cfg.refiner_strength,
+                num_inference_steps=cfg.refiner_steps,
+                generator=torch.Generator().manual_seed(record.seed),
+            ).images[0]
         image.save(out / f"{record.id}.png")
         draw_layout(image, record.boxes, list(record.labels)).save(out / "overlays" / f"{record.id}.png")
     write_layouts(records, out / "layouts.jsonl")
     summary = {
         "images": len(records),
         "objects": int(sum(len(r.boxes) for r in records)),
+        "skipped": [dataclasses.asdict(s) for s in skipped],
+        "refined": refiner is not None,
+        "source": str(from_shards or layouts),
+        "reference": str(out / "reference") if from_shards is not None else None,
         "seconds": round(time.perf_counter() - start, 3),
         "out": str(out),
         "config": dataclasses.asdict(cfg),
     }
+    if skipped:
+        log.warning("%d bad layouts skipped (listed in %s)", len(skipped), out / "generate.json")
     (out / "generate.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -205,8 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.split("\n")[0])
     p.add_argument(
-        "--layouts", required=True, help="JSON lines: boxes (or bboxes), labels, optional caption/id/seed"
+        "--layouts",
+        help="layouts file: JSON lines, one JSON object (the release's demos) or an array; boxes (or "
+        "bboxes), labels, optional caption/id/seed/height/width",
     )
+    p.add_argument("--from-shards", metavar="DATASET", help="take layouts and captions from a dataset's samples")
+    p.add_argument("--limit", type=int, help="generate only the first N layouts / samples")
     p.add_argument("--out", required=True, help="output folder")
     add_preset_arguments(p, "generate")
     p.add_argument("--base", help="SDXL hub id or folder (or 'tiny')")
@@ -222,6 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        default=None,
+        help="the release's leniency: keep the first max_objects objects, clamp boxes to the image, "
+        "accept a list of prompts (each change logged as a warning)",
+    )
+    p.add_argument(
+        "--skip-bad-layouts",
+        action="store_true",
+        help="leave a bad layout out (listed in the summary) instead of stopping",
+    )
+    p.add_argument("--refiner", help="SDXL img2img refiner, e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
+    p.add_argument("--refiner-strength", type=float, dest="refiner_strength")
+    p.add_argument("--refiner-steps", type=int, dest="refiner_steps")
     return p
 
 
@@ -239,11 +363,20 @@ def main(argv: list[str] | None = None) -> int:
         "scheduled_sampling_beta",
         "seed",
         "device",
+        "lenient",
+        "refiner",
+        "refiner_strength",
+        "refiner_steps",
     )
     overrides = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
     return run_cli(
         lambda: generate(
-            config_from_args(GenerateConfig, args, "generate", overrides), args.layouts, args.out
+            config_from_args(GenerateConfig, args, "generate", overrides),
+            args.layouts,
+            args.out,
+            from_shards=args.from_shards,
+            limit=args.limit,
+            skip_bad_layouts=args.skip_bad_layouts,
         )
     )
 

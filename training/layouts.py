@@ -1,13 +1,20 @@
-"""Layouts to generate from and to score against: input validation and the JSON-lines file format.
+"""Layouts to generate from and to score against: the file formats, validation and the release's leniency.
 
-One layout per line (the paper's demo files use ``bboxes``; ``boxes`` is accepted too)::
+A layouts file is one of (detected from its content):
+
+- JSON lines, one layout per line (what ``python -m training.generate`` writes)::
 
     {"id": "beach", "caption": "a beach at sunset", "boxes": [[32, 40, 200, 300]], "labels": ["a red kite"],
      "height": 512, "width": 512, "seed": 3}
 
-Only ``boxes``/``bboxes`` and ``labels`` are required. ``id`` names the image file (default: the line number,
-``000000``); ``height``/``width`` are the pixel size the boxes refer to (default: the caller's); ``seed``
-defaults to the caller's base seed plus the line number.
+- one (pretty-printed) JSON object, as the release's ``demos/100002558.json``: ``{"bboxes": [...], "labels": [...]}``;
+- a JSON array of such objects.
+
+Only ``boxes``/``bboxes`` and ``labels`` are required. ``id`` names the image file (default: the record's index,
+``000000``; the file's stem for a single-object file); ``height``/``width`` are the pixel size the boxes refer to
+(default: the caller's, 512x512 as the release's demo); ``seed`` defaults to the caller's base seed plus the
+index. Every record is checked before any model loads; errors name the file and the line (``FILE:3``) or the
+index (``FILE[3]``).
 """
 
 from __future__ import annotations
@@ -15,25 +22,64 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayoutRecord", "read_layouts", "validate_layout", "validate_size", "write_layouts"]
+__all__ = [
+    "MAX_SIDE",
+    "LayoutRecord",
+    "SkippedLayout",
+    "layouts_from_dataset",
+    "lenient_layout",
+    "load_layouts",
+    "read_layouts",
+    "validate_layout",
+    "validate_size",
+    "write_layouts",
+]
+
+# Far above what SDXL generates (1024 px trained); a larger size is a units mistake (e.g. 800000x800000).
+MAX_SIDE = 4096
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KNOWN_KEYS = {"id", "caption", "prompt", "boxes", "bboxes", "labels", "height", "width", "seed"}
 
 
 def validate_size(height: int, width: int) -> None:
-    """Height and width must be positive multiples of 8 (the VAE's factor)."""
+    """Height and width must be positive multiples of 8 (the VAE's factor), at most ``MAX_SIDE``."""
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int | np.integer) or value <= 0 or value % 8:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0 or value % 8:
             raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's downscale), got {value!r}")
+        if value > MAX_SIDE:
+            raise ValueError(f"{name} {value} is larger than {MAX_SIDE} pixels (boxes and sizes are pixels)")
+
+
+def _box_array(boxes: object) -> np.ndarray:
+    try:
+        array = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"boxes must be an (N, 4) array of numbers: {err}") from None
+    if array.size == 0:
+        array = array.reshape(0, 4)
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4) as [x1, y1, x2, y2] pixels, got shape {array.shape}")
+    return array
+
+
+def _check_labels(labels: Sequence[str], n: int) -> list[str]:
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"{n} boxes but {len(labels)} labels: give one label per box")
+    bad = [i for i, label in enumerate(labels) if not isinstance(label, str)]
+    if bad:
+        raise ValueError(f"labels {bad} are not strings")
+    return labels
 
 
 def validate_layout(
@@ -43,23 +89,11 @@ def validate_layout(
 
     Raises ValueError naming the first problem: shape, box/label count, non-finite values, ``x2 <= x1`` or
     ``y2 <= y1``, a box outside ``[0, width] x [0, height]``, more than ``max_objects`` objects, a label
-    that is not a string. Nothing is clipped or dropped silently.
+    that is not a string. Nothing is clipped or dropped silently (:func:`lenient_layout` does, with warnings).
     """
     validate_size(height, width)
-    try:
-        array = np.asarray(boxes, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"boxes must be an (N, 4) array of numbers: {err}") from None
-    if array.size == 0:
-        array = array.reshape(0, 4)
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4) as [x1, y1, x2, y2] pixels, got shape {array.shape}")
-    labels = list(labels)
-    if len(labels) != len(array):
-        raise ValueError(f"{len(array)} boxes but {len(labels)} labels: give one label per box")
-    bad = [i for i, label in enumerate(labels) if not isinstance(label, str)]
-    if bad:
-        raise ValueError(f"labels {bad} are not strings")
+    array = _box_array(boxes)
+    _check_labels(labels, len(array))
     if max_objects is not None and len(array) > max_objects:
         raise ValueError(f"{len(array)} objects but the model takes at most {max_objects}")
     if not np.isfinite(array).all():
@@ -77,9 +111,33 @@ def validate_layout(
     return array
 
 
+def lenient_layout(
+    boxes: object, labels: Sequence[str], height: int, width: int, max_objects: int, where: str = "layout"
+) -> tuple[np.ndarray, list[str]]:
+    """The release's inference leniency, with a warning for each change: keep the first ``max_objects``
+    objects, clamp boxes to the image, drop boxes left without area. Shape, label and NaN errors still raise.
+    """
+    validate_size(height, width)
+    array = _box_array(boxes)
+    labels = _check_labels(labels, len(array))
+    if not np.isfinite(array).all():
+        raise ValueError(f"boxes {np.nonzero(~np.isfinite(array).all(1))[0].tolist()} contain NaN or inf")
+    if len(array) > max_objects:
+        log.warning("%s: %d objects, kept the first %d (the model's limit)", where, len(array), max_objects)
+        array, labels = array[:max_objects], labels[:max_objects]
+    clamped = np.clip(array, 0, [width, height, width, height])
+    moved = np.nonzero((clamped != array).any(1))[0]
+    if moved.size:
+        log.warning("%s: boxes %s clamped to the %dx%d image", where, moved.tolist(), width, height)
+    keep = (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
+    if not keep.all():
+        log.warning("%s: boxes %s have no area inside the image: dropped", where, np.nonzero(~keep)[0].tolist())
+    return clamped[keep], [label for label, k in zip(labels, keep, strict=True) if k]
+
+
 @dataclass(frozen=True)
 class LayoutRecord:
-    """One line of a layouts file."""
+    """One layout of a layouts file."""
 
     id: str  # image file stem
     caption: str  # global prompt ("" if none)
@@ -102,7 +160,27 @@ class LayoutRecord:
         }
 
 
-def _record(obj: object, where: str, line_no: int, height: int, width: int, seed: int) -> LayoutRecord:
+@dataclass(frozen=True)
+class SkippedLayout:
+    """A layout left out of a run (``skip_bad``): where it is and why."""
+
+    where: str  # FILE:LINE or FILE[INDEX]
+    index: int  # 0-based record index in the file
+    error: str
+
+
+def _record(
+    obj: object,
+    where: str,
+    index: int,
+    height: int,
+    width: int,
+    seed: int,
+    max_objects: int | None,
+    lenient: bool,
+    default_id: str,
+) -> list[LayoutRecord]:
+    """The records of one layout object (one, or one per prompt for a lenient list of prompts)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KNOWN_KEYS)
@@ -112,47 +190,165 @@ def _record(obj: object, where: str, line_no: int, height: int, width: int, seed
         raise ValueError(f"{where}: give exactly one of 'boxes' or 'bboxes'")
     if "labels" not in obj:
         raise ValueError(f"{where}: missing 'labels'")
-    record_id = str(obj.get("id", f"{line_no:06d}"))
+    record_id = str(obj.get("id", default_id))
     if not _ID.match(record_id):
         raise ValueError(
             f"{where}: 'id' {record_id!r} must be a file-name-safe string ([A-Za-z0-9._-], 128 max)"
         )
     caption = obj.get("caption", obj.get("prompt", "")) or ""
-    if not isinstance(caption, str):
-        raise ValueError(f"{where}: 'caption' must be a string")
+    captions = [caption]
+    if lenient and isinstance(caption, list):
+        # The release's pipeline takes a list of prompts: one image per prompt, same layout and seed.
+        captions = caption
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{where}: 'caption' must be a string or a non-empty list of strings")
+    elif not isinstance(caption, str):
+        raise ValueError(f"{where}: 'caption' must be a string (a list of prompts needs --lenient)")
     h, w = obj.get("height", height), obj.get("width", width)
-    s = obj.get("seed", seed + line_no)
+    s = obj.get("seed", seed + index)
     if not isinstance(s, int) or isinstance(s, bool):
         raise ValueError(f"{where}: 'seed' must be an integer, got {s!r}")
+    boxes, labels = obj.get("boxes", obj.get("bboxes")), obj["labels"]
     try:
-        boxes = validate_layout(obj.get("boxes", obj.get("bboxes")), obj["labels"], h, w)
+        if lenient and max_objects is not None:
+            boxes, labels = lenient_layout(boxes, labels, h, w, max_objects, where)
+        else:
+            boxes = validate_layout(boxes, labels, h, w, max_objects)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where}: {err}") from None
-    return LayoutRecord(record_id, caption, boxes, tuple(obj["labels"]), int(h), int(w), s)
+    record = LayoutRecord(record_id, captions[0], boxes, tuple(labels), int(h), int(w), s)
+    if len(captions) == 1:
+        return [record]
+    return [replace(record, id=f"{record_id}_p{j}", caption=c) for j, c in enumerate(captions)]
+
+
+def _parse(path: Path) -> list[tuple[str, int, object]]:
+    """``(where, index, parsed object or JSONDecodeError)`` per record, whatever the file's format."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path}: no layouts (the file is empty)")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a JSON array of layouts: {err}") from None
+        if not items:
+            raise ValueError(f"{path}: no layouts (the array is empty)")
+        return [(f"{path}[{i}]", i, obj) for i, obj in enumerate(items)]
+    entries: list[tuple[str, int, object]] = []
+    for line_no, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                entries.append((f"{path}:{line_no + 1}", line_no, json.loads(line)))
+            except json.JSONDecodeError as err:
+                entries.append((f"{path}:{line_no + 1}", line_no, err))
+    if any(isinstance(obj, json.JSONDecodeError) for _, _, obj in entries):
+        try:  # not JSON lines: one pretty-printed object, as the release's demo files
+            return [(str(path), 0, json.loads(text))]
+        except json.JSONDecodeError:
+            pass  # report the broken line
+    return entries
+
+
+def load_layouts(
+    path: str | Path,
+    height: int = 512,
+    width: int = 512,
+    seed: int = 0,
+    *,
+    max_objects: int | None = None,
+    lenient: bool = False,
+    skip_bad: bool = False,
+) -> tuple[list[LayoutRecord], list[SkippedLayout]]:
+    """Read and validate every layout of a file; return the records and the layouts skipped.
+
+    ``max_objects``: the model's limit (more is an error, or with ``lenient`` the first ones are kept).
+    ``lenient``: the release's inference leniency (:func:`lenient_layout`, a list of prompts).
+    ``skip_bad``: a bad layout is logged and returned as skipped instead of stopping the run; a file
+    with no good layout is still an error.
+    """
+    path = Path(path)
+    entries = _parse(path)
+    single = len(entries) == 1 and entries[0][0] == str(path)
+    records: list[LayoutRecord] = []
+    skipped: list[SkippedLayout] = []
+    for n, (where, index, obj) in enumerate(entries):
+        default_id = path.stem if single and _ID.match(path.stem) else f"{index:06d}"
+        try:
+            if isinstance(obj, json.JSONDecodeError):
+                raise ValueError(f"{where}: not JSON: {obj}")
+            records.extend(_record(obj, where, index, height, width, seed, max_objects, lenient, default_id))
+        except ValueError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipping layout %s", err)
+            skipped.append(SkippedLayout(where, n, str(err)))
+    if not records:
+        raise ValueError(f"{path}: no valid layout ({len(skipped)} skipped)")
+    duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"{path}: duplicate ids {duplicates[:5]} (each id names one image file)")
+    return records, skipped
+
+
+def layouts_from_dataset(
+    dataset: str,
+    long_side: int = 512,
+    seed: int = 0,
+    *,
+    limit: int | None = None,
+    max_objects: int | None = None,
+    lenient: bool = False,
+    skip_bad: bool = False,
+) -> tuple[list[LayoutRecord], list[SkippedLayout]]:
+    """The layouts of a dataset's samples (``shards.iter_samples``), to generate them again and score
+    the result against the dataset.
+
+    Each sample keeps its aspect ratio: its long side becomes ``long_side`` and each side is rounded to a
+    multiple of 8 (the release instead white-pads to a square and crops the result back). Boxes scale with
+    the image; labels are the rich descriptions (the detector phrase when there is none); the caption is the
+    VLM caption, else the source caption. Ids are the sample keys; seeds ``seed + index``.
+    """
+    from shards import iter_samples
+
+    records: list[LayoutRecord] = []
+    skipped: list[SkippedLayout] = []
+    for index, sample in enumerate(iter_samples(dataset)):
+        if limit is not None and index >= limit:
+            break
+        rec = sample.record
+        scale = long_side / max(rec.width, rec.height)
+        w, h = (max(8, round(side * scale / 8) * 8) for side in (rec.width, rec.height))
+        boxes = np.array([o.box for o in rec.objects], dtype=np.float64).reshape(-1, 4)
+        sx, sy = w / rec.width, h / rec.height
+        boxes = np.clip(boxes * [sx, sy, sx, sy], 0, [w, h, w, h])
+        obj = {
+            "id": rec.key,
+            "caption": rec.caption or rec.source_caption or "",
+            "boxes": boxes.tolist(),
+            "labels": [o.description or o.phrase for o in rec.objects],
+            "height": h,
+            "width": w,
+        }
+        where = f"{dataset} key {rec.key!r}"
+        try:
+            records.extend(_record(obj, where, index, h, w, seed, max_objects, lenient, rec.key))
+        except ValueError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipping layout %s", err)
+            skipped.append(SkippedLayout(where, index, str(err)))
+    if not records:
+        raise ValueError(f"{dataset}: no sample to take a layout from ({len(skipped)} skipped)")
+    return records, skipped
 
 
 def read_layouts(path: str | Path, height: int = 512, width: int = 512, seed: int = 0) -> list[LayoutRecord]:
-    """Read and validate a JSON-lines layouts file (blank lines skipped); errors name the file and line.
+    """Read and validate a layouts file (any format above); the first bad layout raises, naming file and line.
 
     ``height``/``width``/``seed`` are the defaults for records that do not set them.
     """
-    path = Path(path)
-    records: list[LayoutRecord] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no + 1}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not JSON: {err}") from None
-            records.append(_record(obj, where, line_no, height, width, seed))
-    ids = [r.id for r in records]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{path}: duplicate ids {duplicates[:5]} (each id names one image file)")
-    return records
+    return load_layouts(path, height, width, seed)[0]
 
 
 def write_layouts(records: Sequence[LayoutRecord], path: str | Path) -> Path:
