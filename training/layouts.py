@@ -10,6 +10,8 @@ A layouts file is one of (detected from its content):
 - one (pretty-printed) JSON object, as the release's ``demos/100002558.json``: ``{"bboxes": [...], "labels": [...]}``;
 - a JSON array of such objects.
 
+A ``.jsonl`` file is always read as JSON lines; any other name is read as one JSON value first.
+
 Only ``boxes``/``bboxes`` and ``labels`` are required. ``id`` names the image file (default: the record's index,
 ``000000``; the file's stem for a single-object file); ``height``/``width`` are the pixel size the boxes refer to
 (default: the caller's, 512x512 as the release's demo); ``seed`` defaults to the caller's base seed plus the
@@ -227,14 +229,17 @@ def _parse(path: Path) -> list[tuple[str, int, object]]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"{path}: no layouts (the file is empty)")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a JSON array of layouts: {err}") from None
-        if not items:
-            raise ValueError(f"{path}: no layouts (the array is empty)")
-        return [(f"{path}[{i}]", i, obj) for i, obj in enumerate(items)]
+    if path.suffix.lower() != ".jsonl":
+        try:  # one (pretty-printed) object as the release's demo files, or an array of them
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines, or broken: the line-by-line reading names the line
+        if isinstance(whole, dict):
+            return [(str(path), 0, whole)]
+        if isinstance(whole, list):
+            if not whole:
+                raise ValueError(f"{path}: no layouts (the array is empty)")
+            return [(f"{path}[{i}]", i, obj) for i, obj in enumerate(whole)]
     entries: list[tuple[str, int, object]] = []
     for line_no, line in enumerate(text.splitlines()):
         if line.strip():
@@ -242,11 +247,6 @@ def _parse(path: Path) -> list[tuple[str, int, object]]:
                 entries.append((f"{path}:{line_no + 1}", line_no, json.loads(line)))
             except json.JSONDecodeError as err:
                 entries.append((f"{path}:{line_no + 1}", line_no, err))
-    if any(isinstance(obj, json.JSONDecodeError) for _, _, obj in entries):
-        try:  # not JSON lines: one pretty-printed object, as the release's demo files
-            return [(str(path), 0, json.loads(text))]
-        except json.JSONDecodeError:
-            pass  # report the broken line
     return entries
 
 
