@@ -37,7 +37,9 @@ from training.augment import augment
 from training.collate import Example, collate, normalize_pixels
 from training.data_config import AugmentConfig, StreamConfig
 from training.regions import reorganize_regions
-from training.stream import ErrorPolicy, build_loader, parse_samples, read_shards
+from training.stream import build_loader
+from training.stream_errors import ErrorPolicy
+from training.stream_stages import parse_samples, read_shards
 
 DESCRIPTIONS = [
     "a {p} on the left side of the picture, slightly tilted, with soft shadows below it",

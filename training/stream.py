@@ -1,4 +1,4 @@
-"""Stream shards into training batches: split, shuffle, mix, decode, augment, reorganize, collate.
+"""Stream shards into training batches: the loader of one rank, its fixed-length epochs and resume state.
 
 The trainer's side::
 
@@ -10,7 +10,10 @@ The trainer's side::
             state = loader.state_dict()                       # with the checkpoint (see merge_states)
         log(loader.counters())                                # errors by reason, filtered samples
 
-Each DataLoader worker runs these stages (open_clip's ``get_wds_dataset``, as small generators)::
+Each DataLoader worker runs the generator stages of ``training.stream_stages`` (read with
+``shards.reader``, parse, filter, shuffle, mix, skip on resume, make examples with
+``training.examples``, batch); errors are counted by ``training.stream_errors.ErrorPolicy``. This
+module is the loader: it plans each epoch, runs the workers and keeps the resume state::
 
     per dataset:  worker_shard_passes -> read_shards -> parse_samples -> filter_samples -> shuffle
     then:         mix -> enumerate -> skip (resume) -> examples (decode, augment, reorganize) -> batches
@@ -52,121 +55,30 @@ cannot be mapped exactly: ``load_state_dict`` raises, or with ``strict=False`` s
 them into one checkpoint entry. Not covered: a shard file rewritten in place under the same name.
 """
 
+
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import logging
-import math
-import random
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numpy as np
-import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.dataset import list_shards, read_stats
-from shards.reader import RawSample, Sample, raw_samples, to_sample
-from shards.schema import SampleRecord, SchemaError
 
-from .augment import augment
-from .collate import Example, collate, normalize_pixels
-from .data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
-from .regions import reorganize_regions
+from .collate import normalize_pixels
+from .data_config import ConfigError, DatasetSpec, StreamConfig
+from .stream_stages import META, WorkerContext, derive_seed, worker_batches
+
+__all__ = ["StreamLoader", "build_loader", "dataset_size", "dataset_urls", "derive_seed", "merge_states"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_META = "__stream__"  # batch entry that carries the worker's position and counters to the main process
-
-# Purposes mixed into seeds so that no two generators share a stream.
-_SHARDS, _SHUFFLE, _MIX, _SAMPLE, _RESAMPLE = range(5)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 64-bit seed from integers, independent of PYTHONHASHSEED (unlike ``hash``)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Error policy
-
-
-class ErrorPolicy:
-    """Counts skipped samples by reason, logs at a limited rate, and stops on a run of failures.
-
-    The counters are plain ``Counter`` keys: ``error/<reason>``, ``filtered/<reason>`` and
-    ``augment/flip_refused``; they travel to the main process with each batch.
-    """
-
-    def __init__(self, log_interval_s: float, max_consecutive: int, where: str = ""):
-        self.counts: Counter = Counter()
-        self.log_interval_s = log_interval_s
-        self.max_consecutive = max_consecutive
-        self.where = where
-        self._consecutive = 0
-        self._last_log: dict[str, float] = {}
-        self._unlogged: Counter = Counter()
-        self._mark: Counter = Counter()
-
-    def error(self, reason: str, exn: BaseException) -> None:
-        """Count and maybe log one failure; raise when too many fail in a row."""
-        self.counts[f"error/{reason}"] += 1
-        self._consecutive += 1
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -math.inf) >= self.log_interval_s:
-            log.warning(
-                "%sskipped (%s, %d so far, %d not logged): %s",
-                self.where,
-                reason,
-                self.counts[f"error/{reason}"],
-                self._unlogged[reason],
-                exn,
-            )
-            self._last_log[reason] = now
-            self._unlogged[reason] = 0
-        else:
-            self._unlogged[reason] += 1
-        if self._consecutive >= self.max_consecutive:
-            raise RuntimeError(
-                f"{self.where}{self._consecutive} samples failed in a row (last: {reason}: {exn}); "
-                "this is a bug or an unreadable dataset, not a few bad samples"
-            ) from exn
-
-    def handler(self, reason: str, stop: bool = False) -> Callable[[Exception], bool]:
-        """A webdataset-style handler: count the exception under ``reason``, then continue or stop."""
-
-        def handle(exn: Exception) -> bool:
-            self.error(reason, exn)
-            return not stop
-
-        return handle
-
-    def success(self) -> None:
-        """A sample made it through: the run of failures is over."""
-        self._consecutive = 0
-
-    def mark(self) -> None:
-        """Start counting afresh for ``since_mark`` (after a resumed worker skipped its replay)."""
-        self._mark = self.counts.copy()
-
-    def since_mark(self) -> dict[str, int]:
-        """Counts since ``mark``."""
-        return dict(self.counts - self._mark)
-
-    def note(self, key: str) -> None:
-        """Count an event that is not an error (a filtered sample, a refused flip)."""
-        self.counts[key] += 1
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shard lists
 
 
 def dataset_urls(spec: DatasetSpec) -> list[str]:
@@ -184,290 +96,8 @@ def dataset_size(spec: DatasetSpec) -> int:
     )
 
 
-def split_shards(
-    urls: list[str], seed: int, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[str]:
-    """This worker's disjoint share of a shard list shuffled identically on every rank with ``seed``."""
-    order = list(urls)
-    random.Random(seed).shuffle(order)
-    return order[rank * num_workers + worker :: world_size * num_workers]
-
-
 # ---------------------------------------------------------------------------------------------------
-# Worker stages: each takes an iterator and returns one.
-
-
-@dataclass(frozen=True)
-class WorkerContext:
-    """Who this worker is and where its stream starts."""
-
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    worker: int  # logical worker id (see StreamLoader: rotated on resume)
-    num_workers: int
-    start: int  # position in the mixed stream to resume from
-    batches: int  # batches to yield
-
-    def seed_for(self, purpose: int, *parts: int) -> int:
-        """The seed of one generator of this worker in this epoch."""
-        return derive_seed(self.seed, purpose, self.epoch, self.rank, self.worker, *parts)
-
-    @property
-    def name(self) -> str:
-        return f"rank {self.rank} worker {self.worker}: "
-
-
-def worker_shard_passes(
-    urls: list[str], ds: int, ctx: WorkerContext, resampled: bool
-) -> Iterator[tuple[int, Iterator[str]]]:
-    """Endless passes ``(pass, shard URLs)``: disjoint shares, or one endless draw with replacement."""
-    if resampled:
-        rng = random.Random(ctx.seed_for(_RESAMPLE, ds))
-        yield 0, (rng.choice(urls) for _ in itertools.count())
-        return
-    for p in itertools.count():
-        # Not ctx.seed_for: the order must be the same on every rank and worker for the split to be disjoint.
-        order_seed = derive_seed(ctx.seed, _SHARDS, ctx.epoch, ds, p)
-        share = split_shards(urls, order_seed, ctx.rank, ctx.world_size, ctx.worker, ctx.num_workers)
-        yield p, iter(share)
-
-
-def read_shards(urls: Iterable[str], policy: ErrorPolicy) -> Iterator[RawSample]:
-    """Raw samples from each tar in turn; a shard that fails to open or breaks mid-stream is counted.
-
-    The samples read before the fault are kept: the tar stream is broken only past it.
-    """
-    return raw_samples(urls, on_error=lambda exn: policy.error("corrupt_shard", exn))
-
-
-def parse_samples(raws: Iterable[RawSample], policy: ErrorPolicy) -> Iterator[Sample]:
-    """Validated records with their (still encoded) image; pairs with a member missing are counted."""
-    for raw in raws:
-        try:
-            sample = to_sample(raw)
-        except KeyError as exn:
-            policy.error("missing_member", exn)
-            continue
-        except SchemaError as exn:
-            policy.error("bad_json", exn)
-            continue
-        policy.success()
-        yield sample
-
-
-def _object_text(o) -> str:
-    return o.description if o.description else o.phrase
-
-
-def keep_objects(record: SampleRecord, f: FilterConfig) -> SampleRecord:
-    """The record with only the objects that pass the object-level floors."""
-    area = record.width * record.height
-
-    def ok(o) -> bool:
-        x1, y1, x2, y2 = o.box
-        return (
-            (f.min_clip_score is None or (o.clip_score is not None and o.clip_score >= f.min_clip_score))
-            and (
-                f.min_detector_score is None
-                or (o.detector_score is not None and o.detector_score >= f.min_detector_score)
-            )
-            and len(_object_text(o).split()) >= f.min_description_words
-            and (x2 - x1) * (y2 - y1) >= f.min_box_area_frac * area
-        )
-
-    objects = tuple(o for o in record.objects if ok(o))
-    return record if len(objects) == len(record.objects) else replace(record, objects=objects)
-
-
-def filter_samples(samples: Iterable[Sample], f: FilterConfig, policy: ErrorPolicy) -> Iterator[Sample]:
-    """Drop objects below the floors, then samples with too few or too many objects left."""
-    for s in samples:
-        record = keep_objects(s.record, f)
-        n = len(record.objects)
-        if n < f.min_objects:
-            policy.note("filtered/too_few_objects")
-        elif f.max_objects is not None and n > f.max_objects:
-            policy.note("filtered/too_many_objects")
-        else:
-            yield s if record is s.record else replace(s, record=record)
-
-
-class ShardProgress:
-    """Raises when ``limit`` shards in a row give no usable sample, instead of looping forever."""
-
-    def __init__(self, limit: int, what: str):
-        self.limit = limit
-        self.what = what
-        self.since_sample = 0
-
-    def shards(self, urls: Iterable[str]) -> Iterator[str]:
-        """Pass the URLs through, counting them."""
-        for url in urls:
-            self.since_sample += 1
-            if self.since_sample > self.limit:
-                raise RuntimeError(
-                    f"{self.what}: {self.limit} shards in a row gave no usable sample; check the filters "
-                    "and the shards (`python -m shards validate`)"
-                )
-            yield url
-
-    def samples(self, samples: Iterable[Sample]) -> Iterator[Sample]:
-        """Pass the samples through; each one resets the count."""
-        for s in samples:
-            self.since_sample = 0
-            yield s
-
-
-def dataset_stream(
-    ds: int, spec: DatasetSpec, urls: list[str], cfg: StreamConfig, ctx: WorkerContext, policy: ErrorPolicy
-) -> Iterator[Sample]:
-    """One dataset's endless, filtered, shuffled samples for this worker."""
-    progress = ShardProgress(3 * len(urls) + 10 if cfg.resampled else len(urls), f"{ctx.name}{spec.path!r}")
-    for p, shard_urls in worker_shard_passes(urls, ds, ctx, cfg.resampled):
-        stream = read_shards(progress.shards(shard_urls), policy)
-        stream = parse_samples(stream, policy)
-        stream = filter_samples(stream, spec.filters, policy)
-        stream = progress.samples(stream)
-        if cfg.shuffle_buffer > 0:
-            # Shuffled within a pass, so the buffer drains at the pass's end and no sample of the next
-            # pass overtakes one of this pass (which would break "every sample once per epoch").
-            rng = random.Random(ctx.seed_for(_SHUFFLE, ds, p))
-            stream = wds.filters.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)(stream)
-        yield from stream
-
-
-def mix(
-    streams: list[Iterator[Sample]], weights: list[float], rng: np.random.Generator
-) -> Iterator[tuple[int, Sample]]:
-    """``(dataset index, sample)`` drawn from the streams in proportion to ``weights``."""
-    p = np.asarray(weights, dtype=np.float64) / sum(weights)
-    while True:
-        # Drawn in blocks: one rng.choice per sample would cost more than the rest of this stage.
-        for i in rng.choice(len(streams), size=1024, p=p):
-            yield int(i), next(streams[i])
-
-
-def pick_caption(record: SampleRecord, spec: DatasetSpec, rng: np.random.Generator) -> str:
-    """The global caption: one of ``meta["captions"]`` (COCO keeps all five), else the chosen field."""
-    captions = record.meta.get("captions")
-    if isinstance(captions, list) and captions:
-        return str(captions[int(rng.integers(len(captions)))])
-    first, second = (
-        (record.caption, record.source_caption)
-        if spec.caption == "caption"
-        else (record.source_caption, record.caption)
-    )
-    return first or second or ""
-
-
-class SizeMismatch(ValueError):
-    """The decoded image's size disagrees with the record's, so its boxes cannot be trusted."""
-
-
-def make_example(sample: Sample, spec: DatasetSpec, cfg: StreamConfig, rng: np.random.Generator) -> Example:
-    """Decode, augment and reorganize one sample with its own generator."""
-    rec = sample.record
-    image = Image.open(io.BytesIO(sample.image_bytes))
-    if image.size != (rec.width, rec.height):
-        raise SizeMismatch(
-            f"{sample.url} key {rec.key!r}: image is {image.size[0]}x{image.size[1]}, "
-            f"the record says {rec.width}x{rec.height}"
-        )
-    r = cfg.regions
-    # Sampling K objects here (with the sample's generator) makes reorganization's own cap a no-op.
-    k = min(spec.augment.max_objects or r.max_objs, r.max_objs)
-    aug = augment(
-        image,
-        np.array([o.box for o in rec.objects], dtype=np.float64).reshape(-1, 4),
-        [_object_text(o) for o in rec.objects],
-        pick_caption(rec, spec, rng),
-        replace(spec.augment, max_objects=k),
-        rng,
-        original_size=(rec.original_height, rec.original_width),
-        masks=[o.mask for o in rec.objects] if spec.augment.masks else None,
-    )
-    layout = reorganize_regions(
-        aug.boxes,
-        aug.texts,
-        *aug.target_size,
-        max_objs=r.max_objs,
-        max_regions=r.max_regions,
-        max_slots=r.max_slots,
-        rng=rng,
-    )
-    return Example(key=rec.key, aug=aug, layout=layout)
-
-
-_DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
-
-
-def skip(items: Iterable, n: int, policy: ErrorPolicy) -> Iterator:
-    """Drop the first ``n`` items (read and parsed, never decoded), then mark the counters.
-
-    The counts up to the mark were reported by the run that produced the skipped batches, so batches
-    from here on report only what follows.
-    """
-    it = iter(items)
-    for _ in itertools.islice(it, n):
-        pass
-    policy.mark()
-    yield from it
-
-
-def examples(
-    items: Iterable[tuple[int, int, Sample]], cfg: StreamConfig, ctx: WorkerContext, policy: ErrorPolicy
-) -> Iterator[tuple[int, Example]]:
-    """``(position, Example)`` for each ``(position, dataset, sample)``; failures are counted and skipped."""
-    for pos, ds, sample in items:
-        rng = np.random.default_rng(ctx.seed_for(_SAMPLE, pos))
-        try:
-            ex = make_example(sample, cfg.datasets[ds], cfg, rng)
-        except SizeMismatch as exn:
-            policy.error("size_mismatch", exn)
-            continue
-        except _DECODE_ERRORS as exn:
-            policy.error("undecodable_image", RuntimeError(f"{sample.url} key {sample.record.key!r}: {exn}"))
-            continue
-        except Exception as exn:  # noqa: BLE001  counted; a systematic bug trips max_consecutive_errors
-            policy.error("augment_error", RuntimeError(f"{sample.url} key {sample.record.key!r}: {exn!r}"))
-            continue
-        policy.success()
-        if ex.aug.flip_refused:
-            policy.note("augment/flip_refused")
-        yield pos, ex
-
-
-def batches(
-    items: Iterable[tuple[int, Example]], cfg: StreamConfig, ctx: WorkerContext, policy: ErrorPolicy
-) -> Iterator[dict]:
-    """``ctx.batches`` collated batches, each tagged with the worker, its stream position and counters."""
-    items = iter(items)
-    for _ in range(ctx.batches):
-        chunk = list(itertools.islice(items, cfg.batch_size))
-        batch = collate([ex for _, ex in chunk], cfg.regions.max_slots, cfg.regions.max_objs)
-        batch[_META] = {
-            "worker": ctx.worker,
-            "position": chunk[-1][0] + 1,
-            "counts": policy.since_mark(),
-        }
-        yield batch
-
-
-def worker_batches(cfg: StreamConfig, urls: list[list[str]], ctx: WorkerContext) -> Iterator[dict]:
-    """The whole pipeline of one worker, as a list of stages."""
-    policy = ErrorPolicy(cfg.log_interval_s, cfg.max_consecutive_errors, ctx.name)
-    sources = [dataset_stream(i, spec, urls[i], cfg, ctx, policy) for i, spec in enumerate(cfg.datasets)]
-    stream = mix(sources, [d.weight for d in cfg.datasets], np.random.default_rng(ctx.seed_for(_MIX)))
-    stream = ((pos, ds, s) for pos, (ds, s) in enumerate(stream))
-    stream = skip(stream, ctx.start, policy)
-    stream = examples(stream, cfg, ctx, policy)
-    return batches(stream, cfg, ctx, policy)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The DataLoader side: one epoch's plan, the workers' dataset, and the stateful loader
+# One epoch's plan, the workers' dataset, and the stateful loader
 
 
 @dataclass(frozen=True)
@@ -625,7 +255,7 @@ class StreamLoader:
             pin_memory=cfg.pin_memory,
         )
         for batch in loader:
-            meta = batch.pop(_META)
+            meta = batch.pop(META)
             worker = meta["worker"]
             if worker != self.batches % self.workers:
                 raise RuntimeError(
