@@ -1,12 +1,7 @@
-"""``python -m datagen run|plan|size`` (see datagen.run and datagen.sizing)."""
+"""``python -m datagen run|plan|size``: the command line is ``datagen.cli``."""
 
 import sys
 
-if sys.argv[1:2] == ["size"]:  # sizing reads JSON: no need to import the pipeline, Ray or torch
-    from .sizing import cli
-
-    sys.exit(cli(sys.argv[2:]))
-
-from .run import main
+from .cli import main
 
 sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,6 +23,7 @@ RUN_RECORD_KIND = "datagen-run"  # datagen.run writes records of this kind to <o
 PIPELINE_ORDER = ("decode", "tag", "caption", "ground", "segment", "describe", "score", "filter", "pack")
 ENGINES = ("actors", "vllm")  # how a pool ran: an actor pool of the stages' own models, or a vLLM processor
 RUNS_DIR = "runs"
+RUN_RECORD_VERSION = 1  # <output>/RUNS_DIR/<UTC time>.json: one record per run that processed inputs
 
 
 class SizingError(ValueError):
@@ -274,3 +276,88 @@ def measurement_from_rates(rates: Mapping[str, float], objects_per_image: float 
             pools.append(Pool(s, (s,), 0.0 if s in CPU_ONLY_STAGES else 1.0, 1.0))
     return Measurement(rates=dict(rates), pools=tuple(pools), objects_per_image=objects_per_image,
                        source="--rates (one 1-GPU actor pool per stage)", overridden=tuple(rates))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing a record (``datagen.run`` calls these at the end of a run that processed inputs).
+
+
+def run_record(summary, cfg) -> dict:
+    """The measurements of one run (a ``datagen.run.Summary``) under its resolved ``DatagenConfig``.
+
+    ``stages``: per stage the rows it processed and its busy seconds summed over its workers, so
+    rows / busy_seconds is the images/s of one worker (an actor of its pool, or a CPU task) while busy.
+    ``pools`` and ``cpu_tasks`` give each worker's GPUs and CPUs from the resolved configuration, and
+    ``objects_per_image`` the objects kept per ok sample (describe and score work per object).
+    A pool's ``engine`` says how it ran: ``"actors"`` (an actor pool of its stages' models, measured
+    in ``stages``) or ``"vllm"`` (a ray.data.llm processor of ``actors`` .. ``max_actors`` engine
+    replicas, with its ``vllm`` settings; vLLM reports no busy time, so its stages are not in ``stages``).
+    """
+    pool_of = {stage: name for name, pool in cfg.pools.items() for stage in pool.stages}
+    stages = {}
+    for stage, (rows, seconds) in summary.busy.items():
+        stages[stage] = {
+            "rows": int(rows),
+            "busy_seconds": round(float(seconds), 6),
+            "images_per_busy_second": round(rows / seconds, 6) if seconds > 0 else None,
+            "pool": pool_of.get(stage),
+            "batch_size": cfg.batch_size(stage) if stage in cfg.stages else cfg.execution.chunk_size,
+        }
+    ex = cfg.execution
+    ok = summary.statuses.get("ok", 0)
+    models = {}
+    for name in cfg.stage_names:
+        spec = getattr(cfg.stages[name], "model", None)
+        if spec is not None:
+            models[name] = {"name": spec.name, "backend": spec.backend, "weights": spec.weights,
+                            "revision": spec.revision, "dtype": spec.dtype}
+    return {
+        "kind": RUN_RECORD_KIND,
+        "version": RUN_RECORD_VERSION,
+        "started": summary.started,
+        "output": summary.output,
+        "inputs": summary.inputs,
+        "processed": summary.processed,
+        "statuses": dict(summary.statuses),
+        "objects": summary.objects,
+        "objects_per_image": round(summary.objects / ok, 6) if ok else None,
+        "wall_seconds": round(summary.wall_seconds, 6),
+        "startup_seconds": None if summary.startup_seconds is None else round(summary.startup_seconds, 6),
+        "startup_rows": summary.startup_rows,
+        "nodes": summary.nodes,
+        "cluster_resources": summary.resources,
+        "shards": {"total": summary.shards_total, "skipped": summary.shards_skipped,
+                   "written": summary.shards_written},
+        "stages": stages,
+        "pools": {name: _pool_record(cfg, p) for name, p in cfg.pools.items()},
+        "cpu_tasks": {"decode": {"tasks": ex.decode_tasks, "num_cpus": ex.decode_cpus},
+                      "pack": {"tasks": ex.pack_tasks, "num_cpus": ex.pack_cpus}},
+        "models": models,
+        "failures": [{"stage": stage, "reason": reason, "count": n}
+                     for (stage, reason), n in sorted(summary.failures.items(), key=lambda kv: (-kv[1], kv[0]))],
+    }
+
+
+def _pool_record(cfg, pool) -> dict:
+    out = {"stages": list(pool.stages), "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus,
+           "actors": pool.actors, "max_actors": pool.max_actors}
+    if not cfg.runs_on_vllm(pool):
+        return {**out, "engine": "actors"}
+    v = cfg.vlm.vllm
+    return {**out, "engine": "vllm", "vllm": {"gpus_per_replica": v.gpus_per_replica, "batch_size": v.batch_size,
+                                              "max_concurrent_batches": v.max_concurrent_batches,
+                                              "cpu_stage_cpus": v.cpu_stage_cpus}}
+
+
+def save_run_record(output: str, record: dict) -> str:
+    """Write ``record`` to ``<output>/runs/<UTC time>.json`` (atomically); returns its path or URL."""
+    from shards.paths import dump_json, fs_and_root, join, url_for, write_atomic  # only a run writes records
+
+    fs, root = fs_and_root(output)
+    folder = join(root, RUNS_DIR)
+    fs.makedirs(folder, exist_ok=True)
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"  # sorts by time
+    path = join(folder, f"{stamp}.json")
+    write_atomic(fs, path, dump_json(record))
+    return url_for(fs, path)

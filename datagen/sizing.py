@@ -4,7 +4,7 @@
     python -m datagen size --config configs/datagen/real.yaml --rates tag=8,caption=5,... --images 3300000
     python -m datagen size ... --json                      # the same plan as one JSON object
 
-The method. Every run that processed inputs saves ``<output>/runs/<UTC time>.json`` (datagen.run):
+The method. Every run that processed inputs saves ``<output>/runs/<UTC time>.json`` (datagen.measurement):
 per stage the rows it processed and its busy seconds summed over its workers, and each worker's
 resources from the resolved configuration. ``rate = rows / busy seconds`` is the images/s of one
 worker of that stage while it works: an actor of its pool holding the pool's ``num_gpus`` (a fraction
@@ -33,22 +33,16 @@ starts) are not counted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .measurement import (
     Measurement,
     SizingError,
-    load_measurement,
-    measurement_from_config,
-    measurement_from_rates,
-    parse_rates,
-    with_rates,
 )
+from .packing import pack
 
 PER_OBJECT_STAGES = ("describe", "score")  # their work is one crop per object
 _EPS = 1e-9
@@ -270,51 +264,6 @@ def _ceil(x: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Packing: fractional actors onto GPUs, GPUs and multi-GPU actors onto nodes (first-fit decreasing).
-
-
-def _first_fit_decreasing(groups: Iterable[tuple[float, int]], capacity: float) -> list[float]:
-    """``count`` items of each ``size`` into bins of ``capacity``; returns each bin's free space."""
-    free: list[float] = []
-    for size, count in sorted(groups, reverse=True):
-        for i in range(len(free)):
-            if count == 0:
-                break
-            k = min(count, int((free[i] + _EPS) // size))
-            free[i] -= k * size
-            count -= k
-        per_bin = int((capacity + _EPS) // size)
-        while count > 0:
-            k = min(count, per_bin)
-            free.append(capacity - k * size)
-            count -= k
-    return free
-
-
-def pack(actors: Iterable[tuple[float, int]], gpus_per_node: int) -> tuple[int, int]:
-    """``(GPUs, nodes)`` for ``count`` actors of ``num_gpus`` each, per ``(num_gpus, count)`` pair.
-
-    Actors with a fraction of a GPU share whole GPUs (any pools); an actor with n >= 1 GPUs holds n
-    GPUs of one node.
-    """
-    if gpus_per_node < 1:
-        raise SizingError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
-    whole: dict[float, int] = {}
-    fractional: dict[float, int] = {}
-    for g, n in actors:
-        if g <= 0 or n <= 0:
-            continue
-        if g > gpus_per_node + _EPS:
-            raise SizingError(f"an actor with {g:g} GPUs does not fit on a node of {gpus_per_node} GPUs")
-        target = whole if g >= 1 - _EPS else fractional
-        target[g] = target.get(g, 0) + n
-    shared = len(_first_fit_decreasing(fractional.items(), 1.0))
-    items = [*whole.items(), (1.0, shared)] if shared else list(whole.items())
-    nodes = len(_first_fit_decreasing(items, float(gpus_per_node)))
-    return round(sum(g * n for g, n in whole.items())) + shared, nodes
-
-
-# ---------------------------------------------------------------------------------------------------
 # The plan.
 
 
@@ -429,77 +378,3 @@ def size(
                 pools=tuple(pool_plans), gpus=gpus, nodes=nodes, cpus=cpus, bottleneck=bottleneck,
                 resource=resource, objects_per_image=objects_per_image if objects_per_image is not None else opi_m,
                 measured_objects_per_image=opi_m, measurement=m)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI (``python -m datagen size``; the parser lives with the other subcommands in datagen.run).
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``python -m datagen size``."""
-    p.add_argument("--from", dest="source", metavar="OUTPUT_OR_JSON",
-                   help="a datagen output folder (its newest runs/*.json) or one run record .json")
-    p.add_argument("--config", help="size this config's pools (with --rates), e.g. configs/datagen/real.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of --config, e.g. --set pools.detect.num_gpus=1")
-    p.add_argument("--rates", action="append", default=[], metavar="STAGE=IMG_PER_S,...",
-                   help="images/s of one worker of each stage while busy (the summary's img/s/worker), "
-                        "measured elsewhere; replaces measured rates; 'inf' for a negligible stage")
-    p.add_argument("--images", type=int, required=True, help="images to process, e.g. 3300000 for CC3M")
-    p.add_argument("--hours", type=float, default=24.0, help="in how many hours (default 24)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per node, if CPUs may decide the node count")
-    p.add_argument("--headroom", type=float, default=0.0,
-                   help="extra capacity as a fraction, e.g. 0.15 (start-up, stragglers, the last shards)")
-    p.add_argument("--objects-per-image", type=float, default=None,
-                   help="expected objects per image of the full run (default: as measured); scales describe/score")
-    p.add_argument("--measured-objects-per-image", type=float, default=None,
-                   help="objects per image at which --rates for describe/score were measured")
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-
-
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    rates = parse_rates(args.rates)
-    if args.source and args.config:
-        raise SizingError("give --from (a measured run: its pools and rates) or --config (pools, with --rates), not both")
-    if args.set and not args.config:
-        raise SizingError("--set changes --config; without --config there is nothing to set")
-    if args.source:
-        m = load_measurement(args.source)
-        m = with_rates(m, rates, args.measured_objects_per_image) if rates or args.measured_objects_per_image else m
-    elif args.config:
-        from .config import ConfigError, load_config
-        from .run import _overrides
-
-        try:
-            cfg = load_config(args.config, _overrides(args.set))
-        except ConfigError as e:
-            raise SizingError(str(e)) from None
-        m = with_rates(measurement_from_config(cfg, args.config), rates, args.measured_objects_per_image)
-    elif rates:
-        m = measurement_from_rates(rates, args.measured_objects_per_image)
-    else:
-        raise SizingError("nothing to size from: give --from <output or run record>, or --rates (with --config)")
-    return size(m, args.images, args.hours, gpus_per_node=args.gpus_per_node, headroom=args.headroom,
-                objects_per_image=args.objects_per_image, cpus_per_node=args.cpus_per_node)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``python -m datagen size ...`` without importing the pipeline (datagen.__main__ calls this)."""
-    p = argparse.ArgumentParser(prog="python -m datagen size", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return main(p.parse_args(argv))
-
-
-def main(args: argparse.Namespace) -> int:
-    """Print the plan (a table, or JSON with --json); 2 on a bad request or measurement."""
-    import sys
-
-    try:
-        plan = plan_from_args(args)
-    except SizingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_json(), indent=1, allow_nan=False) if args.json else plan.format())
-    return 0

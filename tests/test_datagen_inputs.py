@@ -16,10 +16,12 @@ import pytest
 from datagen_fixture import make_awkward_files
 from PIL import Image
 
+from datagen.chunks import ShardJob, _split, make_chunks, run_stage_on_chunk
+from datagen.cli import main
 from datagen.config import ConfigError, build_config, fingerprint_dict, load_config
 from datagen.inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs, make_key
-from datagen.pipeline import ShardJob, _FailFast, _split, _stage_error, make_chunks, run_stage_on_chunk
-from datagen.run import main, plan_jobs, plan_text
+from datagen.pipeline import _FailFast, _stage_error
+from datagen.plan import plan_jobs, plan_text
 from datagen.stages import StageError
 from datagen.stages.decode import DecodeConfig, DecodeStage, decode_image
 from datagen.stages.write import WriteConfig, pack, write_shard

@@ -15,10 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from datagen import sizing
+from datagen import measurement
+from datagen.cli import main
 from datagen.config import STAGE_ORDER, load_config
-from datagen.measurement import PIPELINE_ORDER, Measurement, Pool, SizingError
-from datagen.run import RUNS_DIR, Summary, main, run_record, save_run_record
+from datagen.measurement import (
+    PIPELINE_ORDER,
+    RUNS_DIR,
+    Measurement,
+    Pool,
+    SizingError,
+    run_record,
+    save_run_record,
+)
+from datagen.run import Summary
 from datagen.sizing import pack, size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +43,7 @@ REAL_POOLS = (Pool("vlm", ("tag", "caption"), 1.0, 4.0), Pool("detect", ("ground
 
 
 def test_three_one_gpu_stages_cc3m_in_a_day():
-    plan = size(sizing.measurement_from_rates({"tag": 2, "ground": 5, "describe": 10}), CC3M, 24)
+    plan = size(measurement.measurement_from_rates({"tag": 2, "ground": 5, "describe": 10}), CC3M, 24)
     assert plan.required_rate == plan.target_rate == pytest.approx(38.194444, abs=1e-6)
     # 38.19 / 2 = 19.10 -> 20 actors, / 5 = 7.64 -> 8, / 10 = 3.82 -> 4; one GPU each
     assert [(p.name, p.workers, p.gpus) for p in plan.pools] == [("tag", 20, 20), ("ground", 8, 8), ("describe", 4, 4)]
@@ -49,7 +58,7 @@ def test_three_one_gpu_stages_cc3m_in_a_day():
 
 
 def test_headroom_and_hours():
-    m = sizing.measurement_from_rates({"tag": 2, "ground": 5, "describe": 10})
+    m = measurement.measurement_from_rates({"tag": 2, "ground": 5, "describe": 10})
     plan = size(m, CC3M, 24, headroom=0.15)  # 43.92 img/s: 21.96 -> 22, 8.78 -> 9, 4.39 -> 5
     assert plan.target_rate == pytest.approx(43.923611, abs=1e-6)
     assert [p.workers for p in plan.pools] == [22, 9, 5] and (plan.gpus, plan.nodes) == (36, 5)
@@ -144,12 +153,12 @@ def test_a_stage_without_a_rate_is_named():
 
 
 def test_parse_rates():
-    assert sizing.parse_rates(["tag=8,caption=5", " describe = 1.5 ", "filter=inf"]) == {
+    assert measurement.parse_rates(["tag=8,caption=5", " describe = 1.5 ", "filter=inf"]) == {
         "tag": 8.0, "caption": 5.0, "describe": 1.5, "filter": float("inf")}
     for bad, message in (("tag", "expected stage=images_per_second"), ("tag=fast", "'fast' is not a number"),
                          ("tag=0", "must be > 0"), ("=3", "expected stage=")):
         with pytest.raises(SizingError, match=message):
-            sizing.parse_rates([bad])
+            measurement.parse_rates([bad])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +204,7 @@ def test_run_record_has_the_measured_figures(tmp_path, tiny_cfg):
 
 def test_a_run_record_is_read_back(record_dir):
     (path,) = (record_dir / RUNS_DIR).glob("*.json")
-    m = sizing.load_measurement(str(record_dir))
+    m = measurement.load_measurement(str(record_dir))
     assert m.source == str(path)
     assert m.rates == pytest.approx({"decode": 100, "tag": 20, "caption": 10, "ground": 5, "segment": 20,
                                      "describe": 10, "score": 40, "filter": 80, "pack": 400})
@@ -206,7 +215,7 @@ def test_a_run_record_is_read_back(record_dir):
     assert (m.startup_seconds, m.startup_rows) == (8.0, 16)
     assert set(m.models.values()) == {"tiny-qwen2.5-vl (tiny)", "tiny-grounding-dino (tiny)", "tiny-sam (tiny)",
                                       "tiny-clip (tiny)"}
-    assert sizing.load_measurement(str(path)) == m  # the file itself, or its folder
+    assert measurement.load_measurement(str(path)) == m  # the file itself, or its folder
     # One actor: 1 / (0.05 + 0.1 + 0.2 + 0.05 + 0.1 + 0.025 + 0.0125) = 1.8605 img/s; 10 img/s -> 5.4 -> 6 actors
     plan = size(m, 864_000, 24)
     assert [(p.name, p.workers) for p in plan.pools] == [("decode", 1), ("models", 6), ("pack", 1)]
@@ -218,7 +227,7 @@ def test_the_newest_record_is_used(record_dir, tiny_cfg):
     later.busy = {**BUSY, "ground": (40, 4.0)}
     path = save_run_record(str(record_dir), run_record(later, tiny_cfg))
     assert len(list((record_dir / RUNS_DIR).glob("*.json"))) == 2
-    m = sizing.load_measurement(str(record_dir))
+    m = measurement.load_measurement(str(record_dir))
     assert m.source == path and m.rates["ground"] == 10.0
 
 
@@ -266,7 +275,7 @@ def test_a_malformed_record_names_the_file_and_field(record_dir, edit, message):
     path = record_dir / "bad.json"
     path.write_text(json.dumps(record))
     with pytest.raises(SizingError) as info:
-        sizing.load_measurement(str(path))
+        measurement.load_measurement(str(path))
     assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
 
 
@@ -274,15 +283,15 @@ def test_unreadable_sources(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(SizingError, match=f"{bad}: not valid JSON"):
-        sizing.load_measurement(str(bad))
+        measurement.load_measurement(str(bad))
     (tmp_path / "ds" / RUNS_DIR).mkdir(parents=True)
     with pytest.raises(SizingError, match=f"{tmp_path / 'ds'}: no run records in .*{RUNS_DIR}"):
-        sizing.load_measurement(str(tmp_path / "ds"))
+        measurement.load_measurement(str(tmp_path / "ds"))
     with pytest.raises(SizingError, match="missing: not found"):
-        sizing.load_measurement(str(tmp_path / "missing"))
+        measurement.load_measurement(str(tmp_path / "missing"))
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(SizingError, match="expected a JSON object"):
-        sizing.load_measurement(str(tmp_path / "list.json"))
+        measurement.load_measurement(str(tmp_path / "list.json"))
 
 
 def test_a_stage_that_processed_nothing_needs_a_rate(record_dir):
@@ -290,12 +299,12 @@ def test_a_stage_that_processed_nothing_needs_a_rate(record_dir):
     record["stages"]["describe"] = {"rows": 0, "busy_seconds": 0.0}
     path = record_dir / "zero.json"
     path.write_text(json.dumps(record))
-    m = sizing.load_measurement(str(path))
+    m = measurement.load_measurement(str(path))
     with pytest.raises(SizingError, match=rf"{path}: no rate for stage\(s\) \['describe'\]"):
         size(m, 10, 1)
-    assert size(sizing.with_rates(m, {"describe": 10.0}), 10, 1).pools[1].workers == 1
+    assert size(measurement.with_rates(m, {"describe": 10.0}), 10, 1).pools[1].workers == 1
     with pytest.raises(SizingError, match=r"stage\(s\) \['nosuch'\] are not run by"):
-        sizing.with_rates(m, {"nosuch": 1.0})
+        measurement.with_rates(m, {"nosuch": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +336,7 @@ def _vllm_record() -> dict:
 def test_a_vllm_pool_without_a_rate_is_refused_naming_pool_and_stages(tmp_path):
     path = tmp_path / "vllm.json"
     path.write_text(json.dumps(_vllm_record()))
-    m = sizing.load_measurement(str(path))
+    m = measurement.load_measurement(str(path))
     assert [(p.name, p.engine, p.kind) for p in m.pools] == [
         ("decode", "actors", "CPU tasks"), ("vlm", "vllm", "vLLM engines"), ("detect", "actors", "GPU actors"),
         ("describe", "vllm", "vLLM engines"), ("score", "actors", "GPU actors"), ("pack", "actors", "CPU tasks")]
@@ -343,13 +352,13 @@ def test_a_vllm_pool_without_a_rate_is_refused_naming_pool_and_stages(tmp_path):
     assert "pool 'describe': 8 images/s end to end over its 4 replica(s) = 2 images/s per replica (--rates describe=2)" in msg
     # One vLLM stage given, the other not: still refused, naming only what is missing.
     with pytest.raises(SizingError, match=r"pool 'vlm' \(stages tag, caption\) ran on vLLM.* for caption\. "):
-        size(sizing.with_rates(m, {"tag": 4.0, "describe": 2.0}), CC3M, 24)
+        size(measurement.with_rates(m, {"tag": 4.0, "describe": 2.0}), CC3M, 24)
 
 
 def test_a_vllm_pool_is_sized_from_given_rates_as_engine_replicas(tmp_path, capsys):
     path = tmp_path / "vllm.json"
     path.write_text(json.dumps(_vllm_record()))
-    m = sizing.with_rates(sizing.load_measurement(str(path)), {"tag": 8.0, "caption": 8.0, "describe": 2.0})
+    m = measurement.with_rates(measurement.load_measurement(str(path)), {"tag": 8.0, "caption": 8.0, "describe": 2.0})
     plan = size(m, 864_000, 24)  # 10 images/s
     by_pool = {p.name: p for p in plan.pools}
     # vlm: 1 / (1/8 + 1/8) = 4 img/s per replica -> 2.5 -> 3 replicas of 1 GPU, one CPU each
@@ -379,7 +388,7 @@ def test_record_pools_are_read_in_pipeline_order(tmp_path):
     record["pools"] = dict(sorted(record["pools"].items()))
     path = tmp_path / "sorted.json"
     path.write_text(json.dumps(record))
-    pools = sizing.load_measurement(str(path)).pools
+    pools = measurement.load_measurement(str(path)).pools
     assert [p.name for p in pools] == ["decode", "vlm", "detect", "describe", "score", "pack"]
 
 
@@ -389,11 +398,11 @@ def test_a_record_with_an_unknown_engine_is_refused(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(record))
     with pytest.raises(SizingError, match=r"field 'pools.vlm.engine': expected one of \['actors', 'vllm'\], got 'sglang'"):
-        sizing.load_measurement(str(path))
+        measurement.load_measurement(str(path))
     del record["pools"]["vlm"]["engine"]  # an older record: an actor pool, whose missing rates are named as such
     path.write_text(json.dumps(record))
     with pytest.raises(SizingError, match=r"no rate for stage\(s\) \['tag', 'caption'\]"):
-        size(sizing.with_rates(sizing.load_measurement(str(path)), {"describe": 2.0}), 10, 1)
+        size(measurement.with_rates(measurement.load_measurement(str(path)), {"describe": 2.0}), 10, 1)
 
 
 # ---------------------------------------------------------------------------------------------------

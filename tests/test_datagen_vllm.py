@@ -540,7 +540,8 @@ def test_pipeline_with_ray_data_llm_processors_on_a_stand_in_vllm(tmp_path, monk
 
 
 def test_plan_shows_vllm_pools_as_processors_and_refuses_without_vllm(with_vllm, monkeypatch, capsys):
-    from datagen.run import main, plan_text
+    from datagen.cli import main
+    from datagen.plan import plan_text
 
     cfg = load_config(CONFIGS / "real_vllm.yaml", {"vlm": {"vllm": {"batch_size": 24, "cpu_stage_cpus": 0.5}}})
     rows = {line.split()[0]: line for line in plan_text(cfg).splitlines() if line[:10].strip() in
@@ -568,7 +569,7 @@ def test_plan_shows_vllm_pools_as_processors_and_refuses_without_vllm(with_vllm,
 def test_run_record_says_which_pools_ran_on_vllm_and_size_asks_for_their_rates(with_vllm, tmp_path):
     from collections import Counter
 
-    from datagen import sizing
+    from datagen import measurement, sizing
     from datagen.run import Summary, run_record, save_run_record
 
     cfg = load_config(CONFIGS / "real_vllm.yaml")
@@ -587,24 +588,24 @@ def test_run_record_says_which_pools_ran_on_vllm_and_size_asks_for_their_rates(w
     assert "vllm" not in record["pools"]["detect"]
     assert "tag, caption, describe: on vLLM, no busy time measured" in summary.format()
     save_run_record(str(tmp_path), record)
-    m = sizing.load_measurement(str(tmp_path))
+    m = measurement.load_measurement(str(tmp_path))
     with pytest.raises(sizing.SizingError) as info:
         sizing.size(m, 3_300_000, 24)
     # (100 - 20) / (40 - 20) = 4 img/s after start-up; over 8 and 16 replicas
     assert "pool 'vlm' (stages tag, caption); pool 'describe' (stages describe) ran on vLLM" in str(info.value)
     assert "(--rates tag=0.5,caption=inf)" in str(info.value) and "(--rates describe=0.25)" in str(info.value)
-    plan = sizing.size(sizing.with_rates(m, {"tag": 10.0, "caption": 10.0, "describe": 2.0}), 3_300_000, 24)
+    plan = sizing.size(measurement.with_rates(m, {"tag": 10.0, "caption": 10.0, "describe": 2.0}), 3_300_000, 24)
     vlm = next(p for p in plan.pools if p.name == "vlm")
     assert (vlm.kind, vlm.workers, vlm.gpus) == ("vLLM engines", 8, 8)  # 38.19 / 5 = 7.6 -> 8 replicas
     assert Summary(output="x").format().count("vLLM") == 0  # a transformers-engine run says nothing of it
     # size --config of a vLLM config (where vLLM is installed): the same pools, the same refusal.
-    from_config = sizing.measurement_from_config(cfg, "real_vllm.yaml")
+    from_config = measurement.measurement_from_config(cfg, "real_vllm.yaml")
     assert [(p.name, p.engine) for p in from_config.pools] == [
         ("decode", "actors"), ("vlm", "vllm"), ("detect", "actors"), ("describe", "vllm"), ("score", "actors"),
         ("pack", "actors")]
     with pytest.raises(sizing.SizingError, match=r"^real_vllm.yaml: pool 'vlm' \(stages tag, caption\); pool "
                                                  r"'describe' \(stages describe\) ran on vLLM"):
-        sizing.size(sizing.with_rates(from_config, {"ground": 10.0, "segment": 10.0}), 3_300_000, 24)
+        sizing.size(measurement.with_rates(from_config, {"ground": 10.0, "segment": 10.0}), 3_300_000, 24)
 
 
 def test_the_vllm_version_is_recorded_when_installed(monkeypatch):

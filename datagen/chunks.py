@@ -1,0 +1,116 @@
+"""Chunks, the unit of work of the datagen pipeline: plain functions, usable and tested without Ray.
+
+A chunk is ``execution.chunk_size`` consecutive inputs of one shard. Every stage sees whole chunks
+and cuts them into its own batches of ok rows, so which images share a model batch depends only on
+the inputs, never on scheduling: a resumed run computes exactly what an uninterrupted one does.
+``datagen.pipeline`` moves chunks through Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .inputs import InputItem
+from .stages import StageError, error_text
+from .stages.decode import STAGE as DECODE
+from .stages.decode import DecodeStage
+from .stages.write import WriteConfig, pack
+
+PACK = "pack"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to (re)write: its inputs to process and whether other rows of it are kept."""
+
+    shard_id: int
+    items: tuple[InputItem, ...]
+    keep_existing: bool = False  # --retry-failed: only these items are redone, the rest is carried over
+    redo: str | None = None  # why a shard recorded as complete is redone whole (e.g. a truncated tar)
+
+
+
+
+def make_chunks(jobs: Sequence[ShardJob], chunk_size: int) -> list[dict]:
+    """Consecutive pieces of each shard's items, JSON-encoded (a native string column for Ray)."""
+    chunks = []
+    for job in jobs:
+        for start in range(0, len(job.items), chunk_size):
+            part = job.items[start : start + chunk_size]
+            chunks.append({"shard": job.shard_id, "chunk": json.dumps({"shard": job.shard_id, "start": start,
+                                                                       "items": [it.to_dict() for it in part]})})
+    return chunks
+
+
+def _split(n: int, batch_size: int) -> list[range]:
+    """``n`` rows in ceil(n / batch_size) near-equal batches (never a lone last row when avoidable)."""
+    k = max(1, -(-n // max(1, batch_size)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int) -> dict:
+    """Run ``stage`` on the ok rows of a chunk in batches of ``batch_size``; time it.
+
+    Rows that are not ok skip the stage (they get None in its new columns), so model batches are
+    full of real work and their composition is a pure function of the chunk's content.
+    """
+    cols = chunk["columns"]
+    n = len(cols["key"])
+    ok = [i for i in range(n) if cols["status"][i] == "ok"]
+    results: dict[int, dict] = {}
+    busy = 0.0
+    for part in _split(len(ok), batch_size) if ok else []:
+        rows = [ok[j] for j in part]
+        sub = {k: [v[i] for i in rows] for k, v in cols.items()}
+        t0 = time.perf_counter()
+        try:
+            out = stage(sub)
+        except StageError as e:
+            if len(rows) > 1:
+                raise
+            # One row failing alone is not evidence of a bug: record it on the row. A stage failing
+            # everywhere is still caught, by the batches with several rows and by the fail-fast guard.
+            cause = e.__cause__ or e
+            out = {**sub, "status": ["failed"], "error_stage": [name], "error": [error_text(cause)]}
+        busy += time.perf_counter() - t0
+        for j, i in enumerate(rows):
+            results[i] = {k: v[j] for k, v in out.items()}
+    names = list(cols) + [k for r in results.values() for k in r if k not in cols]
+    names = list(dict.fromkeys(names))
+    merged = {k: [_cell(results.get(i), cols, k, i) for i in range(n)] for k in names}
+    return {**chunk, "columns": merged, "busy": {**chunk.get("busy", {}), name: [len(ok), busy]}}
+
+
+def _cell(result: dict | None, cols: dict, name: str, i: int):
+    """Row ``i``'s value of column ``name``: the stage's result if it has one, else the old value or None."""
+    if result is not None and name in result:
+        return result[name]
+    return cols[name][i] if name in cols else None
+
+
+def decode_chunk(payload: str, stage: DecodeStage) -> dict:
+    """A JSON chunk of input items -> a chunk of decoded rows."""
+    spec = json.loads(payload)
+    items = spec.pop("items")
+    batch = {k: [it[k] for it in items] for k in items[0]} if items else {"key": []}
+    t0 = time.perf_counter()
+    cols = stage(batch)
+    return {**spec, "columns": cols, "busy": {DECODE: [len(items), time.perf_counter() - t0]}}
+
+
+def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
+    """A chunk of processed rows -> compact entries for the shard writer (images JPEG-encoded)."""
+    t0 = time.perf_counter()
+    entries = pack(chunk["columns"], config)
+    busy = {**chunk.get("busy", {}), PACK: [len(entries), time.perf_counter() - t0]}
+    return {
+        "shard": chunk["shard"],
+        "start": chunk["start"],
+        "entries": entries,
+        "busy": busy,
+        "nodes": chunk.get("nodes", []),
+    }
