@@ -7,7 +7,7 @@ from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
 
 from tests._model_fixtures import random_layout, random_objs
 from training.attention import PositionNet, RegionalCrossAttention, level_grid
-from training.regions import empty_layout
+from training.regions import empty_layout, reorganize_regions
 
 DIM, CONTEXT, HEADS = 32, 24, 4
 
@@ -109,7 +109,9 @@ def test_dead_tokens_have_exactly_zero_weight():
 
 def test_background_slot_attends_normally_over_its_77_tokens():
     """Bias 0 on the background (ours) and the release's constant -1e3 give the same softmax."""
-    objs = random_objs([empty_layout(32, 32)], max_slots=2, context_dim=CONTEXT)
+    background_only = reorganize_regions([[0, 0, 0, 0]], ["dot"], 32, 32)  # a zero-area box covers nothing
+    assert background_only.n_slots == 1 and background_only.background_slot == 0
+    objs = random_objs([background_only], max_slots=2, context_dim=CONTEXT)
     assert (objs["attention_bias"][0, 0] == 0).all()
     fuser = _fuser()
     x = torch.randn(1, 16, DIM)
@@ -199,3 +201,14 @@ def test_position_net_skips_dead_tokens_and_the_fusers_cannot_tell():
 def test_bad_implementation_name_fails():
     with pytest.raises(ValueError, match="implementation"):
         RegionalCrossAttention(DIM, CONTEXT, HEADS, DIM // HEADS, implementation="flash")
+
+
+def test_empty_layout_attends_nothing_every_pixel_gets_x_plus_null():
+    """RELEASE_PARITY §1: no live slot, every cell -1 -> exactly x + null_text_feat in both forms."""
+    objs = random_objs([empty_layout(32, 32)], max_slots=3, context_dim=CONTEXT)
+    assert (objs["object_masks"] == 0).all() and (objs["region_map"] == -1).all()
+    fuser = _fuser()
+    x = torch.randn(1, 16, DIM)
+    for implementation in ("naive", "packed"):
+        fuser.implementation = implementation
+        assert torch.equal(fuser(x, dict(objs)), x + fuser.null_text_feat)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests._model_fixtures import region_encoder, text_encoders, tokenizers
+from training.collate import pad_layouts
 from training.encoding import (
     NEG_BIAS,
     grounding_inputs,
@@ -117,7 +118,9 @@ def test_grounding_inputs_layout_to_tensors():
     layout = reorganize_regions([[0, 0, 32, 32], [16, 16, 64, 64]], ["red dog", "black horse"], 64, 64)
     gligen = grounding_inputs([layout, empty_layout(64, 64)], encoder, max_slots=5)
     assert gligen["text_embeddings"].shape == (2, 5, 77, 64)
-    assert gligen["object_masks"].tolist() == [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
+    # the empty layout has no live slot at all (RELEASE_PARITY §1): every cell -1
+    assert gligen["object_masks"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
+    assert (gligen["region_map"][1] == -1).all() and not gligen["union_masks"][1].any()
     assert gligen["region_map"].shape == (2, 8, 8) and gligen["union_masks"].shape == (2, 5, 8, 8)
     torch.testing.assert_close(gligen["region_map"][0], torch.from_numpy(layout.region_map).long())
     # slot 2 = "red dog; black horse": BOS, red, dog, ;, black, cat, EOS
@@ -128,7 +131,7 @@ def test_grounding_inputs_layout_to_tensors():
     torch.testing.assert_close(gligen["bbox_embeddings"][0, s, 4], torch.tensor([0.25, 0.25, 1, 1]))
     # the background slot: bias 0 on all 77 tokens (see the encoding module's docstring)
     assert (gligen["attention_bias"][0, layout.background_slot] == 0).all()
-    assert (gligen["attention_bias"][1] == 0).all() and (gligen["text_embeddings"][1, 1:] == 0).all()
+    assert (gligen["attention_bias"][1] == 0).all() and (gligen["text_embeddings"][1] == 0).all()
     torch.testing.assert_close(
         gligen["text_embeddings"][0, s], encoder.encode_texts([layout.texts[s]])[0].hidden
     )
@@ -176,6 +179,12 @@ def test_grounding_inputs_from_a_collated_batch_match():
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key])
+    # collate's padding is what grounding_inputs_from_batch reads as it is
+    padded = pad_layouts(layouts, max_slots, max_objs)
+    assert padded["region_texts"] == batch["region_texts"]
+    for key, value in batch.items():
+        if key != "region_texts":
+            np.testing.assert_array_equal(padded[key], value)
 
 
 def test_grounding_inputs_rejects_mixed_grids_and_too_many_slots():

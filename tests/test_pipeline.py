@@ -66,9 +66,10 @@ def test_layout_and_scheduled_sampling(pipe, position_net_calls):
     beta1 = _run(pipe, boxes=BOXES, labels=LABELS, scheduled_sampling_beta=1.0)
     assert np.abs(beta1 - no_layout).max() > 1e-3
     assert len(position_net_calls) == 2  # the layout at both steps
-    # CFG rows: negative first with the empty layout (one background slot), then the layout's regions.
+    # CFG rows: negative first with the empty layout (no region at all), then the layout's regions.
     masks = position_net_calls[0]["object_masks"]
-    assert masks.shape[0] == 2 and masks[0].sum() == 1 and masks[1].sum() > 2
+    assert masks.shape[0] == 2 and masks[0].sum() == 0 and masks[1].sum() > 2
+    assert (position_net_calls[0]["region_map"][0] == -1).all()
 
     position_net_calls.clear()
     half = _run(pipe, steps=4, boxes=BOXES, labels=LABELS, scheduled_sampling_beta=0.5)
@@ -125,7 +126,7 @@ def test_loads_adapter_ema_and_release_keys(pipe, tmp_path):
         assert all(torch.equal(got[k], expected[k]) for k in got), source
 
     save_file({k: v for k, v in list(trained.items())[1:]}, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(ValueError, match="adapter weights missing"):
+    with pytest.raises(ValueError, match="partial.safetensors: keys do not match the model: 1 missing keys"):
         loaded(adapter=tmp_path / "partial.safetensors")
 
 

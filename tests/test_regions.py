@@ -87,14 +87,14 @@ def test_boxes_outside_the_image_are_clamped():
     np.testing.assert_allclose(layout.boxes[0], [[0, 0, 1, 0.5]])
 
 
-def test_empty_layout():
+def test_empty_layout_has_no_region_not_even_a_background():
+    # RELEASE_PARITY §1: the CFG negative branch and a dropped layout attend nothing.
     layout = empty_layout(24, 40)
-    assert layout.texts == [""] and layout.background_slot == 0 and layout.n_slots == 1
-    assert (layout.region_map == 0).all() and layout.region_map.shape == (3, 5)
-    assert layout.union_masks.shape == (1, 3, 5) and layout.union_masks.all()
-    assert layout.object_ids[0].size == 0
+    assert layout.texts == [] and layout.background_slot is None and layout.n_slots == 0
+    assert (layout.region_map == -1).all() and layout.region_map.shape == (3, 5)
+    assert layout.union_masks.shape == (0, 3, 5) and layout.n_regions == 0
     same = reorganize_regions(np.zeros((0, 4)), [], 24, 40)
-    assert same.texts == layout.texts
+    assert same.texts == [] and (same.region_map == -1).all()
 
 
 def _assert_aligned(layout, boxes, texts, height, width):

@@ -13,7 +13,10 @@ model, no diffusers file copied (docs/METHOD.md §4, §5)::
 
 Key names are the public release's (``position_net.linears.{0,2,4}``, ``position_net.null_text_feature``,
 ``<block>.fuser.attn.{to_q,to_k,to_v,to_out.0}``, ``<block>.fuser.null_text_feat``), so its checkpoints
-load by name; its ``unet.`` prefix and older ``null_positive_feature`` name are accepted too.
+load by name; its ``unet.`` prefix and older ``null_positive_feature`` name are accepted too, and its raw
+trainer checkpoints (``training.release_checkpoint``). ``AdapterConfig.model_type`` picks the fuser: ``ca``
+or ``casa`` (``training.casa``); it is saved in the metadata, so loading builds the right one. Keys that do
+not match the model are an error naming them (:func:`check_adapter_keys`), never dropped.
 A freshly attached adapter leaves the UNet's output exactly unchanged (zero-initialised output
 projections and null features).
 """
@@ -30,9 +33,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from training.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
+from training.casa import MODEL_TYPES, RegionalCrossAndSelfAttention
+from training.release_checkpoint import read_checkpoint
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -41,8 +46,10 @@ __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
     "attach_regional_adapter",
+    "check_adapter_keys",
     "is_adapter_key",
     "load_adapter",
+    "model_type_of_keys",
     "normalize_release_keys",
     "read_state_dict",
     "save_adapter",
@@ -64,19 +71,23 @@ class AdapterConfig:
     fourier_freqs: int = 8  # frequencies of the box embedding (8 -> 64 dims)
     hidden_dim: int = 512  # width of the position net's MLP
     implementation: str = "packed"  # "packed" (fast) or "naive" (the release's form, a test reference)
+    model_type: str = "ca"  # "ca": regional cross-attention; "casa": then regional self-attention
 
     def __post_init__(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
 
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What a load matched: adapter keys absent from the source, and source keys that are no adapter key."""
+    """What a load matched: adapter keys absent from the source, source keys the model lacks, base keys skipped."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     loaded: int = 0
+    ignored_base: int = 0  # base-UNet keys of a whole-UNet file: the base stays as loaded, frozen
 
 
 def transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
@@ -98,14 +109,15 @@ def attach_regional_adapter(
     unet.position_net = PositionNet(
         config.text_dim or context_dim, context_dim, config.fourier_freqs, config.hidden_dim
     ).to(device=param.device, dtype=param.dtype)
+    fuser_class = RegionalCrossAndSelfAttention if config.model_type == "casa" else RegionalCrossAttention
     for _, block in blocks:
         host = block.attn2 if block.attn2 is not None else block.attn1
         heads = host.heads
-        block.fuser = RegionalCrossAttention(
+        block.fuser = fuser_class(
             block.attn1.query_dim, context_dim, heads, host.inner_dim // heads, config.implementation
         ).to(device=param.device, dtype=param.dtype)
     unet.regional_adapter_config = config
-    log.info("attached regional adapter: position net + %d fusers", len(blocks))
+    log.info("attached regional adapter (%s): position net + %d fusers", config.model_type, len(blocks))
     return unet
 
 
@@ -155,16 +167,22 @@ def save_adapter(unet: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def adapter_config_of(path: str | Path) -> AdapterConfig:
-    """The ``AdapterConfig`` stored in an adapter safetensors' metadata (the default for other files)."""
+def model_type_of_keys(keys: Iterator[str] | list[str]) -> str:
+    """``"casa"`` when any fuser holds a self-attention (``*.fuser.self_attn.*``), else ``"ca"``."""
+    return "casa" if any(".fuser.self_attn." in k for k in keys) else "ca"
+
+
+def adapter_config_of(path: str | Path, *, ema: bool = False) -> AdapterConfig:
+    """The ``AdapterConfig`` stored in our adapter's metadata; for other files, the model type of its keys."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        return AdapterConfig()
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
-        return AdapterConfig(**json.loads(metadata["config"]))
-    return AdapterConfig()
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+        if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
+            return AdapterConfig(**json.loads(metadata["config"]))
+        return AdapterConfig(model_type=model_type_of_keys(keys))
+    return AdapterConfig(model_type=model_type_of_keys(list(read_checkpoint(path, ema=ema))))
 
 
 def normalize_release_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,30 +196,57 @@ def normalize_release_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict from a mapping, a safetensors file, or a torch checkpoint (tensors only)."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    path = Path(source)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    # The release saved its extracted adapter with torch.save; weights_only refuses arbitrary pickles.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return dict(state)
+def read_state_dict(
+    source: str | Path | Mapping[str, torch.Tensor], *, ema: bool = False
+) -> dict[str, torch.Tensor]:
+    """UNet-keyed tensors from a mapping or file, the release's trainer formats included (``ema``: its EMA copy)."""
+    return read_checkpoint(source, ema=ema)
+
+
+def check_adapter_keys(model_keys, state_keys, *, source: str = "weights", strict: bool = True) -> LoadReport:
+    """Match a state's keys to a model's: an error naming every key the model lacks (and, strict, missing).
+
+    ``model_keys``: the model's state-dict keys (adapter and base); base keys present in the state are
+    skipped (a whole-UNet file). Call it wherever adapter weights are loaded: a ``casa`` file into a ``ca``
+    model, a typo'd key or a partial file must never load with weights silently dropped.
+    """
+    model_keys = set(model_keys)
+    own = {k for k in model_keys if is_adapter_key(k)}
+    state_keys = set(state_keys)
+    missing = sorted(own - state_keys)
+    unexpected = sorted(state_keys - model_keys)
+    report = LoadReport(missing, unexpected, len(own & state_keys), len((state_keys & model_keys) - own))
+    if unexpected or (strict and missing):
+        hint = ""
+        if model_type_of_keys(state_keys) != model_type_of_keys(own):
+            hint = f" (a {model_type_of_keys(state_keys)} adapter for a {model_type_of_keys(own)} model?)"
+        raise ValueError(
+            f"{source}: keys do not match the model{hint}: {len(missing)} missing keys {missing}, "
+            f"{len(unexpected)} unexpected keys {unexpected}"
+        )
+    return report
 
 
 def load_adapter(
-    unet: torch.nn.Module, source: str | Path | Mapping[str, torch.Tensor], *, strict: bool = True
+    unet: torch.nn.Module,
+    source: str | Path | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    ema: bool = False,
 ) -> LoadReport:
-    """Load adapter weights by name; with ``strict``, fail on missing adapter keys or unexpected keys."""
-    state = normalize_release_keys(read_state_dict(source))
-    own = adapter_state_dict(unet)
+    """Load adapter weights by name (base-UNet keys of a whole-UNet file are skipped, counted).
+
+    Keys the model lacks are always an error naming them; with ``strict`` (the default) missing adapter
+    keys are too, so no adapter weight is ever dropped or left fresh silently. ``ema``: a trainer
+    checkpoint's EMA copy.
+    """
+    state = read_state_dict(source, ema=ema)
+    model_state = unet.state_dict()
+    own = {k: v for k, v in model_state.items() if is_adapter_key(k)}
     if not own:
         raise ValueError("no adapter on this UNet: call attach_regional_adapter(unet) first")
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
+    name = str(source) if not isinstance(source, Mapping) else "adapter weights"
+    report = check_adapter_keys(model_state, state, source=name, strict=strict)
     matched = {k: v for k, v in state.items() if k in own}
     bad_shapes = [
         f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -210,12 +255,10 @@ def load_adapter(
     ]
     if bad_shapes:
         raise ValueError(
-            "adapter shape mismatch (other base model or AdapterConfig?): " + "; ".join(bad_shapes[:5])
-        )
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"adapter load: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            f"{name}: adapter shape mismatch (other base model or AdapterConfig?): "
+            + "; ".join(bad_shapes[:5])
         )
     unet.load_state_dict(matched, strict=False)
-    return LoadReport(missing=missing, unexpected=unexpected, loaded=len(matched))
+    if report.ignored_base:
+        log.info("%s: skipped %d base-UNet keys (the base stays frozen as loaded)", name, report.ignored_base)
+    return report

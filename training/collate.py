@@ -24,7 +24,8 @@ object_texts               list[list[str]]         per sample, ``object_count`` 
 object_masks (optional)    (B, K, H, W) bool       only when the augment config asks for masks
 region_map                 (B, h, w) int64         slot of each latent cell, -1: region dropped
 region_texts               list[list[str]]         per sample S texts, "" for background/padding
-slot_mask                  (B, S) bool             True for a real slot (background included)
+slot_mask                  (B, S) bool             True for a real slot (background included; none
+                                                   in the empty layout)
 background_slot            (B,) int64              slot of the background region, -1 if none
 region_boxes               (B, S, K, 4) float32    normalized boxes per joined segment, -1 padded
 region_weights             (B, S, K) float32       per segment weight, 0 padded
@@ -81,6 +82,20 @@ def _pad_layout(layout: RegionLayout, max_slots: int, max_objs: int) -> dict[str
     }
 
 
+def pad_layouts(layouts: list[RegionLayout], max_slots: int, max_objs: int) -> dict:
+    """The ``region_*`` fields of a batch (table above): numpy arrays plus ``region_texts``.
+
+    The one place a layout is padded: ``training.encoding.grounding_inputs_from_batch`` consumes these
+    fixed-shape arrays as they are, in the main process, without rebuilding per-slot lists.
+    """
+    padded = [_pad_layout(layout, max_slots, max_objs) for layout in layouts]
+    fields: dict = {name: np.stack([p[name] for p in padded]) for name in padded[0]}
+    fields["region_texts"] = [
+        [layout.texts[s] if s < layout.n_slots else "" for s in range(max_slots)] for layout in layouts
+    ]
+    return fields
+
+
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 RGB (0..255) -> float32 in [-1, 1], the VAE's input range; do it on the device."""
     return pixels.float().div_(127.5).sub_(1.0)
@@ -112,10 +127,7 @@ def collate(examples: list[Example], max_slots: int, max_objs: int) -> dict:
         for i, e in enumerate(examples):
             masks[i, : min(len(e.aug.masks), max_objs)] = e.aug.masks[:max_objs]
         batch["object_masks"] = torch.from_numpy(masks)
-    padded = [_pad_layout(e.layout, max_slots, max_objs) for e in examples]
-    for name in padded[0]:
-        batch[name] = torch.from_numpy(np.stack([p[name] for p in padded]))
-    batch["region_texts"] = [
-        [e.layout.texts[s] if s < e.layout.n_slots else "" for s in range(max_slots)] for e in examples
-    ]
+    regions = pad_layouts([e.layout for e in examples], max_slots, max_objs)
+    batch["region_texts"] = regions.pop("region_texts")
+    batch.update({name: torch.from_numpy(array) for name, array in regions.items()})
     return batch

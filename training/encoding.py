@@ -17,9 +17,13 @@ Usage::
     gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
     unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
 
-Layout dropout (classifier-free guidance training) is per sample: ``drop_layout`` (one bool per sample)
-replaces those samples' layouts by the empty layout (``training.regions.empty_layout``: one background
-slot over the whole grid), exactly what inference feeds the negative branch, before anything is encoded.
+The empty layout (``training.regions.empty_layout``) has no live slot and every cell ``-1``: every pixel's
+fuser output is ``x + null_text_feat``, nothing attended (docs/METHOD.md §4). Layout dropout (classifier-free
+guidance training) is per sample: ``drop_layout`` (one bool per sample) turns those samples into exactly
+that, what inference feeds the negative branch, before anything is encoded.
+
+Layouts are padded once, by ``training.collate.pad_layouts`` (in the loader's workers during training);
+``grounding_inputs_from_batch`` reads the padded arrays as they are.
 
 The frozen encoders run once per distinct text: :class:`RegionTextEncoder` batches the texts it has not
 seen and keeps a bounded LRU cache keyed by the text, with hit / miss counters (``encoder.stats``).
@@ -37,7 +41,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from training.regions import SEPARATOR, RegionLayout, empty_layout
+from training.collate import pad_layouts
+from training.regions import SEPARATOR, RegionLayout
 
 __all__ = [
     "NEG_BIAS",
@@ -218,67 +223,21 @@ class RegionTextEncoder:
         ]
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """One real region slot of a batch: where it goes and what it holds."""
-
-    sample: int
-    slot: int
-    text: str
-    boxes: np.ndarray  # (k, 4) normalized, one per segment
-    weights: np.ndarray  # (k,)
-
-
-def _assemble(
-    slots: list[_Slot],
-    region_map: np.ndarray,
-    union_masks: np.ndarray,
-    encoder: RegionTextEncoder,
-    attention_weight_scale: float,
-    device: torch.device | str | None,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Encode the slots' texts and lay everything out as the ``gligen`` dict (padded slots stay empty)."""
-    n, max_slots = union_masks.shape[:2]
-    encoded = encoder.encode_texts([slot.text for slot in slots])
-    boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
-    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
-    object_masks = np.zeros((n, max_slots), dtype=np.float32)
-    for slot, enc in zip(slots, encoded, strict=True):
-        object_masks[slot.sample, slot.slot] = 1.0
-        boxes[slot.sample, slot.slot], bias[slot.sample, slot.slot] = slot_token_targets(
-            enc.spans, slot.boxes, slot.weights, attention_weight_scale
-        )
-    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
-    if slots:
-        rows = torch.tensor([slot.sample for slot in slots], device=device)
-        cols = torch.tensor([slot.slot for slot in slots], device=device)
-        text[rows, cols] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
-    return {
-        "text_embeddings": text,
-        "bbox_embeddings": torch.from_numpy(boxes).to(device=device, dtype=dtype),
-        "object_masks": torch.from_numpy(object_masks).to(device=device, dtype=dtype),
-        "attention_bias": torch.from_numpy(bias).to(device=device, dtype=dtype),
-        "region_map": torch.from_numpy(region_map.astype(np.int64)).to(device),
-        "union_masks": torch.from_numpy(union_masks).to(device),
-    }
+def _numpy(value: object) -> np.ndarray:
+    """A batch field as a numpy array (collate hands torch tensors, hand-built batches numpy)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def _drop_mask(drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None, n: int) -> np.ndarray:
     """``drop_layout`` as ``n`` bools (all False when None)."""
     if drop_layout is None:
         return np.zeros(n, dtype=bool)
-    if isinstance(drop_layout, torch.Tensor):
-        drop_layout = drop_layout.detach().cpu().numpy()
-    mask = np.asarray(drop_layout)
+    mask = _numpy(drop_layout)
     if mask.shape != (n,) or (mask.dtype != bool and not np.isin(mask, (0, 1)).all()):
         raise ValueError(f"drop_layout must hold one bool per sample ({n}), got {mask.tolist()!r}")
     return mask.astype(bool)
-
-
-def _empty_on_grid(grid: tuple[int, int]) -> RegionLayout:
-    """The empty layout (CFG's negative branch) on a latent grid ``(h, w)``."""
-    return empty_layout(*grid, downscale=1)  # the same slots as empty_layout(8h, 8w) on its 8x8 cells
 
 
 def grounding_inputs(
@@ -294,31 +253,28 @@ def grounding_inputs(
     """The ``cross_attention_kwargs["gligen"]`` dict for a batch of layouts (all on one latent grid).
 
     Keys: ``text_embeddings`` (B, S, 77, D), ``bbox_embeddings`` (B, S, 77, 4), ``object_masks`` (B, S)
-    (1 for a real slot, 0 for padding), ``attention_bias`` (B, S, 77), ``region_map`` (B, h, w) int64
-    (slot per latent cell, -1 dropped) and ``union_masks`` (B, S, h, w) bool, with ``S = max_slots``.
-    Samples with ``drop_layout`` True get the empty layout's inputs instead of their own.
+    (1 for a live slot, 0 for padding), ``attention_bias`` (B, S, 77), ``region_map`` (B, h, w) int64
+    (slot per latent cell, -1: no region, the pixel gets ``x + null``) and ``union_masks`` (B, S, h, w)
+    bool, with ``S = max_slots``. Samples with ``drop_layout`` True get the empty layout: no live slot.
     """
     if not layouts:
         raise ValueError("grounding_inputs needs at least one layout")
     grids = {layout.grid_size for layout in layouts}
     if len(grids) != 1:
         raise ValueError(f"layouts of one batch must share a latent grid, got {sorted(grids)}")
-    h, w = grids.pop()
-    drop = _drop_mask(drop_layout, len(layouts))
-    if drop.any():
-        empty = _empty_on_grid((h, w))
-        layouts = [empty if d else layout for layout, d in zip(layouts, drop, strict=True)]
-    union = np.zeros((len(layouts), max_slots, h, w), dtype=bool)
-    slots = []
     for b, layout in enumerate(layouts):
         if layout.n_slots > max_slots:
             raise ValueError(f"layout {b} has {layout.n_slots} slots > max_slots={max_slots}")
-        union[b, : layout.n_slots] = layout.union_masks
-        slots += [
-            _Slot(b, s, layout.texts[s], layout.boxes[s], layout.weights[s]) for s in range(layout.n_slots)
-        ]
-    region_map = np.stack([layout.region_map for layout in layouts])
-    return _assemble(slots, region_map, union, encoder, attention_weight_scale, device, dtype)
+    max_objs = max([1] + [len(boxes) for layout in layouts for boxes in layout.boxes])
+    batch = pad_layouts(list(layouts), max_slots, max_objs)
+    return grounding_inputs_from_batch(
+        batch,
+        encoder,
+        attention_weight_scale=attention_weight_scale,
+        device=device,
+        dtype=dtype,
+        drop_layout=drop_layout,
+    )
 
 
 def grounding_inputs_from_batch(
@@ -330,31 +286,41 @@ def grounding_inputs_from_batch(
     dtype: torch.dtype = torch.float32,
     drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The ``gligen`` dict from a batch of ``training.collate.collate`` (its ``region_*`` fields).
+    """The ``gligen`` dict from the padded ``region_*`` fields of ``training.collate.collate``.
 
-    Samples with ``drop_layout`` True get the empty layout's inputs (layout dropout): their own region
-    texts are not encoded at all.
+    The fields are used as padded (segments are a prefix of each slot's ``K`` entries). Samples with
+    ``drop_layout`` True become the empty layout (layout dropout): no live slot, every cell -1, and
+    their region texts are not encoded at all.
     """
-    slot_mask = np.asarray(batch["slot_mask"])
-    boxes, weights = np.asarray(batch["region_boxes"]), np.asarray(batch["region_weights"])
-    segments = np.asarray(batch["segment_mask"])
-    region_map = np.asarray(batch["region_map"])
-    union = np.asarray(batch["region_union_masks"])
-    drop = _drop_mask(drop_layout, len(slot_mask))
-    slots = [
-        _Slot(b, s, batch["region_texts"][b][s], boxes[b, s][segments[b, s]], weights[b, s][segments[b, s]])
-        for b, s in zip(*np.nonzero(slot_mask), strict=True)
-        if not drop[b]
-    ]
-    if drop.any():
-        empty = _empty_on_grid(region_map.shape[1:])
-        region_map, union = region_map.copy(), union.copy()  # never write into the caller's batch
-        for b in np.nonzero(drop)[0]:
-            region_map[b] = empty.region_map
-            union[b] = False
-            union[b, : empty.n_slots] = empty.union_masks
-            slots += [
-                _Slot(int(b), s, empty.texts[s], empty.boxes[s], empty.weights[s])
-                for s in range(empty.n_slots)
-            ]
-    return _assemble(slots, region_map, union, encoder, attention_weight_scale, device, dtype)
+    slot_mask = _numpy(batch["slot_mask"]).astype(bool)
+    boxes, weights = _numpy(batch["region_boxes"]), _numpy(batch["region_weights"])
+    n_segments = _numpy(batch["segment_mask"]).sum(axis=-1)
+    region_map = _numpy(batch["region_map"]).astype(np.int64)
+    union = _numpy(batch["region_union_masks"]).astype(bool)
+    n, max_slots = slot_mask.shape
+    drop = _drop_mask(drop_layout, n)
+    if drop.any():  # never write into the caller's batch
+        slot_mask = slot_mask & ~drop[:, None]
+        region_map = np.where(drop[:, None, None], -1, region_map)
+        union = union & ~drop[:, None, None, None]
+    rows, cols = np.nonzero(slot_mask)
+    encoded = encoder.encode_texts([batch["region_texts"][b][s] for b, s in zip(rows, cols, strict=True)])
+    token_boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
+    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
+    for b, s, enc in zip(rows, cols, encoded, strict=True):
+        k = int(n_segments[b, s])
+        token_boxes[b, s], bias[b, s] = slot_token_targets(
+            enc.spans, boxes[b, s, :k], weights[b, s, :k], attention_weight_scale
+        )
+    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
+    if len(encoded):
+        index = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device))
+        text[index] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
+    return {
+        "text_embeddings": text,
+        "bbox_embeddings": torch.from_numpy(token_boxes).to(device=device, dtype=dtype),
+        "object_masks": torch.from_numpy(slot_mask.astype(np.float32)).to(device=device, dtype=dtype),
+        "attention_bias": torch.from_numpy(bias).to(device=device, dtype=dtype),
+        "region_map": torch.from_numpy(region_map).to(device),
+        "union_masks": torch.from_numpy(union).to(device),
+    }

@@ -2,6 +2,7 @@
 
     python -m training.init_unet --base hotshotco/SDXL-512 --out runs/init
     python -m training.init_unet --base path/to/sdxl --out runs/init --adapter release_pn_and_fuser.pth
+    python -m training.init_unet --base hotshotco/SDXL-512 --out runs/init --model-type casa
 
 Loads the base UNet (a hub id or a local pipeline / UNet folder), attaches ``unet.position_net`` and a
 ``fuser`` on every transformer block (``training.adapter``), optionally loads adapter weights (ours, or the
@@ -10,6 +11,8 @@ with the missing and unexpected keys: base-UNet keys the checkpoint lacked or he
 keys left at their fresh initialisation. A base checkpoint that already holds adapter keys (the release's
 initialised UNet) has them loaded into the adapter instead of reported as unexpected.
 The base UNet itself is not copied: the trainer loads it from ``--base`` again (recorded in the report).
+``--model-type`` (``ca`` or ``casa``, the release's ``--model_type``) is recorded in the adapter's metadata,
+so every later load builds the same fuser; weights whose keys the model lacks are an error naming them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from diffusers import UNet2DConditionModel
@@ -30,6 +34,7 @@ from training.adapter import (
     read_state_dict,
     save_adapter,
 )
+from training.casa import MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +62,26 @@ def _adapter_tensors_in(folder: Path) -> dict:
 
 
 def initialise(
-    base: str, out: str | Path, *, subfolder: str | None = None, adapter: str | None = None
+    base: str,
+    out: str | Path,
+    *,
+    subfolder: str | None = None,
+    adapter: str | None = None,
+    model_type: str = "ca",
+    ema: bool = False,
 ) -> dict:
     """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
+    config = AdapterConfig(model_type=model_type)  # validates model_type before any model loads
     sub = _subfolder(base, subfolder)
     unet, info = UNet2DConditionModel.from_pretrained(base, subfolder=sub, output_loading_info=True)
-    attach_regional_adapter(unet, AdapterConfig())
+    attach_regional_adapter(unet, config)
     unexpected = list(info.get("unexpected_keys", []))
     adapter_unexpected = [k for k in unexpected if is_adapter_key(k)]
     folder = Path(base) / (sub or "")
     state = _adapter_tensors_in(folder) if adapter_unexpected and folder.is_dir() else {}
     if adapter:
-        state.update(read_state_dict(adapter))
+        state.update(read_state_dict(adapter, ema=ema))
+    # Not strict: adapter keys the sources lack stay fresh and are reported; keys the model lacks fail.
     report = load_adapter(unet, state, strict=False) if state else None
     fresh = report.missing if report else sorted(k for k in unet.state_dict() if is_adapter_key(k))
 
@@ -77,6 +90,7 @@ def initialise(
     summary = {
         "base": base,
         "subfolder": sub,
+        "model_type": model_type,
         "adapter_file": str(out / ADAPTER_FILE),
         "base_missing_keys": sorted(info.get("missing_keys", [])),
         "base_unexpected_keys": sorted(k for k in unexpected if not is_adapter_key(k)),
@@ -99,11 +113,28 @@ def main(argv: list[str] | None = None) -> int:
         "--subfolder", default=None, help="UNet subfolder (default: 'unet' unless --base is a UNet folder)"
     )
     parser.add_argument(
-        "--adapter", default=None, help="adapter weights to load (safetensors, or the release's .pth)"
+        "--adapter",
+        default=None,
+        help="adapter weights to load (safetensors, the release's .pth or its raw trainer checkpoint)",
     )
+    parser.add_argument(
+        "--model-type", choices=MODEL_TYPES, default="ca", help="ca: cross-attention; casa: + self-attention"
+    )
+    parser.add_argument("--ema", action="store_true", help="from a trainer checkpoint, load its EMA weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = initialise(args.base, args.out, subfolder=args.subfolder, adapter=args.adapter)
+    try:
+        summary = initialise(
+            args.base,
+            args.out,
+            subfolder=args.subfolder,
+            adapter=args.adapter,
+            model_type=args.model_type,
+            ema=args.ema,
+        )
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     counts = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
     print(json.dumps(counts))
     return 0

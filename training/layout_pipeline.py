@@ -12,8 +12,8 @@ block's ``fuser``), and a step-end callback switches it off for scheduled sampli
 
 Semantics:
 
-- Classifier-free guidance: the positive rows get the layout, the negative rows the empty layout (one
-  background slot), as the layout dropout trained it. ``negative_prompt`` defaults to ``""``, encoded as
+- Classifier-free guidance: the positive rows get the layout, the negative rows the empty layout (no
+  region: every pixel's fuser output is ``x + null_text_feat``), as the layout dropout trained it. ``negative_prompt`` defaults to ``""``, encoded as
   training encodes a dropped caption (not SDXL's zeroed embeddings).
 - ``scheduled_sampling_beta`` in [0, 1]: the layout is active for the first ``ceil(beta * T)`` denoising
   steps (``T`` = the pipeline's timesteps) and then removed, so the rest runs the base UNet exactly.
@@ -51,20 +51,12 @@ def active_layout_steps(beta: float, num_timesteps: int) -> int:
     return math.ceil(round(beta * num_timesteps, 9))
 
 
-def load_adapter_weights(unet: torch.nn.Module, path: str | Path) -> None:
-    """Load an adapter by key names: ours, or the release's (a whole-UNet checkpoint: its base keys are ignored).
-
-    Every adapter weight must be present; base-UNet keys in the file are counted and logged, not loaded,
-    since the base stays frozen.
+def load_adapter_weights(unet: torch.nn.Module, path: str | Path, *, ema: bool = False) -> None:
+    """Load an adapter by key names: ours, the release's extracted file, a whole-UNet file or a raw trainer
+    checkpoint (``ema``: its EMA copy). Base-UNet keys are skipped (the base stays as loaded); a missing
+    adapter weight or a key the model lacks (a ``casa`` file on a ``ca`` model) is an error naming them.
     """
-    report = load_adapter(unet, path, strict=False)
-    if report.missing:
-        raise ValueError(
-            f"{path}: {len(report.missing)} adapter weights missing (e.g. {report.missing[:3]}); "
-            "is it an adapter for this base model?"
-        )
-    if report.unexpected:
-        log.info("%s: ignored %d non-adapter keys (base UNet weights)", path, len(report.unexpected))
+    report = load_adapter(unet, path, ema=ema)
     log.info("%s: loaded %d adapter tensors", path, report.loaded)
 
 
@@ -104,21 +96,29 @@ class LayoutPipeline:
         adapter_config: AdapterConfig | None = None,
         *,
         lora: str | Path | None = None,
+        checkpoint_ema: bool = False,
         **kwargs: Any,
     ) -> LayoutPipeline:
         """Attach the adapter to ``sdxl.unet`` (if absent), then load ``adapter`` and, over it, ``ema`` weights.
 
+        The fuser (``ca`` or ``casa``) is the one the weights' metadata (or keys) name. ``checkpoint_ema``:
+        ``adapter`` is a raw trainer checkpoint holding both copies; load its EMA weights.
         ``lora``: the trainer's LoRA file of the base attention (``lora.safetensors`` or
         ``lora_ema.safetensors``, when it trained with ``model.lora_rank``), loaded into the UNet.
         """
         unet = sdxl.unet
         if getattr(unet, "position_net", None) is None:
             source = adapter or ema
-            config = adapter_config or (adapter_config_of(source) if source else AdapterConfig())
+            config = adapter_config or (
+                adapter_config_of(source, ema=checkpoint_ema and source == adapter)
+                if source
+                else AdapterConfig()
+            )
             attach_regional_adapter(unet, config)
-        for path in (adapter, ema):
-            if path is not None:
-                load_adapter_weights(unet, path)
+        if adapter is not None:
+            load_adapter_weights(unet, adapter, ema=checkpoint_ema)
+        if ema is not None:
+            load_adapter_weights(unet, ema)
         if adapter is None and ema is None:
             log.warning("no adapter weights given: the adapter is freshly initialised (an exact no-op)")
         if lora is not None:
@@ -138,6 +138,7 @@ class LayoutPipeline:
         variant: str | None = None,
         adapter_config: AdapterConfig | None = None,
         lora: str | Path | None = None,
+        checkpoint_ema: bool = False,
         **kwargs: Any,
     ) -> LayoutPipeline:
         """Load a base SDXL (hub id or folder; optionally another VAE), attach and load the adapter."""
@@ -149,7 +150,9 @@ class LayoutPipeline:
         )
         if device is not None:
             sdxl = sdxl.to(device)
-        return cls.from_sdxl(sdxl, adapter, ema, adapter_config, lora=lora, **kwargs)
+        return cls.from_sdxl(
+            sdxl, adapter, ema, adapter_config, lora=lora, checkpoint_ema=checkpoint_ema, **kwargs
+        )
 
     def to(self, device: str | torch.device) -> LayoutPipeline:
         """Move the models (the adapter with the UNet)."""

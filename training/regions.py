@@ -22,6 +22,7 @@ Rules, each unit-tested:
   covers nothing.
 - Every distinct membership vector over the objects is one region; the empty vector is the background
   (text ``""``, box ``[-1, -1, -1, -1]``, weight 1, union mask = whole grid).
+- No object at all is the empty layout (:func:`empty_layout`): no region, not even a background.
 - A region's text joins its objects' descriptions (``;`` removed from each) with ``"; "`` in object
   order; its boxes are those objects' boxes normalized to 0..1 (clipped to the image); its weights are
   ``iou(region, box_i) / max_k iou(region, box_k)``, which is ``min_k cells(box_k) / cells(box_i)``
@@ -154,6 +155,8 @@ def reorganize_regions(
     h, w = latent_grid(height, width, downscale)
     if min(max_objs, max_regions, max_slots) < 1:
         raise ValueError("max_objs, max_regions and max_slots must be >= 1")
+    if not len(boxes):
+        return empty_layout(height, width, downscale)  # no object: no region, not a lone background
 
     keep_objs = _choose(np.arange(len(boxes)), max_objs, np.zeros(len(boxes)), rng)
     boxes, texts = boxes[keep_objs], [texts[i] for i in keep_objs]
@@ -210,5 +213,22 @@ def reorganize_regions(
 
 
 def empty_layout(height: int, width: int, downscale: int = 8) -> RegionLayout:
-    """The layout with no objects: one background slot over the whole grid (CFG's unconditional branch)."""
-    return reorganize_regions(np.zeros((0, 4)), [], height, width, downscale=downscale)
+    """The layout with no region at all, not even a background (CFG's negative branch, a dropped layout).
+
+    Every cell is ``-1``, so every pixel's fuser output is ``x + null_text_feat`` and nothing is attended
+    (docs/METHOD.md §4): the form the release trained its null features with.
+    """
+    h, w = latent_grid(height, width, downscale)
+    return RegionLayout(
+        height=height,
+        width=width,
+        region_map=np.full((h, w), -1, dtype=np.int32),
+        texts=[],
+        boxes=[],
+        weights=[],
+        object_ids=[],
+        union_masks=np.zeros((0, h, w), dtype=bool),
+        background_slot=None,
+        n_regions=0,
+        n_objects=0,
+    )
