@@ -25,7 +25,7 @@ from training.examples import pick_caption
 from training.stream import build_loader, merge_states
 from training.stream import main as stream_main
 from training.stream_errors import ErrorPolicy
-from training.stream_stages import filter_samples, keep_objects, mix
+from training.stream_stages import filter_samples, keep_objects, mix, mixture_probabilities
 
 W, H = 40, 32  # stored images; the stream crops 16x16
 
@@ -287,7 +287,7 @@ def test_config_from_yaml_shape_and_errors(even):
     root, _ = even
     cfg = config([root])
     assert StreamConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"^unknown key 'shuffle' \(valid keys: batch_size, datasets, "):
         StreamConfig.from_dict({**cfg.to_dict(), "shuffle": 3})
     with pytest.raises(ConfigError, match="resampled mode"):
         StreamConfig.from_dict({**cfg.to_dict(), "resampled": True, "epoch_samples": None})
@@ -416,3 +416,48 @@ def test_cli_prints_batches_and_state(even, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "16 batches per epoch on rank 0 of 1" and lines[1].startswith("batch 0: keys [")
     assert json.loads(lines[-1])["state"]["batches"] == 2
+
+
+def test_mixture_weights_must_be_finite_and_positive_and_errors_name_the_dataset():
+    assert mixture_probabilities([1, 2, 1]).tolist() == [0.25, 0.5, 0.25]
+    with pytest.raises(ConfigError, match=r"^datasets\[1\]\.weight \(dataset 'syn'\) must be a finite number > 0, got inf$"):
+        mixture_probabilities([1.0, float("inf")], ["coco", "syn"])
+    with pytest.raises(ConfigError, match=r"^datasets\[0\]\.weight must be a finite number > 0, got 0$"):
+        next(mix([itertools.repeat(0)], [0], np.random.default_rng(0)))
+    with pytest.raises(ConfigError, match=r"sum to inf"):
+        mixture_probabilities([1e308, 1e308])
+
+
+def test_a_missing_or_empty_dataset_is_named_with_its_field(even, tmp_path):
+    root, _ = even
+    with pytest.raises(ConfigError, match=rf"^datasets\[1\]\.path: dataset '{tmp_path}/nope' does not exist$"):
+        build_loader(config([root, tmp_path / "nope"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.path: dataset '.*empty' has no complete shard"):
+        build_loader(config([tmp_path / "empty"]))
+
+
+def test_a_malformed_state_is_refused_by_name(even):
+    loader = build_loader(config([even[0]]))
+    with pytest.raises(ValueError, match=r"stream state lacks \['ranks'\]"):
+        loader.load_state_dict({k: v for k, v in loader.state_dict().items() if k != "ranks"})
+    with pytest.raises(ValueError, match="stream state version 'list', expected 1"):
+        loader.load_state_dict([])
+
+
+def test_cli_answers_a_mistake_with_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert stream_main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {missing}: ") and len(err.splitlines()) == 1
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config([tmp_path / "nope"]).to_dict()))
+    assert stream_main([str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: datasets[0].path: dataset '{tmp_path}/nope' does not exist\n"
+    )
+    write_dataset(tmp_path / "few", [4])
+    path.write_text(yaml.safe_dump(config([tmp_path / "few"], num_workers=1, filters={"min_objects": 5}).to_dict()))
+    assert stream_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and "gave no usable sample" in err and len(err.splitlines()) == 1

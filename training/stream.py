@@ -62,80 +62,59 @@ import hashlib
 import itertools
 import json
 import logging
+import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+import yaml
+from torch.utils.data import DataLoader
 
-from shards.dataset import list_shards, read_stats
+from shards.dataset import ShardInfo, list_shards, read_stats
 
 from .collate import normalize_pixels
 from .data_config import ConfigError, DatasetSpec, StreamConfig
-from .stream_stages import META, WorkerContext, derive_seed, worker_batches
+from .stream_stages import META, EpochPlan, EpochStream, derive_seed, mixture_probabilities
 
-__all__ = ["StreamLoader", "build_loader", "dataset_size", "dataset_urls", "derive_seed", "merge_states"]
+__all__ = ["StreamLoader", "build_loader", "complete_shards", "dataset_size", "derive_seed", "merge_states"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-def dataset_urls(spec: DatasetSpec) -> list[str]:
-    """The tar URLs of a dataset's complete shards (the stats file marks completion)."""
-    urls = [s.tar for s in list_shards(spec.path) if s.complete and s.has_tar]
-    if not urls:
-        raise ConfigError(f"dataset {spec.path!r} has no complete shard (NNNNNN.tar with NNNNNN.stats.json)")
-    return urls
+def complete_shards(spec: DatasetSpec, index: int) -> list[ShardInfo]:
+    """The complete shards (the stats file marks completion) of ``datasets[index]``.
+
+    A dataset that does not exist or has no complete shard raises ConfigError naming the field.
+    """
+    where = f"datasets[{index}].path: dataset {spec.path!r}"
+    try:
+        shards = [s for s in list_shards(spec.path) if s.complete and s.has_tar]
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be listed: {e}") from None
+    if not shards:
+        raise ConfigError(f"{where} has no complete shard (NNNNNN.tar with NNNNNN.stats.json)")
+    return shards
 
 
-def dataset_size(spec: DatasetSpec) -> int:
+def dataset_size(spec: DatasetSpec, shards: list[ShardInfo]) -> int:
     """Samples in a dataset's complete shards, from their stats files."""
-    return sum(
-        read_stats(spec.path, s)["samples"] for s in list_shards(spec.path) if s.complete and s.has_tar
-    )
+    total = 0
+    for s in shards:
+        try:
+            total += int(read_stats(spec.path, s)["samples"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"dataset {spec.path!r}: stats file {s.stats} has no readable 'samples' count ({e!r}); "
+                "check it with `python -m shards validate`, or set epoch_samples"
+            ) from None
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------
-# One epoch's plan, the workers' dataset, and the stateful loader
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What every worker of one rank needs to run (or resume) an epoch."""
-
-    epoch: int
-    rank: int
-    world_size: int
-    workers: int  # logical workers, >= 1 (num_workers=0 runs one in the main process)
-    batches_per_worker: int
-    starts: tuple[int, ...]  # per logical worker, position in its mixed stream to resume from
-    done: tuple[int, ...]  # per logical worker, batches already delivered this epoch
-    rotation: int  # physical worker p plays logical worker (p + rotation) % workers
-
-
-class EpochStream(IterableDataset):
-    """The IterableDataset the DataLoader's workers iterate: one epoch of batches per worker."""
-
-    def __init__(self, cfg: StreamConfig, urls: list[list[str]], plan: EpochPlan):
-        super().__init__()
-        self.cfg, self.urls, self.plan = cfg, urls, plan
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        p = self.plan
-        worker = ((info.id if info else 0) + p.rotation) % p.workers
-        ctx = WorkerContext(
-            seed=self.cfg.seed,
-            epoch=p.epoch,
-            rank=p.rank,
-            world_size=p.world_size,
-            worker=worker,
-            num_workers=p.workers,
-            start=p.starts[worker],
-            batches=p.batches_per_worker - p.done[worker],
-        )
-        return worker_batches(self.cfg, self.urls, ctx)
+# The stateful loader
 
 
 # Fields that change how the stream is logged or moved, not which batches it yields.
@@ -162,7 +141,9 @@ class StreamLoader:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.config, self.rank, self.world_size = config, rank, world_size
         self.workers = max(1, config.num_workers)
-        self.urls = [dataset_urls(d) for d in config.datasets]
+        mixture_probabilities([d.weight for d in config.datasets], [d.path for d in config.datasets])
+        shards = [complete_shards(d, i) for i, d in enumerate(config.datasets)]
+        self.urls = [[s.tar for s in ds] for ds in shards]
         total = world_size * self.workers
         if not config.resampled:
             for spec, urls in zip(config.datasets, self.urls, strict=True):
@@ -171,7 +152,9 @@ class StreamLoader:
                         f"dataset {spec.path!r} has {len(urls)} shards for {total} workers "
                         f"({world_size} ranks x {self.workers}): use resampled mode, fewer workers, or more shards"
                     )
-        epoch_samples = config.epoch_samples or sum(dataset_size(d) for d in config.datasets)
+        epoch_samples = config.epoch_samples or sum(
+            dataset_size(d, ds) for d, ds in zip(config.datasets, shards, strict=True)
+        )
         self.batches_per_worker = epoch_samples // (total * config.batch_size)
         if self.batches_per_worker < 1:
             raise ConfigError(
@@ -296,8 +279,12 @@ class StreamLoader:
         size, or lacks this rank: raise ValueError, or with ``strict=False`` log a warning and start
         the epoch after the interrupted one.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"stream state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"stream state version {got!r}, expected {STATE_VERSION}")
+        missing = [k for k in ("fingerprint", "epoch", "batches", "ranks") if k not in state]
+        if missing:
+            raise ValueError(f"stream state lacks {missing} (pass the loader's state_dict() or merge_states)")
         entry = state["ranks"].get(str(self.rank))
         problem = None
         if state["fingerprint"] != self.fingerprint:
@@ -357,13 +344,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--world-size", type=int, default=1)
     args = ap.parse_args(argv)
-    loader = build_loader(StreamConfig.from_yaml(args.config), rank=args.rank, world_size=args.world_size)
-    print(f"{len(loader)} batches per epoch on rank {args.rank} of {args.world_size}")
-    for i, batch in zip(range(args.batches), loader, strict=False):
-        slots = batch["slot_mask"].sum(1).tolist()
-        print(f"batch {i}: keys {batch['key']} objects {batch['object_count'].tolist()} slots {slots}")
+    try:
+        config = StreamConfig.from_yaml(args.config)
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        return _fail(f"{args.config}: {e}")
+    try:
+        loader = build_loader(config, rank=args.rank, world_size=args.world_size)
+        print(f"{len(loader)} batches per epoch on rank {args.rank} of {args.world_size}")
+        for i, batch in zip(range(args.batches), loader, strict=False):
+            slots = batch["slot_mask"].sum(1).tolist()
+            print(f"batch {i}: keys {batch['key']} objects {batch['object_count'].tolist()} slots {slots}")
+    except (ConfigError, ValueError, RuntimeError) as e:
+        # A worker's exception arrives wrapped with its traceback; its own message is the last line.
+        return _fail(f"{args.config}: {str(e).strip().splitlines()[-1]}")
     print(json.dumps({"state": loader.state_dict(), "counters": loader.counters()}))
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

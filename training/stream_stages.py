@@ -5,8 +5,8 @@ Each DataLoader worker runs (open_clip's ``get_wds_dataset``, as plain generator
     per dataset:  worker_shard_passes -> read_shards -> parse_samples -> filter_samples -> shuffle
     then:         mix -> enumerate -> skip (resume) -> examples (decode, augment, reorganize) -> batches
 
-``worker_batches`` chains them for one worker; ``training.stream`` (the loader and its resume state)
-runs it in each DataLoader worker. The determinism, split and resumption rules are in that module's
+``worker_batches`` chains them for one worker; ``EpochStream`` (the DataLoader's dataset) runs it in
+each worker for the ``EpochPlan`` that ``training.stream`` (the loader and its resume state) made. The determinism, split and resumption rules are in that module's
 docstring; the seeds here follow them: every generator is seeded by (seed, purpose, epoch, rank,
 worker, ...) through ``derive_seed``.
 """
@@ -14,18 +14,20 @@ worker, ...) through ``derive_seed``.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.reader import RawSample, Sample, raw_samples, to_sample
 from shards.schema import SampleRecord, SchemaError
 
 from .collate import Example, collate
-from .data_config import DatasetSpec, FilterConfig, StreamConfig
+from .data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
 from .examples import DECODE_ERRORS, SizeMismatch, make_example, object_text
 from .stream_errors import ErrorPolicy
 
@@ -186,11 +188,29 @@ def dataset_stream(
         yield from stream
 
 
+def mixture_probabilities(weights: list[float], names: list[str] | None = None) -> np.ndarray:
+    """Each dataset's share of the mixture; a weight that is not a finite number > 0 raises ConfigError.
+
+    The error names ``datasets[i].weight`` (and the dataset's path when ``names`` are given): an
+    infinite weight would turn every share into NaN, and numpy's message would not say whose.
+    """
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            whose = f" (dataset {names[i]!r})" if names else ""
+            raise ConfigError(f"datasets[{i}].weight{whose} must be a finite number > 0, got {w!r}")
+    total = sum(weights)
+    if not math.isfinite(total):
+        raise ConfigError(f"datasets[].weight: the weights {list(weights)} sum to {total}; scale them down")
+    return np.asarray(weights, dtype=np.float64) / total
+
+
 def mix(
     streams: list[Iterator[Sample]], weights: list[float], rng: np.random.Generator
 ) -> Iterator[tuple[int, Sample]]:
     """``(dataset index, sample)`` drawn from the streams in proportion to ``weights``."""
-    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    if len(weights) != len(streams):
+        raise ValueError(f"mix got {len(streams)} streams and {len(weights)} weights")
+    p = mixture_probabilities(weights)
     while True:
         # Drawn in blocks: one rng.choice per sample would cost more than the rest of this stage.
         for i in rng.choice(len(streams), size=1024, p=p):
@@ -258,3 +278,45 @@ def worker_batches(cfg: StreamConfig, urls: list[list[str]], ctx: WorkerContext)
     stream = skip(stream, ctx.start, policy)
     stream = examples(stream, cfg, ctx, policy)
     return batches(stream, cfg, ctx, policy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The entry point of each DataLoader worker
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What every worker of one rank needs to run (or resume) an epoch."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers, >= 1 (num_workers=0 runs one in the main process)
+    batches_per_worker: int
+    starts: tuple[int, ...]  # per logical worker, position in its mixed stream to resume from
+    done: tuple[int, ...]  # per logical worker, batches already delivered this epoch
+    rotation: int  # physical worker p plays logical worker (p + rotation) % workers
+
+
+class EpochStream(IterableDataset):
+    """The IterableDataset the DataLoader's workers iterate: one epoch of batches per worker."""
+
+    def __init__(self, cfg: StreamConfig, urls: list[list[str]], plan: EpochPlan):
+        super().__init__()
+        self.cfg, self.urls, self.plan = cfg, urls, plan
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        p = self.plan
+        worker = ((info.id if info else 0) + p.rotation) % p.workers
+        ctx = WorkerContext(
+            seed=self.cfg.seed,
+            epoch=p.epoch,
+            rank=p.rank,
+            world_size=p.world_size,
+            worker=worker,
+            num_workers=p.workers,
+            start=p.starts[worker],
+            batches=p.batches_per_worker - p.done[worker],
+        )
+        return worker_batches(self.cfg, self.urls, ctx)
