@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from training import evaluate, generate
-from training.layouts import read_layouts
+from training.layouts import layouts_from_dataset, read_layouts
 
 LAYOUTS = [
     {"id": "beach", "caption": "a beach", "boxes": [[0, 0, 32, 32], [16, 8, 64, 60]],
@@ -78,3 +78,72 @@ def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, mo
     assert table.set_index(["image", "object"]).loc[("street", 0), "size"] == "small"
     assert summary["fid"] is None and "Inception v3 weights" in summary["fid_skipped"]
     assert np.isfinite(summary["sam_iou"])
+
+
+def _tiny_dataset(root):
+    """Two samples, 80x48 and 48x48, written with the shard writer (what --from-shards reads)."""
+    import io
+
+    from shards import ObjectRecord, SampleRecord, ShardWriter
+
+    with ShardWriter(str(root), 0) as writer:
+        for key, (w, h) in (("wide", (80, 48)), ("square", (48, 48))):
+            buf = io.BytesIO()
+            Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
+            objects = (ObjectRecord(box=(0, 8, 40, 48), phrase="kite", description="a red kite"),
+                       ObjectRecord(box=(40, 0, 48, 8), phrase="sun"))  # fmt: skip
+            record = SampleRecord(key=key, width=w, height=h, original_width=w, original_height=h,
+                                  caption="a beach", objects=objects)  # fmt: skip
+            writer.add(record, buf.getvalue(), "png")
+    return root
+
+
+def test_generate_from_shards_with_a_refiner_saves_both_and_the_ground_truth(tmp_path, capsys):
+    dataset, out = _tiny_dataset(tmp_path / "ds"), tmp_path / "gen"
+    argv = ["--tiny", "--from-shards", str(dataset), "--limit", "1", "--out", str(out), "--refiner", "tiny",
+            "--refiner-strength", "0.5", "--refiner-steps", "2"]  # fmt: skip
+    assert generate.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 1 and summary["refined"] and summary["reference"] == str(out / "reference")
+    (record,) = read_layouts(out / "layouts.jsonl")  # the first sample only (--limit 1), aspect kept
+    assert (record.id, record.width, record.height, record.caption) == ("square", 64, 64, "a beach")
+    assert record.labels == ("a red kite", "sun")  # description, else the detector phrase
+    np.testing.assert_allclose(record.boxes, np.array([[0, 8, 40, 48], [40, 0, 48, 8]]) * 64 / 48)
+    refined, unrefined = (np.asarray(Image.open(p / "square.png")) for p in (out, out / "unrefined"))
+    assert refined.shape == unrefined.shape == (64, 64, 3) and not np.array_equal(refined, unrefined)
+    with Image.open(out / "reference" / "square.png") as im:
+        assert im.size == (64, 64) and im.getpixel((5, 5)) == (200, 30, 30)
+    wide, _ = layouts_from_dataset(str(dataset), 64)
+    assert [(r.id, r.width, r.height) for r in wide] == [("square", 64, 64), ("wide", 64, 40)]
+
+
+def test_generate_release_demo_file_and_bad_layouts(tmp_path, capsys):
+    demo = tmp_path / "100002558.json"
+    bad = {"bboxes": [[0, 0, 80, 8]], "labels": ["a"]}  # outside the tiny preset's 64x64
+    demo.write_text(json.dumps([{"bboxes": [[4, 4, 60, 30]], "labels": ["a boat"]}, bad], indent=4))
+    out = tmp_path / "o"
+    assert generate.main(["--tiny", "--layouts", str(demo), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {demo}[1]: box 0") and not out.exists()
+    assert generate.main(["--tiny", "--layouts", str(demo), "--out", str(out), "--skip-bad-layouts"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 1 and [s["where"] for s in summary["skipped"]] == [f"{demo}[1]"]
+    assert (out / "000000.png").is_file() and not (out / "000001.png").exists()
+    assert generate.main(["--tiny", "--layouts", str(demo), "--out", str(tmp_path / "l"), "--lenient"]) == 0
+    assert json.loads(capsys.readouterr().out)["objects"] == 2  # the bad box clamped to the image
+    assert read_layouts(tmp_path / "l" / "layouts.jsonl")[1].boxes.tolist() == [[0, 0, 64, 8]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "error: give a layouts file (--layouts) or a dataset (--from-shards)"),
+        (["--from-shards", "/nonexistent/ds"], "error: dataset '/nonexistent/ds' does not exist"),
+        (["--layouts", "/nonexistent.json"], "error: [Errno 2] No such file or directory"),
+        (["--layouts", "x.json", "--set", "refiner_strength=2"], "error: override refiner_strength=2: generate.refiner_strength: must be in (0, 1] (got 2)"),
+    ],
+)
+def test_generate_cli_mistakes_are_one_error_line(tmp_path, capsys, argv, message):
+    assert generate.main(["--tiny", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
