@@ -1,4 +1,8 @@
-"""Where things live in a dataset folder (local path or fsspec URI), and atomic small-file writes."""
+"""Where things live in a dataset folder (local path or fsspec URI), and atomic small-file writes.
+
+The project's one fsspec helper: every package turns a path or URL into a filesystem, a path in it,
+an open file or a URL for another process through these functions. Imports only fsspec.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +40,20 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path usable by another process: plain path locally, else ``protocol://path``."""
+    """A path usable by another process: plain path locally, else the filesystem's full URL.
+
+    ``unstrip_protocol`` knows each filesystem's form: HTTP paths already are URLs (no second
+    ``http://``), object stores get their scheme back.
+    """
     if is_local(fs):
         return path
-    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    return f"{proto}://{path}"
+    return fs.unstrip_protocol(path)
+
+
+def open_url(url: str, mode: str = "rb"):
+    """Open a local path or fsspec URL; a missing file raises FileNotFoundError naming it."""
+    fs, path = url_to_fs(str(url))
+    return fs.open(path, mode)
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

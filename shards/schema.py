@@ -6,6 +6,7 @@ Validation names the key and the field, so a bad record can be traced to its inp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -14,9 +15,34 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+# The parquet ``status`` of an input: kept as a sample, failed at ``error_stage``, or processed fine
+# but dropped by a quality filter. Defined once here; every package compares against these names.
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+STATUS_FILTERED = "filtered"
+STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_FILTERED)
+
+# The model stages of datagen between decode and write, in the order they run; with "decode",
+# "write" (datagen) and "read"/"convert" (from-coco) they are the values of the parquet ``error_stage``.
+STAGE_ORDER = ("tag", "caption", "ground", "segment", "describe", "score", "filter")
+
 # WebDataset splits a member name into key and extension at the first dot, and keys become file names
 # in the tar: allow only a conservative set, no dots, no slashes.
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+def canonical_json(obj: Any, ensure_ascii: bool = True) -> bytes:
+    """The canonical JSON bytes of ``obj``: sorted keys, no whitespace (same value, same bytes).
+
+    ASCII-escaped by default, the form every fingerprint has hashed since the first release; the
+    sample records use ``ensure_ascii=False`` (readable UTF-8 in the tars).
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 hex digest of ``canonical_json(obj)``: the project's one fingerprint of a JSON value."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
 class SchemaError(ValueError):
@@ -108,6 +134,10 @@ class ObjectRecord:
         )
 
 
+# The keys of an object dict in ``{key}.json``, in declaration order (pipelines carry objects as dicts).
+OBJECT_FIELDS = tuple(f.name for f in fields(ObjectRecord))
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """The ``{key}.json`` member of a shard: image sizes, captions and objects."""
@@ -159,7 +189,7 @@ class SampleRecord:
 
     def to_json_bytes(self) -> bytes:
         """Deterministic JSON (sorted keys, no whitespace variance) so tars are byte-reproducible."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return canonical_json(self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> SampleRecord:

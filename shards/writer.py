@@ -18,14 +18,21 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .paths import dump_json, fs_and_root, join, shard_name, write_atomic
-from .schema import SCHEMA_VERSION, SampleRecord, SchemaError, check_key
+
+# The status names live in schema (no heavy imports there); re-exported for ``from shards.writer import``.
+from .schema import (  # noqa: F401
+    SCHEMA_VERSION,
+    STATUS_FAILED,
+    STATUS_FILTERED,
+    STATUS_OK,
+    STATUSES,
+    SampleRecord,
+    SchemaError,
+    check_key,
+)
 
 log = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
-STATUS_FILTERED = "filtered"  # processed fine, but a quality filter left nothing worth keeping
-STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_FILTERED)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # Parquet columns, in order; one row per input sample, failures included.
