@@ -1,16 +1,23 @@
-"""``python -m shards {validate,info,index,to-coco,from-coco,report} ...``: the dataset command line."""
+"""``python -m shards {validate,info,index,to-coco,from-coco,report} ...``: the dataset command line.
+
+A user's mistake (a dataset or file that is not there, an output folder missing, bad COCO input)
+ends as one ``error: ...`` line on stderr and exit code 2; problems found in the data exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+
+from .cli import CliError, require_dataset, require_output_folder, run_command
+from .paths import fs_and_root
 
 
 def _validate(args: argparse.Namespace) -> int:
     from .validate import validate_dataset
 
+    require_dataset(args.dataset)
     problems = validate_dataset(args.dataset)
     for p in problems:
         print(p)
@@ -21,15 +28,39 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tar_size_problem(dataset: str, shard, stats: dict) -> str | None:
+    # The stats record the tar's size (older ones only its sha256, checked by validate): a cheap
+    # size look-up finds a tar cut short or rewritten after the stats were written.
+    expect = stats.get("tar_bytes")
+    if expect is None:
+        return None
+    fs, _ = fs_and_root(dataset)
+    try:
+        size = fs.size(fs_and_root(shard.tar)[1]) if shard.has_tar else None
+    except FileNotFoundError:
+        size = None
+    if size is None:
+        return "tar is missing"
+    return None if size == expect else f"tar is {size} bytes, its stats say {expect} (truncated or rewritten)"
+
+
 def _info(args: argparse.Namespace) -> int:
     from .dataset import list_shards, read_run, read_stats
 
-    shards = list_shards(args.dataset)
+    shards = list_shards(require_dataset(args.dataset))
     complete = [s for s in shards if s.complete]
     totals = {"samples": 0, "failures": 0, "filtered": 0, "objects": 0}
     by_stage: dict[str, int] = {}
+    damaged: dict[str, str] = {}
     for s in complete:
-        st = read_stats(args.dataset, s)
+        try:
+            st = read_stats(args.dataset, s)
+        except (OSError, ValueError) as e:
+            damaged[s.name] = f"stats unreadable: {e}"
+            continue
+        problem = _tar_size_problem(args.dataset, s, st)
+        if problem:
+            damaged[s.name] = problem
         for k in totals:
             totals[k] += st[k]
         for stage, n in st["failures_by_stage"].items():
@@ -40,6 +71,7 @@ def _info(args: argparse.Namespace) -> int:
         "shards": len(shards),
         "complete_shards": len(complete),
         "incomplete_shards": [s.name for s in shards if not s.complete],
+        "damaged_shards": damaged,
         **totals,
         "inputs": totals["samples"] + totals["failures"] + totals["filtered"],
         "not_kept_by_stage": by_stage,
@@ -50,13 +82,15 @@ def _info(args: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k:>18}: {v}")
-    return 0
+    for name, why in damaged.items():
+        print(f"shard {name}: {why}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _index(args: argparse.Namespace) -> int:
     from .dataset import build_index
 
-    index = build_index(args.dataset)
+    index = build_index(require_dataset(args.dataset))
     print(json.dumps(index["totals"]))
     return 0
 
@@ -64,32 +98,36 @@ def _index(args: argparse.Namespace) -> int:
 def _to_coco(args: argparse.Namespace) -> int:
     from .coco import to_coco
 
-    n = to_coco(args.dataset, args.out)
-    print(f"wrote {args.out}: {n['images']} images, {n['annotations']} annotations")
+    n = to_coco(require_dataset(args.dataset), require_output_folder(args.out))
+    print(f"wrote {args.out}: {n['images']} images, {n['annotations']} annotations, {n['crowd']} crowd regions")
+    for name, why in n["skipped_shards"].items():
+        print(f"shard {name} skipped: {why}", file=sys.stderr)
+    for where in n["bad_masks"]:
+        print(f"mask left out: {where}", file=sys.stderr)
+    if n["skipped_shards"]:
+        print(f"error: {len(n['skipped_shards'])} shard(s) could not be read and are not in {args.out}: "
+              f"{', '.join(n['skipped_shards'])}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _from_coco(args: argparse.Namespace) -> int:
-    from .coco import from_coco
+    from .coco import CocoError, from_coco
 
-    n = from_coco(
-        instances=args.instances,
-        images=args.images,
-        out=args.out,
-        captions=args.captions,
-        stuff=args.stuff,
-        shard_size=args.shard_size,
-        min_area_frac=args.min_area_frac,
-    )
+    try:
+        n = from_coco(
+            instances=args.instances,
+            images=args.images,
+            out=args.out,
+            captions=args.captions,
+            stuff=args.stuff,
+            shard_size=args.shard_size,
+            min_area_frac=args.min_area_frac,
+        )
+    except CocoError as e:
+        raise CliError(str(e)) from None
     print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures, {n['shards']} shards")
     return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from .report import main as report_main
-
-    return report_main([*args.datasets, "--out", args.out, "--max-samples", str(args.max_samples),
-                        "--gallery", str(args.gallery)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dataset", help="dataset folder or fsspec URI")
     v.set_defaults(fn=_validate)
 
-    i = sub.add_parser("info", help="print sample, failure and object counts")
+    i = sub.add_parser("info", help="print sample, failure and object counts; exit 1 when a shard's tar size disagrees with its stats")
     i.add_argument("dataset")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=_info)
@@ -125,20 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("out", help="output dataset folder")
     fc.set_defaults(fn=_from_coco)
 
-    r = sub.add_parser("report", help="static HTML report with figures and galleries")
-    r.add_argument("datasets", nargs="+")
-    r.add_argument("--out", required=True, help="report.html path")
-    r.add_argument("--max-samples", type=int, default=1000, help="JSON members read per dataset for text statistics (0: all)")
-    r.add_argument("--gallery", type=int, default=8, help="samples per gallery")
-    r.set_defaults(fn=_report)
+    from .report import add_report_arguments
+
+    add_report_arguments(sub.add_parser("report", help="static HTML report with figures and galleries"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    """Entry point; returns the exit code (2 and one ``error:`` line for a user's mistake)."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

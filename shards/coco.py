@@ -1,5 +1,10 @@
 """Interchange with COCO: export shards as COCO instances JSON, import COCO (instances [+ stuff]
-[+ captions]) as shards so COCO can be mixed into training as the paper does."""
+[+ captions]) as shards so COCO can be mixed into training as the paper does.
+
+``from-coco`` records each image's COCO id, each object's category id and supercategory, and the
+crowd regions in the sample's ``meta``; ``to-coco`` then writes those ids back, so the export of a
+COCO-derived dataset scores against the original annotations.
+"""
 
 from __future__ import annotations
 
@@ -13,65 +18,128 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .dataset import build_index, open_run
+from .dataset import build_index, list_shards, open_run
+from .masks import decode_mask, encode_mask, mask_to_box, rle_problem
 from .paths import fs_and_root
-from .masks import decode_mask, encode_mask, mask_to_box
 from .reader import iter_samples
 from .schema import ObjectRecord, SampleRecord, SchemaError
+from .stats import SHARD_ERRORS
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
+# Keys of ``SampleRecord.meta`` written by from-coco; each always holds the same type.
+META_IMAGE_ID = "coco_id"  # int: the COCO image id
+META_CATEGORY_IDS = "coco_category_ids"  # list[int]: the COCO category id of each object, in order
+META_SUPERCATEGORIES = "coco_supercategories"  # list[str]: each object's supercategory ("" if none)
+# list[dict]: crowd regions, which are not objects to describe:
+# {"category_id": int, "name": str, "supercategory": str, "bbox": [x, y, w, h], "segmentation": RLE | None}
+META_CROWD = "coco_crowd"
+
+
+class CocoError(ValueError):
+    """COCO input that cannot be converted; the message names the file and the field."""
+
+
+def _coco_ids(rec: SampleRecord) -> tuple[int, list[int], list[str]] | None:
+    """The source image id, category ids and supercategories recorded by from-coco, or None."""
+    m = rec.meta
+    image_id, cats, supers = m.get(META_IMAGE_ID), m.get(META_CATEGORY_IDS), m.get(META_SUPERCATEGORIES)
+    if not isinstance(image_id, int) or not isinstance(cats, list) or len(cats) != len(rec.objects):
+        return None
+    supers = supers if isinstance(supers, list) and len(supers) == len(cats) else [""] * len(cats)
+    return image_id, cats, supers
+
+
+def _shard_entries(url: str, shard: str, bad_masks: list[str]) -> list[dict]:
+    """One entry per sample of a shard: the image, its objects and the source ids (read whole or raise)."""
+    entries = []
+    for sample in iter_samples([url]):
+        rec = sample.record
+        objects = []
+        for i, obj in enumerate(rec.objects):
+            mask = obj.mask
+            why = None if mask is None else rle_problem(mask)
+            if why:
+                bad_masks.append(f"shard {shard} key {rec.key} objects[{i}].mask: {why}")
+                mask = None
+            objects.append((obj, mask))
+        entries.append({"rec": rec, "ext": sample.image_ext, "objects": objects, "ids": _coco_ids(rec)})
+    return entries
+
+
+def _annotation(image_id: int, cat: int, box, mask: dict | None, crowd: int, extra: dict) -> dict:
+    x1, y1, x2, y2 = box
+    ann = {"image_id": image_id, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
+           "area": (x2 - x1) * (y2 - y1), "iscrowd": crowd, **extra}
+    if mask is not None:
+        ann["segmentation"] = {"size": mask["size"], "counts": mask["counts"]}
+        ann["area"] = float(mask_utils.area({**mask, "counts": mask["counts"].encode()}))
+    return ann
+
 
 def to_coco(dataset: str, out: str) -> dict:
-    """Write a COCO instances JSON for a dataset; returns counts.
+    """Write a COCO instances JSON for a dataset; returns counts and what was left out.
 
-    Categories are the distinct detector phrases. Each annotation keeps the rich description and the
-    scores as extra fields, which COCO tools ignore.
+    A dataset made by from-coco keeps its COCO image ids, category ids and supercategories, and its
+    crowd regions come back as ``iscrowd`` annotations. Any other dataset numbers images 1..N and
+    makes one category per distinct detector phrase. Each annotation keeps the rich description and
+    the scores as extra fields, which COCO tools ignore. A shard that cannot be read is left out
+    (``skipped_shards``: name -> reason); a mask pycocotools cannot decode is left off its annotation
+    (``bad_masks``).
     """
-    images, annotations, categories = [], [], {}
-    for image_id, sample in enumerate(iter_samples(dataset), start=1):
-        rec = sample.record
-        images.append(
-            {
-                "id": image_id,
-                "file_name": f"{rec.key}.{sample.image_ext}",
-                "width": rec.width,
-                "height": rec.height,
-                "caption": rec.caption,
-                "source_caption": rec.source_caption,
-                "source": rec.source,
-            }
-        )
-        for obj in rec.objects:
-            cat = categories.setdefault(obj.phrase, len(categories) + 1)
-            x1, y1, x2, y2 = obj.box
-            ann = {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": cat,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": (x2 - x1) * (y2 - y1),
-                "iscrowd": 0,
-                "description": obj.description,
-                "detector_score": obj.detector_score,
-                "clip_score": obj.clip_score,
-                "mask_score": obj.mask_score,
-            }
-            if obj.mask is not None:
-                ann["segmentation"] = {"size": obj.mask["size"], "counts": obj.mask["counts"]}
-                ann["area"] = float(mask_utils.area({**obj.mask, "counts": obj.mask["counts"].encode()}))
-            annotations.append(ann)
+    skipped: dict[str, str] = {}
+    bad_masks: list[str] = []
+    entries: list[dict] = []
+    for s in list_shards(dataset):
+        if not (s.complete and s.has_tar):
+            continue
+        try:
+            entries.extend(_shard_entries(s.tar, s.name, bad_masks))
+        except SHARD_ERRORS as e:
+            skipped[s.name] = f"{type(e).__name__}: {e}"
+            log.warning("to-coco: shard %s left out: %s", s.name, skipped[s.name])
+    source_ids = [e["ids"][0] for e in entries if e["ids"] is not None]
+    keep_ids = bool(entries) and len(source_ids) == len(entries) and len(set(source_ids)) == len(entries)
+    images, annotations, categories = [], [], {}  # categories: id -> (name, supercategory)
+    phrase_ids: dict[str, int] = {}
+    crowd = 0
+    for n, e in enumerate(entries, start=1):
+        rec = e["rec"]
+        image_id = e["ids"][0] if keep_ids else n
+        images.append({"id": image_id, "file_name": f"{rec.key}.{e['ext']}", "width": rec.width,
+                       "height": rec.height, "caption": rec.caption, "source_caption": rec.source_caption,
+                       "source": rec.source})
+        for i, (obj, mask) in enumerate(e["objects"]):
+            if keep_ids:
+                cat = int(e["ids"][1][i])
+                categories.setdefault(cat, (obj.phrase, str(e["ids"][2][i])))
+            else:
+                cat = phrase_ids.setdefault(obj.phrase, len(phrase_ids) + 1)
+                categories.setdefault(cat, (obj.phrase, ""))
+            extra = {"description": obj.description, "detector_score": obj.detector_score,
+                     "clip_score": obj.clip_score, "mask_score": obj.mask_score}
+            annotations.append(_annotation(image_id, cat, obj.box, mask, 0, extra))
+        if keep_ids:
+            for c in rec.meta.get(META_CROWD) or []:
+                categories.setdefault(int(c["category_id"]), (c["name"], c["supercategory"]))
+                x, y, w, h = c["bbox"]
+                annotations.append(_annotation(image_id, int(c["category_id"]), (x, y, x + w, y + h),
+                                               c["segmentation"], 1, {}))
+                crowd += 1
+    for i, ann in enumerate(annotations, start=1):
+        ann["id"] = i
     coco = {
         "info": {"description": f"richlayout export of {dataset}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in categories.items()],
+        "categories": [{"id": i, "name": n, "supercategory": sc} for i, (n, sc) in sorted(categories.items())],
     }
     fs, path = fs_and_root(out)
     with fs.open(path, "w") as f:
         json.dump(coco, f)
-    return {"images": len(images), "annotations": len(annotations)}
+    return {"images": len(images), "annotations": len(annotations) - crowd, "crowd": crowd,
+            "source_ids": keep_ids, "skipped_shards": skipped, "bad_masks": bad_masks}
 
 
 def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
@@ -88,33 +156,84 @@ def _key(image_id: int) -> str:
     return f"coco{int(image_id):012d}"
 
 
-def _load(path: str | None) -> dict | None:
+def _load(path: str | None, option: str) -> dict | None:
     if path is None:
         return None
-    with open(path) as f:
-        return json.load(f)
+    p = Path(path)
+    if not p.is_file():
+        raise CocoError(f"{option} {path}: no such file")
+    try:
+        d = json.loads(p.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CocoError(f"{option} {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CocoError(f"{option} {path}: expected a JSON object with COCO's lists")
+    return d
 
 
-def _objects_for(img: dict, anns: list[dict], cats: dict[int, str], min_area_frac: float) -> list[ObjectRecord]:
+def _list(d: dict, key: str, path: str) -> list[dict]:
+    value = d.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise CocoError(f"{path}: field {key!r} must be a list of objects")
+    return value
+
+
+def _unique_ids(items: list[dict], key: str, path: str) -> None:
+    seen: set = set()
+    for item in items:
+        if "id" not in item:
+            raise CocoError(f"{path}: an entry of {key!r} has no 'id'")
+        if item["id"] in seen:
+            raise CocoError(f"{path}: {key} id {item['id']!r} appears more than once")
+        seen.add(item["id"])
+
+
+def _categories(sources: list[tuple[dict, str]]) -> dict[int, dict]:
+    """Category id -> {"name", "supercategory"} over instances and stuff; a clash is an error."""
+    cats: dict[int, dict] = {}
+    for d, path in sources:
+        for c in _list(d, "categories", path):
+            if "id" not in c or not isinstance(c.get("name"), str):
+                raise CocoError(f"{path}: a category lacks 'id' or a string 'name': {c!r}")
+            entry = {"name": c["name"], "supercategory": str(c.get("supercategory") or "")}
+            if cats.get(c["id"], entry) != entry:
+                raise CocoError(f"{path}: category id {c['id']!r} is defined twice, as {cats[c['id']]} and {entry}")
+            cats[c["id"]] = entry
+    return cats
+
+
+def _objects_for(
+    img: dict, anns: list[dict], cats: dict[int, dict], min_area_frac: float
+) -> tuple[list[ObjectRecord], dict]:
+    """The objects of an image and the ``meta`` entries that tie them back to COCO."""
     h, w = img["height"], img["width"]
-    objects = []
+    objects, cat_ids, supers, crowd = [], [], [], []
     for a in anns:
-        # Crowd regions label many instances with one box: not a single object to describe.
-        if a.get("iscrowd", 0):
-            continue
+        cat = cats[a["category_id"]]
         x, y, bw, bh = a["bbox"]
+        seg = a.get("segmentation")
+        # Crowd regions label many instances with one box: not a single object to describe, but kept
+        # in meta so the export scores like the original annotations.
+        if a.get("iscrowd", 0):
+            rle = encode_mask(_segmentation_mask(seg, h, w)) if seg else None
+            crowd.append({"category_id": int(a["category_id"]), "name": cat["name"],
+                          "supercategory": cat["supercategory"], "bbox": [float(v) for v in (x, y, bw, bh)],
+                          "segmentation": rle})
+            continue
         x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
         if x2 <= x1 or y2 <= y1 or (x2 - x1) * (y2 - y1) < min_area_frac * w * h:
             continue
         mask = mask_box = None
-        if "segmentation" in a and a["segmentation"]:
-            m = _segmentation_mask(a["segmentation"], h, w)
+        if seg:
+            m = _segmentation_mask(seg, h, w)
             mask, mask_box = encode_mask(m), mask_to_box(m)
-        name = cats[a["category_id"]]
         objects.append(
-            ObjectRecord(box=(x1, y1, x2, y2), phrase=name, description=name, mask=mask, mask_box=mask_box)
+            ObjectRecord(box=(x1, y1, x2, y2), phrase=cat["name"], description=cat["name"], mask=mask,
+                         mask_box=mask_box)
         )
-    return objects
+        cat_ids.append(int(a["category_id"]))
+        supers.append(cat["supercategory"])
+    return objects, {META_CATEGORY_IDS: cat_ids, META_SUPERCATEGORIES: supers, META_CROWD: crowd}
 
 
 def from_coco(
@@ -130,22 +249,33 @@ def from_coco(
 
     All captions of an image are kept in ``meta["captions"]`` (the trainer draws one per read);
     ``source_caption`` holds the first. Descriptions are the category names, since COCO has no
-    rich descriptions. A missing or unreadable image becomes a failure row, not a crash.
+    rich descriptions. The COCO ids go to ``meta`` (``META_*``). A missing or unreadable image becomes
+    a failure row, not a crash. Bad input (a missing file, invalid JSON, duplicate image ids) raises
+    CocoError before anything is written.
     """
-    inst = _load(instances)
-    stuff_d = _load(stuff)
-    caps = _load(captions)
-    cats = {c["id"]: c["name"] for c in inst["categories"]}
+    if shard_size < 1:
+        raise CocoError(f"--shard-size must be at least 1, got {shard_size}")
+    inst = _load(instances, "--instances")
+    stuff_d = _load(stuff, "--stuff")
+    caps = _load(captions, "--captions")
+    if not Path(images).is_dir():
+        raise CocoError(f"--images {images}: no such folder")
+    imgs = _list(inst, "images", instances)
+    _unique_ids(imgs, "images", instances)
+    for img in imgs:
+        if not all(isinstance(img.get(k), int) for k in ("id", "width", "height")) or "file_name" not in img:
+            raise CocoError(f"{instances}: image {img['id']!r} lacks 'file_name' or integer 'id'/'width'/'height'")
+    sources = [(inst, instances)] + ([(stuff_d, stuff)] if stuff_d is not None else [])
+    cats = _categories(sources)
     anns_by_image: dict[int, list[dict]] = {}
-    for src in (inst, stuff_d):
-        if src is None:
-            continue
-        cats.update({c["id"]: c["name"] for c in src["categories"]})
-        for a in src["annotations"]:
-            anns_by_image.setdefault(a["image_id"], []).append(a)
+    for src, path in sources:
+        for a in _list(src, "annotations", path):
+            if a.get("category_id") not in cats or not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4:
+                raise CocoError(f"{path}: annotation {a.get('id')!r} has an unknown category_id or no 4-number bbox")
+            anns_by_image.setdefault(a.get("image_id"), []).append(a)
     caps_by_image: dict[int, list[str]] = {}
-    for c in (caps or {}).get("annotations", []):
-        caps_by_image.setdefault(c["image_id"], []).append(c["caption"].strip())
+    for c in _list(caps, "annotations", captions) if caps is not None else []:
+        caps_by_image.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")).strip())
 
     config = {
         "kind": "from-coco",
@@ -157,7 +287,7 @@ def from_coco(
     }
     open_run(out, config)
     counts = {"samples": 0, "failures": 0, "shards": 0}
-    imgs = sorted(inst["images"], key=lambda i: i["id"])
+    imgs = sorted(imgs, key=lambda i: i["id"])
     writer = None
     for n, img in enumerate(tqdm(imgs, desc="from-coco", unit="img", disable=len(imgs) < 100)):
         if n % shard_size == 0:
@@ -176,6 +306,7 @@ def from_coco(
                         f"image is {im.size[0]}x{im.size[1]}, the annotations say {img['width']}x{img['height']}"
                     )
             cap_list = caps_by_image.get(img["id"], [])
+            objects, coco_meta = _objects_for(img, anns_by_image.get(img["id"], []), cats, min_area_frac)
             rec = SampleRecord(
                 key=key,
                 width=int(img["width"]),
@@ -184,8 +315,8 @@ def from_coco(
                 original_height=int(img["height"]),
                 source=source,
                 source_caption=cap_list[0] if cap_list else None,
-                objects=tuple(_objects_for(img, anns_by_image.get(img["id"], []), cats, min_area_frac)),
-                meta={"captions": cap_list, "coco_id": int(img["id"])},
+                objects=tuple(objects),
+                meta={"captions": cap_list, META_IMAGE_ID: int(img["id"]), **coco_meta},
             )
             writer.add(rec, data, ext)
             counts["samples"] += 1
@@ -199,4 +330,3 @@ def from_coco(
         writer.close()
     build_index(out)
     return counts
-

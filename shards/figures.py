@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ from matplotlib.ticker import NullFormatter
 
 from . import stats
 from .draw import color_hex
-from .writer import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES
+from .schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES
 
 STATUS_COLORS = {STATUS_OK: "#59a14f", STATUS_FAILED: "#e15759", STATUS_FILTERED: "#f28e2b"}
 
@@ -32,6 +32,7 @@ class DatasetTables:
     path: str  # folder or fsspec URI
     index: pd.DataFrame  # stats.load_index
     objects: pd.DataFrame  # stats.load_objects
+    skipped: dict[str, str] = field(default_factory=dict)  # damaged shard -> why it was left out
 
 
 def short_names(paths: Sequence[str]) -> list[str]:
@@ -47,11 +48,17 @@ def short_names(paths: Sequence[str]) -> list[str]:
 
 
 def load_datasets(paths: Sequence[str], max_samples: int | None = 1000) -> list[DatasetTables]:
-    """Load the index and (at most ``max_samples`` samples of) the objects of each dataset."""
-    return [
-        DatasetTables(name, str(p), stats.load_index(str(p)), stats.load_objects(str(p), max_samples))
-        for name, p in zip(short_names(paths), paths, strict=True)
-    ]
+    """Load the index and (at most ``max_samples`` samples of) the objects of each dataset.
+
+    A damaged shard is left out of the tables and named, with the reason, in ``skipped``.
+    """
+    tables = []
+    for name, p in zip(short_names(paths), paths, strict=True):
+        skipped: dict[str, str] = {}
+        index = stats.load_index(str(p), skipped=skipped)
+        objects = stats.load_objects(str(p), max_samples, skipped=skipped)
+        tables.append(DatasetTables(name, str(p), index, objects, dict(sorted(skipped.items()))))
+    return tables
 
 
 def summary_table(datasets: Sequence[DatasetTables]) -> pd.DataFrame:

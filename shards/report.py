@@ -17,7 +17,7 @@ import io
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
@@ -28,6 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from . import stats
+from .cli import require_dataset, run_command
+from .dataset import tar_urls
 from .draw import color_hex, draw_sample
 
 # Re-exported: the notebook and the tests reach the figures as report.X.
@@ -47,8 +49,9 @@ from .figures import (  # noqa: F401
     short_names,
     summary_table,
 )
-from .reader import iter_samples
-from .writer import STATUS_OK
+from .reader import Sample, ShardReadError, raw_samples, to_sample
+from .schema import STATUS_OK
+from .stats import SHARD_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,22 @@ class GalleryItem:
     lines: tuple[tuple[str, str], ...]  # (css colour, text)
 
 
+def _readable_samples(dataset: str) -> Iterator[Sample]:
+    # A damaged shard or sample is left out of the gallery (load_datasets names the damaged shards).
+    def on_error(e: ShardReadError) -> None:
+        log.warning("gallery of %s: %s", dataset, e)
+
+    for raw in raw_samples(tar_urls(dataset), on_error=on_error):
+        try:
+            yield to_sample(raw)
+        except SHARD_ERRORS as e:
+            log.warning("gallery of %s: %s", dataset, e)
+
+
 def sample_gallery(dataset: str, n: int = 8, max_size: int = 384) -> list[GalleryItem]:
-    """The first ``n`` samples drawn with masks, numbered boxes and phrases; descriptions listed below."""
+    """The first ``n`` readable samples drawn with masks, numbered boxes and phrases; descriptions below."""
     items = []
-    for sample in islice(iter_samples(dataset), n):
+    for sample in islice(_readable_samples(dataset), n):
         rec = sample.record
         lines = [("#444", f"caption: {rec.caption or rec.source_caption or '-'}")]
         lines += [
@@ -229,6 +244,12 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
             if len(reasons)
             else '<p class="muted">every input was kept</p>'
         )
+        if d.skipped:
+            left_out = pd.DataFrame({"reason": list(d.skipped.values())}, index=pd.Index(list(d.skipped), name="shard"))
+            parts.append(
+                f'<h4 id="skipped-shards-{esc(d.name)}">{len(d.skipped)} damaged shard(s) left out of every table '
+                f"and figure</h4>{table_html(left_out, text_columns=('reason',))}"
+            )
     parts.append("</section>")
     for i, d in enumerate(datasets):
         parts.append(
@@ -254,11 +275,9 @@ def write_report(
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m shards report",
-        description="Write a static HTML report (figures and galleries, PNGs embedded) of one or several datasets.",
-    )
+def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The report command's arguments; ``python -m shards report`` is the one command line that uses them."""
+    p.description = "Write a static HTML report (figures and galleries, PNGs embedded) of one or several datasets."
     p.add_argument("datasets", nargs="+", help="dataset folders or fsspec URIs, compared side by side")
     p.add_argument("--out", required=True, help="report.html path")
     p.add_argument(
@@ -268,16 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per dataset whose JSON is read for text, box and score statistics (0: all)",
     )
     p.add_argument("--gallery", type=int, default=8, help="samples and failures shown per dataset")
+    p.set_defaults(fn=_run)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _run(args: argparse.Namespace) -> int:
+    for d in args.datasets:
+        require_dataset(d)
     out = write_report(args.datasets, args.out, args.max_samples or None, args.gallery)
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shards report ARGS`` callable from Python (same arguments); returns the exit code."""
+    return run_command(add_report_arguments(argparse.ArgumentParser(prog="python -m shards report")), argv)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from .dataset import list_shards
 from .paths import fs_and_root
-from .reader import iter_samples
-from .writer import PARQUET_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES
+from .reader import ShardReadError, iter_samples
+from .schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES, SchemaError
+from .writer import PARQUET_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +62,53 @@ OBJECT_COLUMNS = {
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _read_parquet(fs, path: str, shard: str) -> pa.Table:
-    with fs.open(fs_and_root(path)[1], "rb") as f:
-        table = pq.read_table(f)
+def _read_parquet(fs, path: str, shard: str) -> pa.Table | str:
+    """The shard's parquet rows with a ``shard`` column, or why they cannot be read."""
+    try:
+        with fs.open(fs_and_root(path)[1], "rb") as f:
+            table = pq.read_table(f)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a damaged file
+        return f"parquet unreadable: {type(e).__name__}: {e}"
+    missing = sorted(set(PARQUET_COLUMNS) - set(table.column_names))
+    if missing:
+        return f"parquet lacks columns {missing} (written by an older richlayout?)"
     return table.append_column("shard", pa.array([shard] * table.num_rows, pa.string()))
 
 
-def load_index(dataset: str, complete_only: bool = True, threads: int = 8) -> pd.DataFrame:
+def _skip(skipped: dict[str, str] | None, dataset: str, shard: str, why: str) -> None:
+    # A damaged shard is left out, never silently: logged, and named in ``skipped`` for the caller.
+    log.warning("%s: shard %s left out: %s", dataset, shard, why)
+    if skipped is not None:
+        skipped[shard] = why
+
+
+def load_index(
+    dataset: str, complete_only: bool = True, threads: int = 8, skipped: dict[str, str] | None = None
+) -> pd.DataFrame:
     """All parquet rows of a dataset (one per input sample) with a ``shard`` column.
 
-    Only complete shards (stats file present) by default: an incomplete shard may be rewritten.
+    Only complete shards (stats file present) by default: an incomplete shard may be rewritten. A shard
+    whose parquet cannot be read is left out and recorded in ``skipped`` (shard name -> reason).
     """
     fs, _ = fs_and_root(dataset)
     shards = [s for s in list_shards(dataset) if s.has_parquet and (s.complete or not complete_only)]
     columns = {**PARQUET_COLUMNS, "shard": "string"}
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
     if not shards:
         log.warning("%s: no %sshards with a parquet index", dataset, "complete " if complete_only else "")
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+        return empty
     # Object stores have high latency per file and parquet decoding releases the GIL: threads overlap both.
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
-        tables = list(pool.map(lambda s: _read_parquet(fs, s.parquet, s.name), shards))
+        results = list(pool.map(lambda s: _read_parquet(fs, s.parquet, s.name), shards))
+    tables = []
+    for s, result in zip(shards, results, strict=True):
+        if isinstance(result, str):
+            _skip(skipped, dataset, s.name, result)
+        else:
+            tables.append(result)
+    if not tables:
+        return empty
     df = pa.concat_tables(tables, promote_options="default").to_pandas()
-    missing = sorted(set(PARQUET_COLUMNS) - set(df.columns))
-    if missing:
-        raise ValueError(
-            f"{dataset}: parquet index lacks columns {missing} (written by an older richlayout?)"
-        )
     return df[list(columns)].astype(columns).reset_index(drop=True)
 
 
@@ -115,11 +137,19 @@ def _object_rows(sample, shard: str) -> list[dict]:
     ]
 
 
-def load_objects(dataset: str, max_samples: int | None = 1000) -> pd.DataFrame:
+# What reading a damaged shard raises: the tar (ShardReadError), a member (KeyError), a record (SchemaError).
+SHARD_ERRORS = (ShardReadError, KeyError, SchemaError, OSError, ValueError)
+
+
+def load_objects(
+    dataset: str, max_samples: int | None = 1000, skipped: dict[str, str] | None = None
+) -> pd.DataFrame:
     """One row per object of at most ``max_samples`` samples (None: all), taken evenly from every shard.
 
     Reads the JSON members through the shard reader; a capped read takes the first
     ``ceil(max_samples / shards)`` samples of each complete shard, so every shard is represented.
+    A shard that cannot be read to its end (or to the cap) is left out whole and recorded in
+    ``skipped`` (shard name -> reason).
     """
     shards = [s for s in list_shards(dataset) if s.complete and s.has_tar]
     per_shard = None if max_samples is None else math.ceil(max_samples / max(1, len(shards)))
@@ -129,9 +159,16 @@ def load_objects(dataset: str, max_samples: int | None = 1000) -> pd.DataFrame:
         limit = None if max_samples is None else min(per_shard, max_samples - taken)
         if limit == 0:
             break
-        for sample in islice(iter_samples([s.tar]), limit):
-            rows.extend(_object_rows(sample, s.name))
-            taken += 1
+        shard_rows, n = [], 0
+        try:
+            for sample in islice(iter_samples([s.tar]), limit):
+                shard_rows.extend(_object_rows(sample, s.name))
+                n += 1
+        except SHARD_ERRORS as e:
+            _skip(skipped, dataset, s.name, f"{type(e).__name__}: {e}")
+            continue
+        rows.extend(shard_rows)
+        taken += n
     log.info("%s: %d objects from %d samples", dataset, len(rows), taken)
     return pd.DataFrame(rows, columns=list(OBJECT_COLUMNS)).astype(OBJECT_COLUMNS)
 

@@ -1,20 +1,27 @@
-"""Check every shard of a dataset against the contract and list each problem with shard and key."""
+"""Check every shard of a dataset against the contract and list each problem with shard, key and member.
+
+Validation reads each tar with the project's one tar reader (``shards.reader.tar_samples``), so it
+sees the keys every loader sees: a member stored under a directory, an absolute path or ``..`` is
+reported by its full name, and every mask RLE is decoded with pycocotools.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import tarfile
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
 from PIL import Image
 
 from .dataset import ShardInfo, list_shards
+from .masks import rle_problem
 from .paths import fs_and_root
-from .schema import SampleRecord, SchemaError
-from .writer import IMAGE_EXTS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from .reader import RawSample, ShardReadError, tar_samples
+from .schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, SampleRecord, SchemaError, check_key
+from .writer import IMAGE_EXTS
 
 
 @dataclass(frozen=True)
@@ -24,9 +31,11 @@ class Problem:
     shard: str
     key: str | None
     message: str
+    member: str | None = None  # the tar member at fault, its name exactly as stored
 
     def __str__(self) -> str:
         where = f"shard {self.shard}" + (f" key {self.key}" if self.key else "")
+        where += f" member {self.member!r}" if self.member else ""
         return f"{where}: {self.message}"
 
 
@@ -36,34 +45,62 @@ def _read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def _tar_members(data: bytes, shard: str, problems: list[Problem]) -> dict[str, dict[str, bytes]]:
-    """Group members by key; a truncated or corrupt tar is reported, keeping what could be read."""
-    by_key: dict[str, dict[str, bytes]] = {}
+def _read_tar(data: bytes, shard: ShardInfo, problems: list[Problem]) -> list[RawSample]:
+    """The samples the reader yields; a truncated or corrupt tar is reported, keeping what was read."""
+    raws: list[RawSample] = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                name = m.name.rsplit("/", 1)[-1]
-                key, _, ext = name.partition(".")
-                f = tar.extractfile(m)
-                content = f.read() if f is not None else b""
-                if len(content) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} is truncated")
-                by_key.setdefault(key, {})[ext] = content
-            # tarfile stops quietly at a cut-off header past the first member: a complete archive
-            # ends with two zero blocks right after the last member.
-            end = tar.offset
-            if len(data) < end + 1024 or data[end : end + 1024].strip(b"\0"):
-                raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {end}")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        problems.append(Problem(shard, None, f"tar is unreadable or truncated: {e}"))
-    return by_key
+        raws.extend(tar_samples(io.BytesIO(data), shard.tar))
+    except ShardReadError as e:
+        problems.append(Problem(shard.name, None, f"tar is unreadable or truncated: {e}"))
+    return raws
 
 
-def _check_samples(shard: str, by_key: dict[str, dict[str, bytes]], problems: list[Problem]) -> dict[str, SampleRecord]:
-    records = {}
-    for key, members in sorted(by_key.items()):
+def _valid_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except SchemaError:
+        return False
+    return True
+
+
+def _check_names(shard: str, raws: list[RawSample], problems: list[Problem]) -> None:
+    """Member names the writer never produces: readers would see other keys than the records say."""
+    for raw in raws:
+        for name in raw.names:
+            if name.startswith("/") or ".." in name.split("/"):
+                problems.append(Problem(shard, raw.key, "member name is absolute or holds '..'", name))
+            elif "/" in name:
+                problems.append(
+                    Problem(shard, raw.key, f"member name has a directory part: readers see key {raw.key!r}", name)
+                )
+            elif not _valid_key(raw.key):
+                problems.append(Problem(shard, raw.key, "member name gives an invalid key", name))
+    for key, n in Counter(raw.key for raw in raws).items():
+        if n > 1:
+            names = sorted({m for raw in raws if raw.key == key for m in raw.names})
+            problems.append(Problem(shard, key, f"key is stored {n} times ({', '.join(names)})"))
+
+
+def _check_masks(shard: str, key: str, rec: SampleRecord, problems: list[Problem]) -> None:
+    for i, obj in enumerate(rec.objects):
+        if obj.mask is not None:
+            why = rle_problem(obj.mask)
+            if why:
+                problems.append(Problem(shard, key, f"objects[{i}].mask: {why}", f"{key}.json"))
+
+
+def _check_samples(shard: str, raws: list[RawSample], problems: list[Problem]) -> dict[str, SampleRecord]:
+    records: dict[str, SampleRecord] = {}
+    for raw in raws:
+        key, members = raw.key, raw.members
+        name = {ext: n for n, ext in zip(raw.names, members, strict=False)}
+        if not _valid_key(key):
+            continue  # _check_names reports the member
+        unknown = sorted(e for e in members if e != "json" and e not in IMAGE_EXTS)
+        for ext in unknown:
+            problems.append(
+                Problem(shard, key, "member of an unknown kind (expected json and one image)", name.get(ext))
+            )
         if "json" not in members:
             problems.append(Problem(shard, key, "json member is missing"))
             continue
@@ -74,15 +111,18 @@ def _check_samples(shard: str, by_key: dict[str, dict[str, bytes]], problems: li
         try:
             rec = SampleRecord.from_json_bytes(members["json"], where=f"shard {shard}")
         except SchemaError as e:
-            problems.append(Problem(shard, key, str(e)))
+            problems.append(Problem(shard, key, str(e), f"{key}.json"))
             continue
         if rec.key != key:
-            problems.append(Problem(shard, key, f"json field 'key' is {rec.key!r}, member name says {key!r}"))
+            problems.append(
+                Problem(shard, key, f"json field 'key' is {rec.key!r}, member name says {key!r}", f"{key}.json")
+            )
+        _check_masks(shard, key, rec, problems)
         try:
             with Image.open(io.BytesIO(members[images[0]])) as im:
                 size = im.size
         except Exception as e:  # noqa: BLE001 — PIL raises many types for bad bytes
-            problems.append(Problem(shard, key, f"image does not decode: {e}"))
+            problems.append(Problem(shard, key, f"image does not decode: {e}", f"{key}.{images[0]}"))
             continue
         if size != (rec.width, rec.height):
             problems.append(Problem(shard, key, f"image is {size[0]}x{size[1]}, json says {rec.width}x{rec.height}"))
@@ -142,9 +182,10 @@ def validate_shard(shard: ShardInfo) -> list[Problem]:
         problems.append(Problem(shard.name, None, f"missing {' and '.join(missing)}"))
         return problems
     tar_bytes = _read_bytes(shard.tar)
-    by_key = _tar_members(tar_bytes, shard.name, problems)
-    records = _check_samples(shard.name, by_key, problems)
-    df = _check_parquet(shard, set(by_key), problems)
+    raws = _read_tar(tar_bytes, shard, problems)
+    _check_names(shard.name, raws, problems)
+    records = _check_samples(shard.name, raws, problems)
+    df = _check_parquet(shard, {raw.key for raw in raws}, problems)
     if shard.complete:
         _check_stats(shard, tar_bytes, records, df, problems)
     return problems

@@ -7,11 +7,11 @@ import json
 import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
+from test_shards import write_dataset
 
 from shards import decode_mask, iter_samples, validate_dataset
 from shards.__main__ import main as cli
 from shards.coco import to_coco
-from tests.test_shards import write_dataset
 
 
 def test_to_coco_masks_equal_pycocotools_annToMask(tmp_path):
@@ -87,4 +87,8 @@ def test_from_coco_round_trip(tmp_path):
     # export again and compare masks
     to_coco(str(out), str(tmp_path / "again.json"))
     again = json.loads((tmp_path / "again.json").read_text())
-    assert len(again["annotations"]) == 3
+    # the three objects, and the crowd region back as an iscrowd annotation (item 5 of the COCO-ids issue)
+    assert len([a for a in again["annotations"] if not a["iscrowd"]]) == 3
+    assert [(a["image_id"], a["category_id"], a["bbox"]) for a in again["annotations"] if a["iscrowd"]] == [
+        (2, 2, [0.0, 0.0, 5.0, 5.0])
+    ]
