@@ -26,6 +26,7 @@ import yaml
 from pydantic import BeforeValidator, Field
 
 __all__ = [
+    "ClipScore",
     "ConfigError",
     "Float",
     "NonNegativeFloat",
@@ -71,6 +72,7 @@ PositiveFloat = Annotated[float, BeforeValidator(_number), Field(gt=0)]  # rates
 NonNegativeFloat = Annotated[float, BeforeValidator(_number), Field(ge=0)]  # CPU shares, floors, decays
 PositiveInt = Annotated[int, Field(ge=1)]  # sizes, batch sizes, counts, steps
 NonNegativeInt = Annotated[int, Field(ge=0)]  # seeds, offsets, counts that may be zero
+ClipScore = Annotated[float, BeforeValidator(_number), Field(ge=-100, le=100)]  # 100 x cosine (the shards' scale)
 
 # Strict: YAML already gives ints, floats and bools their types, so a string where a number belongs is
 # a mistake to report, not to coerce. Validating JSON text (not Python objects) lets lists fill tuples
@@ -147,38 +149,54 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _keys_at(cls: type, parts: Sequence[Any]) -> list[str]:
-    """The field names of the dataclass at ``parts`` below ``cls`` (for "valid keys: ...")."""
+def _type_at(cls: type, parts: Sequence[Any]) -> Any:
+    """The type at ``parts`` below dataclass ``cls``, still ``Annotated`` (None when the path leaves the types)."""
     tp: Any = cls
     for part in parts:
         tp = _unwrap(tp)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if dataclasses.is_dataclass(tp):
-            tp = typing.get_type_hints(tp).get(part)
+            tp = typing.get_type_hints(tp, include_extras=True).get(part)
         elif origin is tuple and args:
             tp = args[0] if args[-1] is Ellipsis else args[min(int(part), len(args) - 1)]
         elif origin in (list, dict) and args:
             tp = args[-1]
         else:
-            return []
-    tp = _unwrap(tp)
-    return sorted(f.name for f in dataclasses.fields(tp)) if dataclasses.is_dataclass(tp) else []
+            return None
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
-def _message(error: dict) -> str:
+def _range(tp: Any) -> str | None:
+    """``[0, 1]``-style text of the bounds in an ``Annotated`` type's metadata, when it has two."""
+    bounds = {}
+    for meta in typing.get_args(tp)[1:] if typing.get_origin(tp) is Annotated else ():
+        for m in getattr(meta, "metadata", [meta]):
+            bounds.update({k: getattr(m, k) for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None})
+    lo = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else None
+    hi = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else None
+    return f"{lo}, {hi}" if lo and hi else None
+
+
+def _message(error: dict, tp: Any) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     got = f" (got {error['input']!r})"
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
-        return f"must be {op} {ctx[key]}{got}"
+        interval = _range(tp)
+        return f"must be in {interval}{got}" if interval else f"must be {op} {ctx[key]}{got}"
     if kind == "literal_error":
         return f"must be {ctx['expected']}{got}"
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}{got}"
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
-    if kind in ("too_long", "too_short"):
-        return f"must have {ctx.get('max_length', ctx.get('min_length'))} items{got}"
+    if kind == "too_long":
+        return f"must have at most {ctx['max_length']} items{got}"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} items{got}"
     return f"{error['msg']}{got}"
 
 
@@ -191,17 +209,21 @@ def _explain(e: pydantic.ValidationError, cls: type, data: Any, where: str) -> C
         unknown = [p[-1] for p, err in zip(places, errors, strict=True)
                    if err["type"] == kind and p[:-1] == parent]
         names = ", ".join(repr(k) for k in unknown)
-        text = f"unknown key{'s' * (len(unknown) > 1)} {names} (valid keys: {', '.join(_keys_at(cls, parent))})"
+        tp = _unwrap(_type_at(cls, parent))
+        valid = sorted(f.name for f in dataclasses.fields(tp)) if dataclasses.is_dataclass(tp) else []
+        text = f"unknown key{'s' * (len(unknown) > 1)} {names} (valid keys: {', '.join(valid)})"
         where_text = _dotted(where, parent)
         return ConfigError(f"{where_text}: {text}" if where_text else text, _dotted(where, first))
     if kind == "missing" and first and isinstance(first[-1], int):  # a fixed-size list too short
         first = first[:-1]
-        text = f"too few items (got {errors[0]['input']!r})"
+        size = len(typing.get_args(_unwrap(_type_at(cls, first))))
+        text = f"must have {size} items (got {errors[0]['input']!r})"
     elif kind == "missing":
         text = "required, not given"
     else:
         # A union's members fail at the same place: say what each wanted.
-        text = " or ".join(dict.fromkeys(_message(err) for p, err in zip(places, errors, strict=True) if p == first))
+        tp = _type_at(cls, first)
+        text = " or ".join(dict.fromkeys(_message(err, tp) for p, err in zip(places, errors, strict=True) if p == first))
     field = _dotted(where, first)
     return ConfigError(f"{field}: {text}" if field else text, field)
 
@@ -290,7 +312,7 @@ def _section(node: dict | list, part: str | int) -> Any:
 def locate(error: ConfigError, source: str | Path | None, items: Sequence[tuple[str, Any, str]] = (),
            prefix: str = "") -> ConfigError:
     """``error`` prefixed by the override it came from (the last one at or under/over its field) or ``source``."""
-    field = error.field
+    field = (error.field or "").replace("[", ".").replace("]", "")  # datasets[0].weight ~ datasets.0.weight
     blamed = None
     if field:
         for key, _, label in items:
@@ -298,7 +320,7 @@ def locate(error: ConfigError, source: str | Path | None, items: Sequence[tuple[
             if key == field or key.startswith(field + ".") or field.startswith(key + "."):
                 blamed = f"override {label}"
     where = blamed or (str(source) if source is not None else "defaults")
-    return ConfigError(f"{where}: {error}", field)
+    return ConfigError(f"{where}: {error}", error.field)
 
 
 def load(target: type[T] | Callable[[dict], T], path: str | Path | None, overrides: Overrides = (),

@@ -30,17 +30,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-import yaml
+from pydantic import Field
 from tqdm import tqdm
 
+from shards.config import ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat, load
 from shards.draw import draw_layout
-from training.data_config import build_config
 from training.layout_pipeline import LayoutPipeline
 from training.layouts import LayoutRecord, layouts_from_dataset, load_layouts, validate_size, write_layouts
-from training.train_config import ConfigError, apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +69,24 @@ class GenerateConfig:
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     device: str = "auto"  # "auto": cuda when available, else cpu
-    tiny_seed: int = 0  # seed of the random tiny models (base: tiny)
-    height: int = 512  # output size when a layout line does not set it
-    width: int = 512
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    scheduled_sampling_beta: float = 1.0  # layout active for the first ceil(beta * steps) steps
-    attention_weight_scale: float = 1.0  # scale of the per-token region bias
+    tiny_seed: NonNegativeInt = 0  # seed of the random tiny models (base: tiny)
+    height: PositiveInt = 512  # output size when a layout line does not set it
+    width: PositiveInt = 512
+    num_inference_steps: PositiveInt = 50
+    guidance_scale: NonNegativeFloat = 5.0
+    scheduled_sampling_beta: UnitFloat = 1.0  # layout active for the first ceil(beta * steps) steps
+    attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias
     negative_prompt: str = ""  # encoded, as training encodes a dropped caption
-    seed: int = 0  # image i uses seed + i unless its line sets "seed"
-    max_objects: int = 30  # more objects in a layout is an error
-    max_slots: int = 30  # region slots (the model's)
+    seed: NonNegativeInt = 0  # image i uses seed + i unless its line sets "seed"
+    max_objects: PositiveInt = 30  # more objects in a layout is an error
+    max_slots: PositiveInt = 30  # region slots (the model's)
     lenient: bool = False  # the release's leniency: keep the first max_objects, clamp boxes, list prompts
     refiner: str | None = None  # SDXL img2img refiner (hub id / folder, "tiny") run on each image; None: off
-    refiner_strength: float = 0.3  # img2img strength of the refiner (the release: 0.3)
-    refiner_steps: int = 20  # refiner steps before strength (the release: 20)
+    refiner_strength: Annotated[Float, Field(gt=0, le=1)] = 0.3  # img2img strength of the refiner (the release: 0.3)
+    refiner_steps: PositiveInt = 20  # refiner steps before strength (the release: 20)
 
     def __post_init__(self) -> None:
         validate_size(self.height, self.width)
-        if not 0.0 < self.refiner_strength <= 1.0 or self.refiner_steps < 1:
-            raise ConfigError(
-                f"refiner_strength must be in (0, 1] and refiner_steps >= 1, got "
-                f"{self.refiner_strength} and {self.refiner_steps}"
-            )
-        if self.num_inference_steps < 1:
-            raise ConfigError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not 0.0 <= self.scheduled_sampling_beta <= 1.0:
-            raise ConfigError(
-                f"scheduled_sampling_beta must be in [0, 1], got {self.scheduled_sampling_beta}"
-            )
 
 
 def load_section(
@@ -108,16 +96,10 @@ def load_section(
     if preset and config:
         raise ConfigError("give --preset or --config, not both")
     path = Path(config) if config else PRESET_DIR / f"{preset}.yaml" if preset else None
-    d: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"no preset file {path} (presets: {known})")
-        d = (yaml.safe_load(path.read_text()) or {}).get(section) or {}
-    try:
-        return build_config(cls, apply_overrides(d, overrides), section)
-    except ConfigError as err:
-        raise ConfigError(f"{path or 'defaults'}: {err}") from None
+    if path is not None and not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset file {path} (presets: {known})")
+    return load(cls, path, overrides, section=section)
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, section: str) -> None:
