@@ -1,17 +1,19 @@
 """Score generated images against their layouts: ``python -m training.evaluate --images DIR --layouts FILE``.
 
 For each layout line (``training.layouts``) the image ``DIR/<id>.png`` (or .jpg/.jpeg/.webp) is scored
-with CropCLIP and SAMIoU (``training.metrics``); FID against ``--reference`` when Inception weights are on
-the local disk. Writes into ``--out`` (default ``DIR/eval``):
+with CropCLIP, CropPickScore and SAMIoU (``training.metrics``) under ``--protocol paper`` (the default: the
+paper's released evaluation code, comparable with its table) or ``--protocol exact`` (every object
+counted, pixel-edge boxes); FID against ``--reference`` when Inception weights are on the local disk.
+Writes into ``--out`` (default ``DIR/eval``):
 
 - ``objects.parquet`` (or ``.csv``): one row per object: image, object, label, box, size bucket,
-  ``crop_clip``, ``sam_iou``, ``sam_score``, ``error`` (None unless the object could not be scored);
-- ``summary.json``: the paper's averages (mean over each image's objects, then over images), object
-  counts, failures by reason, the breakdown by object size, FID or why it was skipped.
+  ``crop_clip``, ``crop_pick``, ``sam_iou``, ``sam_score``, ``error`` (None unless the object could not
+  be scored; a crop the paper protocol skips has a NaN score and a "... skipped" error);
+- ``summary.json``: the protocol, the paper's averages (mean over each image's objects, then over
+  images), object counts, failures by reason, the breakdown by object size, FID or why it was skipped.
 
-Every object of the layouts file is counted: a missing image or an object that cannot be scored scores 0
-and is reported. Boxes are in the pixels of the layout's ``height`` x ``width``; an image of another size
-has its boxes scaled to it. Examples::
+A missing image scores 0 for each of its objects and is reported. Boxes are in the pixels of the
+layout's ``height`` x ``width``; an image of another size has its boxes scaled to it. Examples::
 
     python -m training.evaluate --preset paper --images gen/ --layouts gen/layouts.jsonl --reference coco_val/
     python -m training.evaluate --preset tiny --images /tmp/gen --layouts /tmp/gen/layouts.jsonl
@@ -25,6 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,15 +38,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from datagen.models import ModelSpec
+from datagen.scoring import SAM_SCORE_THRESHOLD
 from training.generate import add_preset_arguments, config_from_args, run_cli
 from training.layouts import LayoutRecord, read_layouts
 from training.metrics import (
-    SAM_SCORE_THRESHOLD,
+    PROTOCOLS,
     CropClipScorer,
     FidUnavailable,
-    InceptionFeatures,
+    HfCropScorer,
     SamIoUScorer,
-    frechet_distance,
+    fid,
     mean_per_image,
 )
 from training.train_config import ConfigError
@@ -61,16 +65,24 @@ class FidConfig:
     """FID against a folder of reference images (skipped with a message when impossible)."""
 
     reference: str | None = None  # folder of reference images (e.g. the real images of the layouts)
-    inception_weights: str | None = None  # torchvision inception_v3 .pth; None: the torch hub cache's file
+    inception_weights: str | None = None  # torch-fidelity's Inception .pth; None: the torch hub cache's file
     batch_size: int = 32
     device: str = "auto"
+    feature: int = 2048  # Inception feature size (2048: the published FID; 64/192/768 for quick checks)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """The ``evaluate`` section of a ``configs/eval`` preset."""
 
-    clip: ModelSpec = ModelSpec("clip", "ViT-B-32", weights="openai", dtype="float32")  # CropCLIP's model
+    protocol: Literal["paper", "exact"] = "paper"  # paper: the release's metric code; exact: ours
+    # paper protocol: CropCLIP's transformers CLIP and CropPickScore's model / processor (hub id,
+    # local folder or "tiny"); pickscore None: no CropPickScore
+    paper_clip: str = "openai/clip-vit-base-patch32"
+    pickscore: str | None = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    hf_device: str = "auto"  # where the transformers CLIP models run
+    clip: ModelSpec = ModelSpec("clip", "ViT-B-32", weights="openai", dtype="float32")  # exact: CropCLIP
     sam: ModelSpec = ModelSpec(  # SAMIoU's model (segment-anything ViT-H)
         "segmenter",
         "vit_h",
@@ -90,6 +102,8 @@ class EvalConfig:
     fid: FidConfig = field(default_factory=FidConfig)
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.clip.kind != "clip" or self.sam.kind != "segmenter":
             raise ConfigError("evaluate.clip must be a 'clip' model spec and evaluate.sam a 'segmenter'")
         lo, hi = self.relative_limits
@@ -122,7 +136,9 @@ def _load(images: Path, record: LayoutRecord) -> tuple[Image.Image | None, str |
         return None, f"unreadable image {path}: {err}"
 
 
-def _rows(record: LayoutRecord, image: Image.Image | None, image_error: str | None) -> list[dict]:
+def _rows(
+    record: LayoutRecord, image: Image.Image | None, image_error: str | None, metrics: Sequence[str]
+) -> list[dict]:
     """The object rows of one image before scoring (boxes in the image's pixels)."""
     boxes = record.boxes
     size = (record.width, record.height)
@@ -140,8 +156,7 @@ def _rows(record: LayoutRecord, image: Image.Image | None, image_error: str | No
                 "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
                 "image_width": size[0],
                 "image_height": size[1],
-                "crop_clip": 0.0,
-                "sam_iou": 0.0,
+                **dict.fromkeys(metrics, 0.0),
                 "sam_score": np.nan,
                 "error": image_error,
             }
@@ -149,10 +164,33 @@ def _rows(record: LayoutRecord, image: Image.Image | None, image_error: str | No
     return rows
 
 
+@dataclass
+class Scorers:
+    """The crop scorers by column name (crop_clip, crop_pick) and the SAMIoU scorer."""
+
+    crops: dict[str, Callable]
+    sam: SamIoUScorer
+
+    @classmethod
+    def build(cls, cfg: EvalConfig) -> Scorers:
+        """The scorers of a config's protocol; CropPickScore only when ``cfg.pickscore`` is set."""
+        hf = dict(protocol=cfg.protocol, device=cfg.hf_device, batch_size=cfg.clip_batch_size)
+        if cfg.protocol == "paper":
+            crops = {"crop_clip": HfCropScorer(cfg.paper_clip, metric="crop_clip", **hf)}
+        else:
+            crops = {"crop_clip": CropClipScorer(cfg.clip, cfg.clip_batch_size)}
+        if cfg.pickscore is not None:
+            crops["crop_pick"] = HfCropScorer(
+                cfg.pickscore, cfg.pickscore_processor, metric="crop_pick", **hf
+            )
+        return cls(crops, SamIoUScorer(cfg.sam, cfg.sam_score_threshold, cfg.protocol))
+
+
 def _score_chunk(
-    chunk: list[tuple[LayoutRecord, Image.Image | None, str | None]], clip: CropClipScorer, sam: SamIoUScorer
+    chunk: list[tuple[LayoutRecord, Image.Image | None, str | None]], scorers: Scorers
 ) -> list[dict]:
-    rows_per_image = [_rows(record, image, error) for record, image, error in chunk]
+    metrics = [*scorers.crops, "sam_iou"]
+    rows_per_image = [_rows(record, image, error, metrics) for record, image, error in chunk]
     scored = [
         (rows, image) for rows, (_, image, _) in zip(rows_per_image, chunk, strict=True) if image is not None
     ]
@@ -163,24 +201,17 @@ def _score_chunk(
             for rows, _ in scored
         ]
         labels = [[r["label"] for r in rows] for rows, _ in scored]
-        for (rows, _), c, s in zip(scored, clip(images, boxes, labels), sam(images, boxes), strict=True):
+        results = {name: scorer(images, boxes, labels) for name, scorer in scorers.crops.items()}
+        results["sam_iou"] = scorers.sam(images, boxes)
+        for k, (rows, _) in enumerate(scored):
             for j, row in enumerate(rows):
-                row["crop_clip"], row["sam_iou"], row["sam_score"] = c.scores[j], s.scores[j], s.sam_scores[j]
-                errors = [e for e in (c.errors[j], s.errors[j]) if e]
-                row["error"] = "; ".join(errors) or None
+                errors = []
+                for name, per_image in results.items():
+                    row[name] = per_image[k].scores[j]
+                    errors.append(per_image[k].errors[j])
+                row["sam_score"] = results["sam_iou"][k].sam_scores[j]
+                row["error"] = "; ".join(e for e in errors if e) or None
     return [row for rows in rows_per_image for row in rows]
-
-
-def _features(extractor: InceptionFeatures, paths: list[Path], batch_size: int) -> np.ndarray:
-    """Inception features of image files, opened a batch at a time."""
-    feats = []
-    for first in range(0, len(paths), batch_size):
-        batch = []
-        for path in paths[first : first + batch_size]:
-            with Image.open(path) as im:
-                batch.append(im.convert("RGB"))
-        feats.append(extractor(batch))
-    return np.concatenate(feats) if feats else np.zeros((0, 2048))
 
 
 def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
@@ -189,43 +220,39 @@ def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
         return {"fid": None, "fid_skipped": "no reference folder (--reference)"}
     if not Path(cfg.reference).is_dir():
         return {"fid": None, "fid_skipped": f"reference folder {cfg.reference} does not exist"}
+    ref_paths = sorted(p for p in Path(cfg.reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    gen_paths = [p for p in (_find_image(images_dir, r.id) for r in records) if p is not None]
     try:
-        extractor = InceptionFeatures(cfg.inception_weights, cfg.device, cfg.batch_size)
-        ref_paths = sorted(p for p in Path(cfg.reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        gen_paths = [p for p in (_find_image(images_dir, r.id) for r in records) if p is not None]
-        feats = [_features(extractor, paths, cfg.batch_size) for paths in (gen_paths, ref_paths)]
-        value = frechet_distance(*feats)
+        value = fid(gen_paths, ref_paths, cfg.inception_weights, cfg.device, cfg.batch_size, cfg.feature)
     except FidUnavailable as err:
         log.warning("%s", err)
         return {"fid": None, "fid_skipped": str(err)}
-    return {"fid": value, "fid_images": len(gen_paths), "fid_reference_images": len(ref_paths)}
+    return {"fid": value, "fid_images": len(gen_paths), "fid_reference_images": len(ref_paths),
+            "fid_feature": cfg.feature}  # fmt: skip
 
 
 def summarize(table: pd.DataFrame, n_images: int) -> dict:
     """The summary: paper averages, counts, failures by reason, breakdown by size."""
+    metrics = [m for m in ("crop_clip", "crop_pick", "sam_iou") if m in table]
     failed = table[table["error"].notna()]
     reasons = Counter(e.split(":")[0] for err in failed["error"] for e in err.split("; "))
     by_size = {}
     for bucket in ("small", "medium", "large"):
         part = table[table["size"] == bucket]
-        by_size[bucket] = {
-            "objects": len(part),
-            "crop_clip": float(part["crop_clip"].mean()) if len(part) else None,
-            "sam_iou": float(part["sam_iou"].mean()) if len(part) else None,
+        by_size[bucket] = {"objects": len(part)} | {
+            m: float(part[m].mean()) if part[m].notna().any() else None for m in metrics
         }
     return {
-        # The paper's averages: each image's objects first, then the images.
-        "crop_clip": mean_per_image(table, "crop_clip"),
-        "sam_iou": mean_per_image(table, "sam_iou"),
+        # The paper's averages: each image's objects first, then the images (skipped objects left out).
+        **{m: mean_per_image(table, m) for m in metrics},
         # Object-weighted means, for reference only: images with many objects weigh more.
-        "object_mean": {
-            "crop_clip": float(table["crop_clip"].mean()),
-            "sam_iou": float(table["sam_iou"].mean()),
-        },
+        "object_mean": {m: float(table[m].mean()) for m in metrics},
         "images": n_images,
         "images_with_objects": int(table["image"].nunique()),
         "objects": len(table),
         "failed_objects": len(failed),
+        # objects left out of an average (the paper protocol skips crops that fail), per metric
+        "skipped_objects": {m: int(table[m].isna().sum()) for m in metrics},
         "failures_by_reason": dict(sorted(reasons.items())),
         "by_size": by_size,  # means over the objects of each size bucket
     }
@@ -240,12 +267,11 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
     out = Path(out) if out is not None else images / "eval"
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    clip = CropClipScorer(cfg.clip, cfg.clip_batch_size)
-    sam = SamIoUScorer(cfg.sam, cfg.sam_score_threshold)
+    scorers = Scorers.build(cfg)
     rows: list[dict] = []
     for first in tqdm(range(0, len(records), cfg.chunk_images), desc="evaluate", unit="chunk"):
         chunk = [(r, *_load(images, r)) for r in records[first : first + cfg.chunk_images]]
-        rows += _score_chunk(chunk, clip, sam)
+        rows += _score_chunk(chunk, scorers)
     table = pd.DataFrame(rows)
     if table.empty:
         raise ValueError(f"{layouts}: no objects to score")
@@ -257,7 +283,7 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
         table.to_parquet(table_path, index=False)
     else:
         table.to_csv(table_path, index=False)
-    summary = summarize(table, len(records))
+    summary = {"protocol": cfg.protocol, **summarize(table, len(records))}
     summary.update(_fid(cfg.fid, images, records))
     summary.update(
         size_scheme=cfg.size_scheme,
@@ -267,7 +293,7 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     if summary["failed_objects"]:
-        log.warning("%d of %d objects could not be scored (scored 0): %s", summary["failed_objects"],
+        log.warning("%d of %d objects could not be scored: %s", summary["failed_objects"],
                     summary["objects"], summary["failures_by_reason"])  # fmt: skip
     return summary
 
@@ -279,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", required=True, help="the layouts file (JSON lines) the images were made from")
     p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval)")
     add_preset_arguments(p, "evaluate")
+    p.add_argument(
+        "--protocol", choices=PROTOCOLS,
+        help="paper: the paper's released metric code (default); exact: every object counted, pixel-edge boxes",
+    )  # fmt: skip
     p.add_argument("--reference", help="folder of reference images for FID")
-    p.add_argument("--inception-weights", help="torchvision inception_v3 weights (.pth) for FID")
+    p.add_argument("--inception-weights", help="torch-fidelity's Inception weights (.pth) for FID")
     p.add_argument(
         "--format", choices=("parquet", "csv"), dest="table_format", help="per-object table format"
     )
@@ -294,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [
         f"{key}={json.dumps(value)}"
         for key, value in (
+            ("protocol", args.protocol),
             ("fid.reference", args.reference),
             ("fid.inception_weights", args.inception_weights),
             ("table_format", args.table_format),

@@ -1,68 +1,77 @@
-"""Layout-fidelity metrics (docs/METHOD.md §8): CropCLIP, SAMIoU and FID.
+"""Layout-fidelity metrics (docs/METHOD.md §8): CropCLIP, CropPickScore, SAMIoU and FID.
 
-- **CropCLIP**: each object's box is cropped from the generated image and scored with CLIP ViT-B/32
-  (OpenAI weights, open_clip's ``ViT-B-32``/``openai``) against its description truncated to 77 tokens:
-  ``100 * cosine`` (CLIP's logit scale), not clamped. Crops and texts are encoded in batches.
-- **SAMIoU**: segment-anything's SAM ViT-H is prompted with the layout box, ``multimask_output=False``.
-  A SAM score ``<= 0.5`` or an empty mask gives 0, else the IoU of the layout box and the mask's tight
-  box. Each image is embedded once and all its boxes are decoded in one batched call.
-- Models load through the project's registry (``datagen.models.ModelSpec`` / ``load_model``): real
-  weights, or the same architectures tiny and random (``backend="tiny"``) for tests.
-- Averaging as the paper: mean over the objects of an image, then mean over images
-  (:func:`mean_per_image`).
-- Unlike the public release, every object is counted: an object that cannot be scored (empty crop,
-  degenerate box, unreadable image) scores 0 and carries an ``error`` string that the report counts.
-- **FID** of generated images against a reference folder, with torchvision's Inception v3 when its weights
-  are on the local disk (:func:`find_inception_weights`); :class:`FidUnavailable` says what to do when not.
+Two protocols (``training.evaluate --protocol``):
 
-Scorers follow the batch-inference pattern: ``__init__`` loads the model, ``__call__`` scores a list of
-images with their layouts and returns one :class:`ObjectScores` per image.
+- ``paper``: the paper's released evaluation code. CropCLIP is HF CLIP ViT-B/32
+  (``openai/clip-vit-base-patch32``) ``logits_per_image`` = ``logit_scale * cosine`` (100 x cosine) of the
+  crop of the box cast to int (floor, ``PIL.Image.crop``) and the text truncated at 77 tokens; a crop that
+  fails preprocessing is skipped (NaN, not counted). CropPickScore is the same with PickScore's model and
+  processor. SAMIoU prompts SAM with the int box; the mask's box is inclusive pixel indices
+  ``[first_col, first_row, last_col, last_row]`` with no +1 in the IoU (a mask exactly filling a 10 px
+  box scores 0.81).
+- ``exact``: every object counts (a crop that cannot be scored scores 0 and carries an ``error``),
+  crops rounded outward, mask boxes in pixel edges (a mask exactly filling its box scores 1); CropCLIP
+  with open_clip's ViT-B-32 through the project's registry (``datagen.models``).
+
+Both: a SAM score ``<= 0.5`` or an empty mask gives 0; each image is embedded once and all its boxes
+decoded together; mean over the objects of an image, then over images (:func:`mean_per_image`).
+The crop, CLIP and SAM code is shared with datagen (``datagen.scoring``). **FID** is torchmetrics'
+``FrechetInceptionDistance`` (torch-fidelity's port of the TF Inception, comparable with published
+FIDs), its weights read from a local file (:func:`find_inception_weights`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torchvision.ops import box_iou, masks_to_boxes
 
-from datagen.models import ModelSpec, load_model
+from datagen.models import DTYPES, ModelSpec, load_model
+from datagen.scoring import (
+    CLIP_MAX_TOKENS,
+    SAM_SCORE_THRESHOLD,
+    clip_crop_scores,
+    crop_box,
+    floor_box,
+    sam_box_iou,
+    sam_box_masks,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLIP_MAX_TOKENS",
-    "SAM_SCORE_THRESHOLD",
+    "PROTOCOLS",
     "CropClipScorer",
     "FidUnavailable",
-    "InceptionFeatures",
+    "HfCropScorer",
     "ObjectScores",
     "SamIoUScorer",
-    "crop_box",
+    "fid",
     "find_inception_weights",
-    "frechet_distance",
-    "mask_box",
     "mean_per_image",
-    "sam_box_iou",
+    "tiny_hf_clip",
 ]
 
-CLIP_MAX_TOKENS = 77
-SAM_SCORE_THRESHOLD = 0.5  # the paper's: a SAM score at or below it means "no object found"
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's IMAGENET1K_V1 weights file
+Protocol = Literal["paper", "exact"]
+PROTOCOLS = ("paper", "exact")
+TINY = "tiny"  # an HF CLIP name that builds a tiny random CLIP offline (tests, the tiny preset)
+# torch-fidelity's Inception weights (the TF FID network, ported); the file its loader caches.
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
 @dataclass
 class ObjectScores:
     """Scores of one image's objects, in layout order; ``errors[i]`` is None unless object ``i`` failed."""
 
-    scores: np.ndarray  # (N,) float64; a failed object scores 0
+    scores: np.ndarray  # (N,) float64; a failed object scores 0 (exact) or NaN when skipped (paper)
     errors: list[str | None]
     sam_scores: np.ndarray | None = None  # (N,) SAM's predicted IoU, SAMIoU only (NaN where not run)
 
@@ -74,92 +83,37 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pure functions (hand-checked in tests)
-
-
-def mask_box(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
-    """Tight box ``[x1, y1, x2, y2]`` of a boolean ``(H, W)`` mask in pixel-edge coordinates, None if empty.
-
-    torchvision's ``masks_to_boxes`` gives the centres of the extreme pixels; +1 on the far side turns
-    them into edges, so a mask that exactly fills the box ``[x1, y1, x2, y2]`` returns that box.
-    """
-    mask = torch.as_tensor(np.asarray(mask, dtype=bool))
-    if not mask.any():
-        return None
-    box = masks_to_boxes(mask[None])[0].double().numpy()
-    box[2:] += 1.0
-    return box
-
-
-def sam_box_iou(
-    box: Sequence[float], mask: np.ndarray, score: float, threshold: float = SAM_SCORE_THRESHOLD
-) -> float:
-    """SAMIoU of one object: 0 if ``score <= threshold`` or the mask is empty, else IoU(box, mask's tight box)."""
-    if not score > threshold:  # also catches NaN
-        return 0.0
-    tight = mask_box(mask)
-    if tight is None:
-        return 0.0
-    a = torch.as_tensor(np.asarray(box, dtype=np.float64)[None])
-    return float(box_iou(a, torch.as_tensor(tight[None]))[0, 0])
-
-
-def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
-    """The pixels of ``image`` the box overlaps (outward-rounded, clipped); ValueError if none."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise ValueError(f"non-finite box {list(box)}")
-    w, h = image.size
-    left, top = max(0, math.floor(x1)), max(0, math.floor(y1))
-    right, bottom = min(w, math.ceil(x2)), min(h, math.ceil(y2))
-    if right <= left or bottom <= top:
-        raise ValueError(f"empty crop: box {[x1, y1, x2, y2]} has no pixel inside the {w}x{h} image")
-    return image.crop((left, top, right, bottom))
-
-
 def mean_per_image(table: pd.DataFrame, column: str, image_column: str = "image") -> float:
-    """The paper's average: the mean over each image's objects, then the mean over images (NaN if none)."""
+    """The paper's average: the mean over each image's objects, then the mean over images (NaN if none).
+
+    NaN scores (objects the paper's protocol skips) are left out of both means.
+    """
     if table.empty:
         return float("nan")
     return float(table.groupby(image_column, sort=False)[column].mean().mean())
 
 
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+
+
 # ---------------------------------------------------------------------------------------------------
-# CropCLIP
-
-
-def _autocast(model: torch.nn.Module) -> torch.autocast:
-    """Autocast to the model's dtype, so half-precision weights accept the float32 inputs of the transforms."""
-    param = next(model.parameters())
-    return torch.autocast(param.device.type, dtype=param.dtype, enabled=param.dtype != torch.float32)
+# CropCLIP (exact protocol: open_clip) and HF CLIP-style crop scores (paper CropCLIP, CropPickScore)
 
 
 class CropClipScorer:
-    """CropCLIP: ``100 * cos(CLIP(crop), CLIP(description truncated to 77 tokens))`` per object.
+    """Exact-protocol CropCLIP: ``100 * cos(CLIP(crop), CLIP(description truncated to 77 tokens))``.
 
     ``spec``: an open_clip model in the project's registry (``datagen.models``), e.g.
-    ``ModelSpec("clip", "ViT-B-32", weights="openai")`` (the paper's ``openai/clip-vit-base-patch32``).
+    ``ModelSpec("clip", "ViT-B-32", weights="openai")``. Crops round outward; one with no pixel in the
+    image scores 0 with its error.
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int = 64) -> None:
         self.model, processor = load_model(spec)
         self.preprocess, self.tokenizer = processor.preprocess, processor.tokenizer
-        self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def _embed(self, items: Sequence, encode, to_tensor) -> torch.Tensor:
-        out = []
-        for chunk in _batches(items, self.batch_size):
-            with _autocast(self.model):
-                out.append(encode(to_tensor(chunk).to(self.device)).float())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
     def __call__(
         self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray], labels: Sequence[Sequence[str]]
@@ -176,18 +130,116 @@ class CropClipScorer:
                     continue
                 where.append((i, j))
                 texts.append(str(label))
-        if not crops:
-            return results
-        unique = list(dict.fromkeys(texts))  # a description shared by several objects is encoded once
-        # open_clip's tokenizer truncates to its context length (77) and keeps the end token.
-        text_emb = self._embed(unique, self.model.encode_text, lambda chunk: self.tokenizer(list(chunk)))
-        image_emb = self._embed(
-            crops, self.model.encode_image, lambda chunk: torch.stack([self.preprocess(c) for c in chunk])
-        )
+        scores = clip_crop_scores(self.model, self.preprocess, self.tokenizer, crops, texts, self.batch_size)
+        for (i, j), value in zip(where, scores, strict=True):
+            results[i].scores[j] = value
+        return results
+
+
+def tiny_hf_clip(seed: int = 0):
+    """A tiny random transformers ``CLIPModel`` with a ``CLIPProcessor`` whose tokenizer is CLIP's real
+    BPE (open_clip ships its vocabulary), built offline: the paper protocol's code path in tests."""
+    import open_clip
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    bpe = open_clip.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF's spelling
+    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=CLIP_MAX_TOKENS,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _pooled(out) -> torch.Tensor:
+    """The projected embedding of ``get_*_features`` (a tensor, or an output holding it in transformers 5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class HfCropScorer:
+    """``logit_scale * cos(crop, text)`` with a transformers ``CLIPModel``: CLIP's ``logits_per_image``.
+
+    The paper's CropCLIP (``openai/clip-vit-base-patch32``, logit scale 100) and CropPickScore
+    (``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+    ``model`` / ``processor``: hub id or local folder (``processor`` defaults to ``model``), or "tiny".
+    ``protocol="paper"``: int (floor) box, PIL crop, a crop that fails preprocessing is skipped (NaN);
+    ``"exact"``: the outward crop, failures score 0. ``metric`` names the errors ("crop_clip", ...).
+    """
+
+    def __init__(self, model: str, processor: str | None = None, *, metric: str = "crop_clip",
+                 protocol: Protocol = "paper", device: str = "auto", dtype: str = "float32",
+                 batch_size: int = 64, revision: str | None = None) -> None:  # fmt: skip
+        _check_protocol(protocol)
+        if model == TINY:
+            self.model, self.processor = tiny_hf_clip()
+        else:
+            from transformers import AutoProcessor, CLIPModel
+
+            self.model = CLIPModel.from_pretrained(model, revision=revision, dtype=DTYPES[dtype])
+            self.processor = AutoProcessor.from_pretrained(processor or model)
+        self.model = self.model.to(_device(device)).eval().requires_grad_(False)
+        self.metric, self.protocol, self.batch_size = metric, protocol, max(1, batch_size)
+
+    def _pixels(self, image: Image.Image, box: np.ndarray) -> torch.Tensor:
+        """``(1, 3, S, S)`` pixel values of one object's crop; raises when the crop cannot be made."""
+        if self.protocol == "paper":
+            crop = image.crop(tuple(int(v) for v in floor_box(box)))  # PIL pads outside the image
+            if crop.width < 1 or crop.height < 1:
+                raise ValueError(f"empty crop of box {list(map(float, box))}")
+        else:
+            crop = crop_box(image, box)
+        return self.processor(images=[crop], return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def scores(self, pixels: Sequence[torch.Tensor], texts: Sequence[str]) -> np.ndarray:
+        """``logit_scale * cosine`` for each (pixel values, text) pair, float64; a text is encoded once."""
+        param = next(self.model.parameters())
+        unique = list(dict.fromkeys(texts))
+        text_emb, image_emb = [], []
+        for start in range(0, len(unique), self.batch_size):
+            tokens = self.processor.tokenizer(
+                unique[start : start + self.batch_size], padding=True, truncation=True,
+                max_length=CLIP_MAX_TOKENS, return_tensors="pt",
+            ).to(param.device)  # fmt: skip
+            text_emb.append(_pooled(self.model.get_text_features(**tokens)).float())
+        for start in range(0, len(pixels), self.batch_size):
+            batch = torch.cat(list(pixels[start : start + self.batch_size])).to(param.device, param.dtype)
+            image_emb.append(_pooled(self.model.get_image_features(pixel_values=batch)).float())
+        text = torch.nn.functional.normalize(torch.cat(text_emb), dim=-1)
+        image = torch.nn.functional.normalize(torch.cat(image_emb), dim=-1)
         index = {t: k for k, t in enumerate(unique)}
-        cosine = (image_emb * text_emb[[index[t] for t in texts]]).sum(-1).cpu().double().numpy()
-        for (i, j), value in zip(where, cosine, strict=True):
-            results[i].scores[j] = 100.0 * value
+        cosine = (image * text[[index[t] for t in texts]]).sum(-1)
+        return (self.model.logit_scale.exp().float() * cosine).cpu().double().numpy()
+
+    def __call__(
+        self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray], labels: Sequence[Sequence[str]]
+    ) -> list[ObjectScores]:
+        """Score every object of every image (see the class for what a failed crop gives)."""
+        fail = np.nan if self.protocol == "paper" else 0.0
+        word = f"{self.metric} skipped" if self.protocol == "paper" else self.metric
+        results = [ObjectScores(np.full(len(b), fail), [None] * len(b)) for b in boxes]
+        pixels, where, texts = [], [], []
+        for i, (image, image_boxes, image_labels) in enumerate(zip(images, boxes, labels, strict=True)):
+            for j, (box, label) in enumerate(zip(image_boxes, image_labels, strict=True)):
+                try:
+                    pixels.append(self._pixels(image, np.asarray(box, dtype=np.float64)))
+                except Exception as err:  # noqa: BLE001 - the release skips any crop preprocessing rejects
+                    results[i].errors[j] = f"{word}: {err}"
+                    continue
+                where.append((i, j))
+                texts.append(str(label))
+        if pixels:
+            for (i, j), value in zip(where, self.scores(pixels, texts), strict=True):
+                results[i].scores[j] = value
         return results
 
 
@@ -199,30 +251,23 @@ class SamIoUScorer:
     """SAMIoU with segment-anything's ``SamPredictor``: one ``set_image`` per image, all its boxes in one call.
 
     ``spec``: a segmenter in the project's registry, e.g. ``ModelSpec("segmenter", "vit_h", weights=...)``.
+    ``protocol="paper"``: int (floor) box prompts, inclusive mask boxes; ``"exact"``: float boxes
+    clipped to the image, pixel-edge mask boxes. A box with no area inside the image scores 0 with its error.
     """
 
-    def __init__(self, spec: ModelSpec, score_threshold: float = SAM_SCORE_THRESHOLD) -> None:
+    def __init__(
+        self, spec: ModelSpec, score_threshold: float = SAM_SCORE_THRESHOLD, protocol: Protocol = "paper"
+    ) -> None:
         from segment_anything import SamPredictor
 
+        _check_protocol(protocol)
         sam, _ = load_model(spec)
         self.predictor = SamPredictor(sam)
         self.score_threshold = score_threshold
-
-    @torch.inference_mode()
-    def _masks(self, image: Image.Image, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, H, W)`` bool masks and ``(N,)`` SAM scores; the image is embedded once for all boxes."""
-        predictor = self.predictor
-        with _autocast(predictor.model):
-            predictor.set_image(np.asarray(image.convert("RGB")))
-            prompt = predictor.transform.apply_boxes_torch(
-                torch.as_tensor(boxes, dtype=torch.float32, device=predictor.device), predictor.original_size
-            )
-            masks, scores, _ = predictor.predict_torch(None, None, boxes=prompt, multimask_output=False)
-        predictor.reset_image()
-        return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().double().numpy()
+        self.protocol = protocol
 
     def __call__(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[ObjectScores]:
-        """Score every object of every image; boxes with no area inside the image score 0 with their error."""
+        """Score every object of every image."""
         return [
             self._score_image(image, np.asarray(b, dtype=np.float64).reshape(-1, 4))
             for image, b in zip(images, boxes, strict=True)
@@ -239,10 +284,14 @@ class SamIoUScorer:
             result.errors[j] = f"sam_iou: box {boxes[j].tolist()} has no area inside the {w}x{h} image"
         if not valid.any():
             return result
-        masks, sam_scores = self._masks(image, clipped[valid])
-        for j, mask, score in zip(np.nonzero(valid)[0], masks, sam_scores, strict=True):
+        paper = self.protocol == "paper"
+        targets = np.stack([floor_box(b) for b in boxes[valid]]).astype(np.float64) if paper else boxes[valid]
+        self.predictor.set_image(np.asarray(image.convert("RGB")))
+        masks, sam_scores = sam_box_masks(self.predictor, targets if paper else clipped[valid])
+        self.predictor.reset_image()
+        for j, target, mask, score in zip(np.nonzero(valid)[0], targets, masks, sam_scores, strict=True):
             result.sam_scores[j] = score
-            result.scores[j] = sam_box_iou(boxes[j], mask, score, self.score_threshold)
+            result.scores[j] = sam_box_iou(target, mask, score, self.score_threshold, inclusive=paper)
         return result
 
 
@@ -251,11 +300,11 @@ class SamIoUScorer:
 
 
 class FidUnavailable(RuntimeError):
-    """FID cannot be computed here (no local Inception weights, or no reference images)."""
+    """FID cannot be computed here (no local Inception weights, too few images, torch-fidelity missing)."""
 
 
 def find_inception_weights(path: str | None) -> Path:
-    """The Inception v3 weights: ``path`` if given, else torchvision's file in the torch hub cache.
+    """torch-fidelity's Inception weights: ``path`` if given, else its file in the torch hub cache.
 
     Never downloads. Raises :class:`FidUnavailable` with instructions when the file is missing.
     """
@@ -264,61 +313,54 @@ def find_inception_weights(path: str | None) -> Path:
         return candidate
     raise FidUnavailable(
         f"FID skipped: no Inception v3 weights at {candidate}. On a machine with internet, download "
-        f"https://download.pytorch.org/models/{INCEPTION_FILE} and pass its path with "
-        "--inception-weights (or fid.inception_weights in the preset)."
+        f"{INCEPTION_URL} and pass its path with --inception-weights (or fid.inception_weights in the preset)."
     )
 
 
-class InceptionFeatures:
-    """2048-d pool features of torchvision's Inception v3 (ImageNet weights) for FID.
+def _batches_by_size(paths: Iterable[Path], batch_size: int) -> Iterable[torch.Tensor]:
+    """``(B, 3, H, W)`` uint8 batches of consecutive images of one size (the metric resizes them itself)."""
+    batch: list[np.ndarray] = []
+    for path in paths:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+        if batch and (array.shape != batch[0].shape or len(batch) == batch_size):
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            batch = []
+        batch.append(array)
+    if batch:
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
 
-    torchvision's network is not the TF-ported one of pytorch-fid / the FID papers, so absolute values
-    are comparable between runs of this tool, not with published FIDs.
+
+@torch.inference_mode()
+def fid(
+    generated: Sequence[Path],
+    reference: Sequence[Path],
+    weights: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    feature: int = 2048,
+) -> float:
+    """torchmetrics' ``FrechetInceptionDistance`` of two lists of image files (2048 features: the published FID).
+
+    The weights file must be a plain tensor state dict: it is first read with ``weights_only=True`` (our
+    rule), then torch-fidelity loads it again its own way.
     """
-
-    def __init__(self, weights: str | Path | None, device: str = "auto", batch_size: int = 32) -> None:
-        from torchvision.models import inception_v3
-
-        state = torch.load(
-            find_inception_weights(str(weights) if weights else None), map_location="cpu", weights_only=True
+    path = find_inception_weights(str(weights) if weights else None)
+    if len(generated) < 2 or len(reference) < 2:
+        raise FidUnavailable(
+            f"FID needs at least 2 images on each side, got {len(generated)} and {len(reference)}"
         )
-        # transform_input=True is what torchvision sets for these weights (trained on [-1, 1] inputs).
-        net = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-        net.load_state_dict(state)
-        net.fc = torch.nn.Identity()
-        self.device = _device(device)
-        self.net = net.to(self.device).eval()
-        self.batch_size = batch_size
-        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-    @torch.inference_mode()
-    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``(N, 2048)`` float64 features."""
-        feats = []
-        for chunk in _batches(images, self.batch_size):
-            x = torch.cat([self._to_tensor(im) for im in chunk])
-            feats.append(self.net(((x - self.mean) / self.std).to(self.device)).double().cpu())
-        return torch.cat(feats).numpy()
-
-    @staticmethod
-    def _to_tensor(image: Image.Image) -> torch.Tensor:
-        """``(1, 3, 299, 299)`` in [0, 1]; each image is resized alone, so sizes may differ."""
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)[None]
-        return torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets.
-
-    ``tr(sqrtm(S_a S_b))`` is the sum of the square roots of the eigenvalues of ``S_a S_b`` (real and
-    non-negative for covariance matrices), which avoids scipy's ``sqrtm``.
-    """
-    if len(features_a) < 2 or len(features_b) < 2:
-        raise FidUnavailable("FID needs at least 2 images on each side")
-    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a = np.atleast_2d(np.cov(features_a, rowvar=False))
-    cov_b = np.atleast_2d(np.cov(features_b, rowvar=False))
-    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
-    return max(value, 0.0)
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as err:  # torchmetrics or torch-fidelity not installed
+        raise FidUnavailable(f"FID skipped: {err} (pip install torchmetrics torch-fidelity)") from err
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise FidUnavailable(f"FID skipped: {path} is not a plain Inception state dict: {err}") from err
+    metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(path))
+    metric = metric.to(_device(device))
+    for paths, real in ((reference, True), (generated, False)):
+        for batch in _batches_by_size(paths, batch_size):
+            metric.update(batch.to(metric.device), real=real)
+    return float(metric.compute())
