@@ -41,10 +41,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from training.adapter import attach_regional_adapter, set_adapter_trainable
 from training.attention import RegionalCrossAttention, level_grid, level_plan
 from training.encoding import RegionTextEncoder, grounding_inputs
+from training.model_setup import make_optimizer
 from training.regions import reorganize_regions
 from training.tiny import benchmark_unet, tiny_tokenizers
-from training.train import diffusion_loss, make_optimizer
 from training.train_config import OptimConfig
+from training.train_step import diffusion_loss
 
 WORDS = (
     "a small red wooden chair with a curved back standing near the left wall of a bright room "

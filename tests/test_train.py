@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from datagen.synthetic import make_image
 from shards import ObjectRecord, SampleRecord, ShardWriter
 from shards.draw import color
+from training import model_setup as M
 from training import train as T
+from training import train_step as S
 from training.adapter import attach_regional_adapter, is_adapter_key, set_adapter_trainable
 from training.encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
 from training.regions import empty_layout
@@ -135,12 +137,12 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule(tmp_path):
     c = TrainConfig.from_yaml(
         "configs/train/tiny.yaml", ["optim.warmup_steps=4", "optim.lr=1.0", "train.max_steps=8"]
     )
-    assert [T.learning_rate(s, c) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [M.learning_rate(s, c) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     c = TrainConfig.from_yaml(
         "configs/train/tiny.yaml",
         ["optim.warmup_steps=0", "optim.lr=1.0", "train.max_steps=4", "optim.schedule=cosine"],
     )
-    assert [round(T.learning_rate(s, c), 6) for s in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
+    assert [round(M.learning_rate(s, c), 6) for s in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,10 +153,10 @@ def test_sample_draws_depend_only_on_the_sample_seed_and_dropout_rates_hold():
     c = TrainConfig.from_yaml(
         "configs/train/tiny.yaml", ["train.caption_dropout=0.1", "train.layout_dropout=0.3"]
     )
-    a = T.sample_draws([5, 6, 7], (4, 8, 8), c, 1000)
-    b = T.sample_draws([6], (4, 8, 8), c, 1000)
+    a = S.sample_draws([5, 6, 7], (4, 8, 8), c, 1000)
+    b = S.sample_draws([6], (4, 8, 8), c, 1000)
     assert torch.equal(a.noise[1], b.noise[0]) and a.timesteps[1] == b.timesteps[0]
-    many = T.sample_draws(list(range(4000)), (1, 1, 1), c, 1000)
+    many = S.sample_draws(list(range(4000)), (1, 1, 1), c, 1000)
     assert abs(np.mean(many.drop_caption) - 0.1) < 0.02 and abs(np.mean(many.drop_layout) - 0.3) < 0.03
     both = np.mean(np.array(many.drop_caption) & np.array(many.drop_layout))
     assert abs(both - 0.03) < 0.01  # independent decisions
@@ -166,20 +168,20 @@ def tiny_parts(dataset):
     """A batch of two samples and the tiny frozen parts, built once."""
     c = tiny_config(dataset, "unused", **{"data.batch_size": 2})
     batch = next(iter(build_loader(c.data)))
-    comp = T.load_components(c.model)
+    comp = M.load_components(c.model)
     pipe = StableDiffusionXLPipeline(**comp, add_watermarker=False)
     encoder = RegionTextEncoder(
         (comp["tokenizer"], comp["tokenizer_2"]), (comp["text_encoder"], comp["text_encoder_2"])
     )
-    frozen = T.Frozen(pipe, encoder, DDPMScheduler.from_config(comp["scheduler"].config), torch.float32, 1.0)
+    frozen = S.Frozen(pipe, encoder, DDPMScheduler.from_config(comp["scheduler"].config), torch.float32, 1.0)
     return c, batch, frozen
 
 
 def test_dropped_caption_is_encoded_as_the_pipeline_encodes_the_empty_prompt(tiny_parts):
     c, batch, frozen = tiny_parts
-    draws = T.sample_draws([0, 1], (4, 8, 8), c, 1000)
+    draws = S.sample_draws([0, 1], (4, 8, 8), c, 1000)
     draws.drop_caption = [True, False]
-    inputs = T.unet_inputs(batch, draws, frozen, "cpu")
+    inputs = S.unet_inputs(batch, draws, frozen, "cpu")
     empty, _, pooled_empty, _ = frozen.pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
     caption, _, pooled, _ = frozen.pipe.encode_prompt(
         batch["caption"][1], device="cpu", do_classifier_free_guidance=False
@@ -194,16 +196,16 @@ def test_dropped_caption_is_encoded_as_the_pipeline_encodes_the_empty_prompt(tin
 
 def test_dropped_layout_is_the_empty_layout_and_time_ids_are_per_sample(tiny_parts):
     c, batch, frozen = tiny_parts
-    draws = T.sample_draws([0, 1], (4, 8, 8), c, 1000)
+    draws = S.sample_draws([0, 1], (4, 8, 8), c, 1000)
     draws.drop_layout = [False, True]
-    gligen = T.unet_inputs(batch, draws, frozen, "cpu")["cross_attention_kwargs"]["gligen"]
+    gligen = S.unet_inputs(batch, draws, frozen, "cpu")["cross_attention_kwargs"]["gligen"]
     assert gligen["object_masks"][1].tolist() == [1, 0, 0, 0, 0, 0]  # only the background slot
     empty = grounding_inputs([empty_layout(SIZE, SIZE)], frozen.region_encoder, max_slots=6)
     assert all(torch.equal(gligen[k][1], empty[k][0]) for k in empty)  # what inference's CFG branch gets
     kept = grounding_inputs_from_batch(batch, frozen.region_encoder)
     assert all(torch.equal(gligen[k][0], kept[k][0]) for k in kept)
     assert gligen["object_masks"][0].sum() > 1
-    ids = T.time_ids(batch)
+    ids = S.time_ids(batch)
     assert ids.shape == (2, 6)
     # original size is the stored image's source (160x192), target the crop (64x64), crops differ per sample
     assert ids[:, :2].tolist() == [[160, 192]] * 2 and ids[:, 4:].tolist() == [[SIZE, SIZE]] * 2
@@ -212,13 +214,13 @@ def test_dropped_layout_is_the_empty_layout_and_time_ids_are_per_sample(tiny_par
 
 def test_region_texts_are_encoded_once_then_served_from_the_cache(tiny_parts):
     c, batch, frozen = tiny_parts
-    draws = T.sample_draws([0, 1], (4, 8, 8), c, 1000)
+    draws = S.sample_draws([0, 1], (4, 8, 8), c, 1000)
     draws.drop_layout = [False, False]
     frozen.region_encoder.clear_cache()
     before = frozen.region_encoder.stats
-    T.unet_inputs(batch, draws, frozen, "cpu")
+    S.unet_inputs(batch, draws, frozen, "cpu")
     mid = frozen.region_encoder.stats
-    T.unet_inputs(batch, draws, frozen, "cpu")
+    S.unet_inputs(batch, draws, frozen, "cpu")
     after = frozen.region_encoder.stats
     assert mid.misses > before.misses
     assert after.misses == mid.misses and after.hits > mid.hits  # the second step encodes nothing
@@ -231,13 +233,13 @@ def test_overfitting_one_batch_cuts_the_loss_by_a_quarter_in_30_steps(tiny_parts
     params = set_adapter_trainable(unet)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     unet.train()
-    draws = T.sample_draws([1, 2], (4, 8, 8), c, 1000)
+    draws = S.sample_draws([1, 2], (4, 8, 8), c, 1000)
     draws.drop_caption = draws.drop_layout = [False, False]
-    inputs = T.unet_inputs(batch, draws, frozen, "cpu")
+    inputs = S.unet_inputs(batch, draws, frozen, "cpu")
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     for _ in range(30):
-        loss = T.diffusion_loss(unet, inputs)
+        loss = S.diffusion_loss(unet, inputs)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -19,9 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import write_dataset
 
-from training import train as T
 from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
-from training.lora import load_lora
+from training.lora import is_lora_key, load_lora
 from training.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +120,7 @@ def ddp(tmp_path_factory, dataset) -> Run:
 
 def test_two_processes_train_with_identical_weights_on_both_ranks(ddp):
     w0, w1 = ddp.weights
-    assert w0.keys() == w1.keys() and any(T.is_lora_key(k) for k in w0) and any(map(is_adapter_key, w0))
+    assert w0.keys() == w1.keys() and any(is_lora_key(k) for k in w0) and any(map(is_adapter_key, w0))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # all-reduced gradients, same updates
     l0, l1 = ddp.losses
     assert len(l0) == len(l1) == STEPS and l0 != l1  # each rank saw its own data

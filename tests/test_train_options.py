@@ -13,10 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import SIZE, tiny_config, write_dataset
 
+from training import accelerator as A
+from training import model_setup as M
 from training import train as T
-from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
+from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter, set_adapter_trainable
 from training.encoding import grounding_inputs, grounding_inputs_from_batch
-from training.lora import load_lora
+from training.lora import is_lora_key, load_lora
 from training.regions import empty_layout, reorganize_regions
 from training.tiny import tiny_unet
 from training.train_config import OptimConfig
@@ -136,18 +138,18 @@ def _base_key(key: str) -> str:
 
 def test_a_fresh_lora_leaves_the_output_unchanged_and_the_adapter_trainable():
     unet = attach_regional_adapter(tiny_unet(0)).eval()
-    adapter = T.set_adapter_trainable(unet)
+    adapter = set_adapter_trainable(unet)
     with torch.no_grad():  # a trained-looking adapter, so that the LoRA's effect on it would show
         for p in adapter:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     before = _unet_output(unet)
-    lora = T.add_lora(unet, 4)
+    lora = M.add_lora(unet, 4)
     assert torch.equal(_unet_output(unet), before)  # B starts at zero
     names = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert {n for n, _ in unet.named_parameters() if is_adapter_key(n)} <= names  # peft froze nothing of ours
-    assert {id(p) for p in lora} == {id(p) for n, p in unet.named_parameters() if T.is_lora_key(n)}
-    assert names == {n for n, _ in unet.named_parameters() if is_adapter_key(n) or T.is_lora_key(n)}
-    wrapped = {n.rsplit(".lora_", 1)[0] for n in names if T.is_lora_key(n)}
+    assert {id(p) for p in lora} == {id(p) for n, p in unet.named_parameters() if is_lora_key(n)}
+    assert names == {n for n, _ in unet.named_parameters() if is_adapter_key(n) or is_lora_key(n)}
+    wrapped = {n.rsplit(".lora_", 1)[0] for n in names if is_lora_key(n)}
     assert not any(".fuser." in n for n in wrapped)  # the adapter's own attention gets no LoRA
     n_attn = sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2")))
     assert len(wrapped) == 4 * n_attn  # to_q, to_k, to_v, to_out.0 of every base attention
@@ -165,14 +167,14 @@ def test_lora_trains_with_the_adapter_is_saved_beside_it_reloads_and_resumes(dat
     from training.tiny import tiny_sdxl_components
 
     initial: dict[str, torch.Tensor] = {}
-    add_lora = T.add_lora
+    add_lora = M.add_lora
 
     def recording_add_lora(unet, rank):
         params = add_lora(unet, rank)
-        initial.update({n: p.detach().clone() for n, p in unet.named_parameters() if T.is_lora_key(n)})
+        initial.update({n: p.detach().clone() for n, p in unet.named_parameters() if is_lora_key(n)})
         return params
 
-    monkeypatch.setattr(T, "add_lora", recording_add_lora)
+    monkeypatch.setattr(M, "add_lora", recording_add_lora)
     common = {
         "model.lora_rank": 4,
         "train.max_steps": 2,
@@ -184,14 +186,14 @@ def test_lora_trains_with_the_adapter_is_saved_beside_it_reloads_and_resumes(dat
     assert res.lora_path == tmp_path / "full" / "adapter" / "lora.safetensors" and res.ema_lora_path.exists()
 
     trained = {k: v for k, v in res.unet.state_dict().items()}
-    lora_keys = {k for k in trained if T.is_lora_key(k)}
+    lora_keys = {k for k in trained if is_lora_key(k)}
     assert lora_keys == set(initial) and len(lora_keys) > 0
     changed = [k for k in lora_keys if not torch.equal(trained[k], initial[k])]
     assert {k for k in changed if ".lora_A." in k} and {k for k in changed if ".lora_B." in k}
     assert all(trained[k].abs().sum() > 0 for k in lora_keys if ".lora_B." in k)  # every B left zero
     fresh = attach_regional_adapter(tiny_unet(0)).state_dict()
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh if is_adapter_key(k))
-    base = {_base_key(k): v for k, v in trained.items() if not is_adapter_key(k) and not T.is_lora_key(k)}
+    base = {_base_key(k): v for k, v in trained.items() if not is_adapter_key(k) and not is_lora_key(k)}
     assert base.keys() == {k for k in fresh if not is_adapter_key(k)}
     assert all(torch.equal(base[k], fresh[k]) for k in base)  # bit-identical frozen UNet
 
@@ -239,7 +241,7 @@ def test_asking_for_lora_without_peft_fails_clearly(monkeypatch):
     with pytest.raises(
         RuntimeError, match=r"model.lora_rank > 0 needs peft: pip install 'richlayout\[peft\]'"
     ):
-        T.add_lora(attach_regional_adapter(tiny_unet(0)), 4)
+        M.add_lora(attach_regional_adapter(tiny_unet(0)), 4)
 
 
 def _hide_module(monkeypatch, name: str) -> None:
@@ -266,7 +268,7 @@ def test_8bit_adamw_runs_on_cpu_with_8bit_state_and_fits_a_regression():
     target = x @ torch.randn(64, 96, generator=g)
     weight = torch.nn.Parameter(torch.zeros(64, 96))  # 6144 values: 8-bit state (bnb's min is 4096)
     bias = torch.nn.Parameter(torch.zeros(96))  # small: bnb keeps its state in fp32
-    opt = T.make_optimizer([weight, bias], OptimConfig(lr=0.05, weight_decay=0.0, adam_8bit=True))
+    opt = M.make_optimizer([weight, bias], OptimConfig(lr=0.05, weight_decay=0.0, adam_8bit=True))
     assert isinstance(opt, bnb.optim.AdamW8bit)
     losses = []
     for _ in range(40):
@@ -286,8 +288,8 @@ def test_the_trainer_steps_with_8bit_adamw(dataset, tmp_path, monkeypatch):
     import bitsandbytes as bnb  # in the dev extra (0.50 runs its 8-bit AdamW on CPU tensors)
 
     made = []
-    make_optimizer = T.make_optimizer
-    monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: made.append(make_optimizer(*a, **k)) or made[-1])
+    make_optimizer = M.make_optimizer
+    monkeypatch.setattr(M, "make_optimizer", lambda *a, **k: made.append(make_optimizer(*a, **k)) or made[-1])
     res = T.train(tiny_config(dataset, tmp_path, **{"optim.adam_8bit": True, "train.max_steps": 2}))
     (opt,) = made
     assert isinstance(opt, bnb.optim.AdamW8bit)
@@ -303,8 +305,8 @@ def test_asking_for_8bit_adamw_without_bitsandbytes_fails_clearly(monkeypatch):
     with pytest.raises(
         RuntimeError, match=r"optim.adam_8bit needs bitsandbytes: pip install 'richlayout\[bnb\]'"
     ):
-        T.make_optimizer(params, OptimConfig(adam_8bit=True))
-    assert isinstance(T.make_optimizer(params, OptimConfig()), torch.optim.AdamW)  # plain AdamW needs none
+        M.make_optimizer(params, OptimConfig(adam_8bit=True))
+    assert isinstance(M.make_optimizer(params, OptimConfig()), torch.optim.AdamW)  # plain AdamW needs none
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_fsdp_with_a_single_process_warns_and_trains_unwrapped(tmp_path, monkeyp
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # accelerate sets it for the process; restored after
     config = tiny_config("unused", tmp_path, **{"train.distributed": "fsdp"})
-    with caplog.at_level("WARNING", logger="training.train"):
-        accelerator = T.make_accelerator(config)
-    assert accelerator.distributed_type == DistributedType.NO and not T.is_fsdp(accelerator)
+    with caplog.at_level("WARNING", logger="training.accelerator"):
+        accelerator = A.make_accelerator(config)
+    assert accelerator.distributed_type == DistributedType.NO and not A.is_fsdp(accelerator)
     assert "train.distributed=fsdp with a single process" in caplog.text

@@ -1,0 +1,120 @@
+"""The trainable weights (adapter and optional LoRA): read from and into the live UNet, EMA swap, files.
+
+Under FSDP the full weights are gathered (and scattered back) with FSDP's full state-dict mode, so every
+function here that takes the accelerator is a collective there: call it on every rank.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from .accelerator import is_fsdp
+from .adapter import is_adapter_key, normalize_release_keys
+from .lora import is_lora_key, lora_model_state, save_lora
+
+__all__ = [
+    "ema_weights",
+    "is_trainable_key",
+    "load_trainable_state",
+    "read_trainable",
+    "save_trainable",
+    "save_weights",
+    "trainable_state",
+]
+
+
+def is_trainable_key(key: str) -> bool:
+    """Whether a UNet state-dict key is trained (adapter or LoRA)."""
+    return is_adapter_key(key) or is_lora_key(key)
+
+
+def _full_state_dict(unet: torch.nn.Module, rank0_only: bool):
+    """FSDP's full (unsharded, CPU-offloaded) state-dict mode for ``unet``'s state_dict / load_state_dict."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only)
+    return FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config)
+
+
+def trainable_state(accelerator: Accelerator, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full adapter (and LoRA) weights on CPU, on every rank; a collective under FSDP: call it on every rank."""
+    if is_fsdp(accelerator):
+        # Gathered unit by unit onto rank 0's CPU (the frozen weights too: FSDP1 state dicts come whole),
+        # then only the trainable part is sent to the other ranks.
+        with _full_state_dict(unet, rank0_only=True):
+            full = unet.state_dict()
+        box = [{k: v.detach().to(torch.float32, copy=True) for k, v in full.items() if is_trainable_key(k)}]
+        del full
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    state = accelerator.unwrap_model(unet).state_dict()
+    # copy=True: on CPU in fp32 .float().cpu() would alias the live parameters, which the EMA swap changes.
+    return {
+        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for k, v in state.items()
+        if is_trainable_key(k)
+    }
+
+
+def load_trainable_state(
+    accelerator: Accelerator, unet: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> None:
+    """Copy full trainable weights (UNet state-dict keys) into the live model; a collective under FSDP."""
+    if is_fsdp(accelerator):
+        # Every rank holds the (small) state; FSDP copies each rank's shard out of it.
+        with _full_state_dict(unet, rank0_only=False):
+            result = unet.load_state_dict(state, strict=False)
+    else:
+        result = accelerator.unwrap_model(unet).load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"weights that are not the UNet's: {result.unexpected_keys[:3]}")
+
+
+@contextmanager
+def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
+    """Temporarily swap the EMA weights into ``params`` (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """Adapter-only safetensors with the release's key names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "richlayout-regional-adapter"})
+    return path
+
+
+def save_trainable(
+    state: dict[str, torch.Tensor], folder: Path, suffix: str = ""
+) -> tuple[Path, Path | None]:
+    """``adapter{suffix}.safetensors`` (adapter keys) and, with LoRA, ``lora{suffix}.safetensors`` beside it."""
+    adapter = save_weights(
+        {k: v for k, v in state.items() if is_adapter_key(k)}, folder / f"adapter{suffix}.safetensors"
+    )
+    lora = None
+    if any(is_lora_key(k) for k in state):
+        lora = save_lora(state, folder / f"lora{suffix}.safetensors")
+    return adapter, lora
+
+
+def read_trainable(folder: Path, suffix: str = "") -> dict[str, torch.Tensor]:
+    """What :func:`save_trainable` wrote, as UNet state-dict keys."""
+    state = normalize_release_keys(load_file(str(folder / f"adapter{suffix}.safetensors")))
+    lora = folder / f"lora{suffix}.safetensors"
+    if lora.exists():
+        state.update(lora_model_state(lora))
+    return state
