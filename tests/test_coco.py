@@ -92,3 +92,149 @@ def test_from_coco_round_trip(tmp_path):
     assert [(a["image_id"], a["category_id"], a["bbox"]) for a in again["annotations"] if a["iscrowd"]] == [
         (2, 2, [0.0, 0.0, 5.0, 5.0])
     ]
+
+
+# --- COCO ids kept, scoring against the original, CLI mistakes, damaged shards ----------------------
+
+
+def _scorable_fixture(tmp_path):
+    """COCO with non-consecutive image and category ids, supercategories, polygons and a crowd region."""
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(imgs / "a.jpg")
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(imgs / "b.jpg")
+    inst = {
+        "images": [{"id": 139, "file_name": "a.jpg", "width": 40, "height": 30},
+                   {"id": 785, "file_name": "b.jpg", "width": 32, "height": 24}],
+        "categories": [{"id": 18, "name": "dog", "supercategory": "animal"},
+                       {"id": 62, "name": "chair", "supercategory": "furniture"},
+                       {"id": 1, "name": "person", "supercategory": "person"}],
+        "annotations": [
+            {"id": 10, "image_id": 139, "category_id": 18, "bbox": [2, 3, 10, 10], "iscrowd": 0, "area": 100,
+             "segmentation": [[2, 3, 12, 3, 12, 13, 2, 13]]},
+            {"id": 11, "image_id": 139, "category_id": 62, "bbox": [20, 5, 15, 20], "iscrowd": 0, "area": 300,
+             "segmentation": [[20, 5, 35, 5, 35, 25, 20, 25]]},
+            {"id": 12, "image_id": 785, "category_id": 18, "bbox": [4, 4, 12, 8], "iscrowd": 0, "area": 96,
+             "segmentation": [[4, 4, 16, 4, 16, 12, 4, 12]]},
+            {"id": 13, "image_id": 785, "category_id": 1, "bbox": [20, 0, 12, 24], "iscrowd": 1, "area": 288,
+             "segmentation": {"size": [24, 32], "counts": [480, 288]}},
+        ],
+    }
+    (tmp_path / "inst.json").write_text(json.dumps(inst))
+    return imgs
+
+
+def test_to_coco_of_a_from_coco_dataset_scores_ap_1_against_the_original(tmp_path):
+    from pycocotools.cocoeval import COCOeval
+
+    imgs = _scorable_fixture(tmp_path)
+    ds, out = tmp_path / "ds", tmp_path / "export.json"
+    assert cli(["from-coco", "--instances", str(tmp_path / "inst.json"), "--images", str(imgs), str(ds)]) == 0
+    rec = {s.record.meta["coco_id"]: s.record for s in iter_samples(str(ds))}[785]
+    assert rec.meta["coco_category_ids"] == [18] and rec.meta["coco_supercategories"] == ["animal"]
+    assert [(c["category_id"], c["name"], c["supercategory"], c["bbox"]) for c in rec.meta["coco_crowd"]] == [
+        (1, "person", "person", [20.0, 0.0, 12.0, 24.0])]
+    assert cli(["to-coco", str(ds), str(out)]) == 0
+    export = json.loads(out.read_text())
+    assert sorted(i["id"] for i in export["images"]) == [139, 785]
+    assert export["categories"] == [{"id": 1, "name": "person", "supercategory": "person"},
+                                    {"id": 18, "name": "dog", "supercategory": "animal"},
+                                    {"id": 62, "name": "chair", "supercategory": "furniture"}]
+    crowd = [a for a in export["annotations"] if a["iscrowd"]]
+    assert [(a["image_id"], a["category_id"], a["bbox"], a["area"]) for a in crowd] == [
+        (785, 1, [20.0, 0.0, 12.0, 24.0], 288.0)]
+    gt = COCO(str(tmp_path / "inst.json"))
+    dets = [{**a, "score": 1.0} for a in export["annotations"] if not a["iscrowd"]]
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(gt, gt.loadRes([{k: v for k, v in d.items() if k != "id"} for d in dets]), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert ev.stats[0] == 1.0, iou_type  # AP@[.5:.95]
+
+
+def test_to_coco_of_other_datasets_numbers_images_and_phrases(tmp_path):
+    write_dataset(tmp_path / "ds", n=2)
+    n = to_coco(str(tmp_path / "ds"), str(tmp_path / "o.json"))
+    assert n["source_ids"] is False and n["crowd"] == 0
+    export = json.loads((tmp_path / "o.json").read_text())
+    assert [i["id"] for i in export["images"]] == [1, 2]
+    assert export["categories"] == [{"id": 1, "name": "thing0", "supercategory": ""},
+                                    {"id": 2, "name": "thing1", "supercategory": ""}]
+
+
+def _from_coco_args(tmp_path, imgs, **change):
+    args = {"--instances": str(tmp_path / "inst.json"), "--images": str(imgs)}
+    args.update(change)
+    return ["from-coco", *[x for kv in args.items() for x in kv], str(tmp_path / "out")]
+
+
+def test_from_coco_mistakes_are_one_error_line_exit_2_and_write_nothing(tmp_path, capsys):
+    imgs = _scorable_fixture(tmp_path)
+    inst = json.loads((tmp_path / "inst.json").read_text())
+    dup = {**inst, "images": inst["images"] + [{"id": 139, "file_name": "b.jpg", "width": 32, "height": 24}]}
+    (tmp_path / "dup.json").write_text(json.dumps(dup))
+    (tmp_path / "broken.json").write_text('{"images": [')
+    cases = [
+        (_from_coco_args(tmp_path, imgs, **{"--instances": str(tmp_path / "none.json")}),
+         f"error: --instances {tmp_path / 'none.json'}: no such file\n"),
+        (_from_coco_args(tmp_path, imgs, **{"--instances": str(tmp_path / "dup.json")}),
+         f"error: {tmp_path / 'dup.json'}: images id 139 appears more than once\n"),
+        (_from_coco_args(tmp_path, tmp_path / "no_images"), f"error: --images {tmp_path / 'no_images'}: no such folder\n"),
+        (_from_coco_args(tmp_path, imgs, **{"--captions": str(tmp_path / "caps.json")}),
+         f"error: --captions {tmp_path / 'caps.json'}: no such file\n"),
+    ]
+    for argv, expected in cases:
+        assert cli(argv) == 2, argv
+        assert capsys.readouterr().err == expected
+        assert not (tmp_path / "out").exists()
+    assert cli(_from_coco_args(tmp_path, imgs, **{"--instances": str(tmp_path / "broken.json")})) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --instances {tmp_path / 'broken.json'}: not valid JSON") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_to_coco_missing_output_folder_is_an_error_line(tmp_path, capsys):
+    write_dataset(tmp_path / "ds", n=1)
+    out = tmp_path / "no" / "such" / "coco.json"
+    assert cli(["to-coco", str(tmp_path / "ds"), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: the output folder {out.parent} does not exist\n"
+
+
+def test_to_coco_skips_a_damaged_shard_and_exits_1_naming_it(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    write_dataset(ds, n=3, shard_id=0)
+    write_dataset(ds, n=3, shard_id=1)
+    t1 = ds / "000001.tar"
+    t1.write_bytes(t1.read_bytes()[:3000])
+    out = tmp_path / "coco.json"
+    assert cli(["to-coco", str(ds), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"shard 000001 skipped: KeyError: \"{t1}: key 'k1_000' has no json member\"" in err  # cut inside k1_000.jpg
+    assert err.splitlines()[-1] == f"error: 1 shard(s) could not be read and are not in {out}: 000001"
+    export = json.loads(out.read_text())
+    assert sorted(i["file_name"] for i in export["images"]) == ["k0_000.jpg", "k0_001.jpg", "k0_002.jpg"]
+
+
+def test_to_coco_leaves_out_a_mask_pycocotools_cannot_decode(tmp_path, capsys):
+    from test_shards import _rewrite_tar
+
+    ds = tmp_path / "ds"
+    write_dataset(ds, n=2)
+
+    def break_mask(members):
+        out = []
+        for name, data in members:
+            if name == "k0_001.json":
+                d = json.loads(data)
+                d["objects"][0]["mask"]["counts"] = "1"
+                data = json.dumps(d).encode()
+            out.append((name, data))
+        return out
+
+    _rewrite_tar(ds / "000000.tar", break_mask)
+    assert cli(["to-coco", str(ds), str(tmp_path / "o.json")]) == 0
+    assert "mask left out: shard 000000 key k0_001 objects[0].mask: runs cover 1 pixels" in capsys.readouterr().err
+    coco = COCO(str(tmp_path / "o.json"))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) == 4 and sum("segmentation" in a for a in anns) == 3

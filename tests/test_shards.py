@@ -298,3 +298,159 @@ def test_network_is_blocked_in_tests():
             s.connect(("203.0.113.7", 443))  # TEST-NET-3: never routed
     finally:
         s.close()
+
+
+# --- what readers see, canonical JSON, paths, CLI mistakes ------------------------------------------
+
+
+def _rewrite_tar(path: Path, change) -> None:
+    """Rewrite a shard's tar with ``change(members) -> members`` ((name, bytes) pairs)."""
+    from shards.writer import build_tar
+
+    with tarfile.open(path) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    path.write_bytes(build_tar(change(members)))
+
+
+def test_validate_names_members_under_directories_absolute_or_dotdot(tmp_path):
+    write_dataset(tmp_path)
+
+    def add_evil(members):
+        extra = [(f"{prefix}{n}", d) for n, d in members if n.startswith("k0_001.") for prefix in ("evil/",)]
+        extra += [("../k0_009.json", b"{}"), ("/abs/k0_010.json", b"{}")]
+        return members + extra
+
+    _rewrite_tar(tmp_path / "000000.tar", add_evil)
+    problems = [str(p) for p in validate_dataset(str(tmp_path))]
+    assert "shard 000000 key evil/k0_001 member 'evil/k0_001.jpg': member name has a directory part: " \
+           "readers see key 'evil/k0_001'" in problems
+    assert "shard 000000 key evil/k0_001 member 'evil/k0_001.json': member name has a directory part: " \
+           "readers see key 'evil/k0_001'" in problems
+    assert "shard 000000 key ../k0_009 member '../k0_009.json': member name is absolute or holds '..'" in problems
+    assert "shard 000000 key /abs/k0_010 member '/abs/k0_010.json': member name is absolute or holds '..'" in problems
+
+
+def test_validate_reports_a_key_stored_twice(tmp_path):
+    write_dataset(tmp_path)
+    # the same key again after another key: the reader yields it twice
+    _rewrite_tar(tmp_path / "000000.tar", lambda ms: ms + [("k0_000.json", dict(ms)["k0_000.json"])])
+    with tarfile.open(tmp_path / "000000.tar") as t:
+        names = t.getnames()
+    assert names.count("k0_000.json") == 2
+    problems = [str(p) for p in validate_dataset(str(tmp_path))]
+    assert any(p.startswith("shard 000000 key k0_000: key is stored 2 times") for p in problems), problems
+
+
+def test_validate_decodes_every_mask_and_names_shard_key_object(tmp_path):
+    write_dataset(tmp_path)
+
+    def break_mask(members):
+        out = []
+        for name, data in members:
+            if name == "k0_002.json":
+                d = json.loads(data)
+                # pycocotools decodes this one run to uninitialized pixels past the first
+                d["objects"][1]["mask"]["counts"] = "1"
+                data = json.dumps(d).encode()
+            out.append((name, data))
+        return out
+
+    _rewrite_tar(tmp_path / "000000.tar", break_mask)
+    problems = [str(p) for p in validate_dataset(str(tmp_path))]
+    assert "shard 000000 key k0_002 member 'k0_002.json': objects[1].mask: runs cover 1 pixels, " \
+           "the size 32x48 has 1536" in problems
+
+
+def test_rle_problem_accepts_pycocotools_output_and_names_each_fault():
+    from shards.masks import rle_problem
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
+        assert rle_problem(encode_mask(m)) is None
+    assert rle_problem({"size": [4, 5], "counts": ""}) == "runs cover 0 pixels, the size 4x5 has 20"
+    assert rle_problem({"size": [4, 5], "counts": "a!"}) == "counts do not parse: counts hold '!' at character 1, outside '0'..'o'"
+    assert rle_problem({"size": [2, 2], "counts": [1, 2, 1]}) is None
+    assert rle_problem({"size": [2, 2], "counts": [1, -2, 5]}) == "counts hold a negative run"
+    assert rle_problem({"counts": "0d0"}) == "not a COCO RLE dict with 'size' and 'counts'"
+
+
+def test_canonical_json_and_its_hash_are_the_fingerprint():
+    from shards import canonical_json, fingerprint, json_sha256
+
+    assert canonical_json({"b": [1, 2.5], "a": "é"}) == b'{"a":"\\u00e9","b":[1,2.5]}'
+    assert canonical_json({"a": "é"}, ensure_ascii=False) == '{"a":"é"}'.encode()
+    assert json_sha256({"b": 1, "a": 2}) == hashlib.sha256(b'{"a":2,"b":1}').hexdigest()
+    assert fingerprint({"x": [1, {"y": None}]}) == json_sha256({"x": [1, {"y": None}]})
+
+
+def test_url_for_gives_each_filesystem_its_own_url():
+    from fsspec.implementations.http import HTTPFileSystem
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from shards.paths import fs_and_root, join, url_for
+
+    http = HTTPFileSystem()
+    assert url_for(http, "http://127.0.0.1:8000/ds/000000.tar") == "http://127.0.0.1:8000/ds/000000.tar"
+    fs, root = fs_and_root("https://example.org/data/ds/")
+    assert url_for(fs, join(root, "000001.tar")) == "https://example.org/data/ds/000001.tar"
+    assert url_for(MemoryFileSystem(), "/rl/ds/000000.tar") == "memory:///rl/ds/000000.tar"
+    fs, root = fs_and_root("/tmp/ds")
+    assert url_for(fs, join(root, "x.tar")) == "/tmp/ds/x.tar"
+
+
+def test_shards_schema_and_paths_import_without_pandas_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, shards.schema, shards.paths; from shards import STATUS_OK, OBJECT_FIELDS;"
+            "print(sorted(m for m in ('pandas', 'torch', 'webdataset', 'pycocotools') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_status_names_and_object_fields_have_one_definition():
+    import shards
+    import shards.writer
+    from shards import schema
+
+    assert shards.writer.STATUS_OK is schema.STATUS_OK and shards.STATUSES == ("ok", "failed", "filtered")
+    assert schema.OBJECT_FIELDS == ("box", "phrase", "description", "detector_score", "mask", "mask_score",
+                                    "mask_box", "clip_score")
+
+
+def test_info_flags_a_tar_whose_size_differs_from_its_stats(tmp_path, capsys):
+    write_dataset(tmp_path, shard_id=0)
+    write_dataset(tmp_path, shard_id=1)
+    t1 = tmp_path / "000001.tar"
+    size = t1.stat().st_size
+    t1.write_bytes(t1.read_bytes()[:4096])
+    assert cli(["info", str(tmp_path), "--json"]) == 1
+    cap = capsys.readouterr()
+    info = json.loads(cap.out[cap.out.index("{"):])
+    assert info["damaged_shards"] == {"000001": f"tar is 4096 bytes, its stats say {size} (truncated or rewritten)"}
+    assert f"shard 000001: tar is 4096 bytes, its stats say {size}" in cap.err
+    # stats from before tar_bytes was recorded stay readable (validate still checks the sha256)
+    st = json.loads((tmp_path / "000001.stats.json").read_text())
+    del st["tar_bytes"]
+    (tmp_path / "000001.stats.json").write_text(json.dumps(st))
+    assert cli(["info", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("command", ["validate", "info", "index", "to-coco", "report"])
+def test_cli_missing_dataset_is_one_error_line_and_exit_2(tmp_path, capsys, command):
+    missing = str(tmp_path / "nope")
+    extra = {"to-coco": [str(tmp_path / "o.json")], "report": ["--out", str(tmp_path / "r.html")]}
+    assert cli([command, missing, *extra.get(command, [])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {missing}: no such dataset folder\n"
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "r.html").exists()
+
+
+def test_cli_run_as_a_module_answers_a_mistake_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "shards", "validate", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'nope'}: no such dataset folder\n"
