@@ -28,6 +28,8 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("Problem", "validate_dataset", "validate_shard"), "validate"),
     **dict.fromkeys(("PARQUET_COLUMNS", "ShardStats", "ShardWriter"), "writer"),
+    **dict.fromkeys(("detect_padding", "from_release"), "release"),
+    **dict.fromkeys(("write_dataset",), "user_dataset"),
 }
 
 __all__ = sorted(_EXPORTS)

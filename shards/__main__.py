@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("out", help="output dataset folder")
     fc.set_defaults(fn=_from_coco)
 
+    from . import release, user_dataset  # the release's label format; a user's own Python dataset
+
+    release.add_command(sub)
+    user_dataset.add_command(sub)
+
     from .report import add_report_arguments
 
     add_report_arguments(sub.add_parser("report", help="static HTML report with figures and galleries"))
