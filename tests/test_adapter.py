@@ -21,7 +21,7 @@ from training.adapter import (
     transformer_blocks,
 )
 from training.encoding import grounding_inputs
-from training.regions import empty_layout
+from training.regions import empty_layout, reorganize_regions
 from training.tiny import tiny_sdxl_pipeline, tiny_unet
 
 SIZE = 64  # pixels: an 8x8 latent
@@ -231,3 +231,86 @@ def test_stock_sdxl_pipeline_runs_the_adapter_through_cross_attention_kwargs():
         **call, generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"gligen": gligen}
     ).images
     assert steered.shape == (1, 4, 8, 8) and not torch.equal(steered, base)
+
+
+def test_empty_layout_is_no_region_every_pixel_x_plus_null():
+    """RELEASE_PARITY §1: the negative branch attends nothing; every fuser gives exactly x + null_text_feat."""
+    empty = grounding_inputs([empty_layout(SIZE, SIZE)], region_encoder(), max_slots=4)
+    by_hand = {
+        "text_embeddings": torch.zeros(1, 4, 77, 64),
+        "bbox_embeddings": torch.full((1, 4, 77, 4), -1.0),
+        "object_masks": torch.zeros(1, 4),
+        "attention_bias": torch.zeros(1, 4, 77),
+        "region_map": torch.full((1, 8, 8), -1, dtype=torch.long),
+        "union_masks": torch.zeros(1, 4, 8, 8, dtype=torch.bool),
+    }
+    assert empty.keys() == by_hand.keys()
+    for key, value in by_hand.items():
+        assert torch.equal(empty[key], value), key
+    unet = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(unet, seed=5)  # non-zero null features and attention weights
+    objs = unet.position_net(**by_hand)
+    for _, block in transformer_blocks(unet):
+        x = torch.randn(1, 64, block.attn1.query_dim)
+        for implementation in ("packed", "naive"):
+            block.fuser.implementation = implementation
+            assert torch.equal(block.fuser(x, dict(objs)), x + block.fuser.null_text_feat)
+        break
+    # Through the UNet, the negative branch is not what one background slot with "" would give.
+    background = reorganize_regions([[0, 0, 0, 0]], ["dot"], SIZE, SIZE)  # zero-area box: background only
+    inputs = _inputs(6)
+    with torch.no_grad():
+        outs = [
+            unet(
+                **{
+                    **inputs,
+                    "cross_attention_kwargs": {
+                        "gligen": grounding_inputs([layout, layout], region_encoder(), max_slots=4)
+                    },
+                }
+            ).sample  # fmt: skip
+            for layout in (empty_layout(SIZE, SIZE), background)
+        ]
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_release_trainer_checkpoints_load_live_or_ema(tmp_path):
+    """RELEASE_PARITY §5: Lightning {"state_dict"} / DeepSpeed {"module"} files, _forward_module. / unet. /
+    ema_unet.module. prefixes, other modules' keys skipped, and a whole-UNet safetensors."""
+    source = attach_regional_adapter(tiny_unet())
+    _randomize_adapter(source, seed=7)
+    live = adapter_state_dict(source)
+    ema = {k: v + 1.0 for k, v in live.items()}
+    base = {k: v for k, v in source.state_dict().items() if k not in live}
+    lightning = {f"_forward_module.unet.{k}": v for k, v in {**base, **live}.items()}
+    lightning |= {f"_forward_module.ema_unet.module.{k}": v for k, v in ema.items()}
+    lightning["_forward_module.vae.decoder.conv_in.weight"] = torch.zeros(2)
+    torch.save({"state_dict": lightning, "global_step": 10}, tmp_path / "last.ckpt")
+    torch.save({"module": {f"unet.{k}": v for k, v in live.items()}}, tmp_path / "mp_rank_00_model_states.pt")
+    source.save_pretrained(tmp_path / "whole_unet")  # diffusers' safetensors: base and adapter keys
+    whole = tmp_path / "whole_unet" / "diffusion_pytorch_model.safetensors"
+
+    cases = [
+        (tmp_path / "last.ckpt", False, live, len(base)),
+        (tmp_path / "last.ckpt", True, ema, 0),
+        (tmp_path / "mp_rank_00_model_states.pt", False, live, 0),
+        (whole, False, live, len(base)),
+    ]
+    for path, use_ema, expected, n_base in cases:
+        unet = attach_regional_adapter(tiny_unet())
+        report = load_adapter(unet, path, ema=use_ema)
+        assert report.loaded == 73 and report.missing == [] and report.unexpected == []
+        assert report.ignored_base == n_base
+        got = adapter_state_dict(unet)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), (path.name, use_ema)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_adapter(attach_regional_adapter(tiny_unet()), tmp_path / "mp_rank_00_model_states.pt", ema=True)
+    # a typo'd key is named, not dropped
+    typo = {k.replace("fuser.attn.to_q", "fuser.attn.to_qq"): v for k, v in live.items()}
+    torch.save(typo, tmp_path / "typo.pth")
+    with pytest.raises(ValueError, match=r"typo.pth: keys do not match.*11 missing keys.*to_qq"):
+        load_adapter(attach_regional_adapter(tiny_unet()), tmp_path / "typo.pth")
+    # objects pickled into a checkpoint are refused (weights_only)
+    torch.save({"state_dict": {"x": AdapterConfig()}}, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match="not a tensors-only torch checkpoint"):
+        load_adapter(attach_regional_adapter(tiny_unet()), tmp_path / "pickled.ckpt")
