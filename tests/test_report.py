@@ -153,3 +153,29 @@ def test_figures_survive_a_dataset_without_objects_or_failures(tmp_path):
     assert p.errors == []
     assert {i.get("id") for i in p.images} >= {f"img-{f}" for f in report.FIGURES}
     assert "nothing to show" in " ".join(p.text)
+
+
+def test_report_survives_a_damaged_shard_and_names_it(tmp_path, capsys):
+    ds = write_dataset(tmp_path / "ds")
+    tar = ds / "000001.tar"
+    tar.write_bytes(tar.read_bytes()[:700])  # cut inside the first member
+    (ds / "000000.parquet").write_bytes(b"PAR1 not a parquet file")
+    out = tmp_path / "r.html"
+    assert shards_cli(["report", str(ds), "--out", str(out), "--gallery", "4"]) == 0
+    p = parse(out.read_text(encoding="utf-8"))
+    assert p.errors == []
+    text = " ".join(p.text)
+    assert "2 damaged shard(s) left out of every table and figure" in text
+    assert "parquet unreadable: " in text and f"{tar}: " in text
+    tables = report.load_datasets([str(ds)])
+    assert sorted(tables[0].skipped) == ["000000", "000001"]
+    # what is left: shard 1's parquet rows (s1a, s1b, one failure) and shard 0's samples in the gallery
+    assert sorted(tables[0].index["key"]) == ["f3", "s1a", "s1b"]
+    assert [i.title.split(" ")[0] for i in report.sample_gallery(str(ds), 4)] == ["s0a", "s0b"]
+
+
+def test_report_missing_dataset_is_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "gone"
+    assert report.main([str(missing), "--out", str(tmp_path / "r.html")]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such dataset folder\n"
+    assert not (tmp_path / "r.html").exists()
