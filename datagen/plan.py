@@ -11,13 +11,13 @@ import hashlib
 import io
 import logging
 import os
-import tarfile
 
 import pandas as pd
 import yaml
 
 from shards.dataset import ShardInfo, list_shards, read_stats
-from shards.paths import fs_and_root
+from shards.paths import fs_and_root, url_for
+from shards.reader import ShardReadError, raw_samples
 
 from .chunks import ShardJob
 from .config import DatagenConfig, to_dict
@@ -78,12 +78,9 @@ def _sha256(fs, path: str) -> str:
 
 def _unreadable_tar(fs, path: str) -> str | None:
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                data = tar.extractfile(member)
-                if data is not None and len(data.read()) != member.size:
-                    return f"its tar ends inside {member.name}"
-    except (tarfile.TarError, EOFError, OSError) as e:
+        for _ in raw_samples([url_for(fs, path)]):
+            pass
+    except ShardReadError as e:
         return f"its tar is unreadable ({e})"
     return None
 

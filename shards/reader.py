@@ -20,6 +20,7 @@ archive without its end-of-archive marker (tarfile stops quietly at a cut-off he
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from .dataset import tar_urls
 from .masks import decode_mask
@@ -79,9 +79,15 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def _split(name: str) -> tuple[str, str]:
-    key, ext = base_plus_ext(name)
-    return (name, "") if key is None else (key, ext)
+# webdataset's ``base_plus_ext`` rule, spelled out here so that reading shards never imports
+# webdataset (which imports torch): the key runs to the first '.' of the last path component.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(key, extension)`` of a member name as webdataset splits it; ``(name, "")`` without a '.'."""
+    m = _KEY_EXT.match(name)
+    return (name, "") if m is None else (m.group(1), m.group(2))
 
 
 def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[RawSample]:
@@ -93,7 +99,7 @@ def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[RawSample]:
                 if not info.isreg():
                     continue
                 data = tar.extractfile(info).read()
-                k, ext = _split(info.name)
+                k, ext = split_name(info.name)
                 if k != key or ext in members:
                     if key is not None:
                         yield RawSample(key, url, members, tuple(names))

@@ -7,7 +7,15 @@ import tarfile
 
 import pytest
 
-from shards.reader import RawSample, ShardReadError, iter_samples, raw_samples, tar_samples, to_sample
+from shards.reader import (
+    RawSample,
+    ShardReadError,
+    iter_samples,
+    raw_samples,
+    split_name,
+    tar_samples,
+    to_sample,
+)
 from shards.schema import SampleRecord
 from shards.writer import ShardWriter, build_tar
 
@@ -55,6 +63,15 @@ def test_members_are_grouped_by_key_with_names_exactly_as_stored():
         ("README", {"": b"7"}, ("README",)),
     ]
     assert {s.url for s in got} == {"u.tar"}
+
+
+def test_names_split_as_webdataset_splits_them():
+    from webdataset.tariterators import base_plus_ext
+
+    for name in ["a.jpg", "a.seg.png", "evil/x.jpg", "../x.jpg", "d.v/x.y.json", ".hidden", "a.", "README", "d/"]:
+        key, ext = base_plus_ext(name)
+        assert split_name(name) == ((name, "") if key is None else (key, ext)), name
+    assert split_name("d.v/x.y.json") == ("d.v/x", "y.json")
 
 
 def test_a_key_stored_twice_comes_out_twice():
