@@ -70,6 +70,7 @@ def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, mo
 
     summary = json.loads((out / "summary.json").read_text())
     assert printed["objects"] == summary["objects"] == 5
+    assert summary["protocol"] == "paper" and summary["skipped_objects"]["crop_clip"] == 0  # the default
     assert summary["failed_objects"] == 2 and summary["failures_by_reason"] == {"missing image": 2}
     per_image = table.groupby("image")["crop_clip"].mean().mean()
     assert summary["crop_clip"] == pytest.approx(per_image)
