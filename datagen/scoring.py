@@ -119,7 +119,9 @@ def set_sam_embedding(predictor, embedding: torch.Tensor, size: tuple[int, int])
 
 
 @torch.inference_mode()
-def sam_box_masks(predictor, boxes: np.ndarray, max_boxes_per_call: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def sam_box_masks(
+    predictor, boxes: np.ndarray, max_boxes_per_call: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """SAM's mask for each xyxy box prompt (``multimask_output=False``) on the predictor's current image.
 
     Returns ``(N, H, W)`` bool masks at the image's size and ``(N,)`` float64 SAM scores (predicted IoU).
