@@ -1,5 +1,5 @@
-"""Two CPU processes (gloo) under ``accelerate launch``: DDP (different data per rank, identical weights
-after) and FSDP (the same training as DDP, exact resume)."""
+"""Two processes under ``accelerate launch``: DDP on CPU (gloo; different data per rank, identical weights
+after) and FSDP on two GPUs (the same training as DDP, exact resume; skipped without them)."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ class Run:
     losses: list[list[float]]  # per rank
 
 
-def launch(folder: Path, dataset: str, *overrides: str) -> Run:
-    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
+def launch(folder: Path, dataset: str, *overrides: str, cpu: bool = True) -> Run:
+    """Train the tiny preset with two processes (CPU, or with ``cpu=False`` two GPUs) under ``accelerate launch``."""
     folder.mkdir(parents=True)
     script = folder / "worker.py"
     script.write_text(WORKER)
@@ -97,7 +97,7 @@ def launch(folder: Path, dataset: str, *overrides: str) -> Run:
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "1",
+        **({"ACCELERATE_USE_CPU": "1"} if cpu else {}),
     }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -135,10 +135,14 @@ def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="accelerate runs FSDP on GPUs only (CPU processes would run DDP): needs 2 GPUs",
+)
 def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
-    """FSDP (torch's, on CPU over gloo) on the same data: the weights (raw and EMA), losses and validation
+    """FSDP (torch's, through accelerate, on two GPUs) on the same data: the weights (raw and EMA), losses and validation
     images of DDP; a run resumed from its step-1 checkpoint ends bit-identical to the uninterrupted one."""
-    fsdp = launch(tmp_path / "fsdp", dataset, "train.distributed=fsdp")
+    fsdp = launch(tmp_path / "fsdp", dataset, "train.distributed=fsdp", cpu=False)
     w0, w1 = fsdp.weights
     assert w0.keys() == w1.keys() == ddp.weights[0].keys()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the full weights, gathered on every rank
@@ -173,7 +177,9 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
     step1 = fsdp.out / "checkpoints" / "step_0000001"
     assert not list(step1.glob("pytorch_model*")) and not (step1 / "optimizer.bin").exists()
     assert (step1 / "optimizer_shard_0.bin").exists() and (step1 / "optimizer_shard_1.bin").exists()
-    resumed = launch(tmp_path / "resumed", dataset, "train.distributed=fsdp", f"checkpoint.resume={step1}")
+    resumed = launch(
+        tmp_path / "resumed", dataset, "train.distributed=fsdp", f"checkpoint.resume={step1}", cpu=False
+    )
     assert [len(r) for r in resumed.losses] == [STEPS - 1] * 2
     assert [r[1:] for r in fsdp.losses] == resumed.losses
     for name, state in _files(resumed.out).items():

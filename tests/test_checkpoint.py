@@ -1,0 +1,172 @@
+"""Checkpoint integrity: the manifest written last, falling back past a damaged or incomplete checkpoint,
+refusing a damaged one asked for by path, files that cannot be read named in one error line, and a
+resumed run's TensorBoard steps logged once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import tiny_config, write_dataset
+
+from training import train as T
+from training.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    read_resume_state,
+    resolve_resume,
+    verify_checkpoint,
+    write_manifest,
+)
+
+COMMON = {"train.max_steps": 2, "checkpoint.every_steps": 1, "checkpoint.keep_last": None}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    """Two steps, a checkpoint after each (step_0000001, step_0000002), TensorBoard on."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = T.train(tiny_config(dataset, out, **COMMON, **{"log.tensorboard": True}))
+    return out, result
+
+
+def copy_run(run, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    return out
+
+
+def step(out: Path, n: int) -> Path:
+    return out / "checkpoints" / f"step_{n:07d}"
+
+
+def flip(path: Path, offset: int = 4096, n: int = 4096) -> None:
+    """Invert ``n`` bytes of ``path`` from ``offset`` (the size stays the same)."""
+    data = bytearray(path.read_bytes())
+    offset = min(offset, max(0, len(data) - n))
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
+    path.write_bytes(bytes(data))
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(run):
+    folder = step(run[0], 2)
+    manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    assert set(manifest) == {p.name for p in folder.iterdir()} - {MANIFEST}
+    assert {"adapter.safetensors", "adapter_ema.safetensors", "optimizer.bin", "trainer_state.json"} <= set(
+        manifest
+    )
+    assert manifest["optimizer.bin"]["size"] == (folder / "optimizer.bin").stat().st_size
+    assert verify_checkpoint(folder) is None
+    assert not list(folder.glob("*.pkl")) and not list(folder.glob("pytorch_model*"))  # nothing pickled
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_one_and_resume_exactly(
+    run, tmp_path, dataset, caplog
+):
+    """4 KiB inverted in the latest adapter file: ``latest`` warns naming it and resumes from step 1, which
+    trains step 2 as the uninterrupted run did; TensorBoard then holds each step once."""
+    out = copy_run(run, tmp_path)
+    flip(step(out, 2) / "adapter.safetensors")
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        assert resolve_resume("latest", out) == step(out, 1)
+    assert "step_0000002/adapter.safetensors: sha256 differs" in caplog.text
+
+    resume = {"log.tensorboard": True, "checkpoint.resume": "latest"}
+    resumed = T.train(tiny_config(dataset, out, **COMMON, **resume))
+    assert resumed.step == 2 and resumed.losses == pytest.approx(run[1].losses[1:], rel=1e-5)
+    for name in ("adapter.safetensors", "adapter_ema.safetensors"):
+        a, b = load_file(run[0] / "adapter" / name), load_file(out / "adapter" / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert verify_checkpoint(step(out, 2)) is None  # the damaged folder was replaced whole
+
+    # The interrupted run logged step 2 already; the resumed run's purge_step supersedes it.
+    events = EventAccumulator(str(out / "logs" / "richlayout"))
+    events.Reload()
+    for tag in ("loss", "lr", "grad_norm"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    assert events.Scalars("loss")[1].value == pytest.approx(resumed.losses[0], rel=1e-6)
+
+
+def test_truncated_optimizer_state_is_skipped_by_latest_and_named(run, tmp_path, caplog):
+    out = copy_run(run, tmp_path)
+    path = step(out, 2) / "optimizer.bin"
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        assert resolve_resume("latest", out) == step(out, 1)
+    assert f"{path}: 100 bytes, manifest.json recorded" in caplog.text
+
+
+def test_a_checkpoint_without_manifest_is_incomplete_and_skipped(run, tmp_path, caplog):
+    out = copy_run(run, tmp_path)
+    (step(out, 2) / MANIFEST).unlink()  # the save stopped before its last write
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        assert resolve_resume("latest", out) == step(out, 1)
+    assert "manifest.json: missing (the checkpoint's save did not finish)" in caplog.text
+    shutil.rmtree(step(out, 1))
+    assert resolve_resume("latest", out) is None  # only an incomplete save: start fresh
+
+
+def test_a_damaged_only_checkpoint_or_one_asked_for_by_path_is_refused_by_name(run, tmp_path):
+    out = copy_run(run, tmp_path)
+    flip(step(out, 2) / "adapter_ema.safetensors", offset=0, n=64)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint.resume=.*step_0000002/adapter_ema.safetensors: sha256"
+    ):
+        resolve_resume(str(step(out, 2)), out)
+    shutil.rmtree(step(out, 1))
+    with pytest.raises(
+        CheckpointError, match=r"no intact checkpoint: .*adapter_ema.safetensors: sha256 differs"
+    ):
+        resolve_resume("latest", out)
+
+
+def test_malformed_manifest_or_trainer_state_name_the_file(run, tmp_path, dataset):
+    out = copy_run(run, tmp_path)
+    (step(out, 2) / MANIFEST).write_text("{not json")
+    assert verify_checkpoint(step(out, 2)).startswith(f"{step(out, 2) / MANIFEST}: malformed")
+    # A file that is intact by its manifest but was malformed when written still fails by name.
+    state = step(out, 1) / "trainer_state.json"
+    state.write_text('{"step": ')
+    write_manifest(step(out, 1))
+    config = tiny_config(dataset, out)
+    with pytest.raises(CheckpointError, match=rf"{state}: cannot be read \(JSONDecodeError"):
+        read_resume_state(step(out, 1), config, 1)
+
+
+def test_cli_refuses_a_damaged_checkpoint_by_name_and_a_resume_with_another_batch_size(
+    run, tmp_path, dataset, capsys
+):
+    out = copy_run(run, tmp_path)
+    argv = [
+        "--config",
+        "configs/train/tiny.yaml",
+        "--override",
+        f"output_dir={out}",
+        "--override",
+        f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64]}}}}]",
+        "--override",
+        "data.batch_size=1",
+    ]
+    flip(step(out, 2) / "adapter.safetensors")
+    assert T.main([*argv, "--resume", str(step(out, 2))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint.resume=")
+    assert "step_0000002/adapter.safetensors: sha256 differs" in err
+
+    assert T.main([*argv, "--override", "data.batch_size=2", "--resume", str(step(out, 1))]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {step(out, 1) / 'trainer_state.json'}: saved with data.batch_size=1, this run has "
+        "data.batch_size=2; resume with the same, or train into a new output_dir\n"
+    )
