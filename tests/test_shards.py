@@ -435,6 +435,9 @@ def test_info_flags_a_tar_whose_size_differs_from_its_stats(tmp_path, capsys):
     del st["tar_bytes"]
     (tmp_path / "000001.stats.json").write_text(json.dumps(st))
     assert cli(["info", str(tmp_path)]) == 0
+    problems = [str(p) for p in validate_dataset(str(tmp_path)) if "stats" in str(p)]
+    fields = [p.split(" is ")[0] for p in problems]
+    assert "shard 000001: stats tar_sha256" in fields and "shard 000001: stats tar_bytes" not in fields
 
 
 @pytest.mark.parametrize("command", ["validate", "info", "index", "to-coco", "report"])
