@@ -238,3 +238,14 @@ def test_to_coco_leaves_out_a_mask_pycocotools_cannot_decode(tmp_path, capsys):
     coco = COCO(str(tmp_path / "o.json"))
     anns = coco.loadAnns(coco.getAnnIds())
     assert len(anns) == 4 and sum("segmentation" in a for a in anns) == 3
+
+
+def test_from_coco_into_a_dataset_of_another_config_is_an_error_line(tmp_path, capsys):
+    imgs = _scorable_fixture(tmp_path)
+    assert cli(_from_coco_args(tmp_path, imgs)) == 0
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    capsys.readouterr()
+    assert cli(_from_coco_args(tmp_path, imgs, **{"--shard-size": "1"})) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'out'}: ") and "different configuration" in err
+    assert err.count("\n") == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == before
