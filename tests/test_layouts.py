@@ -102,3 +102,10 @@ def test_lenient_file_accepts_a_list_of_prompts_and_too_many_objects(tmp_path):
     records, skipped = load_layouts(path, max_objects=30, lenient=True)
     assert [(r.id, r.caption, len(r.boxes)) for r in records] == [("demo_p0", "a beach", 30), ("demo_p1", "a lake", 30)]
     assert records[0].boxes[0].tolist() == [0, 0, 512, 8] and records[0].seed == records[1].seed and not skipped
+
+
+def test_lenient_without_a_limit_still_clamps(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text(json.dumps({"boxes": [[-4, 0, 70, 8]] * 40, "labels": ["a"] * 40, "height": 64, "width": 64}) + "\n")
+    (record,), _ = load_layouts(path, lenient=True)
+    assert len(record.boxes) == 40 and record.boxes[0].tolist() == [0, 0, 64, 8]

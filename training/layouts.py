@@ -212,8 +212,9 @@ def _record(
         raise ValueError(f"{where}: 'seed' must be an integer, got {s!r}")
     boxes, labels = obj.get("boxes", obj.get("bboxes")), obj["labels"]
     try:
-        if lenient and max_objects is not None:
-            boxes, labels = lenient_layout(boxes, labels, h, w, max_objects, where)
+        if lenient:
+            limit = max_objects if max_objects is not None else len(labels)
+            boxes, labels = lenient_layout(boxes, labels, h, w, limit, where)
         else:
             boxes = validate_layout(boxes, labels, h, w, max_objects)
     except (ValueError, TypeError) as err:
