@@ -194,9 +194,11 @@ def _message(error: dict, tp: Any) -> str:
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return str(ctx["error"])
     if kind == "too_long":
-        return f"must have at most {ctx['max_length']} items{got}"
+        n = ctx["max_length"]
+        return f"must have at most {n} item{'s' * (n != 1)}{got}"
     if kind == "too_short":
-        return f"must have at least {ctx['min_length']} items{got}"
+        n = ctx["min_length"]
+        return f"must have at least {n} item{'s' * (n != 1)}{got}"
     return f"{error['msg']}{got}"
 
 
@@ -237,7 +239,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""

@@ -258,8 +258,8 @@ def test_plan_prints_each_stage_resources(tmp_path):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"inputs": {"samples_per_shard": "many"}}, "samples_per_shard: expected int"),
-        ({"decode": {"max_sides": 3}}, "unknown field"),
+        ({"inputs": {"samples_per_shard": "many"}}, r"inputs.samples_per_shard: expected an integer \(got 'many'\)"),
+        ({"decode": {"max_sides": 3}}, r"decode: unknown key 'max_sides' \(valid keys: keep_source_jpeg, max_bytes, "),
         ({"pools": {"p": {"stages": ["ground", "tag"]}}}, "must run in the order"),
         ({"pools": {"p": {"stages": ["segment"]}}}, "needs stage 'ground'"),
         ({"pools": {"p": {"stages": ["tag"], "num_gpus": 1.5}}}, "num_gpus"),

@@ -258,7 +258,7 @@ def with_vllm(monkeypatch):
 
 def test_engine_vllm_without_vllm_says_how_to_install_it():
     assert not vlm_vllm.vllm_available()
-    with pytest.raises(ConfigError, match=r"config.vlm.engine: 'vllm' runs the stages \['tag', 'caption', "
+    with pytest.raises(ConfigError, match=r"vlm.engine: 'vllm' runs the stages \['tag', 'caption', "
                                           r"'describe'\] on vLLM, which is not installed .*pip install "
                                           r"'richlayout\[vllm\]' on a machine with NVIDIA GPUs"):
         load_config(CONFIGS / "real_vllm.yaml")
@@ -318,22 +318,22 @@ VLLM_BASE = {
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"vlm": {"engine": "sglang"}}, r"config.vlm: engine 'sglang' is not one of \('transformers', 'vllm'\)"),
-        ({"vlm": {"vllm": {"tensor_parallel": 2}}}, r"config.vlm.vllm: unknown field\(s\) \['tensor_parallel'\]"),
-        ({"vlm": {"vllm": {"tensor_parallel_size": "2"}}}, r"config.vlm.vllm.tensor_parallel_size: expected int"),
-        ({"vlm": {"vllm": {"gpu_memory_utilization": 1.5}}}, r"gpu_memory_utilization must be in \(0, 1\]"),
+        ({"vlm": {"engine": "sglang"}}, r"vlm.engine: must be 'transformers' or 'vllm' \(got 'sglang'\)"),
+        ({"vlm": {"vllm": {"tensor_parallel": 2}}}, r"vlm.vllm: unknown key 'tensor_parallel' \(valid keys: accelerator_type, batch_size, "),
+        ({"vlm": {"vllm": {"tensor_parallel_size": "2"}}}, r"vlm.vllm.tensor_parallel_size: expected an integer \(got '2'\)"),
+        ({"vlm": {"vllm": {"gpu_memory_utilization": 1.5}}}, r"vlm.vllm.gpu_memory_utilization: must be in \(0, 1\] \(got 1.5\)"),
         ({"vlm": {"vllm": {"chat_template_content_format": "raw"}}}, r"chat_template_content_format must be one of"),
         ({"vlm": {"vllm": {"engine_kwargs": {"max_model_len": 2}}}},
          r"engine_kwargs \['max_model_len'\]: set them as fields of vlm.vllm"),
         ({"pools": {"vlm": {"stages": ["tag", "caption", "ground"]}, "d": None}},
-         r"config.pools.vlm: with vlm.engine vllm the stages \['tag', 'caption'\] run as a ray.data.llm "
+         r"pools.vlm: with vlm.engine vllm the stages \['tag', 'caption'\] run as a ray.data.llm "
          r"processor and cannot share a pool with \['ground'\]"),
         ({"pools": {"vlm": {"num_gpus": 0.5}}},
-         r"config.pools.vlm.num_gpus: 0.5, but each vLLM engine replica takes 1 whole GPU"),
-        ({"vlm": {"vllm": {"tensor_parallel_size": 2}}}, r"config.pools.vlm.num_gpus: 1, but .* takes 2 whole GPU"),
-        ({"models": "tiny"}, r"config.stages.tag.model: vLLM loads real checkpoints, not backend 'tiny'"),
+         r"pools.vlm.num_gpus: 0.5, but each vLLM engine replica takes 1 whole GPU"),
+        ({"vlm": {"vllm": {"tensor_parallel_size": 2}}}, r"pools.vlm.num_gpus: 1, but .* takes 2 whole GPU"),
+        ({"models": "tiny"}, r"stages.tag.model: vLLM loads real checkpoints, not backend 'tiny'"),
         ({"stages": {"caption": {"model": {"kind": "vlm", "name": "Qwen/Qwen2.5-VL-3B-Instruct"}}}},
-         r"config.pools.vlm: the stages \['tag', 'caption'\] share one vLLM engine but name different models"),
+         r"pools.vlm: the stages \['tag', 'caption'\] share one vLLM engine but name different models"),
     ],
 )
 def test_vllm_config_errors_name_the_field(with_vllm, override, message):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shards.config import PositiveInt
+
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, run_rows
 from .vlm import ask, clean_text
@@ -22,10 +24,10 @@ class CaptionConfig:
 
     model: ModelSpec = field(default_factory=lambda: default_spec("vlm"))
     prompt: str = DEFAULT_PROMPT  # the VLM's instruction
-    max_new_tokens: int = 96  # caption length cap in VLM tokens
-    max_pixels: int | None = 448 * 448  # images are downscaled to at most this area for the VLM
-    generate_batch_size: int = 16  # images per generate call
-    batch_size: int = 16  # rows per Ray batch (a hint for the pipeline)
+    max_new_tokens: PositiveInt = 96  # caption length cap in VLM tokens
+    max_pixels: PositiveInt | None = 448 * 448  # images are downscaled to at most this area for the VLM
+    generate_batch_size: PositiveInt = 16  # images per generate call
+    batch_size: PositiveInt = 16  # rows per Ray batch (a hint for the pipeline)
 
 
 class CaptionStage:

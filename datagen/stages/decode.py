@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shards.config import ConfigError, PositiveInt
+
 log = logging.getLogger(__name__)
 
 STAGE = "decode"
@@ -29,11 +31,15 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 class DecodeConfig:
     """How inputs are read and bounded."""
 
-    max_side: int = 1024  # the longer side of the stored image; larger images are downscaled
-    min_side: int = 32  # shorter sides below this fail (nothing groundable; the paper's 32 px floor)
-    max_pixels: int = 100_000_000  # decompression-bomb guard, checked from the header before decoding
-    max_bytes: int = 64 * 2**20  # files larger than this are refused unread
+    max_side: PositiveInt = 1024  # the longer side of the stored image; larger images are downscaled
+    min_side: PositiveInt = 32  # shorter sides below this fail (nothing groundable; the paper's 32 px floor)
+    max_pixels: PositiveInt = 100_000_000  # decompression-bomb guard, checked from the header before decoding
+    max_bytes: PositiveInt = 64 * 2**20  # files larger than this are refused unread
     keep_source_jpeg: bool = True  # store the source bytes when they already are the RGB JPEG we'd write
+
+    def __post_init__(self) -> None:
+        if self.max_side < self.min_side:
+            raise ConfigError(f"max_side ({self.max_side}) must be >= min_side ({self.min_side})")
 
 
 class DecodeError(Exception):

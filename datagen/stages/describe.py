@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from shards.config import NonNegativeInt, PositiveFloat, PositiveInt
+
 from ..models import ModelSpec, default_spec, load_model
 from ..scoring import crop_box
 from . import Batch, as_image, as_objects, run_rows
@@ -35,14 +37,14 @@ class DescribeConfig:
 
     model: ModelSpec = field(default_factory=lambda: default_spec("vlm"))
     prompt: str = PAPER_PROMPT  # the VLM's instruction for each crop
-    crop_short_side: int = 512  # crops are resized to this shorter side (the paper's 512)
-    max_crop_side: int = 1536  # ... and their longer side capped to this (token cost)
-    max_crop_aspect: float = 8.0  # longer/shorter side; beyond it the crop widens into its context
-    min_crop_area: int = 32 * 32  # boxes under this area (px) keep their phrase (the paper's rule)
-    max_pixels: int | None = None  # crops downscaled to at most this area for the VLM; None: as resized
-    max_new_tokens: int = 96  # description length cap in VLM tokens
-    generate_batch_size: int = 16  # crops per generate call
-    batch_size: int = 4  # rows per Ray batch (a hint for the pipeline)
+    crop_short_side: PositiveInt = 512  # crops are resized to this shorter side (the paper's 512)
+    max_crop_side: PositiveInt = 1536  # ... and their longer side capped to this (token cost)
+    max_crop_aspect: PositiveFloat = 8.0  # longer/shorter side; beyond it the crop widens into its context
+    min_crop_area: NonNegativeInt = 32 * 32  # boxes under this area (px) keep their phrase (the paper's rule)
+    max_pixels: PositiveInt | None = None  # crops downscaled to at most this area for the VLM; None: as resized
+    max_new_tokens: PositiveInt = 96  # description length cap in VLM tokens
+    generate_batch_size: PositiveInt = 16  # crops per generate call
+    batch_size: PositiveInt = 4  # rows per Ray batch (a hint for the pipeline)
 
 
 class DescribeStage:

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from shards import STATUS_FILTERED, STATUS_OK
+from shards.config import ClipScore, PositiveInt, UnitFloat
 
 from . import Batch, as_objects, run_rows
 from .segment import mask_agreement
@@ -28,12 +29,12 @@ COLUMNS = ("objects", "status", "error_stage", "error")
 class FilterConfig:
     """Object quality floors and caps."""
 
-    min_clip_score: float | None = 15.0  # 100 * cosine(crop, description), CLIP ViT-L/14 scale
-    min_detector_score: float | None = 0.3  # on top of the detector's own box threshold
-    min_mask_agreement: float | None = 0.5  # IoU(mask tight box, prompt box)
-    max_objects: int | None = 20  # best detector scores kept per image
-    max_description_tokens: int | None = 75  # CLIP BPE tokens a description may use
-    batch_size: int = 64  # rows per Ray batch (a hint for the pipeline)
+    min_clip_score: ClipScore | None = 15.0  # 100 * cosine(crop, description), CLIP ViT-L/14 scale
+    min_detector_score: UnitFloat | None = 0.3  # on top of the detector's own box threshold
+    min_mask_agreement: UnitFloat | None = 0.5  # IoU(mask tight box, prompt box)
+    max_objects: PositiveInt | None = 20  # best detector scores kept per image
+    max_description_tokens: PositiveInt | None = 75  # CLIP BPE tokens a description may use
+    batch_size: PositiveInt = 64  # rows per Ray batch (a hint for the pipeline)
 
 
 class FilterStage:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_area, box_convert, clip_boxes_to_image, nms
 
+from shards.config import NonNegativeFloat, PositiveInt, UnitFloat
+
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, new_object, run_rows
 
@@ -36,16 +38,16 @@ class GroundConfig:
     model: ModelSpec = field(default_factory=lambda: default_spec("detector"))
     engine: str = "transformers"  # "transformers" (GroundingDinoForObjectDetection) or "groundingdino-py"
     #                               (the original code, transformers<5 only: see ground_gdino)
-    box_threshold: float = 0.25  # a box's best tag score must exceed this (the paper's value)
-    text_threshold: float = 0.2  # a tag counts only when one of its tokens exceeds this (the paper's)
-    nms_iou: float = 0.5  # class-agnostic NMS IoU (the paper's value)
-    min_box_side: float = 8.0  # px of the stored image; narrower or shorter boxes are dropped
-    max_box_area: float = 0.95  # fraction of the image; larger boxes (the whole frame) are dropped
-    dedupe_containment: float | None = 0.9  # drop a box this much inside a better box of the same phrase
-    max_objects: int = 30  # best-scoring boxes kept per image
-    image_size: int | None = None  # detector input shortest edge in px; None: the processor's (800)
-    forward_batch_size: int = 8  # (image, prompt) pairs per detector forward
-    batch_size: int = 8  # rows per Ray batch (a hint for the pipeline)
+    box_threshold: UnitFloat = 0.25  # a box's best tag score must exceed this (the paper's value)
+    text_threshold: UnitFloat = 0.2  # a tag counts only when one of its tokens exceeds this (the paper's)
+    nms_iou: UnitFloat = 0.5  # class-agnostic NMS IoU (the paper's value)
+    min_box_side: NonNegativeFloat = 8.0  # px of the stored image; narrower or shorter boxes are dropped
+    max_box_area: UnitFloat = 0.95  # fraction of the image; larger boxes (the whole frame) are dropped
+    dedupe_containment: UnitFloat | None = 0.9  # drop a box this much inside a better box of the same phrase
+    max_objects: PositiveInt = 30  # best-scoring boxes kept per image
+    image_size: PositiveInt | None = None  # detector input shortest edge in px; None: the processor's (800)
+    forward_batch_size: PositiveInt = 8  # (image, prompt) pairs per detector forward
+    batch_size: PositiveInt = 8  # rows per Ray batch (a hint for the pipeline)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

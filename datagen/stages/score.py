@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from shards.config import PositiveInt
+
 from ..models import ModelSpec, default_spec, load_model
 from ..scoring import clip_crop_scores, crop_box
 from . import Batch, as_image, as_objects, run_rows
@@ -24,8 +26,8 @@ class ScoreConfig:
     """How crops are scored."""
 
     model: ModelSpec = field(default_factory=lambda: default_spec("clip"))
-    encode_batch_size: int = 64  # crops (and texts) per CLIP forward
-    batch_size: int = 16  # rows per Ray batch (a hint for the pipeline)
+    encode_batch_size: PositiveInt = 64  # crops (and texts) per CLIP forward
+    batch_size: PositiveInt = 16  # rows per Ray batch (a hint for the pipeline)
 
 
 class ScoreStage:

@@ -18,6 +18,7 @@ import torch
 from segment_anything import SamPredictor
 
 from shards import encode_mask, mask_to_box
+from shards.config import PositiveInt
 from shards.masks import box_iou_pairs
 
 from ..models import ModelSpec, default_spec, load_model
@@ -32,9 +33,9 @@ class SegmentConfig:
     """How SAM is batched."""
 
     model: ModelSpec = field(default_factory=lambda: default_spec("segmenter"))
-    encoder_batch_size: int = 4  # images per image-encoder forward (ViT-H at 1024 px is heavy)
-    max_boxes_per_call: int = 64  # box prompts per mask-decoder call
-    batch_size: int = 8  # rows per Ray batch (a hint for the pipeline)
+    encoder_batch_size: PositiveInt = 4  # images per image-encoder forward (ViT-H at 1024 px is heavy)
+    max_boxes_per_call: PositiveInt = 64  # box prompts per mask-decoder call
+    batch_size: PositiveInt = 8  # rows per Ray batch (a hint for the pipeline)
 
 
 class SegmentStage:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shards.config import PositiveInt
+
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, run_rows
 from .vlm import ask
@@ -34,13 +36,13 @@ class TagConfig:
     method: str = "vlm"  # a registered tagger: "vlm" or "caption"
     model: ModelSpec = field(default_factory=lambda: default_spec("vlm"))  # used by "vlm"
     prompt: str = DEFAULT_PROMPT  # the VLM's instruction
-    max_new_tokens: int = 64  # length of the VLM's list
-    max_pixels: int | None = 448 * 448  # images are downscaled to at most this area for the VLM
-    generate_batch_size: int = 16  # images per generate call
-    max_tags: int = 20  # phrases kept per image, in order of appearance
-    max_words: int = 4  # longer phrases are sentences, not object names: dropped
+    max_new_tokens: PositiveInt = 64  # length of the VLM's list
+    max_pixels: PositiveInt | None = 448 * 448  # images are downscaled to at most this area for the VLM
+    generate_batch_size: PositiveInt = 16  # images per generate call
+    max_tags: PositiveInt = 20  # phrases kept per image, in order of appearance
+    max_words: PositiveInt = 4  # longer phrases are sentences, not object names: dropped
     caption_fallback: bool = True  # "vlm": use the source caption's phrases when the list parses empty
-    batch_size: int = 16  # rows per Ray batch (a hint for the pipeline)
+    batch_size: PositiveInt = 16  # rows per Ray batch (a hint for the pipeline)
 
 
 Tagger = Callable[[Sequence[np.ndarray], Sequence[str | None]], list[list[str]]]

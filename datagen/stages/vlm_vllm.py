@@ -71,9 +71,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from shards import STATUS_FAILED, STATUS_OK
+from shards.config import Float, NonNegativeFloat, PositiveInt
 
 from . import StageError, as_image, as_objects, error_text
 from .caption import clean_caption
@@ -111,32 +114,24 @@ class VllmConfig:
     """The vLLM engine of the VLM pools (``vlm.engine: vllm``)."""
 
     model_source: str | None = None  # None: the stages' model name; or another copy (local folder, s3://...)
-    tensor_parallel_size: int = 1  # GPUs per engine replica (x engine_kwargs' pipeline_parallel_size, if set);
+    tensor_parallel_size: PositiveInt = 1  # GPUs per engine replica (x engine_kwargs' pipeline_parallel_size, if set);
     #                                a VLM pool's num_gpus must equal it
-    gpu_memory_utilization: float = 0.9  # fraction of each GPU vLLM may use (weights + KV cache)
-    max_model_len: int = 8192  # tokens per request: prompt, image tokens included, plus answer
-    max_num_seqs: int | None = None  # requests an engine runs at once; None: vLLM's default for the GPU
-    batch_size: int = 32  # requests per Ray Data batch sent to an engine
-    max_concurrent_batches: int = 8  # batches in flight per engine (keeps it fed between batches)
+    gpu_memory_utilization: Annotated[Float, Field(gt=0, le=1)] = 0.9  # fraction of each GPU vLLM may use (weights + KV cache)
+    max_model_len: PositiveInt = 8192  # tokens per request: prompt, image tokens included, plus answer
+    max_num_seqs: PositiveInt | None = None  # requests an engine runs at once; None: vLLM's default for the GPU
+    batch_size: PositiveInt = 32  # requests per Ray Data batch sent to an engine
+    max_concurrent_batches: PositiveInt = 8  # batches in flight per engine (keeps it fed between batches)
     accelerator_type: str | None = None  # e.g. "H100": engines only on nodes with that GPU type
     chat_template_content_format: str = "openai"  # "openai": the model's template renders the image part,
     #                                               as the transformers engine's does; "string": vLLM's
-    cpu_stage_cpus: float = 1.0  # CPUs per CPU-side worker: request building, chat template, tokenize,
+    cpu_stage_cpus: NonNegativeFloat = 1.0  # CPUs per CPU-side worker: request building, chat template, tokenize,
     #                              detokenize, answer parsing, chunk assembly
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1 or self.batch_size < 1 or self.max_concurrent_batches < 1:
-            raise ValueError("tensor_parallel_size, batch_size and max_concurrent_batches must be >= 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len < 1 or (self.max_num_seqs is not None and self.max_num_seqs < 1):
-            raise ValueError("max_model_len and max_num_seqs must be >= 1")
         if self.chat_template_content_format not in CHAT_FORMATS:
             raise ValueError(f"chat_template_content_format must be one of {CHAT_FORMATS}, "
                              f"got {self.chat_template_content_format!r}")
-        if self.cpu_stage_cpus < 0:
-            raise ValueError(f"cpu_stage_cpus must be >= 0, got {self.cpu_stage_cpus}")
         pp = self.engine_kwargs.get("pipeline_parallel_size", 1)
         if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
             raise ValueError(f"engine_kwargs.pipeline_parallel_size must be an integer >= 1, got {pp!r}")

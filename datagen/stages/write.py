@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, fields
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import Field
 
 from shards import (
     STATUS_FAILED,
@@ -40,7 +42,7 @@ _SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 class WriteConfig:
     """How samples are stored."""
 
-    jpeg_quality: int = 95  # for images that are re-encoded (resized, rotated or not JPEG at the source)
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95  # for images that are re-encoded (resized, rotated or not JPEG at the source)
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
