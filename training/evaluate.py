@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from datagen.models import ModelSpec
 from datagen.scoring import SAM_SCORE_THRESHOLD
+from shards.config import PositiveInt, UnitFloat
 from training.generate import add_preset_arguments, config_from_args, run_cli
 from training.layouts import LayoutRecord, read_layouts
 from training.metrics import (
@@ -66,9 +67,9 @@ class FidConfig:
 
     reference: str | None = None  # folder of reference images (e.g. the real images of the layouts)
     inception_weights: str | None = None  # torch-fidelity's Inception .pth; None: the torch hub cache's file
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     device: str = "auto"
-    feature: int = 2048  # Inception feature size (2048: the published FID; 64/192/768 for quick checks)
+    feature: Literal[64, 192, 768, 2048] = 2048  # Inception feature size (2048: the published FID; 64/192/768 for quick checks)
 
 
 @dataclass(frozen=True)
@@ -89,16 +90,16 @@ class EvalConfig:
         weights="hf-hub:ybelkada/segment-anything/checkpoints/sam_vit_h_4b8939.pth",
         dtype="float32",
     )
-    clip_batch_size: int = 64  # crops / texts per CLIP forward
-    chunk_images: int = 16  # images loaded and scored together (bounds memory)
-    sam_score_threshold: float = SAM_SCORE_THRESHOLD  # SAM score <= this scores 0 (the paper: 0.5)
+    clip_batch_size: PositiveInt = 64  # crops / texts per CLIP forward
+    chunk_images: PositiveInt = 16  # images loaded and scored together (bounds memory)
+    sam_score_threshold: UnitFloat = SAM_SCORE_THRESHOLD  # SAM score <= this scores 0 (the paper: 0.5)
     size_scheme: Literal["coco", "relative"] = (
         "coco"  # coco: box area vs 32^2 / 96^2 px; relative: area fraction
     )
-    relative_limits: tuple[float, float] = (0.02, 0.2)  # relative scheme: small < a <= medium < b <= large
+    relative_limits: tuple[UnitFloat, UnitFloat] = (0.02, 0.2)  # relative scheme: small < a <= medium < b <= large
     table_format: Literal["parquet", "csv"] = "parquet"
-    height: int = 512  # the size layout boxes refer to when a line does not say
-    width: int = 512
+    height: PositiveInt = 512  # the size layout boxes refer to when a line does not say
+    width: PositiveInt = 512
     fid: FidConfig = field(default_factory=FidConfig)
 
     def __post_init__(self) -> None:
@@ -109,8 +110,6 @@ class EvalConfig:
         lo, hi = self.relative_limits
         if not 0 < lo < hi < 1:
             raise ConfigError(f"relative_limits must satisfy 0 < a < b < 1, got {self.relative_limits}")
-        if self.chunk_images < 1 or self.clip_batch_size < 1:
-            raise ConfigError("chunk_images and clip_batch_size must be >= 1")
 
 
 def size_buckets(areas: np.ndarray, fractions: np.ndarray, cfg: EvalConfig) -> list[str]:
