@@ -99,7 +99,8 @@ def _tiny_dataset(root):
     return root
 
 
-def test_generate_from_shards_with_a_refiner_saves_both_and_the_ground_truth(tmp_path, capsys):
+def test_generate_from_shards_with_a_refiner_saves_both_and_the_ground_truth(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights anywhere
     dataset, out = _tiny_dataset(tmp_path / "ds"), tmp_path / "gen"
     argv = ["--tiny", "--from-shards", str(dataset), "--limit", "1", "--out", str(out), "--refiner", "tiny",
             "--refiner-strength", "0.5", "--refiner-steps", "2"]  # fmt: skip
@@ -116,6 +117,12 @@ def test_generate_from_shards_with_a_refiner_saves_both_and_the_ground_truth(tmp
         assert im.size == (64, 64) and im.getpixel((5, 5)) == (200, 30, 30)
     wide, _ = layouts_from_dataset(str(dataset), 64)
     assert [(r.id, r.width, r.height) for r in wide] == [("square", 64, 64), ("wide", 64, 40)]
+    # What evaluate needs to score against the same dataset: the layouts and the real images beside them.
+    argv = ["--tiny", "--images", str(out / "reference"), "--layouts", str(out / "layouts.jsonl"), "--out",
+            str(tmp_path / "eval")]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["objects"] == 2 and scored["failed_objects"] == 0
 
 
 def test_generate_release_demo_file_and_bad_layouts(tmp_path, capsys):
