@@ -31,13 +31,12 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.attention import RegionalCrossAttention, _level_region_map, level_grid
+from training.attention import RegionalCrossAttention, _level_region_map, _pick_tile, level_grid
 
 __all__ = ["MODEL_TYPES", "RegionalCrossAndSelfAttention"]
 
 MODEL_TYPES = ("ca", "casa")  # the release's init_regional_unet.py --model_type values
 _PLAN_KEY = "_regional_self_plans"
-_TILE_SIZES = (16, 32, 64, 128)
 # The naive reference's additive mask outside a union, as the release's; exp(-1e3) is 0 in fp32.
 _NAIVE_MASK = -1e3
 
@@ -67,12 +66,6 @@ def _level_union(union_masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
     if tuple(union_masks.shape[-2:]) != grid:
         union_masks = F.interpolate(union_masks.float(), size=grid, mode="nearest") > 0.5
     return union_masks.reshape(*union_masks.shape[:2], -1).bool()
-
-
-def _pick_tile(counts: list[int], width: int) -> int:
-    """Tile size minimizing padded query rows plus the per-tile copies of the keys."""
-    cost = {t: sum(-(-c // t) for c in counts) * (t + 8) * width for t in _TILE_SIZES}
-    return min(cost, key=cost.get)
 
 
 def _build_self_plan(objs: dict, grid: tuple[int, int]) -> _SelfPlan:
