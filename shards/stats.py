@@ -91,7 +91,11 @@ def load_index(
     whose parquet cannot be read is left out and recorded in ``skipped`` (shard name -> reason).
     """
     fs, _ = fs_and_root(dataset)
-    shards = [s for s in list_shards(dataset) if s.has_parquet and (s.complete or not complete_only)]
+    listed = list_shards(dataset)
+    for s in listed:
+        if s.complete and not s.has_parquet:
+            _skip(skipped, dataset, s.name, "parquet missing (the stats file says the shard is complete)")
+    shards = [s for s in listed if s.has_parquet and (s.complete or not complete_only)]
     columns = {**PARQUET_COLUMNS, "shard": "string"}
     empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
     if not shards:
@@ -151,7 +155,12 @@ def load_objects(
     A shard that cannot be read to its end (or to the cap) is left out whole and recorded in
     ``skipped`` (shard name -> reason).
     """
-    shards = [s for s in list_shards(dataset) if s.complete and s.has_tar]
+    shards = []
+    for s in list_shards(dataset):
+        if s.complete and not s.has_tar:
+            _skip(skipped, dataset, s.name, "tar missing (the stats file says the shard is complete)")
+        elif s.complete:
+            shards.append(s)
     per_shard = None if max_samples is None else math.ceil(max_samples / max(1, len(shards)))
     rows: list[dict] = []
     taken = 0

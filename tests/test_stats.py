@@ -40,6 +40,19 @@ def test_load_index_concatenates_complete_shards_with_shard_column(dataset, inde
     assert sorted(everything["shard"].unique()) == ["000000", "000001", "000002"]
 
 
+def test_loading_leaves_out_and_names_damaged_shards(tmp_path):
+    ds = write_dataset(tmp_path / "ds")
+    (ds / "000000.parquet").unlink()
+    (ds / "000001.tar").write_bytes(b"not a tar")
+    skipped: dict[str, str] = {}
+    index = stats.load_index(str(ds), skipped=skipped)
+    objects = stats.load_objects(str(ds), max_samples=None, skipped=skipped)
+    assert sorted(index["key"]) == ["f3", "s1a", "s1b"]
+    assert sorted(objects["key"]) == ["s0a", "s0a", "s0b"]
+    assert skipped["000000"] == "parquet missing (the stats file says the shard is complete)"
+    assert skipped["000001"].startswith(f"ShardReadError: {ds / '000001.tar'}: ")
+
+
 def test_load_index_of_dataset_without_shards_is_empty_with_columns(tmp_path):
     df = stats.load_index(str(tmp_path))
     assert len(df) == 0 and "shard" in df.columns and "status" in df.columns
