@@ -22,19 +22,21 @@ from .dataset import build_index, list_shards, open_run
 from .masks import decode_mask, encode_mask, mask_to_box, rle_problem
 from .paths import fs_and_root
 from .reader import iter_samples
-from .schema import ObjectRecord, SampleRecord, SchemaError
+from .schema import (
+    META_CAPTIONS,
+    META_COCO_CATEGORY_IDS,
+    META_COCO_CROWD,
+    META_COCO_IMAGE_ID,
+    META_COCO_SUPERCATEGORIES,
+    ObjectRecord,
+    SampleRecord,
+    SchemaError,
+)
 from .stats import SHARD_ERRORS
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
-# Keys of ``SampleRecord.meta`` written by from-coco; each always holds the same type.
-META_IMAGE_ID = "coco_id"  # int: the COCO image id
-META_CATEGORY_IDS = "coco_category_ids"  # list[int]: the COCO category id of each object, in order
-META_SUPERCATEGORIES = "coco_supercategories"  # list[str]: each object's supercategory ("" if none)
-# list[dict]: crowd regions, which are not objects to describe:
-# {"category_id": int, "name": str, "supercategory": str, "bbox": [x, y, w, h], "segmentation": RLE | None}
-META_CROWD = "coco_crowd"
 
 
 class CocoError(ValueError):
@@ -44,7 +46,7 @@ class CocoError(ValueError):
 def _coco_ids(rec: SampleRecord) -> tuple[int, list[int], list[str]] | None:
     """The source image id, category ids and supercategories recorded by from-coco, or None."""
     m = rec.meta
-    image_id, cats, supers = m.get(META_IMAGE_ID), m.get(META_CATEGORY_IDS), m.get(META_SUPERCATEGORIES)
+    image_id, cats, supers = m.get(META_COCO_IMAGE_ID), m.get(META_COCO_CATEGORY_IDS), m.get(META_COCO_SUPERCATEGORIES)
     if not isinstance(image_id, int) or not isinstance(cats, list) or len(cats) != len(rec.objects):
         return None
     supers = supers if isinstance(supers, list) and len(supers) == len(cats) else [""] * len(cats)
@@ -121,7 +123,7 @@ def to_coco(dataset: str, out: str) -> dict:
                      "clip_score": obj.clip_score, "mask_score": obj.mask_score}
             annotations.append(_annotation(image_id, cat, obj.box, mask, 0, extra))
         if keep_ids:
-            for c in rec.meta.get(META_CROWD) or []:
+            for c in rec.meta.get(META_COCO_CROWD) or []:
                 categories.setdefault(int(c["category_id"]), (c["name"], c["supercategory"]))
                 x, y, w, h = c["bbox"]
                 annotations.append(_annotation(image_id, int(c["category_id"]), (x, y, x + w, y + h),
@@ -233,7 +235,7 @@ def _objects_for(
         )
         cat_ids.append(int(a["category_id"]))
         supers.append(cat["supercategory"])
-    return objects, {META_CATEGORY_IDS: cat_ids, META_SUPERCATEGORIES: supers, META_CROWD: crowd}
+    return objects, {META_COCO_CATEGORY_IDS: cat_ids, META_COCO_SUPERCATEGORIES: supers, META_COCO_CROWD: crowd}
 
 
 def from_coco(
@@ -316,7 +318,7 @@ def from_coco(
                 source=source,
                 source_caption=cap_list[0] if cap_list else None,
                 objects=tuple(objects),
-                meta={"captions": cap_list, META_IMAGE_ID: int(img["id"]), **coco_meta},
+                meta={META_CAPTIONS: cap_list, META_COCO_IMAGE_ID: int(img["id"]), **coco_meta},
             )
             writer.add(rec, data, ext)
             counts["samples"] += 1

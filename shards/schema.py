@@ -26,6 +26,15 @@ STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_FILTERED)
 # "write" (datagen) and "read"/"convert" (from-coco) they are the values of the parquet ``error_stage``.
 STAGE_ORDER = ("tag", "caption", "ground", "segment", "describe", "score", "filter")
 
+# Keys of ``SampleRecord.meta`` with a fixed meaning; each always holds the same type when present.
+META_CAPTIONS = "captions"  # list[str]: every caption of the source (COCO has five); the trainer draws one
+META_COCO_IMAGE_ID = "coco_id"  # int: the COCO image id (from-coco)
+META_COCO_CATEGORY_IDS = "coco_category_ids"  # list[int]: the COCO category id of each object, in order
+META_COCO_SUPERCATEGORIES = "coco_supercategories"  # list[str]: each object's supercategory ("" if none)
+# list[dict]: COCO crowd regions, which are not objects to describe: {"category_id": int, "name": str,
+# "supercategory": str, "bbox": [x, y, w, h] (floats, pixels), "segmentation": RLE dict or null}
+META_COCO_CROWD = "coco_crowd"
+
 # WebDataset splits a member name into key and extension at the first dot, and keys become file names
 # in the tar: allow only a conservative set, no dots, no slashes.
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
@@ -151,7 +160,7 @@ class SampleRecord:
     source_caption: str | None = None  # alt-text / given caption
     caption: str | None = None  # global caption written by the VLM
     objects: tuple[ObjectRecord, ...] = ()
-    meta: dict = field(default_factory=dict)  # JSON-safe extras (e.g. all COCO captions)
+    meta: dict = field(default_factory=dict)  # JSON-safe extras; the keys META_* above have fixed types
     schema_version: int = SCHEMA_VERSION
 
     def validate(self) -> SampleRecord:

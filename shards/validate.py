@@ -20,7 +20,19 @@ from .dataset import ShardInfo, list_shards
 from .masks import rle_problem
 from .paths import fs_and_root
 from .reader import RawSample, ShardReadError, tar_samples
-from .schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, SampleRecord, SchemaError, check_key
+from .schema import (
+    META_CAPTIONS,
+    META_COCO_CATEGORY_IDS,
+    META_COCO_CROWD,
+    META_COCO_IMAGE_ID,
+    META_COCO_SUPERCATEGORIES,
+    STATUS_FAILED,
+    STATUS_FILTERED,
+    STATUS_OK,
+    SampleRecord,
+    SchemaError,
+    check_key,
+)
 from .writer import IMAGE_EXTS
 
 
@@ -89,6 +101,33 @@ def _check_masks(shard: str, key: str, rec: SampleRecord, problems: list[Problem
                 problems.append(Problem(shard, key, f"objects[{i}].mask: {why}", f"{key}.json"))
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _meta_problems(rec: SampleRecord) -> list[str]:
+    """The META_* keys of ``rec.meta`` that do not hold their fixed type (lists per object: one each)."""
+    m, n, out = rec.meta, len(rec.objects), []
+    per_object = {META_COCO_CATEGORY_IDS: _is_int, META_COCO_SUPERCATEGORIES: lambda v: isinstance(v, str)}
+    for name, ok in per_object.items():
+        if name in m and not (isinstance(m[name], list) and len(m[name]) == n and all(map(ok, m[name]))):
+            out.append(f"meta.{name} must hold one {'int' if ok is _is_int else 'str'} per object ({n})")
+    if META_CAPTIONS in m and not (isinstance(m[META_CAPTIONS], list) and all(isinstance(c, str) for c in m[META_CAPTIONS])):
+        out.append(f"meta.{META_CAPTIONS} must be a list of strings")
+    if META_COCO_IMAGE_ID in m and not _is_int(m[META_COCO_IMAGE_ID]):
+        out.append(f"meta.{META_COCO_IMAGE_ID} must be an integer")
+    crowd = m.get(META_COCO_CROWD, [])
+    if not isinstance(crowd, list) or not all(isinstance(c, dict) for c in crowd):
+        return [*out, f"meta.{META_COCO_CROWD} must be a list of objects"]
+    for i, c in enumerate(crowd):
+        why = rle_problem(c["segmentation"]) if c.get("segmentation") is not None else None
+        if not _is_int(c.get("category_id")) or not isinstance(c.get("bbox"), list) or len(c["bbox"]) != 4:
+            out.append(f"meta.{META_COCO_CROWD}[{i}] needs an integer category_id and a 4-number bbox")
+        elif why:
+            out.append(f"meta.{META_COCO_CROWD}[{i}].segmentation: {why}")
+    return out
+
+
 def _check_samples(shard: str, raws: list[RawSample], problems: list[Problem]) -> dict[str, SampleRecord]:
     records: dict[str, SampleRecord] = {}
     for raw in raws:
@@ -118,6 +157,7 @@ def _check_samples(shard: str, raws: list[RawSample], problems: list[Problem]) -
                 Problem(shard, key, f"json field 'key' is {rec.key!r}, member name says {key!r}", f"{key}.json")
             )
         _check_masks(shard, key, rec, problems)
+        problems.extend(Problem(shard, key, why, f"{key}.json") for why in _meta_problems(rec))
         try:
             with Image.open(io.BytesIO(members[images[0]])) as im:
                 size = im.size

@@ -249,3 +249,29 @@ def test_from_coco_into_a_dataset_of_another_config_is_an_error_line(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'out'}: ") and "different configuration" in err
     assert err.count("\n") == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_validate_checks_the_coco_meta_of_each_sample(tmp_path):
+    from test_shards import _rewrite_tar
+
+    imgs = _scorable_fixture(tmp_path)
+    ds = tmp_path / "out"
+    assert cli(_from_coco_args(tmp_path, imgs)) == 0
+    assert validate_dataset(str(ds)) == []
+
+    def break_meta(members):
+        out = []
+        for name, data in members:
+            if name == "coco000000000785.json":
+                d = json.loads(data)
+                d["meta"]["coco_category_ids"] = [18, 1]  # one object, two ids
+                d["meta"]["coco_crowd"][0]["segmentation"]["counts"] = "1"
+                data = json.dumps(d).encode()
+            out.append((name, data))
+        return out
+
+    _rewrite_tar(ds / "000000.tar", break_meta)
+    problems = [str(p) for p in validate_dataset(str(ds)) if "meta" in str(p)]
+    where = "shard 000000 key coco000000000785 member 'coco000000000785.json'"
+    assert problems == [f"{where}: meta.coco_category_ids must hold one int per object (1)",
+                        f"{where}: meta.coco_crowd[0].segmentation: runs cover 1 pixels, the size 24x32 has 768"]
