@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .cli import CliError, require_dataset, require_output_folder, run_command
+from .cli import CliError, require_dataset, require_output_file, run_command
 from .paths import fs_and_root
 
 
@@ -98,7 +98,7 @@ def _index(args: argparse.Namespace) -> int:
 def _to_coco(args: argparse.Namespace) -> int:
     from .coco import to_coco
 
-    n = to_coco(require_dataset(args.dataset), require_output_folder(args.out))
+    n = to_coco(require_dataset(args.dataset), require_output_file(args.out))
     print(f"wrote {args.out}: {n['images']} images, {n['annotations']} annotations, {n['crowd']} crowd regions")
     for name, why in n["skipped_shards"].items():
         print(f"shard {name} skipped: {why}", file=sys.stderr)

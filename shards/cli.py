@@ -29,11 +29,14 @@ def require_dataset(dataset: str) -> str:
     return dataset
 
 
-def require_output_folder(out: str) -> str:
-    """``out`` if the folder it goes in exists (checked locally; object stores have no folders), else CliError."""
+def require_output_file(out: str, make_folder: bool = False) -> str:
+    """``out`` if it can be written as a file: not a folder, and (checked locally; object stores have
+    no folders) its folder exists or ``make_folder`` allows creating it; else CliError."""
     fs, path = fs_and_root(out)
+    if fs.isdir(path):
+        raise CliError(f"{out}: is a folder; give the path of the file to write")
     parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    if is_local(fs) and not fs.isdir(parent or "/"):
+    if is_local(fs) and not make_folder and not fs.isdir(parent or "/"):
         raise CliError(f"{out}: the output folder {parent} does not exist")
     return out
 
@@ -47,4 +50,8 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return args.fn(args)
     except (CliError, RunMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # A path the user gave that cannot be read or written: the message names it.
+        print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from . import stats
-from .cli import require_dataset, run_command
+from .cli import require_dataset, require_output_file, run_command
 from .dataset import tar_urls
 from .draw import color_hex, draw_sample
 
@@ -294,6 +294,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     for d in args.datasets:
         require_dataset(d)
+    require_output_file(args.out, make_folder=True)
     out = write_report(args.datasets, args.out, args.max_samples or None, args.gallery)
     print(f"wrote {out}")
     return 0

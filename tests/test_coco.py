@@ -275,3 +275,9 @@ def test_validate_checks_the_coco_meta_of_each_sample(tmp_path):
     where = "shard 000000 key coco000000000785 member 'coco000000000785.json'"
     assert problems == [f"{where}: meta.coco_category_ids must hold one int per object (1)",
                         f"{where}: meta.coco_crowd[0].segmentation: runs cover 1 pixels, the size 24x32 has 768"]
+
+
+def test_to_coco_into_a_folder_is_an_error_line(tmp_path, capsys):
+    write_dataset(tmp_path / "ds", n=1)
+    assert cli(["to-coco", str(tmp_path / "ds"), str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: is a folder; give the path of the file to write\n"

@@ -179,3 +179,8 @@ def test_report_missing_dataset_is_one_error_line(tmp_path, capsys):
     assert report.main([str(missing), "--out", str(tmp_path / "r.html")]) == 2
     assert capsys.readouterr().err == f"error: {missing}: no such dataset folder\n"
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_out_is_a_folder_is_one_error_line(datasets, tmp_path, capsys):
+    assert shards_cli(["report", datasets[0], "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: is a folder; give the path of the file to write\n"
