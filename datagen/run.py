@@ -102,7 +102,7 @@ def _versions() -> dict:
     return out
 
 
-class DiskFullError(OSError):
+class DiskFullError(RuntimeError):
     """The output's disk filled up during a run; the message says what is safe and how to go on."""
 
 
@@ -129,7 +129,6 @@ def run(
             raise
         complete = sum(s.complete for s in list_shards(output))
         raise DiskFullError(
-            errno.ENOSPC,
             f"no space left on the device of {output} ({full.filename or 'writing a shard'}): the run stopped; "
             f"the {complete} complete shard(s) are safe (a shard is complete once its stats file exists, and "
             "incomplete ones are redone); free some space and run the same command again to resume",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass
 
 from .paths import INDEX_FILE, RUN_FILE, dump_json, fs_and_root, join, url_for, write_atomic
-from .schema import SCHEMA_VERSION
+from .schema import SCHEMA_VERSION, json_sha256
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def build_index(dataset: str) -> dict:
 
 def fingerprint(config: dict) -> str:
     """sha256 of the canonical JSON of a config: what makes two runs the same run."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_sha256(config)
 
 
 class RunMismatchError(RuntimeError):
@@ -105,6 +104,28 @@ def read_run(dataset: str) -> dict | None:
         return json.load(f)
 
 
+def config_diff(old: object, new: object, path: str = "") -> list[str]:
+    """``"a.b: old -> new"`` for each field that differs between two JSON configs (nested mappings
+    are walked; any other value is compared whole; a missing field shows as ``(absent)``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                out.append(f"{where}: {_shown(old.get(key), key in old)} -> {_shown(new.get(key), key in new)}")
+            else:
+                out += config_diff(old[key], new[key], where)
+        return out
+    return [] if old == new else [f"{path or '(config)'}: {_shown(old)} -> {_shown(new)}"]
+
+
+def _shown(value: object, present: bool = True) -> str:
+    if not present:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def open_run(dataset: str, config: dict, extra: dict | None = None, new_run: bool = False) -> dict:
     """Create ``run.json`` for ``config``, or check that an existing one has the same fingerprint.
 
@@ -118,9 +139,12 @@ def open_run(dataset: str, config: dict, extra: dict | None = None, new_run: boo
     existing = read_run(dataset)
     if existing is not None and existing.get("fingerprint") != fp:
         if not new_run:
+            changed = config_diff(existing.get("config", {}), config)
+            shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
             raise RunMismatchError(
                 f"{dataset}: run.json was written by a different configuration "
-                f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fp[:12]}); use the same config "
+                f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fp[:12]}"
+                + (f"; differs in {shown}" if changed else "") + "); use the same config "
                 "to resume, another output folder, or --new-run to discard the existing shards"
             )
         for s in list_shards(dataset):

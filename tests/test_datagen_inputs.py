@@ -21,11 +21,11 @@ from datagen.cli import main
 from datagen.config import ConfigError, build_config, fingerprint_dict, load_config
 from datagen.inputs import InputError, InputItem, assign_shards, inputs_digest, list_inputs, make_key
 from datagen.pipeline import _FailFast, _stage_error
-from datagen.plan import plan_jobs, plan_text
+from datagen.plan import plan_jobs, plan_text, shard_problem
 from datagen.stages import StageError
 from datagen.stages.decode import DecodeConfig, DecodeStage, decode_image
 from datagen.stages.write import WriteConfig, pack, write_shard
-from shards import check_key, list_shards, open_run, validate_dataset
+from shards import RunMismatchError, check_key, list_shards, open_run, validate_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datagen"
 
@@ -228,6 +228,130 @@ def test_plan_jobs_resumes_and_retries(tmp_path):
     assert (skipped, [(j.shard_id, [i.key for i in j.items], j.keep_existing) for j in jobs][0]) == (
         0, (0, [items[1].key], True))
     assert [s.complete for s in list_shards(out)] == [True, False]
+
+
+def _two_complete_shards(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(_jpeg(_rgb(seed=i)))
+    items = list_inputs(str(tmp_path / "in"))
+    cfg = build_config({"inputs": {"samples_per_shard": 2}, "pools": {"p": {"stages": ["tag"]}}})
+    out = str(tmp_path / "out")
+    for shard in (0, 1):
+        rows = [_row(it.key) for it in items[2 * shard : 2 * shard + 2]]
+        write_shard(out, shard, pack({k: [r[k] for r in rows] for k in rows[0]}, WriteConfig()))
+    return items, cfg, out
+
+
+def test_a_complete_shard_whose_tar_does_not_match_its_stats_is_redone(tmp_path, caplog):
+    items, cfg, out = _two_complete_shards(tmp_path)
+    assert plan_jobs(items, cfg, out, verify=True) == ([], 2)
+    tar0, tar1 = tmp_path / "out" / "000000.tar", tmp_path / "out" / "000001.tar"
+    size0 = tar0.stat().st_size
+    tar0.write_bytes(tar0.read_bytes()[: size0 // 2])  # cut in half next to its stats file
+    data = bytearray(tar1.read_bytes())
+    data[600] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    tar1.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="datagen.plan"):
+        jobs, skipped = plan_jobs(items, cfg, out)
+    assert skipped == 1 and [(j.shard_id, len(j.items), j.keep_existing) for j in jobs] == [(0, 2, False)]
+    assert jobs[0].redo == f"its tar holds {size0 // 2} bytes but its stats recorded {size0} (truncated or overwritten)"
+    assert "shard 000000 has a stats file but its tar holds" in caplog.text
+    jobs, skipped = plan_jobs(items, cfg, out, retry_failed=True, verify=True)
+    assert skipped == 0 and [j.shard_id for j in jobs] == [0, 1] and "sha256" in jobs[1].redo
+    assert [len(j.items) for j in jobs] == [2, 2]  # redone whole, not only its failed rows
+
+
+def test_shard_checks_without_a_recorded_size_and_with_missing_files(tmp_path):
+    items, cfg, out = _two_complete_shards(tmp_path)
+    stats = tmp_path / "out" / "000000.stats.json"
+    recorded = json.loads(stats.read_text())
+    stats.write_text(json.dumps({k: v for k, v in recorded.items() if k != "tar_bytes"}))  # an older stats file
+    info = {s.id: s for s in list_shards(out)}
+    assert shard_problem(out, info[0]) is None  # read to its end: whole
+    tar = tmp_path / "out" / "000000.tar"
+    tar.write_bytes(tar.read_bytes()[:700])
+    assert shard_problem(out, info[0]).startswith(("its tar is unreadable", "its tar ends inside"))
+    (tmp_path / "out" / "000001.parquet").unlink()
+    assert shard_problem(out, list_shards(out)[1]) == "its parquet is missing"
+
+
+def test_output_naming_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "0.jpg").write_bytes(_jpeg(_rgb()))
+    (tmp_path / "out.txt").write_text("not a dataset")
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out.txt")]
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {tmp_path / 'out.txt'}: is an existing file, not a dataset folder (give a new "
+                   "folder, or the folder of a previous run to resume it)"]
+    assert main(["plan", *args]) == 2 and capsys.readouterr().err.startswith("error: --output ")
+    assert (tmp_path / "out.txt").read_text() == "not a dataset"
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_complete_shards(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import shards.writer
+    from datagen import pipeline
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(_jpeg(_rgb(seed=i)))
+    out = tmp_path / "out"
+    real_close = shards.writer.ShardWriter.close
+
+    def close(self):
+        if self.name == "000001":
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "000001.tar"))
+        return real_close(self)
+
+    def execute(jobs, cfg, output, progress=None):  # the writer's part of the pipeline, without Ray
+        for job in jobs:
+            rows = [_row(it.key) for it in job.items]
+            write_shard(output, job.shard_id, pack({k: [r[k] for r in rows] for k in rows[0]}, WriteConfig()))
+
+    monkeypatch.setattr(shards.writer.ShardWriter, "close", close)
+    monkeypatch.setattr(pipeline, "execute", execute)
+    monkeypatch.setattr(pipeline, "init_ray", lambda cfg: False)
+    args = ["run", "--config", str(CONFIGS / "tiny.yaml"), "--input", str(tmp_path / "in"), "--output", str(out),
+            "--set", "inputs.samples_per_shard=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no space left on the device of {out} ({out / '000001.tar'})")
+    assert "the 1 complete shard(s) are safe" in err[0] and "run the same command again to resume" in err[0]
+    assert [(s.name, s.complete) for s in list_shards(str(out))] == [("000000", True)]
+    assert validate_dataset(str(out)) == []
+
+
+def test_disk_full_is_found_inside_wrapping_errors():
+    import errno
+
+    from datagen.run import _disk_full
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    class RemoteError(RuntimeError):  # Ray's RayTaskError keeps the task's exception as .cause
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    assert _disk_full(RemoteError(full)) is full
+    try:
+        raise RuntimeError("outer") from full
+    except RuntimeError as e:
+        assert _disk_full(e) is full
+    assert _disk_full(OSError(errno.EACCES, "denied")) is None and _disk_full(RemoteError(None)) is None
+
+
+def test_a_changed_config_is_refused_naming_the_fields_that_differ(tmp_path):
+    out = str(tmp_path / "ds")
+    open_run(out, {"decode": {"max_side": 1024, "format": "jpg"}, "models": ["a", "b"], "seed": 0})
+    with pytest.raises(RunMismatchError) as info:
+        open_run(out, {"decode": {"max_side": 200, "format": "jpg"}, "models": ["a", "c"], "extra": True})
+    msg = str(info.value)
+    assert ('differs in decode.max_side: 1024 -> 200; extra: (absent) -> true; models: ["a", "b"] -> ["a", "c"]; '
+            "seed: 0 -> (absent))") in msg and "--new-run" in msg
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -6,7 +6,9 @@ Ray per run, and a process that can be SIGKILLed mid-run.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,7 +96,72 @@ def test_rerun_skips_complete_shards_and_changed_config_is_refused(reference, tm
     assert _files(out, "*.tar") == before
     proc = datagen(inputs, out, "--set", "decode.max_side=200")
     assert proc.returncode == 2 and "different configuration" in proc.stderr and "--new-run" in proc.stderr
+    assert "differs in decode.max_side: 256 -> 200)" in proc.stderr
     assert _files(out, "*.tar") == before
+
+
+def _index_totals(output: Path) -> dict:
+    return json.loads((output / "index.json").read_text())["totals"]
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_redone_on_resume_and_the_counts_are_right(reference, tmp_path):
+    inputs, out, _, stdout = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    tar = copy / "000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # cut in half next to its stats file
+    proc = datagen(inputs, copy)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "shards 5 (4 already complete, 1 damaged and redone, 1 written now)" in proc.stdout
+    assert "shard 000001 has a stats file but its tar holds" in proc.stderr
+    assert _files(copy, "*.tar") == _files(out, "*.tar")  # redone byte for byte
+    assert _index_totals(copy) == _index_totals(out)
+    samples = next(line for line in stdout.splitlines() if line.strip().startswith("samples"))
+    assert samples in proc.stdout
+    assert validate_dataset(str(copy)) == []
+
+
+FULL_DISK_DRIVER = """
+import errno, sys
+import ray
+from datagen import pipeline
+from datagen.cli import main
+
+def write(dataset, shard_id, entries, keep_existing):
+    import shards.writer as w
+    from datagen.stages.write import write_shard
+    real = w.ShardWriter.close
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device", dataset + "/000003.tar")
+    if shard_id == 3:
+        w.ShardWriter.close = close
+    try:
+        return write_shard(dataset, shard_id, entries, keep_existing)
+    finally:
+        w.ShardWriter.close = real
+
+pipeline._write_shard_task = ray.remote(write)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_shard_writer_is_one_error_line_and_other_shards_are_safe(reference, tmp_path):
+    inputs, out, _, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("000003", "000004"):  # two shards to write: 3 hits the full disk, 4 completes
+        (copy / f"{name}.stats.json").unlink()
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, *_cmd(inputs, copy)[3:]], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in proc.stderr.splitlines() if "Traceback" in line or line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on the device of {copy} ")
+    assert "the 4 complete shard(s) are safe" in errors[0]
+    assert [s.complete for s in list_shards(str(copy))] == [True, True, True, False, True]
+    assert _files(copy, "00000[0124].tar") == _files(out, "00000[0124].tar")
 
 
 @pytest.mark.slow
