@@ -83,3 +83,9 @@ def test_a_bad_protocol_is_one_error_line(setup, tmp_path, capsys):
     code, captured = _run(setup, tmp_path / "x", capsys, "--set", "protocol=release")
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "protocol" in err[0]
+
+
+def test_a_model_folder_that_does_not_exist_is_one_error_line(setup, tmp_path, capsys):
+    code, captured = _run(setup, tmp_path / "x", capsys, "--set", f"paper_clip={tmp_path / 'nope'}")
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: evaluate.paper_clip: cannot load")

@@ -174,14 +174,19 @@ class Scorers:
     def build(cls, cfg: EvalConfig) -> Scorers:
         """The scorers of a config's protocol; CropPickScore only when ``cfg.pickscore`` is set."""
         hf = dict(protocol=cfg.protocol, device=cfg.hf_device, batch_size=cfg.clip_batch_size)
+
+        def load(key: str, model: str, processor: str | None, metric: str) -> HfCropScorer:
+            try:
+                return HfCropScorer(model, processor, metric=metric, **hf)
+            except OSError as err:  # not a folder, not in the cache offline, no such hub id
+                raise ValueError(f"evaluate.{key}: cannot load {model!r}: {err}".splitlines()[0]) from err
+
         if cfg.protocol == "paper":
-            crops = {"crop_clip": HfCropScorer(cfg.paper_clip, metric="crop_clip", **hf)}
+            crops = {"crop_clip": load("paper_clip", cfg.paper_clip, None, "crop_clip")}
         else:
             crops = {"crop_clip": CropClipScorer(cfg.clip, cfg.clip_batch_size)}
         if cfg.pickscore is not None:
-            crops["crop_pick"] = HfCropScorer(
-                cfg.pickscore, cfg.pickscore_processor, metric="crop_pick", **hf
-            )
+            crops["crop_pick"] = load("pickscore", cfg.pickscore, cfg.pickscore_processor, "crop_pick")
         return cls(crops, SamIoUScorer(cfg.sam, cfg.sam_score_threshold, cfg.protocol))
 
 

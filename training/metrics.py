@@ -179,6 +179,8 @@ class HfCropScorer:
                  protocol: Protocol = "paper", device: str = "auto", dtype: str = "float32",
                  batch_size: int = 64, revision: str | None = None) -> None:  # fmt: skip
         _check_protocol(protocol)
+        log.info("loading %s's transformers CLIP %s (processor %s) on %s", metric, model, processor or model,
+                 device)  # fmt: skip
         if model == TINY:
             self.model, self.processor = tiny_hf_clip()
         else:
