@@ -8,15 +8,22 @@ Equivalences are checked with AdamW turned into plain gradient descent: with ``b
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datagen.synthetic import make_image
 from shards import ObjectRecord, SampleRecord, ShardWriter
@@ -24,13 +31,16 @@ from shards.draw import color
 from training import model_setup as M
 from training import train as T
 from training import train_step as S
-from training.adapter import attach_regional_adapter, is_adapter_key, set_adapter_trainable
+from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter, set_adapter_trainable
 from training.encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
+from training.layout_pipeline import LayoutPipeline
 from training.regions import empty_layout
 from training.stream import build_loader
-from training.tiny import tiny_unet
+from training.tiny import tiny_sdxl_components, tiny_unet
 from training.train_config import ConfigError, TrainConfig
+from training.validation import generate_validation
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # training and validation images; the tiny UNet's latent grid is 8x8
 GD = {"optim.betas": [0.0, 0.0], "optim.eps": 1.0e6, "optim.lr": 1.0e6, "optim.weight_decay": 0.0}
 
@@ -116,7 +126,10 @@ def test_presets_load_and_the_paper_recipe_is_the_8gpu_preset():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.gradient_accumulation_steps=0", "override train.gradient_accumulation_steps=0: train.gradient_accumulation_steps: must be >= 1 (got 0)"),
+        (
+            "train.gradient_accumulation_steps=0",
+            "override train.gradient_accumulation_steps=0: train.gradient_accumulation_steps: must be >= 1 (got 0)",
+        ),
         ("optim.lrr=1", "optim: unknown key 'lrr' (valid keys: adam_8bit, betas, eps, lr,"),
         ("train.mixed_precision=fp8", "train.mixed_precision: must be 'no', 'fp16' or 'bf16' (got 'fp8')"),
         ("train.caption_dropout=1.5", "train.caption_dropout: must be in [0, 1] (got 1.5)"),
@@ -388,10 +401,97 @@ def test_main_runs_the_cli(dataset, tmp_path, capsys):
         )
         == 0
     )
-    assert '"step": 1' in capsys.readouterr().out
+    printed = json.loads(capsys.readouterr().out)
+    assert '"step": 1' in json.dumps(printed)
     assert (out / "adapter" / "adapter.safetensors").exists() and (out / "config.yaml").exists()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # The written config is the one that ran; the adapter moved; TensorBoard got the printed loss.
+    written = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    assert (
+        written.output_dir == str(out)
+        and written.train.max_steps == 1
+        and written.data.regions.max_slots == 6
+    )
+    trained, fresh = load_file(out / "adapter" / "adapter.safetensors"), _fresh_adapter()
+    assert trained.keys() == fresh.keys() and any(not torch.equal(trained[k], fresh[k]) for k in fresh)
+    events = EventAccumulator(str(out / "logs" / "richlayout"))
+    events.Reload()
+    (loss,) = events.Scalars("loss")
+    assert loss.step == 1 and loss.value == pytest.approx(printed["final_loss"], rel=1e-6)
     shutil.rmtree(out)
+
+
+def _cli(tmp_path, dataset, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "configs/train/tiny.yaml",
+        "--override",
+        f"output_dir={tmp_path / 'out'}",
+        "--override",
+        f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64]}}}}]",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("unknown key", ("{config}: optim: unknown key", "lrr")),
+        ("missing config", ("--config {tmp}/missing.yaml: No such file or directory",)),
+        ("malformed yaml", ("{config}: malformed YAML: ", "line 50")),
+        ("missing dataset", ("error: data", "datasets", "'{tmp}/no_such_dataset' does not exist")),
+        ("override without =", ("noequals",)),
+        ("override with bad YAML", ("--override 'data.batch_size=[1': the value is not valid YAML",)),
+        ("override with bad value", ("train.max_steps=0", "must be >= 1")),
+    ],
+)
+def test_cli_mistakes_print_one_error_line_naming_it_and_exit_2(case, expected, dataset, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    shutil.copy("configs/train/tiny.yaml", config)
+    argv = _cli(tmp_path, dataset)
+    argv[1] = str(config)
+    if case == "unknown key":
+        config.write_text(config.read_text().replace("  lr: 1.0e-4", "  lrr: 1.0e-4"))
+    elif case == "missing config":
+        argv[1] = str(tmp_path / "missing.yaml")
+    elif case == "malformed yaml":
+        config.write_text(config.read_text() + "model: [unclosed\n")
+    elif case == "missing dataset":
+        argv[5] = f"data.datasets=[{{path: {tmp_path / 'no_such_dataset'}}}]"
+    else:
+        argv += [
+            "--override",
+            {
+                "override without =": "noequals",
+                "override with bad YAML": "data.batch_size=[1",
+                "override with bad value": "train.max_steps=0",
+            }[case],
+        ]
+    assert T.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in expected:
+        assert fragment.format(config=config, tmp=tmp_path) in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_help_is_fast_and_imports_no_heavy_or_optional_library():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "--resume" in proc.stdout and "--override" in proc.stdout
+    assert "bitsandbytes" not in proc.stderr and "gemm" not in proc.stderr and proc.stderr == ""
+    code = "import sys, training.train; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'bitsandbytes', 'peft', 'tensorboard'}))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_bf16_computes_in_bf16_with_fp32_master_weights_of_the_adapter(dataset, tmp_path):
@@ -407,3 +507,43 @@ def test_bf16_computes_in_bf16_with_fp32_master_weights_of_the_adapter(dataset, 
     assert {d for k, d in dtypes.items() if is_adapter_key(k)} == {torch.float32}
     assert {d for k, d in dtypes.items() if not is_adapter_key(k)} == {torch.bfloat16}
     assert np.isfinite(res.losses).all() and res.grad_norms[0] > 0
+    # The step moved the adapter; the frozen UNet is the fresh one cast to bf16, bit for bit.
+    trained, fresh = res.unet.state_dict(), tiny_unet(0).state_dict()
+    assert any(not torch.equal(v, _fresh_adapter()[k]) for k, v in res.adapter_state.items())
+    assert all(torch.equal(trained[k], fresh[k].to(torch.bfloat16)) for k in fresh)
+
+
+def test_validation_images_are_generated_with_the_ema_weights(dataset, tmp_path):
+    """The EMA differs from the live weights; the saved validation image is the one a fresh pipeline makes
+    with the EMA adapter file, and not the one it makes with the live (raw) adapter file."""
+    layout = {"caption": "a red square", "boxes": [[8, 8, 40, 40]], "labels": ["a red square on the left"]}
+    c = tiny_config(
+        dataset,
+        tmp_path,
+        **{
+            "train.max_steps": 2,
+            "optim.lr": 0.05,  # large steps: the live adapter moves far from its EMA
+            "ema.update_after_step": 0,
+            "validation.every_steps": 2,
+            "validation.layouts": [layout],
+        },
+    )
+    res = T.train(c)
+    ema, raw = load_file(res.ema_adapter_path), load_file(res.adapter_path)
+    assert max((ema[k] - raw[k]).abs().max() for k in raw) > 1e-2
+    (path,) = res.validation_images
+    saved = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+    def generate(weights) -> np.ndarray:
+        components = tiny_sdxl_components(c.model.tiny_seed)
+        unet = attach_regional_adapter(components["unet"]).eval()
+        load_adapter(unet, weights)
+        sdxl = StableDiffusionXLPipeline(**components, add_watermarker=False)
+        sdxl.set_progress_bar_config(disable=True)
+        r = c.data.regions
+        pipe = LayoutPipeline(sdxl, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots)
+        (image,) = generate_validation(pipe, list(c.validation.layouts), c)
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+    assert np.abs(saved - generate(res.ema_adapter_path)).max() <= 1.0  # equal up to float rounding
+    assert np.abs(saved - generate(res.adapter_path)).mean() > 2.0

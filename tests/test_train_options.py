@@ -322,3 +322,14 @@ def test_fsdp_with_a_single_process_warns_and_trains_unwrapped(tmp_path, monkeyp
         accelerator = A.make_accelerator(config)
     assert accelerator.distributed_type == DistributedType.NO and not A.is_fsdp(accelerator)
     assert "train.distributed=fsdp with a single process" in caplog.text
+
+
+def test_fsdp_on_cpu_processes_is_refused_rather_than_run_as_ddp():
+    from accelerate.utils import DistributedType
+
+    from training.train_config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.distributed=fsdp: accelerate runs FSDP on GPUs only"):
+        A.check_distributed("fsdp", DistributedType.MULTI_CPU)
+    A.check_distributed("fsdp", DistributedType.FSDP)  # what accelerate gives on several GPUs
+    A.check_distributed("ddp", DistributedType.MULTI_CPU)

@@ -136,7 +136,7 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         loader = build_loader(config.data, rank=rank, world_size=world)
     except (OSError, ConfigError) as e:
-        raise ConfigError(f"data.datasets: {e}") from None
+        raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
     if resumed:
         try:
             loader.load_state_dict(resumed.stream_state)
