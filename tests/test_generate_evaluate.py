@@ -125,7 +125,11 @@ def test_generate_from_shards_with_a_refiner_saves_both_and_the_ground_truth(tmp
     assert scored["objects"] == 2 and scored["failed_objects"] == 0
 
 
-def test_generate_release_demo_file_and_bad_layouts(tmp_path, capsys):
+def test_generate_release_demo_file_and_bad_layouts(tmp_path, monkeypatch, capsys):
+    # One tiny pipeline for the three runs (as the tiny preset builds it): the test is about the layouts.
+    pipe = generate.load_pipeline(generate.GenerateConfig(base="tiny", device="cpu", dtype="float32", max_objects=8,
+                                                          max_slots=8))  # fmt: skip
+    monkeypatch.setattr(generate, "load_pipeline", lambda cfg: pipe)
     demo = tmp_path / "100002558.json"
     bad = {"bboxes": [[0, 0, 80, 8]], "labels": ["a"]}  # outside the tiny preset's 64x64
     demo.write_text(json.dumps([{"bboxes": [[4, 4, 60, 30]], "labels": ["a boat"]}, bad], indent=4))
