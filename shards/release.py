@@ -7,8 +7,9 @@ The release (CC3M/LAION synthetic, RC-COCO) stores one ``label_<image>.json`` pe
 
 Boxes and masks are in the size the image had when it was labelled (RC-COCO: 768 on the long side):
 ``label_size`` gives that long side; without it the masks' RLE size tells the scale, else boxes are pixels
-of the image file. ``unpad``: LAION images were padded to a square; a square image's uniform border rows
-(or columns) are cut off (:func:`detect_padding`) and boxes/masks shifted with them. Every label ends as a
+of the image file. ``unpad``: LAION images were padded to a square; a square image's padding is cut off,
+computed from its img2dataset ``<image>.json`` (original size) as the release does, else detected as uniform
+border rows or columns (:func:`detect_padding`); boxes and masks shift with it. Every label ends as a
 sample or a failed parquet row with its reason (no image, bad JSON, a field of the wrong form).
 """
 
@@ -62,6 +63,21 @@ def detect_padding(pixels: np.ndarray, tol: int = 8) -> tuple[int, int, int, int
     if top >= arr.shape[0] or left >= arr.shape[1]:
         return (0, 0, 0, 0)
     return (0, top, 0, bottom) if top + bottom > left + right else (left, 0, right, 0)
+
+
+def _meta_padding(image_path: Path, side: int) -> tuple[int, int, int, int] | None:
+    """The padding of a square image from its img2dataset ``<image>.json`` (``original_width``/``_height``),
+    computed as the release's ``remove_padded_border`` does; None without that file."""
+    meta_path = image_path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ow, oh = int(meta["original_width"]), int(meta["original_height"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if ow <= 0 or oh <= 0:
+        return None
+    pad = int(abs(oh - ow) / 2 * side / max(ow, oh))
+    return (pad, 0, pad, 0) if oh > ow else (0, pad, 0, pad)
 
 
 def _image_index(images: Path) -> dict[str, Path]:
@@ -160,7 +176,11 @@ def _convert(label_path: Path, image_path: Path, key: str, label_size: int | Non
     with Image.open(io.BytesIO(data)) as im:
         image = im.convert("RGB")
     width, height = image.size
-    pad = detect_padding(np.asarray(image)) if unpad and width == height else (0, 0, 0, 0)
+    pad, pad_from = (0, 0, 0, 0), None
+    if unpad and width == height:
+        pad, pad_from = _meta_padding(image_path, width), "meta"
+        if pad is None:
+            pad, pad_from = detect_padding(np.asarray(image)), "detected"
     objects, dropped = _objects(label, width, height, _scale(label, width, height, label_size), pad)
     ext = "jpg" if image_path.suffix.lower() in (".jpg", ".jpeg") else image_path.suffix.lower().lstrip(".")
     if any(pad):
@@ -178,7 +198,7 @@ def _convert(label_path: Path, image_path: Path, key: str, label_size: int | Non
         source=str(image_path),
         source_caption=caption,
         objects=tuple(objects),
-        meta={"label": str(label_path), "padding": list(pad), "dropped_objects": dropped},
+        meta={"label": str(label_path), "padding": list(pad), "padding_from": pad_from, "dropped_objects": dropped},
     )
     return record, data, ext
 

@@ -156,6 +156,10 @@ def test_from_release_scales_unpads_and_records_every_failure(tmp_path, capsys):
     _write_label(labels, "2002", {"caption": "a kite", "annos": [
         {"bbox": [8, 20, 16, 16], "category_name": "kite", "caption": "a red kite"},
         {"bbox": [0, 0, 64, 10], "category_name": "pad", "caption": "only padding"}]})  # fmt: skip
+    # The same, with its img2dataset meta file: the padding comes from the original size (64x40 -> 12 rows).
+    Image.fromarray(padded).save(images / "2003.png")
+    (images / "2003.json").write_text(json.dumps({"original_width": 320, "original_height": 200}))
+    _write_label(labels, "2003", {"caption": "a kite", "annos": [{"bbox": [8, 20, 16, 16], "category_name": "kite"}]})
     _write_label(labels, "3003", {"caption": "no image", "annos": []})
     Image.fromarray(padded).save(images / "4004.png")
     _write_label(labels, "4004", "{not json")
@@ -163,7 +167,7 @@ def test_from_release_scales_unpads_and_records_every_failure(tmp_path, capsys):
     _write_label(labels, "5005", {"caption": "", "annos": [{"bbox": [500, 0, 100, 10], "category_name": "x"}]})
 
     assert shards_main(["from-release", "--labels", str(labels), "--images", str(images), "--unpad", str(out)]) == 0
-    assert "2 samples, 3 failures, 1 shards" in capsys.readouterr().out
+    assert "3 samples, 3 failures, 1 shards" in capsys.readouterr().out
     samples = {s.record.key: s for s in iter_samples(str(out))}
     coco = samples["1001"].record
     assert (coco.width, coco.height, coco.source_caption) == (96, 64, "two cats")
@@ -173,7 +177,10 @@ def test_from_release_scales_unpads_and_records_every_failure(tmp_path, capsys):
     laion = samples["2002"].record
     assert (laion.width, laion.height, laion.original_width, laion.original_height) == (64, 40, 64, 64)
     assert [o.box for o in laion.objects] == [(8, 8, 24, 24)] and laion.meta["dropped_objects"] == 1
-    assert laion.meta["padding"] == [0, 12, 0, 12]
+    assert laion.meta["padding"] == [0, 12, 0, 12] and laion.meta["padding_from"] == "detected"
+    from_meta = samples["2003"].record
+    assert from_meta.meta["padding"] == [0, 12, 0, 12] and from_meta.meta["padding_from"] == "meta"
+    assert [o.box for o in from_meta.objects] == [(8, 8, 24, 24)] and from_meta.height == 40
     assert np.array_equal(np.asarray(samples["2002"].image()), padded[12:52])
     rows = _rows(out)
     failed = rows[rows.status == "failed"]
