@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from shards.config import (
     ClipScore,
@@ -65,7 +67,8 @@ class AugmentConfig:
     """Shorter-side resize, crop and horizontal flip; boxes and masks follow the pixels."""
 
     size: tuple[PositiveInt, PositiveInt] = (512, 512)  # output (height, width) in pixels; need not be square
-    scale: tuple[Float, Float] = (1.0, 1.0)  # extra zoom, uniform in [lo, hi], on top of the cover resize
+    # Extra zoom, uniform in [lo, hi], on top of the cover resize; below 1 the image would not cover the crop.
+    scale: tuple[Annotated[Float, Field(ge=1)], Annotated[Float, Field(ge=1)]] = (1.0, 1.0)
     crop: Literal["random", "center"] = "random"
     flip_prob: UnitFloat = 0.5  # a flip is skipped when a text's left/right cannot be swapped safely
     min_visibility: UnitFloat = 0.3  # drop objects with less of their box area inside the crop
@@ -77,9 +80,8 @@ class AugmentConfig:
         if h <= 0 or w <= 0 or h % 8 or w % 8:
             raise ConfigError(f"size must be positive multiples of 8 (the latent grid), got {list(self.size)}")
         lo, hi = self.scale
-        if not 1.0 <= lo <= hi:
-            # Below 1 the resized image would no longer cover the crop.
-            raise ConfigError(f"scale must satisfy 1 <= lo <= hi, got {list(self.scale)}")
+        if not lo <= hi:
+            raise ConfigError(f"scale must satisfy lo <= hi, got {list(self.scale)}")
 
 
 @dataclass(frozen=True)

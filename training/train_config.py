@@ -146,7 +146,7 @@ class ValidationLayout:
     """One validation prompt: a caption and a layout (boxes in pixels of the validation image)."""
 
     caption: str
-    boxes: tuple[tuple[Float, Float, Float, Float], ...]  # xyxy pixels
+    boxes: tuple[tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, NonNegativeFloat], ...]  # xyxy pixels
     labels: tuple[str, ...]  # one description per box
 
     def __post_init__(self) -> None:
@@ -175,7 +175,7 @@ class ValidationConfig:
             raise ConfigError(f"height/width must be multiples of 8, got {self.height}x{self.width}")
         for i, layout in enumerate(self.layouts):
             for b in layout.boxes:
-                if b[0] < 0 or b[1] < 0 or b[2] > self.width or b[3] > self.height:
+                if b[2] > self.width or b[3] > self.height:
                     raise ConfigError(
                         f"layouts[{i}]: box {list(b)} lies outside the {self.width}x{self.height} image"
                     )
