@@ -204,3 +204,14 @@ def test_from_release_explicit_label_size_and_cli_mistakes(tmp_path, capsys):
         assert shards_main(["from-release", *argv, str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_torch_tensors_are_accepted_as_the_release_returns_them(tmp_path):
+    torch = pytest.importorskip("torch")
+    item = _item()
+    tensors = {**item, "image": torch.from_numpy(item["image"]), "bboxes": torch.tensor(item["bboxes"], dtype=torch.int16),
+               "masks": torch.from_numpy(item["masks"])}  # fmt: skip
+    write_dataset([tensors], str(tmp_path / "ds"))
+    (sample,) = iter_samples(str(tmp_path / "ds"))
+    assert [o.box for o in sample.record.objects] == [(4, 2, 20, 10), (0, 12, 32, 24)]
+    assert np.array_equal(sample.masks()[0], item["masks"][0] > 0.5)
