@@ -59,6 +59,9 @@ class InputItem:
     row: int | None = None  # ... and row inside it
     column: str | None = None  # ... and the binary column
     meta: dict = field(default_factory=dict)  # JSON-safe extras kept in the sample (e.g. the URL)
+    failure: str | None = None  # known at listing (img2dataset could not download it): decode records it
+    original_width: int | None = None  # the true original size when the source knows it (img2dataset
+    original_height: int | None = None  # resized the image it stored)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the form shipped to the decode workers)."""
@@ -125,8 +128,47 @@ def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[_Entry
         yield _Entry(rel, _stem(rel), {"source": url_for(fs, path), "uri": url_for(fs, path), "caption": caption, "meta": meta})
 
 
-def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator[_Entry]:
-    """The samples of one WebDataset tar (img2dataset's format): image member + .txt caption + .json."""
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value) if value is not None and value == value and int(value) > 0 else None  # NaN != NaN
+    except (TypeError, ValueError):
+        return None
+
+
+def _original_size(row: dict) -> dict:
+    """img2dataset's ``original_width`` / ``original_height`` as InputItem fields, when both are known."""
+    w, h = _int_or_none(row.get("original_width")), _int_or_none(row.get("original_height"))
+    return {"original_width": w, "original_height": h} if w and h else {}
+
+
+def _download_failure(row: dict) -> str | None:
+    """The reason img2dataset recorded for a row it could not download (None: it succeeded)."""
+    status = row.get("status")
+    if status is None or status == "success":
+        return None
+    return f"img2dataset {status}: {row.get('error_message') or 'no error message'}"
+
+
+def _download_log(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """img2dataset's parquet beside a tar: key -> its row (status, error_message, url, caption, sizes)."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        wanted = ("key", "status", "error_message", "url", "caption", "original_width", "original_height")
+        columns = [c for c in wanted if c in pf.schema_arrow.names]
+        if "key" not in columns:
+            return {}
+        rows = pf.read(columns=columns).to_pylist()
+    return {str(r["key"]): r for r in rows if r.get("key") is not None}
+
+
+def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str, log_rows: dict | None = None) -> Iterator[_Entry]:
+    """The samples of one WebDataset tar (img2dataset's format): image member + .txt caption + .json.
+
+    Samples come sorted by key, not in member order (img2dataset writes members as downloads
+    complete), and ``log_rows`` (its parquet) adds the rows it failed to download as failed inputs:
+    the same URL list lists the same inputs in the same order whatever the download went like.
+    """
+    log_rows = log_rows or {}
     groups: dict[str, dict] = {}
     order: list[str] = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -148,14 +190,22 @@ def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator
             elif ext == "txt":
                 g["caption"] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
             elif ext == "json":
-                g["meta"] = _url_meta(tar.extractfile(m).read())
+                data = tar.extractfile(m).read()
+                g["meta"] = _url_meta(data)
+                g["sizes"] = _json_sizes(data)
     missing = [k for k in order if "image" not in groups[k]]
     if missing:
         log.warning("%s: %d samples have no image member and are skipped (first: %r)", path, len(missing), missing[0])
-    for key in order:
-        g = groups[key]
-        if "image" not in g:
+    failed = {k: r for k, r in log_rows.items() if k not in groups and _download_failure(r)}
+    for key in sorted([k for k in order if "image" in groups[k]] + list(failed)):
+        if key in failed:
+            row = failed[key]
+            url = row.get("url") if isinstance(row.get("url"), str) else None
+            yield _Entry(f"{rel}/{key}", key, {
+                "source": url or f"{url_for(fs, path)}#{key}", "uri": "", "caption": row.get("caption"),
+                "meta": {"url": url} if url else {}, "failure": _download_failure(row)})
             continue
+        g = groups[key]
         name, offset, size = g["image"]
         yield _Entry(
             f"{rel}/{key}",
@@ -167,8 +217,18 @@ def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator
                 "offset": offset,
                 "size": size,
                 "meta": g.get("meta", {}),
+                **(_original_size(log_rows.get(key, {})) or g.get("sizes", {})),
             },
         )
+
+
+def _json_sizes(data: bytes) -> dict:
+    """The original size from an img2dataset ``.json`` sidecar, when it has one."""
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return _original_size(d) if isinstance(d, dict) else {}
 
 
 def _pick(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...], what: str, where: str) -> str | None:
@@ -224,7 +284,9 @@ def _embedded_entries(pf: pq.ParquetFile, where: str, rel: str, column: str, cap
     """img2dataset's parquet output: one row per image, the encoded bytes in ``column``."""
     names = pf.schema_arrow.names
     cap = _pick(names, caption_column, CAPTION_COLUMNS, "caption", where)
-    extra = [c for c in (cap, "key", "url") if c is not None and c in names]
+    wanted = (cap, "key", "url", "status", "error_message", "original_width", "original_height")
+    extra = [c for c in wanted if c is not None and c in names]
+    entries = []
     for rg in range(pf.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
         t = pf.read_row_group(rg, columns=extra).to_pydict() if extra else {}
@@ -232,7 +294,9 @@ def _embedded_entries(pf: pq.ParquetFile, where: str, rel: str, column: str, cap
         for r in range(n):
             stem = str(keys[r]) if keys[r] else f"row{rg}_{r}"
             url = urls[r]
-            yield _Entry(
+            row = {c: t[c][r] for c in t}
+            failure = _download_failure(row)
+            entries.append(_Entry(
                 f"{rel}#{stem}",
                 stem,
                 {
@@ -243,8 +307,11 @@ def _embedded_entries(pf: pq.ParquetFile, where: str, rel: str, column: str, cap
                     "row": r,
                     "column": column,
                     "meta": {"url": url} if isinstance(url, str) else {},
+                    **({"failure": failure} if failure else _original_size(row)),
                 },
-            )
+            ))
+    # By key, not by row: img2dataset writes rows as downloads complete.
+    yield from sorted(entries, key=lambda e: e.stem)
 
 
 def _is_img2dataset_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -283,7 +350,8 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
     if tars:
         # img2dataset webdataset output: the .parquet beside each tar is its download log, not an input.
         for t in tars:
-            yield from _tar_entries(fs, t, _rel(root, t))
+            log_path = t[: -len(".tar")] + ".parquet"
+            yield from _tar_entries(fs, t, _rel(root, t), _download_log(fs, log_path) if log_path in top else None)
     elif parquets and _is_img2dataset_parquet(fs, parquets[0]):
         for p in parquets:
             yield from _table_entries(fs, p, _rel(root, p), path_column, caption_column)

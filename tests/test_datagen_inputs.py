@@ -100,6 +100,61 @@ def test_img2dataset_webdataset_output_is_read_by_offset(tmp_path):
     assert decoded["source_jpeg"][1] == _jpeg(_rgb(seed=1))
 
 
+def _tar_of(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_img2dataset_order_and_failed_downloads_do_not_depend_on_download_order(tmp_path):
+    def sample(i: int) -> list[tuple[str, bytes]]:
+        key = f"{i:09d}"
+        meta = {"url": f"http://x/{i}.jpg", "key": key, "original_width": 640 + i, "original_height": 480}
+        return [(f"{key}.jpg", _jpeg(_rgb(seed=i))), (f"{key}.json", json.dumps(meta).encode())]
+
+    log = pd.DataFrame({"key": [f"{i:09d}" for i in range(4)], "url": [f"http://x/{i}.jpg" for i in range(4)],
+                        "status": ["success", "failed_to_download", "success", "success"],
+                        "error_message": [None, "HTTP Error 404: Not Found", None, None],
+                        "original_width": [640.0, None, 642.0, 643.0], "original_height": [480.0, None, 480.0, 480.0]})
+    listings = []
+    for name, order in (("a", [3, 0, 2]), ("b", [0, 2, 3])):  # two downloads of one URL list
+        (tmp_path / name).mkdir()
+        _tar_of(tmp_path / name / "00000.tar", [m for i in order for m in sample(i)])
+        log.to_parquet(tmp_path / name / "00000.parquet")
+        listings.append(list_inputs(str(tmp_path / name)))
+    a, b = listings
+    assert [i.key for i in a] == [i.key for i in b] and inputs_digest(a) == inputs_digest(b)
+    assert [i.source.rsplit("/", 1)[-1] for i in a] == ["00000.tar#000000000.jpg", "1.jpg", "00000.tar#000000002.jpg",
+                                                         "00000.tar#000000003.jpg"]
+    assert (a[1].failure, a[1].uri, a[1].meta) == ("img2dataset failed_to_download: HTTP Error 404: Not Found", "",
+                                                   {"url": "http://x/1.jpg"})
+    out = DecodeStage(DecodeConfig(min_side=8))(_columns(a))
+    assert out["status"] == ["ok", "failed", "ok", "ok"]
+    assert (out["error_stage"][1], out["error"][1]) == ("decode", "img2dataset failed_to_download: HTTP Error 404: Not Found")
+    assert list(zip(out["original_width"], out["original_height"], strict=True)) == [
+        (640, 480), (None, None), (642, 480), (643, 480)]  # img2dataset's, not the stored 64x48
+    # Without a download log, the .json sidecar still gives the original size.
+    (tmp_path / "b" / "00000.parquet").unlink()
+    items = list_inputs(str(tmp_path / "b"))
+    assert [(i.original_width, i.original_height) for i in items] == [(640, 480), (642, 480), (643, 480)]
+
+
+def test_img2dataset_parquet_rows_are_ordered_by_key_and_carry_their_failures(tmp_path):
+    table = pa.table({"key": ["000000002", "000000000", "000000001"], "url": ["http://x/2", "http://x/0", "http://x/1"],
+                      "status": ["success", "success", "failed_to_resize"], "error_message": [None, None, "too small"],
+                      "original_width": [300, 200, None], "original_height": [100, 150, None],
+                      "jpg": [_jpeg(_rgb(seed=2)), _jpeg(_rgb(seed=0)), None]})
+    (tmp_path / "p").mkdir()
+    pq.write_table(table, tmp_path / "p" / "00000.parquet", row_group_size=2)
+    items = list_inputs(str(tmp_path / "p"))
+    assert [i.meta["url"] for i in items] == ["http://x/0", "http://x/1", "http://x/2"]
+    out = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
+    assert out["status"] == ["ok", "failed", "ok"] and out["error"][1] == "img2dataset failed_to_resize: too small"
+    assert (out["original_width"][2], out["original_height"][2]) == (300, 100)
+
+
 def test_img2dataset_parquet_output_and_lists(tmp_path):
     table = pa.table({"key": ["000000000", "000000001"], "caption": ["first", "second"],
                       "url": ["http://x/0", "http://x/1"], "jpg": [_jpeg(_rgb(seed=0)), None]})

@@ -200,6 +200,8 @@ class DecodeStage:
             cols["source"].append(it["source"])
             cols["source_caption"].append(it.get("caption"))
             cols["meta"].append(dict(it.get("meta") or {}))
+            if it.get("failure"):  # known at listing (img2dataset's download error): recorded as is
+                data = DecodeError(it["failure"])
             try:
                 if isinstance(data, DecodeError):
                     raise data
@@ -209,8 +211,11 @@ class DecodeStage:
                        "original_height": None, "status": "failed", "error_stage": STAGE, "error": str(e)}
             else:
                 h, w = d.image.shape[:2]
+                # The source's own original size (img2dataset resized what it stored) wins over ours.
+                ow, oh = (it["original_width"], it["original_height"]) if it.get("original_width") and \
+                    it.get("original_height") else d.original_size
                 row = {"image": d.image, "source_jpeg": d.source_jpeg, "width": w, "height": h,
-                       "original_width": d.original_size[0], "original_height": d.original_size[1],
+                       "original_width": ow, "original_height": oh,
                        "status": "ok", "error_stage": None, "error": None}
             for k, v in row.items():
                 cols[k].append(v)
