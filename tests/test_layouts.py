@@ -109,3 +109,10 @@ def test_lenient_without_a_limit_still_clamps(tmp_path):
     path.write_text(json.dumps({"boxes": [[-4, 0, 70, 8]] * 40, "labels": ["a"] * 40, "height": 64, "width": 64}) + "\n")
     (record,), _ = load_layouts(path, lenient=True)
     assert len(record.boxes) == 40 and record.boxes[0].tolist() == [0, 0, 64, 8]
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text((json.dumps({**DEMO, "id": "same"}) + "\n") * 2)
+    with pytest.raises(ValueError, match=r"l\.jsonl: duplicate ids \['same'\]"):
+        read_layouts(path)

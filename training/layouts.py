@@ -251,6 +251,12 @@ def _parse(path: Path) -> list[tuple[str, int, object]]:
     return entries
 
 
+def _check_unique(records: list[LayoutRecord], where: str) -> None:
+    duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"{where}: duplicate ids {duplicates[:5]} (each id names one image file)")
+
+
 def load_layouts(
     path: str | Path,
     height: int = 512,
@@ -286,9 +292,7 @@ def load_layouts(
             skipped.append(SkippedLayout(where, n, str(err)))
     if not records:
         raise ValueError(f"{path}: no valid layout ({len(skipped)} skipped)")
-    duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
-    if duplicates:
-        raise ValueError(f"{path}: duplicate ids {duplicates[:5]} (each id names one image file)")
+    _check_unique(records, str(path))
     return records, skipped
 
 
@@ -341,6 +345,7 @@ def layouts_from_dataset(
             skipped.append(SkippedLayout(where, index, str(err)))
     if not records:
         raise ValueError(f"{dataset}: no sample to take a layout from ({len(skipped)} skipped)")
+    _check_unique(records, dataset)
     return records, skipped
 
 
