@@ -38,9 +38,6 @@ from shards.config import (
     load,
 )
 
-# Kept while training/generate.py imports the builder from here (shards.config.build is the one builder).
-build_config = build
-
 
 @dataclass(frozen=True)
 class FilterConfig:

@@ -29,7 +29,6 @@ from shards.config import (
     PositiveFloat,
     PositiveInt,
     UnitFloat,
-    apply_overrides,
     build,
     load,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "TrainingConfig",
     "ValidationConfig",
     "ValidationLayout",
-    "apply_overrides",  # shards.config's, re-exported while training/generate.py imports it from here
     "load_train_config",
 ]
 
