@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 
-.PHONY: all install demo test test-slow bench lint clean
+.PHONY: all install demo test test-slow test-real-size bench lint clean
 
 all: install
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Real model configurations (GroundingDINO-T, SAM ViT-H, CLIP ViT-L-14, Qwen2.5-VL widths, SDXL) with
+# random weights through the real preset on CPU: catches what tiny configs hide. Not in CI's run.
+test-real-size: $(STAMP)
+	$(BIN)/python -m pytest -q -m real_size tests/test_real_size.py
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
