@@ -25,12 +25,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+from PIL import Image
 
 from shards.paths import url_for
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+Image.init()
+# Every extension of a format Pillow can open (.gif's first frame, .bmp, .tiff, .jpe, ...): decode tries them all.
+IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 # Columns tried, in order, when a list does not name its path and caption columns.
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url", "image_url", "URL", "image")
 CAPTION_COLUMNS = ("caption", "text", "alt_text", "alt", "TEXT", "title")
@@ -120,6 +123,12 @@ def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[_Entry
         if not dot or f".{ext.lower()}" not in IMAGE_EXTS:
             continue
         rel = _rel(root, path)
+        if path.rsplit("/", 1)[-1].startswith("."):
+            # WebDataset keys a member by the name before its first dot: ".x.jpg" and "..jpg" have none
+            # (and are hidden files): recorded as a failed input rather than dropped unseen.
+            yield _Entry(rel, _stem(rel), {"source": url_for(fs, path), "uri": "", "caption": None, "meta": {},
+                                           "failure": "skipped: file name starts with a dot (hidden, no WebDataset key)"})
+            continue
         txt, meta = f"{base}.txt", {}
         caption = _read_text(fs, txt) if txt in present else None
         if f"{base}.json" in present:
@@ -382,7 +391,8 @@ def list_inputs(uris: str | Iterable[str], path_column: str | None = None, capti
             keys[key] = identity
             items.append(InputItem(key=key, **e.item))
     if not items:
-        raise InputError(f"{', '.join(uris)}: no images found (looked for {', '.join(IMAGE_EXTS)}, .tar, .parquet, .csv)")
+        raise InputError(f"{', '.join(uris)}: no images found (looked for image files Pillow opens, e.g. "
+                         ".jpg .png .webp .gif .bmp .tiff, and .tar, .parquet, .csv)")
     return items
 
 

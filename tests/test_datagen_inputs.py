@@ -66,6 +66,26 @@ def test_folder_listing_is_recursive_sorted_and_keys_are_stable(tmp_path):
     assert inputs_digest(list_inputs(str(copy))) == inputs_digest(items)
 
 
+def test_folders_decode_every_format_pillow_opens_and_record_dot_files(tmp_path):
+    rgb = _rgb(40, 56)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(rgb).save(tmp_path / "b.bmp")
+    Image.fromarray(rgb).save(tmp_path / "t.tiff")
+    (tmp_path / "j.jpe").write_bytes(_jpeg(rgb))
+    (tmp_path / "..jpg").write_bytes(_jpeg(rgb))
+    (tmp_path / ".hidden.jpg").write_bytes(_jpeg(rgb))
+    items = list_inputs(str(tmp_path))
+    assert [Path(i.source).name for i in items] == ["..jpg", ".hidden.jpg", "anim.gif", "b.bmp", "j.jpe", "t.tiff"]
+    assert all(check_key(i.key) for i in items)
+    out = DecodeStage(DecodeConfig(min_side=8))(_columns(items))
+    assert out["status"] == ["failed", "failed", "ok", "ok", "ok", "ok"]
+    assert out["error"][:2] == ["skipped: file name starts with a dot (hidden, no WebDataset key)"] * 2
+    assert [(w, h) for w, h in zip(out["width"][2:], out["height"][2:], strict=True)] == [(56, 40)] * 4
+    gif = Image.open(tmp_path / "anim.gif").convert("RGB")  # the first frame
+    assert np.array_equal(out["image"][2], np.asarray(gif))
+
+
 def test_make_key_sanitizes_and_hashes_identity():
     k = make_key("dir/My Photo.v2 (1).JPG", "My Photo.v2 (1)")
     assert check_key(k) and "." not in k and k.startswith("My_Photo_v2_1-")
