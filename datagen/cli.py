@@ -26,9 +26,8 @@ def _logging(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace):
     from .config import load_config
-    from .overrides import parse_overrides
 
-    return load_config(args.config, parse_overrides(args.set))
+    return load_config(args.config, args.set)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -99,10 +98,9 @@ def plan_from_args(args: argparse.Namespace):
         m = with_rates(m, rates, args.measured_objects_per_image) if rates or args.measured_objects_per_image else m
     elif args.config:
         from .config import ConfigError, load_config
-        from .overrides import parse_overrides
 
         try:
-            cfg = load_config(args.config, parse_overrides(args.set))
+            cfg = load_config(args.config, args.set)
         except ConfigError as e:
             raise SizingError(str(e)) from None
         m = with_rates(measurement_from_config(cfg, args.config), rates, args.measured_objects_per_image)
