@@ -170,3 +170,34 @@ def test_cli_refuses_a_damaged_checkpoint_by_name_and_a_resume_with_another_batc
         f"error: {step(out, 1) / 'trainer_state.json'}: saved with data.batch_size=1, this run has "
         "data.batch_size=2; resume with the same, or train into a new output_dir\n"
     )
+
+
+def test_an_unreadable_file_that_its_manifest_vouches_for_is_named_in_one_error_line(
+    run, tmp_path, dataset, capsys
+):
+    """A file written broken (the manifest recorded it so): the CLI names it instead of a torch traceback."""
+    out = copy_run(run, tmp_path)
+    path = step(out, 2) / "optimizer.bin"
+    path.write_bytes(path.read_bytes()[:100])
+    write_manifest(step(out, 2))
+    argv = [
+        "--config",
+        "configs/train/tiny.yaml",
+        "--override",
+        f"output_dir={out}",
+        "--override",
+        f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64], max_objects: 4}}}}]",
+        "--override",
+        "data.regions={max_objs: 4, max_regions: 8, max_slots: 6}",
+        "--override",
+        "data.batch_size=1",
+        "--override",
+        "data.epoch_samples=16",
+        "--override",
+        "train.gradient_accumulation_steps=1",
+        "--resume",
+        "latest",
+    ]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: cannot be read (") and err.count("\n") == 1, err
