@@ -69,7 +69,7 @@ def _number(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_number)]  # any finite number
 UnitFloat = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1)]  # thresholds, probabilities, fractions
 PositiveFloat = Annotated[float, BeforeValidator(_number), Field(gt=0)]  # rates, weights, scales
-NonNegativeFloat = Annotated[float, BeforeValidator(_number), Field(ge=0)]  # CPU shares, floors, decays
+NonNegativeFloat = Annotated[float, BeforeValidator(_number), Field(ge=0)]  # CPU shares, floors, pixel coordinates
 PositiveInt = Annotated[int, Field(ge=1)]  # sizes, batch sizes, counts, steps
 NonNegativeInt = Annotated[int, Field(ge=0)]  # seeds, offsets, counts that may be zero
 ClipScore = Annotated[float, BeforeValidator(_number), Field(ge=-100, le=100)]  # 100 x cosine (the shards' scale)
