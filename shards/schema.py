@@ -1,7 +1,12 @@
 """The versioned sample record stored as ``{key}.json`` beside each image in a shard.
 
-Every optional field is present in the JSON (as ``null``) so readers never guess about missing keys.
-Validation names the key and the field, so a bad record can be traced to its input.
+In memory an unknown value is ``None``. On disk (``schema_version`` 2) every field of every sample is
+present with one JSON type, whatever the sample or the dataset kind, because readers that infer a
+schema from the first samples (Hugging Face ``datasets``: the first 5 of the first tar) cannot widen a
+``null`` column later: unknown strings are ``""``, unknown numbers are ``NaN`` (all numbers but the
+sizes are floats), a missing mask is ``{"size": [0, 0], "counts": ""}``, a missing mask box is four
+``NaN`` and ``meta`` is one JSON string (its keys differ per dataset kind). Version 1 (``null`` for
+unknowns, ``meta`` an object) still reads. Validation names the key and the field.
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The parquet ``status`` of an input: kept as a sample, failed at ``error_stage``, or processed fine
 # but dropped by a quality filter. Defined once here; every package compares against these names.
@@ -188,13 +193,20 @@ class SampleRecord:
         return SampleRecord(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "objects": objects})
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict with every field present."""
-        d = asdict(self)
-        d["objects"] = [
-            {**o, "box": list(o["box"]), "mask_box": None if o["mask_box"] is None else list(o["mask_box"])}
-            for o in d["objects"]
-        ]
-        return d
+        """The on-disk form (current ``schema_version``): every field present with its one JSON type."""
+        return {
+            "key": self.key,
+            "width": self.width,
+            "height": self.height,
+            "original_width": self.original_width,
+            "original_height": self.original_height,
+            "source": self.source,
+            "source_caption": self.source_caption or "",
+            "caption": self.caption or "",
+            "objects": [_object_to_disk(o) for o in self.objects],
+            "meta": canonical_json(self.meta, ensure_ascii=False).decode(),
+            "schema_version": SCHEMA_VERSION,
+        }
 
     def to_json_bytes(self) -> bytes:
         """Deterministic JSON (sorted keys, no whitespace variance) so tars are byte-reproducible."""
@@ -202,36 +214,31 @@ class SampleRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> SampleRecord:
-        """Parse and validate a dict read from a shard; ``where`` (e.g. the tar path) prefixes errors."""
+        """Parse and validate a dict read from a shard (any version up to the current one); ``where``
+        (e.g. the tar path) prefixes errors. The record comes back in memory form (``None`` = unknown)."""
         prefix = f"{where}: " if where else ""
         if not isinstance(d, dict):
             raise SchemaError(f"{prefix}sample JSON must be an object")
+        key = d.get("key")
         version = d.get("schema_version")
-        if not isinstance(version, int):
-            raise SchemaError(f"{prefix}key {d.get('key')!r}: field 'schema_version' missing or not an integer")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise SchemaError(f"{prefix}key {key!r}: field 'schema_version' missing or not an integer")
         if version > SCHEMA_VERSION:
             raise SchemaError(
-                f"{prefix}key {d.get('key')!r}: schema_version {version} is newer than this richlayout "
+                f"{prefix}key {key!r}: schema_version {version} is newer than this richlayout "
                 f"understands ({SCHEMA_VERSION}); upgrade richlayout to read this dataset"
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise SchemaError(f"{prefix}key {d.get('key')!r}: unknown fields {unknown}")
-        obj_known = {f.name for f in fields(ObjectRecord)}
-        objects = []
-        for i, o in enumerate(d.get("objects") or []):
-            bad = sorted(set(o) - obj_known) if isinstance(o, dict) else ["<not an object>"]
-            if bad:
-                raise SchemaError(f"{prefix}key {d.get('key')!r}: objects[{i}] has unknown fields {bad}")
-            objects.append(ObjectRecord(**o))
+            raise SchemaError(f"{prefix}key {key!r}: unknown fields {unknown}")
         try:
-            rec = cls(**{**d, "objects": tuple(objects)})
-            return rec.validate()
+            values = _fields_from_disk(d, key, known) if version >= 2 else _fields_from_v1(d, key)
+            return cls(**{**values, "schema_version": SCHEMA_VERSION}).validate()
         except SchemaError as e:
             raise SchemaError(f"{prefix}{e}") from None
         except TypeError as e:
-            raise SchemaError(f"{prefix}key {d.get('key')!r}: {e}") from None
+            raise SchemaError(f"{prefix}key {key!r}: {e}") from None
 
     @classmethod
     def from_json_bytes(cls, data: bytes, where: str = "") -> SampleRecord:
@@ -241,3 +248,99 @@ class SampleRecord:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SchemaError(f"{where}: not valid JSON: {e}") from None
         return cls.from_dict(d, where)
+
+
+# What version 2 writes for an unknown mask (a real RLE's counts is never empty).
+NO_MASK = {"size": [0, 0], "counts": ""}
+_NAN = float("nan")
+
+
+def _float_or_nan(v: float | None) -> float:
+    return _NAN if v is None else float(v)
+
+
+def _object_to_disk(o: ObjectRecord) -> dict:
+    return {
+        "box": [float(v) for v in o.box],
+        "phrase": o.phrase,
+        "description": o.description or "",
+        "detector_score": _float_or_nan(o.detector_score),
+        "mask": dict(NO_MASK) if o.mask is None else dict(o.mask),
+        "mask_score": _float_or_nan(o.mask_score),
+        "mask_box": [_NAN] * 4 if o.mask_box is None else [float(v) for v in o.mask_box],
+        "clip_score": _float_or_nan(o.clip_score),
+    }
+
+
+def _typed(key: str, name: str, value: Any, kind: type, what: str) -> Any:
+    # bool is an int to Python but a different column type to Arrow: refused like any other drift.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SchemaError(f"key {key!r}: field {name!r} must be {what} (schema_version 2), got {value!r}")
+    return value
+
+
+def _floats(key: str, name: str, value: Any) -> list[float]:
+    if not isinstance(value, list) or len(value) != 4:
+        raise SchemaError(f"key {key!r}: field {name!r} must be 4 floats (schema_version 2), got {value!r}")
+    return [_typed(key, name, v, float, "4 floats") for v in value]
+
+
+def _object_from_disk(key: str, i: int, o: Any) -> ObjectRecord:
+    p = f"objects[{i}]"
+    if not isinstance(o, dict) or set(o) != set(OBJECT_FIELDS):
+        got = sorted(o) if isinstance(o, dict) else type(o).__name__
+        raise SchemaError(f"key {key!r}: field {p!r} must hold exactly {sorted(OBJECT_FIELDS)}, got {got}")
+    mask = o["mask"]
+    if not isinstance(mask, dict) or set(mask) != {"size", "counts"}:
+        raise SchemaError(f"key {key!r}: field '{p}.mask' must be {{'size', 'counts'}}, got {mask!r}")
+    size = mask["size"]
+    if not isinstance(size, list) or len(size) != 2:
+        raise SchemaError(f"key {key!r}: field '{p}.mask.size' must be [h, w], got {size!r}")
+    for v in size:
+        _typed(key, f"{p}.mask.size", v, int, "2 integers")
+    _typed(key, f"{p}.mask.counts", mask["counts"], str, "a string")
+    mask_box = _floats(key, f"{p}.mask_box", o["mask_box"])
+    scores = {
+        name: _typed(key, f"{p}.{name}", o[name], float, "a float (NaN when unknown)")
+        for name in ("detector_score", "mask_score", "clip_score")
+    }
+    return ObjectRecord(
+        box=tuple(_floats(key, f"{p}.box", o["box"])),
+        phrase=_typed(key, f"{p}.phrase", o["phrase"], str, "a string"),
+        description=_typed(key, f"{p}.description", o["description"], str, "a string ('' when unknown)") or None,
+        mask=None if mask["counts"] == "" else mask,
+        mask_box=None if all(math.isnan(v) for v in mask_box) else tuple(mask_box),
+        **{name: None if math.isnan(v) else v for name, v in scores.items()},
+    )
+
+
+def _fields_from_disk(d: dict, key: Any, known: set[str]) -> dict:
+    """Version 2: every field present with its type; unknowns back to None, meta parsed."""
+    missing = sorted(known - set(d))
+    if missing:
+        raise SchemaError(f"key {key!r}: fields {missing} are missing (schema_version 2 writes every field)")
+    strings = {name: _typed(key, name, d[name], str, "a string") for name in ("source", "source_caption", "caption")}
+    try:
+        meta = json.loads(_typed(key, "meta", d["meta"], str, "a JSON string"))
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"key {key!r}: field 'meta' is not valid JSON: {e}") from None
+    objects = _typed(key, "objects", d["objects"], list, "a list")
+    return {
+        **{name: d[name] for name in ("key", "width", "height", "original_width", "original_height")},
+        "source": strings["source"],
+        "source_caption": strings["source_caption"] or None,
+        "caption": strings["caption"] or None,
+        "objects": tuple(_object_from_disk(key, i, o) for i, o in enumerate(objects)),
+        "meta": meta,
+    }
+
+
+def _fields_from_v1(d: dict, key: Any) -> dict:
+    """Version 1: optional fields may be null, meta is an object."""
+    objects = []
+    for i, o in enumerate(d.get("objects") or []):
+        bad = sorted(set(o) - set(OBJECT_FIELDS)) if isinstance(o, dict) else ["<not an object>"]
+        if bad:
+            raise SchemaError(f"key {key!r}: objects[{i}] has unknown fields {bad}")
+        objects.append(ObjectRecord(**o))
+    return {**d, "objects": tuple(objects)}

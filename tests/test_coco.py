@@ -264,9 +264,10 @@ def test_validate_checks_the_coco_meta_of_each_sample(tmp_path):
         for name, data in members:
             if name == "coco000000000785.json":
                 d = json.loads(data)
-                d["meta"]["coco_category_ids"] = [18, 1]  # one object, two ids
-                d["meta"]["coco_crowd"][0]["segmentation"]["counts"] = "1"
-                data = json.dumps(d).encode()
+                meta = json.loads(d["meta"])  # schema_version 2 stores meta as a JSON string
+                meta["coco_category_ids"] = [18, 1]  # one object, two ids
+                meta["coco_crowd"][0]["segmentation"]["counts"] = "1"
+                data = json.dumps({**d, "meta": json.dumps(meta)}).encode()
             out.append((name, data))
         return out
 

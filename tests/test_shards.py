@@ -95,12 +95,13 @@ def test_record_json_round_trip_every_field():
     back = SampleRecord.from_json_bytes(r.to_json_bytes())
     assert back == r
     d = json.loads(r.to_json_bytes())
-    # optional fields are explicit nulls, never missing keys
+    # optional fields are present with their one type (schema_version 2): "", NaN, the empty mask
     r2 = SampleRecord(key="k", width=4, height=4, original_width=4, original_height=4,
                       objects=(ObjectRecord(box=(0, 0, 1, 1), phrase="p"),))
     d2 = json.loads(r2.validate().to_json_bytes())
-    assert d2["caption"] is None and d2["objects"][0]["mask"] is None and "clip_score" in d2["objects"][0]
-    assert d["schema_version"] == 1
+    assert d2["caption"] == "" and d2["objects"][0]["mask"] == {"size": [0, 0], "counts": ""}
+    assert np.isnan(d2["objects"][0]["clip_score"]) and d2["meta"] == "{}"
+    assert d["schema_version"] == 2
 
 
 @pytest.mark.parametrize(
