@@ -1,0 +1,133 @@
+"""The real preset's models at real size with random weights: per-stage seconds per image, one train step.
+
+``datagen``: two photo-like JPEGs (640x480, 500x750) through decode and every model stage of
+configs/datagen/real.yaml, its models swapped for random-weight builds of their real configurations
+(``datagen.real_size``), one model in memory at a time. Prints seconds per image per stage (model loads
+apart) and writes a run record to ``<output>/runs/`` that ``python -m datagen size --from`` reads.
+``train``: one optimizer step of the regional adapter on SDXL base's real UNet/VAE/text encoders
+(``training.real_size``) at 512 px with gradient checkpointing, bf16 frozen weights.
+``--tiny`` runs the same code on the tiny models (a seconds-long CPU smoke test).
+
+    python benchmarks/real_size.py datagen --device cuda --output /tmp/rs
+    python benchmarks/real_size.py train --device cuda
+    .venv/bin/python benchmarks/real_size.py datagen --device cpu --tiny --output /tmp/rs
+
+Prints a table, then one JSON line ``{"benchmark": "real_size_<what>", "figures": {...}, "targets": {}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "datagen" / "real.yaml"
+# Bounded work per image so a run's length is fixed: new tokens per VLM answer and objects per image.
+FIXED = {"max_new_tokens": 32, "max_objects": 4}
+
+
+def stage_overrides(max_new_tokens: int, max_objects: int) -> dict:
+    """Per-stage config overrides that fix the token and object counts (random weights never stop early)."""
+    vlm = {"max_new_tokens": max_new_tokens}
+    return {"tag": vlm, "caption": vlm, "describe": vlm, "ground": {"max_objects": max_objects},
+            # random scores: keep every object so score and filter see real work
+            "filter": {"min_clip_score": None, "min_detector_score": None, "min_mask_agreement": None}}
+
+
+def run_datagen(args) -> dict:
+    import torch
+
+    from datagen.measurement import load_measurement, run_record, save_run_record
+    from datagen.models import preset
+    from datagen.real_size import busy_summary, make_photos, real_stage_configs, register, run_stages
+
+    if args.tiny:
+        specs = {k: s.__class__(**{**s.__dict__, "device": args.device}) for k, s in preset("tiny").items()}
+    else:
+        dtypes = {"vlm": torch.bfloat16, "clip": torch.bfloat16} if args.dtype == "bf16" else {
+            "vlm": torch.float32, "clip": torch.float32}
+        specs = register(args.device, dtypes)
+    output = Path(args.output or tempfile.mkdtemp(prefix="real_size_"))
+    inputs = make_photos(output / "photos")
+    cfg, configs = real_stage_configs(specs, str(REAL_CONFIG), stage_overrides(args.max_new_tokens, args.max_objects))
+    t0 = time.perf_counter()
+    batch, timings = run_stages(inputs, configs)
+    wall = time.perf_counter() - t0
+    failed = [(k, e) for k, s, e in zip(batch["key"], batch["status"], batch["error"], strict=True) if s != "ok"]
+    record = run_record(busy_summary(str(output), timings, batch, wall), cfg)
+    path = save_run_record(str(output), record)
+    measured = load_measurement(str(output))  # what `datagen size --from` reads
+    n = len(batch["key"])
+    print(f"{'tiny' if args.tiny else 'real-size'} models on {args.device}, {n} images, "
+          f"{args.max_new_tokens} new tokens, <= {args.max_objects} objects per image; record {path}")
+    print(f"{'stage':10s} {'s/image':>10s} {'load s':>10s}")
+    for name, (rows, busy, load) in timings.items():
+        print(f"{name:10s} {busy / rows:10.3f} {load:10.1f}")
+    figures = {f"{name}_s_per_image": round(busy / rows, 4) for name, (rows, busy, _) in timings.items()}
+    figures.update({"images": n, "failed": len(failed), "objects_per_image": record["objects_per_image"],
+                    "record_stages": sorted(measured.rates)})
+    if failed:
+        print(f"failed rows: {failed}", file=sys.stderr)
+    return {"benchmark": "real_size_datagen", "figures": figures, "targets": {"failed": 0}}
+
+
+def run_train(args) -> dict:
+    import numpy as np
+    import torch
+
+    from datagen.real_size import make_photos
+    from training.real_size import layout_batch, real_sdxl_components, train_step
+    from training.tiny import tiny_sdxl_components
+    from training.train_config import load_train_config
+
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml", {
+        "train.caption_dropout": 0.0, "train.layout_dropout": 0.0, "train.mixed_precision": args.dtype,
+        "model.gradient_checkpointing": True})  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="real_size_train_"))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    components = tiny_sdxl_components() if args.tiny else real_sdxl_components(folder / "tok", args.device, dtype)
+    from PIL import Image
+
+    image = np.asarray(Image.open(make_photos(folder)["uri"][0]).convert("RGB"))
+    boxes = [[96, 120, 320, 360], [384, 144, 512, 264], [430, 240, 460, 384]]
+    texts = ["a red house with a brown door", "a green tree", "a brown tree trunk"]
+    size = 64 if args.tiny else args.size
+    batch = layout_batch(image, boxes, texts, "a red house next to a tree under a blue sky", size)
+    out = train_step(config, components, batch, args.device)
+    print(f"{'tiny' if args.tiny else 'SDXL'} train step at {size} px on {args.device}: loss {out['loss']:.4f}, "
+          f"grad norm {out['grad_norm']:.4f}, {out['trainable_params'] / 1e6:.1f} M trainable, {out['seconds']:.2f} s")
+    figures = {"step_seconds": round(out["seconds"], 3), "loss": out["loss"], "grad_norm": out["grad_norm"],
+               "trainable_params": out["trainable_params"], "size": size}
+    return {"benchmark": "real_size_train", "figures": figures, "targets": {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["datagen", "train"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="VLM/CLIP weights (datagen) or frozen SDXL weights (train)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny models instead (smoke test)")
+    parser.add_argument("--output", help="datagen output folder for the run record (default: a temp folder)")
+    parser.add_argument("--max-new-tokens", type=int, default=FIXED["max_new_tokens"])
+    parser.add_argument("--max-objects", type=int, default=FIXED["max_objects"])
+    parser.add_argument("--size", type=int, default=512, help="train: image side in px")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: no CUDA device on this machine", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1 or args.max_objects < 1 or args.size < 64 or args.size % 64:
+        print("error: --max-new-tokens and --max-objects must be >= 1, --size a multiple of 64", file=sys.stderr)
+        return 2
+    result = run_datagen(args) if args.what == "datagen" else run_train(args)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

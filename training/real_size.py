@@ -1,0 +1,185 @@
+"""SDXL base 1.0's real configuration with random weights, built offline, for real-size checks.
+
+The tiny parts (``training.tiny``) keep the code paths but hide shape, dtype and memory mistakes of the
+real model. ``real_sdxl_components`` returns ``StableDiffusionXLPipeline``'s constructor keys with SDXL
+base's UNet (2.6 B), VAE, both text encoders (CLIP ViT-L and OpenCLIP bigG) and DDPM scheduler configs, and
+CLIP's real 49408-token BPE tokenizers written from open_clip's bundled vocabulary. Parameters are
+created directly on the device in the compute dtype. Used by ``tests/test_real_size.py`` and
+``benchmarks/real_size.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from datagen.real_size import _building
+
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' misnomer: heads per level (64-dim heads)
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+SDXL_VAE = dict(  # vae/config.json
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+SDXL_SCHEDULER = dict(  # scheduler/scheduler_config.json (the trainer makes a DDPMScheduler of it)
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+
+def write_clip_tokenizer_files(directory: str | Path) -> Path:
+    """CLIP's vocab.json and merges.txt (49408 tokens), from the BPE file open_clip ships."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    simple = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(t, t): i for t, i in simple.encoder.items()}
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out
+
+
+def clip_tokenizers(directory: str | Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's two tokenizers: the same vocabulary, padded with <|endoftext|> and with "!" (the second)."""
+    folder = write_clip_tokenizer_files(directory)
+    files = {"vocab_file": str(folder / "vocab.json"), "merges_file": str(folder / "merges.txt")}
+    tok = CLIPTokenizer(**files, model_max_length=77, pad_token="<|endoftext|>")
+    tok_2 = CLIPTokenizer(**files, model_max_length=77, pad_token="!")
+    return tok, tok_2
+
+
+def _text_config(hidden: int, layers: int, heads: int, intermediate: int, act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=1280,
+        hidden_act=act,
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=1,
+    )
+
+
+def real_sdxl_components(
+    tokenizer_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, vae_dtype=torch.float32
+) -> dict:
+    """``StableDiffusionXLPipeline``'s constructor keys at SDXL base's real sizes, random weights."""
+    tok, tok_2 = clip_tokenizers(tokenizer_dir)
+    with _building(device, dtype):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        text_encoder = CLIPTextModel(_text_config(768, 12, 12, 3072, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(1280, 32, 20, 5120, "gelu"))
+    with _building(device, vae_dtype):
+        vae = AutoencoderKL(**SDXL_VAE)
+    return {
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": tok,
+        "tokenizer_2": tok_2,
+        "unet": unet.eval(),
+        "scheduler": DDPMScheduler(**SDXL_SCHEDULER),
+    }
+
+
+def layout_batch(image, boxes, texts: list[str], caption: str, size: int = 512) -> dict:
+    """A one-sample training batch (``training.collate``'s fields) of ``image`` resized to ``size``²."""
+    import numpy as np
+    from PIL import Image
+
+    from .augment import Augmented
+    from .collate import Example, collate
+    from .regions import reorganize_regions
+
+    h, w = image.shape[:2]
+    pixels = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    scaled = np.asarray(boxes, dtype=np.float32) * np.array([size / w, size / h] * 2, dtype=np.float32)
+    aug = Augmented(
+        pixels=pixels, boxes=scaled, texts=list(texts), caption=caption, masks=None,
+        object_index=np.arange(len(texts)), original_size=(h, w), crop_top_left=(0, 0),
+        target_size=(size, size), flipped=False, flip_refused=False,
+    )  # fmt: skip
+    layout = reorganize_regions(scaled, list(texts), size, size)
+    return collate([Example("real-size", aug, layout)], max_slots=30, max_objs=30)
+
+
+def train_step(config, components: dict, batch: dict, device: str = "cpu") -> dict:
+    """The trainer's model set-up (``build_model``) on ``components`` and one optimizer step on ``batch``.
+
+    The same calls as ``training.train``'s loop body (draws, UNet inputs, autocast loss, backward, clip,
+    AdamW), without accelerate. Returns the loss, the gradient norm, the trainable parameter count and
+    the step's seconds.
+    """
+    import time
+    from unittest import mock
+
+    from . import model_setup
+    from .train_step import diffusion_loss, sample_draws, sample_seeds, unet_inputs
+
+    dev = torch.device(device)
+    with mock.patch.object(model_setup, "load_components", lambda cfg: components):
+        model = model_setup.build_model(config, dev)
+    optimizer = model_setup.make_optimizer(model.params, config.optim)
+    n = len(batch["caption"])
+    h, w = (int(x) // 8 for x in batch["target_size"][0])
+    t0 = time.perf_counter()
+    draws = sample_draws(sample_seeds(config, 0, 0, n), (model.unet.config.in_channels, h, w), config,
+                         model.n_timesteps)  # fmt: skip
+    inputs = unet_inputs(batch, draws, model.frozen, dev)
+    with torch.autocast(dev.type, dtype=model.frozen.weight_dtype, enabled=model.frozen.weight_dtype != torch.float32):
+        loss = diffusion_loss(model.unet, inputs)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.params, config.optim.max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    return {
+        "loss": float(loss.detach()),
+        "grad_norm": float(grad_norm),
+        "trainable_params": sum(p.numel() for p in model.params),
+        "param_dtypes": sorted({str(p.dtype) for p in model.params}),
+        "unet_dtype": str(next(p for p in model.unet.parameters() if not p.requires_grad).dtype),
+        "gligen_shapes": {k: tuple(v.shape) for k, v in inputs["cross_attention_kwargs"]["gligen"].items()},
+        "sample_shape": tuple(inputs["sample"].shape),
+        "seconds": seconds,
+    }
