@@ -112,7 +112,7 @@ def test_a_checkpoint_without_manifest_is_incomplete_and_skipped(run, tmp_path, 
     (step(out, 2) / MANIFEST).unlink()  # the save stopped before its last write
     with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         assert resolve_resume("latest", out) == step(out, 1)
-    assert "manifest.json: missing (the checkpoint's save did not finish)" in caplog.text
+    assert "manifest.json: missing (the checkpoint's save did not finish" in caplog.text
     shutil.rmtree(step(out, 1))
     assert resolve_resume("latest", out) is None  # only an incomplete save: start fresh
 

@@ -23,7 +23,14 @@ from accelerate.utils import (
 
 from .train_config import ConfigError, TrainConfig
 
-__all__ = ["FSDP_WRAP", "check_distributed", "init_trackers", "is_fsdp", "make_accelerator"]
+__all__ = [
+    "FSDP_WRAP",
+    "check_distributed",
+    "check_fsdp_root",
+    "init_trackers",
+    "is_fsdp",
+    "make_accelerator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     check_distributed(t.distributed, accelerator.distributed_type)
     return accelerator
+
+
+def check_fsdp_root(unet) -> None:
+    """Refuse trainable parameters in FSDP's root unit (see ``FSDP_WRAP`` for why)."""
+    # The root's own parameters are named with one FSDP prefix, those of nested units with more.
+    in_root = [
+        n for n, p in unet.named_parameters() if p.requires_grad and n.count("_fsdp_wrapped_module") < 2
+    ]
+    if in_root:
+        raise RuntimeError(f"FSDP: trainable parameters in the root unit (see FSDP_WRAP): {in_root[:3]}")
 
 
 def init_trackers(accelerator: Accelerator, config: TrainConfig, resumed_step: int) -> None:

@@ -103,7 +103,7 @@ def verify_checkpoint(folder: Path) -> str | None:
     """The first problem of a checkpoint folder, naming the file (None: complete and intact)."""
     path = folder / MANIFEST
     if not path.exists():
-        return f"{path}: missing (the checkpoint's save did not finish)"
+        return f"{path}: missing (the checkpoint's save did not finish, or it predates manifests)"
     try:
         files = json.loads(path.read_text())["files"]
         records = {name: (int(r["size"]), str(r["sha256"])) for name, r in files.items()}

@@ -106,10 +106,9 @@ def train(config: TrainConfig) -> TrainResult:
     # Imported here rather than at the top: diffusers imports bitsandbytes whenever it is installed (slow,
     # and it logs about missing kernels), so `--help` and config mistakes answer without them.
     import torch
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .accelerator import init_trackers, is_fsdp, make_accelerator
+    from .accelerator import check_fsdp_root, init_trackers, is_fsdp, make_accelerator
     from .checkpoint import (
         CheckpointError,
         load_checkpoint,
@@ -120,7 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
     from .model_setup import build_model, learning_rate, make_ema, make_optimizer
     from .stream import build_loader
     from .train_step import diffusion_loss, sample_draws, sample_seeds, unet_inputs
-    from .trainable import ema_weights, save_trainable, trainable_state
+    from .trainable import save_final_weights
     from .validation import stream_validation_layouts, validate
 
     accelerator = make_accelerator(config)
@@ -155,12 +154,7 @@ def train(config: TrainConfig) -> TrainResult:
     unet = accelerator.prepare(model.unet)
     fsdp = is_fsdp(accelerator)
     if fsdp:
-        # The root's own parameters are named with one FSDP prefix, those of nested units with more.
-        in_root = [
-            n for n, p in unet.named_parameters() if p.requires_grad and n.count("_fsdp_wrapped_module") < 2
-        ]
-        if in_root:
-            raise RuntimeError(f"FSDP: trainable parameters in the root unit (see FSDP_WRAP): {in_root[:3]}")
+        check_fsdp_root(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = accelerator.prepare(make_optimizer(params, config.optim, sharded=fsdp))
     ema = make_ema(params, config.ema)
@@ -245,12 +239,8 @@ def train(config: TrainConfig) -> TrainResult:
                     "lr": learning_rate(step - 1, config),
                     "grad_norm": float(grad_norm),
                     "samples_per_s": samples_per_step * window_steps / elapsed,
+                    **_stream_counters(loader),  # summed over the ranks (every rank gets here)
                 }
-                counters: dict[str, int] = {}
-                for c in gather_object([loader.counters()]):
-                    for k, v in c.items():
-                        counters[k] = counters.get(k, 0) + v
-                logs.update({f"stream/{k}": v for k, v in counters.items()})
                 accelerator.log(logs, step=step)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -272,20 +262,25 @@ def train(config: TrainConfig) -> TrainResult:
     progress.close()
 
     # Final weights: raw and EMA, adapter (and LoRA) only.
-    raw = trainable_state(accelerator, unet)
-    with ema_weights(ema, params):
-        ema_state = trainable_state(accelerator, unet) if ema is not None else None
+    raw = save_final_weights(accelerator, unet, params, ema, result.adapter_path.parent)
     if is_main:
-        save_trainable(raw, result.adapter_path.parent)
-        if ema_state is not None:
-            save_trainable(ema_state, result.adapter_path.parent, "_ema")
         log.info("done at step %d: %s", step, result.adapter_path)
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     result.step = step
     result.adapter_state = raw
     result.unet = None if fsdp else accelerator.unwrap_model(unet)  # FSDP: each rank holds a shard only
     return result
+
+
+def _stream_counters(loader) -> dict[str, int]:
+    """Every rank's stream counters summed, as ``stream/<name>`` scalars; a collective."""
+    from accelerate.utils import gather_object
+
+    counters: dict[str, int] = {}
+    for c in gather_object([loader.counters()]):
+        for k, v in c.items():
+            counters[f"stream/{k}"] = counters.get(f"stream/{k}", 0) + v
+    return counters
 
 
 # ---------------------------------------------------------------------------------------------------

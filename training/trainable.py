@@ -23,6 +23,7 @@ __all__ = [
     "is_trainable_key",
     "load_trainable_state",
     "read_trainable",
+    "save_final_weights",
     "save_trainable",
     "save_weights",
     "trainable_state",
@@ -118,3 +119,22 @@ def read_trainable(folder: Path, suffix: str = "") -> dict[str, torch.Tensor]:
     if lora.exists():
         state.update(lora_model_state(lora))
     return state
+
+
+def save_final_weights(
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    ema: EMAModel | None,
+    folder: Path,
+) -> dict[str, torch.Tensor]:
+    """The main rank writes the raw and EMA trainable weights into ``folder``; returns the raw ones (every rank)."""
+    raw = trainable_state(accelerator, unet)
+    with ema_weights(ema, params):
+        ema_state = trainable_state(accelerator, unet) if ema is not None else None
+    if accelerator.is_main_process:
+        save_trainable(raw, folder)
+        if ema_state is not None:
+            save_trainable(ema_state, folder, "_ema")
+    accelerator.wait_for_everyone()
+    return raw
