@@ -27,6 +27,7 @@ from shards import (
 from shards.coco import from_coco
 from shards.dataset import build_index, open_run, tar_urls
 from shards.release import from_release
+from shards.schema import hf_features
 from shards.user_dataset import write_dataset
 
 datasets = pytest.importorskip("datasets")
@@ -90,10 +91,12 @@ def _coco(tmp_path):
     return out
 
 
-def _load(tmp_path, roots) -> list[dict]:
+def _load(tmp_path, roots, **kwargs) -> list[dict]:
     tars = [u for r in roots for u in tar_urls(str(r))]
     ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
-                               cache_dir=str(tmp_path / "hf_cache"))  # fmt: skip
+                               cache_dir=str(tmp_path / "hf_cache"), **kwargs)  # fmt: skip
+    # What datasets inferred is what hf_features() declares.
+    assert ds.features == hf_features()
     return list(ds)
 
 
@@ -177,6 +180,18 @@ def test_mixed_kinds_in_one_call_load_every_row_with_their_meta(tmp_path):
     assert meta["r1"]["padding"] == [0, 0, 0, 0] and meta["coco000000000106"]["coco_id"] == 106
     assert {k: v for k, v in meta.items() if k.startswith("a")} == dict.fromkeys(
         [f"a{i:02d}" for i in range(7)], {})
+
+
+def test_no_objects_in_the_first_samples_loads_with_the_declared_features(tmp_path):
+    root = tmp_path / "empty_first"
+    recs = [_bare(f"a{i:02d}", 0) for i in range(6)] + [_filled("b00", 0)]
+    with ShardWriter(str(root), 0) as w:
+        for n, r in enumerate(recs):
+            w.add(r, _jpeg(r.width, r.height, n), "jpg")
+    build_index(str(root))
+    rows = _load(tmp_path, [root], features=hf_features())
+    _check_rows(rows, [root])
+    assert [len(row["json"]["objects"]) for row in rows] == [0] * 6 + [2]
 
 
 def _v1_bytes(rec: SampleRecord) -> bytes:
