@@ -127,7 +127,10 @@ def run(
         full = _disk_full(e)
         if full is None:
             raise
-        complete = sum(s.complete for s in list_shards(output))
+        try:
+            complete = sum(s.complete for s in list_shards(output))
+        except OSError:  # the disk filled before the output folder was made
+            complete = 0
         raise DiskFullError(
             f"no space left on the device of {output} ({full.filename or 'writing a shard'}): the run stopped; "
             f"the {complete} complete shard(s) are safe (a shard is complete once its stats file exists, and "
