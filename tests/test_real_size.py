@@ -1,0 +1,184 @@
+"""Real model configurations with random weights on CPU: the real preset's datagen stages on two photos and
+one regional-adapter train step on SDXL base at 512 px (``make test-real-size``; minutes, ~12 GB peak).
+
+Tiny configs hide shape, dtype, memory and preprocessing mistakes: here every model has its real widths
+(Qwen2.5-VL-7B's language model cut to 2 layers), its real processor settings and special-token ids.
+The fast tests at the end smoke-test ``benchmarks/real_size.py`` (what ``benchmarks/gpu_suite.sh`` runs)
+with the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_size as bench  # noqa: E402  (benchmarks/real_size.py)
+
+from datagen.real_size import (  # noqa: E402
+    PHOTO_SIZES,
+    STAGE_COLUMNS,
+    busy_summary,
+    make_photos,
+    real_stage_configs,
+    register,
+    run_stages,
+)
+
+REAL_CONFIG = str(ROOT / "configs" / "datagen" / "real.yaml")
+
+
+def _finite_box(box, w, h) -> bool:
+    return len(box) == 4 and all(math.isfinite(v) for v in box) and 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+
+
+def _check_stage(name: str, batch: dict) -> None:
+    """What each stage must have produced on every row (all rows stay ok)."""
+    assert batch["status"] == ["ok"] * len(batch["key"]), (name, batch["error"])
+    for column in STAGE_COLUMNS[name]:
+        assert all(v is not None for v in batch[column]), (name, column)
+    for i in range(len(batch["key"])):
+        w, h = batch["width"][i], batch["height"][i]
+        if name == "decode":
+            assert (w, h) == PHOTO_SIZES[i] and batch["image"][i].shape == (h, w, 3)
+            assert batch["image"][i].dtype == np.uint8
+        if name == "tag":
+            assert batch["tags"][i] and all(isinstance(t, str) and t for t in batch["tags"][i])
+        if name == "caption":
+            assert isinstance(batch["caption"][i], str) and batch["caption"][i]
+        objects = batch.get("objects", [None] * len(batch["key"]))[i]
+        if name in ("ground", "segment", "describe", "score", "filter"):
+            assert 1 <= len(objects) <= 2  # the test's max_objects: boxes exist at real scale
+            for o in objects:
+                assert _finite_box(o["box"], w, h) and 0 <= o["detector_score"] <= 1 and o["phrase"]
+        if name in ("segment", "describe", "score", "filter"):
+            for o in objects:
+                assert o["mask"]["size"] == [h, w] and isinstance(o["mask"]["counts"], str | bytes)
+                assert math.isfinite(o["mask_score"])
+        if name in ("describe", "score", "filter"):
+            assert all(isinstance(o["description"], str) and o["description"] for o in objects)
+        if name in ("score", "filter"):
+            assert all(math.isfinite(o["clip_score"]) and -100 <= o["clip_score"] <= 100 for o in objects)
+
+
+@pytest.mark.real_size
+def test_real_preset_stages_at_real_size_and_their_run_record(tmp_path, capsys):
+    from datagen.cli import main as datagen_main
+    from datagen.measurement import run_record, save_run_record
+    from datagen.models import load_model
+
+    specs = register("cpu")  # bf16 VLM (~4.4 GB), fp32 detector and SAM, bf16 CLIP
+    # Real shapes, real resolutions; fewer new tokens and objects than a run so the CPU test stays minutes.
+    overrides = bench.stage_overrides(max_new_tokens=8, max_objects=2)
+    overrides["describe"] = {**overrides["describe"], "generate_batch_size": 4}
+    cfg, configs = real_stage_configs(specs, REAL_CONFIG, overrides)
+    assert list(configs) == ["decode", "tag", "caption", "ground", "segment", "describe", "score", "filter"]
+
+    # The builds are the real shapes: spot-check each against the hub configs' numbers.
+    vlm, processor = load_model(specs["vlm"])
+    assert vlm.config.text_config.hidden_size == 3584 and vlm.config.vision_config.depth == 32
+    assert vlm.lm_head.weight.shape == (152064, 3584) and vlm.dtype == torch.bfloat16
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == vlm.config.image_token_id == 151655
+    del vlm, processor
+    sam, transform = load_model(specs["segmenter"])
+    assert sam.image_encoder.img_size == 1024 and sam.image_encoder.pos_embed.shape == (1, 64, 64, 1280)
+    assert transform.target_length == 1024 and next(sam.parameters()).dtype == torch.float32
+    del sam, transform
+
+    def check(name, batch):
+        _check_stage(name, batch)
+
+    import time
+
+    t0 = time.perf_counter()
+    batch, timings = run_stages(make_photos(tmp_path / "photos"), configs, on_stage=check)
+    wall = time.perf_counter() - t0
+    assert set(timings) == set(configs) and all(rows == 2 and busy > 0 for rows, busy, _ in timings.values())
+
+    record = run_record(busy_summary(str(tmp_path / "out"), timings, batch, wall), cfg)
+    path = save_run_record(str(tmp_path / "out"), record)
+    assert Path(path).parent.name == "runs"
+    capsys.readouterr()
+    assert datagen_main(["size", "--from", str(tmp_path / "out"), "--images", "3300000", "--hours", "24"]) == 0
+    plan = capsys.readouterr().out
+    for name in ("tag", "segment", "describe", "score"):
+        assert name in plan
+    with capsys.disabled():
+        print("\nreal-size seconds per image on CPU (load seconds):")
+        for name, (rows, busy, load) in timings.items():
+            print(f"  {name:9s} {busy / rows:9.2f}  ({load:.1f})")
+        print(json.dumps({"benchmark": "real_size_cpu", "figures": {
+            f"{n}_s_per_image": round(b / r, 3) for n, (r, b, _) in timings.items()}}))
+
+
+@pytest.mark.real_size
+def test_adapter_train_step_on_real_sdxl_at_512(tmp_path):
+    from datagen.real_size import make_photos
+    from training.real_size import SDXL_UNET, layout_batch, real_sdxl_components, train_step
+    from training.train_config import load_train_config
+
+    config = load_train_config(ROOT / "configs" / "train" / "tiny.yaml", {
+        "train.caption_dropout": 0.0, "train.layout_dropout": 0.0, "train.mixed_precision": "bf16",
+        "model.gradient_checkpointing": True})  # fmt: skip
+    components = real_sdxl_components(tmp_path / "tok", "cpu", torch.bfloat16)
+    unet = components["unet"]
+    assert sum(p.numel() for p in unet.parameters()) > 2.5e9
+    assert unet.config.transformer_layers_per_block == list(SDXL_UNET["transformer_layers_per_block"])
+    tok = components["tokenizer"]
+    ids = tok("a red house")["input_ids"]
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(tok.get_vocab()) == 49408  # CLIP's real vocabulary
+    from PIL import Image
+
+    image = np.asarray(Image.open(make_photos(tmp_path)["uri"][0]).convert("RGB"))
+    batch = layout_batch(image, [[96, 120, 320, 360], [384, 144, 512, 264]], ["a red house", "a green tree"],
+                         "a red house next to a tree", 512)  # fmt: skip
+    assert batch["pixels"].shape == (1, 3, 512, 512) and batch["region_map"].shape == (1, 64, 64)
+    out = train_step(config, components, batch, "cpu")
+    assert out["sample_shape"] == (1, 4, 64, 64) and out["unet_dtype"] == "torch.bfloat16"
+    assert out["param_dtypes"] == ["torch.float32"]  # fp32 master weights of the adapter
+    assert math.isfinite(out["loss"]) and out["loss"] > 0
+    assert math.isfinite(out["grad_norm"]) and out["grad_norm"] > 0  # gradients reached the adapter
+    assert out["gligen_shapes"]["text_feat"][-1] == 2048  # both text encoders' widths
+    print(f"\nSDXL 512 px adapter step on CPU (bf16, checkpointing): {out['seconds']:.1f} s, "
+          f"{out['trainable_params'] / 1e6:.1f} M trainable")
+
+
+# ------------------------------------------------------------------ the GPU suite's CPU-testable parts
+
+
+def test_benchmark_datagen_smoke_writes_a_record_size_accepts(tmp_path, capsys):
+    assert bench.main(["datagen", "--tiny", "--output", str(tmp_path), "--max-new-tokens", "4",
+                       "--max-objects", "2"]) == 0  # fmt: skip
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["benchmark"] == "real_size_datagen" and last["figures"]["failed"] == 0
+    assert set(last["figures"]["record_stages"]) == set(STAGE_COLUMNS)
+    assert list((tmp_path / "runs").glob("*.json"))
+
+
+def test_benchmark_refuses_a_missing_gpu_and_bad_counts_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    script = str(ROOT / "benchmarks" / "real_size.py")
+    for args, needle in ((["train", "--device", "cuda"], "--device cuda"), (["datagen", "--max-objects", "0"], "--max-objects")):
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and needle in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_gpu_suite_dry_run_lists_its_commands():
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "benchmarks/real_size.py datagen --device cuda --dtype bf16" in out
+    assert "benchmarks/real_size.py train --device cuda --dtype bf16" in out
+    assert "benchmarks/train_step.py --sdxl --device cuda" in out
