@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_train import write_dataset
 
 from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
+from training.checkpoint import verify_checkpoint
 from training.lora import is_lora_key, load_lora
 from training.tiny import tiny_unet
 
@@ -125,8 +126,14 @@ def test_two_processes_train_with_identical_weights_on_both_ranks(ddp):
     l0, l1 = ddp.losses
     assert len(l0) == len(l1) == STEPS and l0 != l1  # each rank saw its own data
     # The checkpoint holds both ranks' stream positions.
-    state = json.loads((ddp.out / "checkpoints" / f"step_{STEPS:07d}" / "stream_state.json").read_text())
+    folder = ddp.out / "checkpoints" / f"step_{STEPS:07d}"
+    state = json.loads((folder / "stream_state.json").read_text())
     assert sorted(state["ranks"]) == ["0", "1"]
+    # The steps moved the adapter; the checkpoint is intact and holds no UNet or pickled state.
+    fresh = attach_regional_adapter(tiny_unet(0)).state_dict()
+    assert any(not torch.equal(w0[k], fresh[k]) for k in w0 if is_adapter_key(k))
+    assert verify_checkpoint(folder) is None and (folder / "optimizer.bin").exists()
+    assert not list(folder.glob("pytorch_model*")) and not list(folder.glob("*.pkl"))
 
 
 def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
