@@ -43,6 +43,7 @@ from datagen.stages import StageError  # noqa: E402
 from datagen.stages.decode import DecodeStage  # noqa: E402
 from datagen.stages.write import pack  # noqa: E402
 from datagen.synthetic import make_image_folder  # noqa: E402
+from shards.schema import STATUS_FAILED, STATUS_OK  # noqa: E402
 
 log = logging.getLogger("datagen_throughput")
 
@@ -72,10 +73,10 @@ def paper_loop(cfg: DatagenConfig, folder: str, threads: int) -> dict:
             try:
                 row = stage(row)
             except StageError:  # a lone row failing: the paper's loop drops the image and goes on
-                row = {**row, "status": ["failed"], "error_stage": [name], "error": ["dropped"]}
+                row = {**row, "status": [STATUS_FAILED], "error_stage": [name], "error": ["dropped"]}
             busy[name] += time.perf_counter() - t
         entry = pack(row, cfg.write)[0]
-        objects += len(entry["record"]["objects"]) if entry["status"] == "ok" else 0
+        objects += len(entry["record"]["objects"]) if entry["status"] == STATUS_OK else 0
     wall = time.perf_counter() - t0
     return {"images": len(items), "wall": wall, "busy": busy, "objects": objects}
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shards.schema import STATUS_FAILED, STATUS_OK
+
 from .inputs import InputItem
 from .stages import StageError, error_text
 from .stages.decode import STAGE as DECODE
@@ -60,7 +62,7 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
     """
     cols = chunk["columns"]
     n = len(cols["key"])
-    ok = [i for i in range(n) if cols["status"][i] == "ok"]
+    ok = [i for i in range(n) if cols["status"][i] == STATUS_OK]
     results: dict[int, dict] = {}
     busy = 0.0
     for part in _split(len(ok), batch_size) if ok else []:
@@ -75,7 +77,7 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
             # One row failing alone is not evidence of a bug: record it on the row. A stage failing
             # everywhere is still caught, by the batches with several rows and by the fail-fast guard.
             cause = e.__cause__ or e
-            out = {**sub, "status": ["failed"], "error_stage": [name], "error": [error_text(cause)]}
+            out = {**sub, "status": [STATUS_FAILED], "error_stage": [name], "error": [error_text(cause)]}
         busy += time.perf_counter() - t0
         for j, i in enumerate(rows):
             results[i] = {k: v[j] for k, v in out.items()}

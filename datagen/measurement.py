@@ -16,11 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shards.schema import STAGE_ORDER, STATUS_OK
+
 CPU_TASK_STAGES = ("decode", "pack")  # plain Ray tasks, sized by execution.<stage>_tasks
 CPU_ONLY_STAGES = ("filter",)  # model-free: without a config, their pool holds no GPU
 RUN_RECORD_KIND = "datagen-run"  # datagen.run writes records of this kind to <output>/RUNS_DIR/
-# The pipeline's order (datagen.config.STAGE_ORDER between decode and pack): records list pools by name.
-PIPELINE_ORDER = ("decode", "tag", "caption", "ground", "segment", "describe", "score", "filter", "pack")
+# The pipeline's order (the model stages between decode and pack): records list pools by name.
+PIPELINE_ORDER = ("decode", *STAGE_ORDER, "pack")
 ENGINES = ("actors", "vllm")  # how a pool ran: an actor pool of the stages' own models, or a vLLM processor
 RUNS_DIR = "runs"
 RUN_RECORD_VERSION = 1  # <output>/RUNS_DIR/<UTC time>.json: one record per run that processed inputs
@@ -304,7 +306,7 @@ def run_record(summary, cfg) -> dict:
             "batch_size": cfg.batch_size(stage) if stage in cfg.stages else cfg.execution.chunk_size,
         }
     ex = cfg.execution
-    ok = summary.statuses.get("ok", 0)
+    ok = summary.statuses.get(STATUS_OK, 0)
     models = {}
     for name in cfg.stage_names:
         spec = getattr(cfg.stages[name], "model", None)

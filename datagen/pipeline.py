@@ -32,7 +32,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
 
-from shards.writer import STATUS_OK
+from shards.schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 
 from .chunks import ShardJob, decode_chunk, make_chunks, pack_chunk, run_stage_on_chunk
 from .config import DatagenConfig, PoolConfig, stage_classes
@@ -244,7 +244,7 @@ class _FailFast:
         if self.ok:
             return
         for e in entries:
-            if e["status"] != "failed":
+            if e["status"] != STATUS_FAILED:
                 self.ok = True
                 return
             self.seen += 1
@@ -321,7 +321,7 @@ def execute(
                 t.seconds += float(seconds)
             for e in entries:
                 result.statuses[e["status"]] += 1
-                if e["status"] == "ok":
+                if e["status"] == STATUS_OK:
                     result.objects += len(e["record"]["objects"])
                 else:
                     result.failures[(e["error_stage"], _reason(e["error"]))] += 1
@@ -331,8 +331,8 @@ def execute(
                 writes.append(write_task.remote(output, shard, pending.pop(shard), by_id[shard].keep_existing))
             result.processed += len(entries)
             bar.update(len(entries))
-            bar.set_postfix(ok=result.statuses["ok"], failed=result.statuses["failed"],
-                            filtered=result.statuses["filtered"], refresh=False)
+            bar.set_postfix(ok=result.statuses[STATUS_OK], failed=result.statuses[STATUS_FAILED],
+                            filtered=result.statuses[STATUS_FILTERED], refresh=False)
             if time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log.info("%d/%d inputs, %.2f img/s", result.processed, total, result.processed / (last_log - t0))

@@ -18,6 +18,7 @@ import yaml
 from shards.dataset import ShardInfo, list_shards, read_stats
 from shards.paths import fs_and_root, url_for
 from shards.reader import ShardReadError, raw_samples
+from shards.schema import STATUS_FAILED
 
 from .chunks import ShardJob
 from .config import DatagenConfig, to_dict
@@ -89,7 +90,7 @@ def _failed_keys(parquet_url: str) -> list[str]:
     fs, path = fs_and_root(parquet_url)
     with fs.open(path, "rb") as f:
         df = pd.read_parquet(io.BytesIO(f.read()), columns=["key", "status"])
-    return sorted(df.key[df.status == "failed"].tolist())
+    return sorted(df.key[df.status == STATUS_FAILED].tolist())
 
 
 def plan_jobs(items: list[InputItem], cfg: DatagenConfig, output: str, retry_failed: bool = False,

@@ -58,7 +58,6 @@ them into one checkpoint entry. Not covered: a shard file rewritten in place und
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -70,6 +69,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from shards.dataset import ShardInfo, list_shards, read_stats
+from shards.schema import json_sha256
 
 from .collate import normalize_pixels
 from .data_config import ConfigError, DatasetSpec, StreamConfig
@@ -169,7 +169,7 @@ class StreamLoader:
             "urls": self.urls,
             "batches_per_worker": self.batches_per_worker,
         }
-        self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        self.fingerprint = json_sha256(ident)
         self._finished: Counter = Counter()  # counts of completed epochs (and restored ones)
         self.epoch = epoch
         self._start_epoch(epoch)

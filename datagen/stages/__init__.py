@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-from shards import STATUS_FAILED, STATUS_OK, ObjectRecord
+from shards import OBJECT_FIELDS, STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-OBJECT_FIELDS = tuple(f.name for f in fields(ObjectRecord))
 
 
 class StageError(RuntimeError):

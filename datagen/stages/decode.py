@@ -19,6 +19,7 @@ from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shards.config import ConfigError, PositiveInt
+from shards.schema import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class DecodeStage:
                 d = decode_image(data, self.config)
             except DecodeError as e:
                 row = {"image": None, "source_jpeg": None, "width": None, "height": None, "original_width": None,
-                       "original_height": None, "status": "failed", "error_stage": STAGE, "error": str(e)}
+                       "original_height": None, "status": STATUS_FAILED, "error_stage": STAGE, "error": str(e)}
             else:
                 h, w = d.image.shape[:2]
                 # The source's own original size (img2dataset resized what it stored) wins over ours.
@@ -216,7 +217,7 @@ class DecodeStage:
                     it.get("original_height") else d.original_size
                 row = {"image": d.image, "source_jpeg": d.source_jpeg, "width": w, "height": h,
                        "original_width": ow, "original_height": oh,
-                       "status": "ok", "error_stage": None, "error": None}
+                       "status": STATUS_OK, "error_stage": None, "error": None}
             for k, v in row.items():
                 cols[k].append(v)
         return cols

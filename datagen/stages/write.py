@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -20,6 +20,7 @@ from PIL import Image
 from pydantic import Field
 
 from shards import (
+    OBJECT_FIELDS,
     STATUS_FAILED,
     STATUS_FILTERED,
     STATUS_OK,
@@ -34,7 +35,6 @@ from shards.reader import raw_samples
 log = logging.getLogger(__name__)
 
 STAGE = "write"
-_OBJECT_FIELDS = tuple(f.name for f in fields(ObjectRecord))
 _SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 
 
@@ -53,7 +53,7 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def _record(row: dict) -> SampleRecord:
-    objects = tuple(ObjectRecord(**{k: o.get(k) for k in _OBJECT_FIELDS}) for o in row.get("objects") or ())
+    objects = tuple(ObjectRecord(**{k: o.get(k) for k in OBJECT_FIELDS}) for o in row.get("objects") or ())
     return SampleRecord(
         key=row["key"],
         width=int(row["width"]),
