@@ -7,7 +7,9 @@ per rank), every rank's stream position (``stream_state.json``), the step and wh
 A folder without a manifest is incomplete. On resume the manifest is checked: ``latest`` skips an
 incomplete or damaged checkpoint with a warning naming the file and falls back to the newest intact one;
 a checkpoint asked for by path that is damaged is refused by name. Nothing here is pickled: torch files
-load with ``weights_only=True``, the rest is JSON and safetensors.
+load with ``weights_only=True``, the rest is JSON and safetensors. No global RNG state is kept: every
+random draw of the loop and the stream comes from a generator keyed by the seed and the sample
+(``train_step.sample_seeds``), and fp16's loss scale is saved in ``trainer_state.json``.
 """
 
 from __future__ import annotations
