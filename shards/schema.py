@@ -346,12 +346,15 @@ def _fields_from_v1(d: dict, key: Any) -> dict:
     return {**d, "objects": tuple(objects)}
 
 
-def hf_features(image_ext: str = "jpg") -> Any:
-    """The Hugging Face ``datasets.Features`` of a shard tar (``{image_ext}`` + ``json``), for
-    ``load_dataset("webdataset", data_files=..., features=hf_features())``.
+def hf_features(image_exts: tuple[str, ...] = ("jpg",)) -> Any:
+    """The Hugging Face ``datasets.Features`` of shard tars (an image column per extension + ``json``),
+    for ``load_dataset("webdataset", data_files=..., features=hf_features())``.
 
-    Inference from the first 5 samples gives the same types, except when none of them has an object
-    (an empty list has no item type): pass these then. ``datasets`` is imported here only, on demand.
+    Inference from the first 5 samples gives the same types for a JPEG-only dataset, except when none
+    of them has an object (an empty list has no item type): pass these then. Pass ``("jpg", "png")``
+    when PNG samples may come (from-python of arrays, from-release of PNG files): an inferred schema
+    has one image column and would load such a sample's image as None. ``datasets`` is imported here
+    only, on demand.
     """
     import datasets
 
@@ -362,4 +365,5 @@ def hf_features(image_ext: str = "jpg") -> Any:
     record = {"caption": string, "height": i64, "key": string, "meta": string, "objects": datasets.List(obj),
               "original_height": i64, "original_width": i64, "schema_version": i64, "source": string,
               "source_caption": string, "width": i64}  # fmt: skip
-    return datasets.Features({image_ext: datasets.Image(), "json": record, "__key__": string, "__url__": string})
+    images = {ext: datasets.Image() for ext in image_exts}
+    return datasets.Features({**images, "json": record, "__key__": string, "__url__": string})

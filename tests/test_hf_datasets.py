@@ -91,12 +91,12 @@ def _coco(tmp_path):
     return out
 
 
-def _load(tmp_path, roots, **kwargs) -> list[dict]:
+def _load(tmp_path, roots, features=None) -> list[dict]:
     tars = [u for r in roots for u in tar_urls(str(r))]
-    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train",
-                               cache_dir=str(tmp_path / "hf_cache"), **kwargs)  # fmt: skip
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train", features=features,
+                               cache_dir=str(tmp_path / "hf_cache"))  # fmt: skip
     # What datasets inferred is what hf_features() declares.
-    assert ds.features == hf_features()
+    assert ds.features == (features or hf_features())
     return list(ds)
 
 
@@ -119,7 +119,7 @@ def _check_rows(rows: list[dict], roots) -> None:
         s = expected.pop((row["__url__"], row["__key__"]))
         assert _same(row["json"], json.loads(s.record.to_json_bytes()))
         assert SampleRecord.from_dict(row["json"]) == s.record
-        assert np.array_equal(np.asarray(row["jpg"].convert("RGB")), np.asarray(s.image()))
+        assert np.array_equal(np.asarray(row[s.image_ext].convert("RGB")), np.asarray(s.image()))
     assert not expected
 
 
@@ -192,6 +192,17 @@ def test_no_objects_in_the_first_samples_loads_with_the_declared_features(tmp_pa
     rows = _load(tmp_path, [root], features=hf_features())
     _check_rows(rows, [root])
     assert [len(row["json"]["objects"]) for row in rows] == [0] * 6 + [2]
+
+
+def test_png_samples_beside_jpeg_load_with_both_image_columns_declared(tmp_path):
+    dg, arrays = tmp_path / "dg", tmp_path / "arrays"
+    _datagen_style(dg)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 24, 32), dtype=np.uint8)
+    write_dataset([{"image": pixels, "caption": "c", "bboxes": [[1, 1, 9, 9]], "labels": ["a box"]}], str(arrays))
+    assert [s.image_ext for s in iter_samples(str(arrays))] == ["png"]
+    rows = _load(tmp_path, [dg, arrays], features=hf_features(("jpg", "png")))
+    _check_rows(rows, [dg, arrays])
+    assert [row["jpg"] is None for row in rows] == [False] * 10 + [True]
 
 
 def _v1_bytes(rec: SampleRecord) -> bytes:
