@@ -5,8 +5,10 @@ present with one JSON type, whatever the sample or the dataset kind, because rea
 schema from the first samples (Hugging Face ``datasets``: the first 5 of the first tar) cannot widen a
 ``null`` column later: unknown strings are ``""``, unknown numbers are ``NaN`` (all numbers but the
 sizes are floats), a missing mask is ``{"size": [0, 0], "counts": ""}``, a missing mask box is four
-``NaN`` and ``meta`` is one JSON string (its keys differ per dataset kind). Version 1 (``null`` for
-unknowns, ``meta`` an object) still reads. Validation names the key and the field.
+``NaN`` and ``meta`` is one JSON string (its keys differ per dataset kind); so an empty caption or
+description reads back as ``None``. Python's ``json`` (webdataset, Ray, ``datasets``) reads ``NaN``;
+strict RFC 8259 parsers do not. Version 1 (``null`` for unknowns, ``meta`` an object) still reads.
+Validation names the key and the field.
 """
 
 from __future__ import annotations

@@ -251,3 +251,19 @@ def test_version_2_type_drift_is_refused_naming_the_field(change, field):
     with pytest.raises(ValueError, match="key 'k'") as e:
         SampleRecord.from_dict(d, where="000000.tar")
     assert field in str(e.value) and str(e.value).startswith("000000.tar: ")
+
+
+def test_validate_names_a_v2_field_that_drifted_to_null(tmp_path):
+    from test_shards import _rewrite_tar
+
+    root = tmp_path / "dg"
+    _datagen_style(root)
+
+    def null_caption(members):
+        return [(n, json.dumps({**json.loads(d), "caption": None}).encode() if n == "b01.json" else d)
+                for n, d in members]  # fmt: skip
+
+    _rewrite_tar(root / "000000.tar", null_caption)
+    problems = [str(p) for p in validate_dataset(str(root)) if "b01" in str(p)]
+    assert problems == ["shard 000000 key b01 member 'b01.json': shard 000000: key 'b01': field 'caption' must be "
+                        "a string (schema_version 2), got None"]  # fmt: skip
