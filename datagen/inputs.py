@@ -115,14 +115,21 @@ def _url_meta(data: bytes) -> dict:
 
 
 def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[_Entry]:
-    """Every image under ``root`` (recursive), sorted by relative path; sibling .txt is the caption."""
+    """Every file under ``root`` (recursive), sorted by relative path: an image is an input, its sibling
+    .txt its caption and .json its metadata; any other file is a failed input ("not an image"), so every
+    file of the folder is accounted for."""
     files = sorted(fs.find(root))
     present = set(files)
+    images = [p for p in files if p.rpartition(".")[1] and f".{p.rpartition('.')[2].lower()}" in IMAGE_EXTS]
+    sidecars = {f"{p.rpartition('.')[0]}.{ext}" for p in images for ext in ("txt", "json")}
     for path in files:
         base, dot, ext = path.rpartition(".")
-        if not dot or f".{ext.lower()}" not in IMAGE_EXTS:
-            continue
         rel = _rel(root, path)
+        if not dot or f".{ext.lower()}" not in IMAGE_EXTS:
+            if path not in sidecars:
+                yield _Entry(rel, _stem(rel), {"source": url_for(fs, path), "uri": "", "caption": None, "meta": {},
+                                               "failure": "not an image"})
+            continue
         if path.rsplit("/", 1)[-1].startswith("."):
             # WebDataset keys a member by the name before its first dot: ".x.jpg" and "..jpg" have none
             # (and are hidden files): recorded as a failed input rather than dropped unseen.
@@ -343,7 +350,8 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         raise InputError(f"{uri}: no such file or folder")
     name = root.rsplit("/", 1)[-1]
     lower = name.lower()
-    if fs.isfile(root):
+    # Over HTTP a folder's listing page is a file too: a name we would not read as a file is a folder.
+    if fs.isfile(root) and (lower.endswith((".tar", ".parquet", ".csv", ".tsv", *IMAGE_EXTS)) or not fs.isdir(root)):
         if lower.endswith(".tar"):
             yield from _tar_entries(fs, root, name)
         elif lower.endswith((".parquet", ".csv", ".tsv")):
