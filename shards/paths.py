@@ -24,9 +24,17 @@ def shard_name(shard_id: int) -> str:
 
 
 def fs_and_root(dataset: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the root path inside it for a local path or fsspec URI."""
+    """The filesystem and the root path inside it for a local path or fsspec URI.
+
+    fsspec caches one filesystem per URL scheme and options, and object stores (s3fs, gcsfs) cache
+    the listings they made. Other processes write the shards (Ray workers, a killed run's driver),
+    so a listing cached by this process would hide them: each call starts from a fresh listing of
+    ``root`` and its parents (a single LIST request, no effect on local paths).
+    """
     fs, root = url_to_fs(str(dataset))
-    return fs, root.rstrip("/") or root
+    root = root.rstrip("/") or root
+    fs.invalidate_cache(root)
+    return fs, root
 
 
 def join(root: str, *parts: str) -> str:
