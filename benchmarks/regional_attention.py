@@ -1,4 +1,4 @@
-"""Regional cross-attention: the release's naive form vs our packed one-pass form, one layer.
+"""Regional attention: the release's naive form vs our packed one-pass form, one layer (ca and casa).
 
 Forward + backward time, activation memory and FLOP count of one fuser at the shapes where SDXL at 512 px
 has transformer blocks (32x32 latent with width 640, 16x16 with width 1280; 64-dim heads, 2048-dim
@@ -6,6 +6,10 @@ context, 30 slots of 77 tokens), for two layouts:
 
 - typical: 8 overlapping objects with 15-word descriptions (about 18 CLIP tokens each);
 - worst: 30 regions and every one of their 77 tokens live.
+
+Each case runs the ``ca`` fuser (regional cross-attention) and the ``casa`` fuser (cross-attention, then
+the regional self-attention over each region's union; rows ``casa_*``). The naive casa repeats the pixels
+once per slot and runs full self-attention per slot; ours attends each region's pixels to its union's.
 
 The FLOP ratio naive / packed (counted by ``torch.utils.flop_counter`` with the math attention kernel) is
 the limit of the speedup; ``<case>_of_limit`` is the measured speedup over it. Activation memory is the
@@ -31,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from training.attention import RegionalCrossAttention, _build_plan, level_plan
+from training.casa import RegionalCrossAndSelfAttention, _build_self_plan, self_plan
 from training.encoding import N_TOKENS, slot_token_targets
 from training.regions import RegionLayout, reorganize_regions
 
@@ -39,7 +44,13 @@ MAX_SLOTS = 30
 CONTEXT_DIM = 2048
 HEAD_DIM = 64
 LEVELS = {"32x32": 640, "16x16": 1280}  # level -> channel width at SDXL 512 px
-TARGETS = {"typical_32x32_speedup": 8.0, "worst_32x32_speedup": 4.0, "of_limit": 0.7, "act_over_input": 8.0}
+TARGETS = {
+    "typical_32x32_speedup": 8.0,
+    "worst_32x32_speedup": 4.0,
+    "casa_typical_32x32_speedup": 4.0,
+    "of_limit": 0.7,
+    "act_over_input": 8.0,
+}
 
 
 def typical_layout(rng: np.random.Generator) -> tuple[RegionLayout, list[list[int]]]:
@@ -96,6 +107,8 @@ def make_objs(layout: RegionLayout, bias: torch.Tensor, batch: int, device: str,
     """Fuser inputs as the position net would hand them over (random features, requiring grad)."""
     object_masks = torch.zeros(batch, MAX_SLOTS, device=device)
     object_masks[:, : layout.n_slots] = 1
+    union = torch.zeros(batch, MAX_SLOTS, *layout.grid_size, dtype=torch.bool, device=device)
+    union[:, : layout.n_slots] = torch.from_numpy(layout.union_masks).to(device)
     return {
         "text_feat": torch.randn(
             batch, MAX_SLOTS, N_TOKENS, CONTEXT_DIM, device=device, dtype=dtype, requires_grad=True
@@ -103,6 +116,7 @@ def make_objs(layout: RegionLayout, bias: torch.Tensor, batch: int, device: str,
         "attention_bias": bias.expand(batch, -1, -1).to(device=device, dtype=dtype),
         "object_masks": object_masks,
         "region_map": torch.from_numpy(layout.region_map).long().to(device).expand(batch, -1, -1),
+        "union_masks": union,
     }
 
 
@@ -111,6 +125,8 @@ def fresh(objs: dict, fuser: RegionalCrossAttention, grid: tuple[int, int]) -> d
     new = {k: v for k, v in objs.items() if not k.startswith("_")}
     if fuser.implementation == "packed":
         level_plan(new, grid)
+        if isinstance(fuser, RegionalCrossAndSelfAttention):
+            self_plan(new, grid)
     return new
 
 
@@ -165,12 +181,14 @@ def measure(fuser: RegionalCrossAttention, x: torch.Tensor, objs: dict, grid, re
     return Measure(statistics.median(times), counter.get_total_flops(), act, peak)
 
 
-def plan_ms(objs: dict, grid: tuple[int, int], device: str) -> float:
-    """Milliseconds to build one level's plan (once per UNet forward and level)."""
+def plan_ms(objs: dict, grid: tuple[int, int], device: str, casa: bool = False) -> float:
+    """Milliseconds to build one level's plans (once per UNet forward and level)."""
     clock, sync = _clock(device)
     sync()
     start = clock()
     _build_plan(objs, grid)
+    if casa:
+        _build_self_plan(objs, grid)
     sync()
     return (clock() - start) * 1e3
 
@@ -188,50 +206,58 @@ def run(device: str, dtype: torch.dtype, batch: int, repeats: int, prefix: str) 
     rng = np.random.default_rng(0)
     layouts = {"typical": typical_layout(rng), "worst": worst_layout()}
     rows, figures = [], {}
-    for level, dim in LEVELS.items():
-        side = int(level.split("x")[0])
-        grid = (side, side)
-        torch.manual_seed(0)
-        fuser = RegionalCrossAttention(dim, CONTEXT_DIM, dim // HEAD_DIM, HEAD_DIM).to(
-            device=device, dtype=dtype
-        )
-        for p in fuser.parameters():  # non-zero output weights: a zero W_o would make the backward trivial
-            torch.nn.init.normal_(p, std=dim**-0.5)
-        x = torch.randn(batch, side * side, dim, device=device, dtype=dtype, requires_grad=True)
-        for name, (layout, segments) in layouts.items():
-            objs = make_objs(layout, attention_bias(layout, segments), batch, device, dtype)
-            result = {}
-            for implementation in ("naive", "packed"):
-                fuser.implementation = implementation
-                result[implementation] = measure(fuser, x, objs, grid, repeats)
-            naive, packed = result["naive"], result["packed"]
-            case = f"{prefix}{name}_{level}"
-            speedup = naive.seconds / packed.seconds
-            limit = naive.flops / packed.flops
-            input_bytes = x.numel() * x.element_size() + objs["text_feat"].numel() * x.element_size()
-            figures.update(
-                {
-                    f"{case}_speedup": round(speedup, 2),
-                    f"{case}_flop_ratio": round(limit, 2),
-                    f"{case}_of_limit": round(speedup / limit, 3),
-                    f"{case}_memory_ratio": round(naive.act_bytes / packed.act_bytes, 2),
-                    f"{case}_naive_ms": round(naive.seconds * 1e3, 1),
-                    f"{case}_packed_ms": round(packed.seconds * 1e3, 1),
-                    f"{case}_packed_act_over_input": round(packed.act_bytes / input_bytes, 2),
-                    f"{case}_naive_act_over_input": round(naive.act_bytes / input_bytes, 2),
-                    f"{case}_plan_ms": round(plan_ms(objs, grid, device), 2),
-                }
-            )
-            if device == "cuda":
-                figures[f"{case}_peak_memory_ratio"] = round(naive.peak_bytes / max(packed.peak_bytes, 1), 2)
-            keys = len(level_plan(fresh(objs, fuser, grid), grid).live_index) // batch
-            rows.append(
-                f"{case:<22} {layout.n_slots:>5} {keys:>5} {naive.seconds * 1e3:>9.1f} {packed.seconds * 1e3:>9.1f} "
-                f"{speedup:>7.2f} {limit:>7.2f} {speedup / limit:>6.2f} "
-                f"{naive.act_bytes / 2**20:>9.1f} {packed.act_bytes / 2**20:>9.1f} "
-                f"{naive.act_bytes / packed.act_bytes:>6.1f} {figures[f'{case}_plan_ms']:>7.2f}"
-            )
+    for model_type, fuser_class in (("", RegionalCrossAttention), ("casa_", RegionalCrossAndSelfAttention)):
+        for level, dim in LEVELS.items():
+            side = int(level.split("x")[0])
+            grid = (side, side)
+            torch.manual_seed(0)
+            fuser = fuser_class(dim, CONTEXT_DIM, dim // HEAD_DIM, HEAD_DIM).to(device=device, dtype=dtype)
+            for (
+                p
+            ) in fuser.parameters():  # non-zero output weights: a zero W_o would make the backward trivial
+                torch.nn.init.normal_(p, std=dim**-0.5)
+            x = torch.randn(batch, side * side, dim, device=device, dtype=dtype, requires_grad=True)
+            for name, (layout, segments) in layouts.items():
+                objs = make_objs(layout, attention_bias(layout, segments), batch, device, dtype)
+                case = f"{prefix}{model_type}{name}_{level}"
+                rows.append(_case(fuser, x, objs, grid, repeats, device, case, layout, figures))
     return rows, figures
+
+
+def _case(fuser, x, objs, grid, repeats, device, case, layout, figures) -> str:
+    """Measure one fuser on one layout and level: add its figures, return its table row."""
+    result = {}
+    for implementation in ("naive", "packed"):
+        fuser.implementation = implementation
+        result[implementation] = measure(fuser, x, objs, grid, repeats)
+    naive, packed = result["naive"], result["packed"]
+    speedup = naive.seconds / packed.seconds
+    limit = naive.flops / packed.flops
+    input_bytes = x.numel() * x.element_size() + objs["text_feat"].numel() * x.element_size()
+    figures.update(
+        {
+            f"{case}_speedup": round(speedup, 2),
+            f"{case}_flop_ratio": round(limit, 2),
+            f"{case}_of_limit": round(speedup / limit, 3),
+            f"{case}_memory_ratio": round(naive.act_bytes / packed.act_bytes, 2),
+            f"{case}_naive_ms": round(naive.seconds * 1e3, 1),
+            f"{case}_packed_ms": round(packed.seconds * 1e3, 1),
+            f"{case}_packed_act_over_input": round(packed.act_bytes / input_bytes, 2),
+            f"{case}_naive_act_over_input": round(naive.act_bytes / input_bytes, 2),
+            f"{case}_plan_ms": round(
+                plan_ms(objs, grid, device, isinstance(fuser, RegionalCrossAndSelfAttention)), 2
+            ),
+        }
+    )
+    if device == "cuda":
+        figures[f"{case}_peak_memory_ratio"] = round(naive.peak_bytes / max(packed.peak_bytes, 1), 2)
+    keys = len(level_plan(fresh(objs, fuser, grid), grid).live_index) // x.shape[0]
+    return (
+        f"{case:<27} {layout.n_slots:>5} {keys:>5} {naive.seconds * 1e3:>9.1f} {packed.seconds * 1e3:>9.1f} "
+        f"{speedup:>7.2f} {limit:>7.2f} {speedup / limit:>6.2f} "
+        f"{naive.act_bytes / 2**20:>9.1f} {packed.act_bytes / 2**20:>9.1f} "
+        f"{naive.act_bytes / packed.act_bytes:>6.1f} {figures[f'{case}_plan_ms']:>7.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         runs.append(("cuda", torch.bfloat16, "gpu_"))
     header = (
-        f"{'case':<22} {'slots':>5} {'keys':>5} {'naive ms':>9} {'ours ms':>9} {'speedup':>7} {'flop x':>7} {'of lim':>6} "
+        f"{'case':<27} {'slots':>5} {'keys':>5} {'naive ms':>9} {'ours ms':>9} {'speedup':>7} {'flop x':>7} {'of lim':>6} "
         f"{'naive MiB':>9} {'ours MiB':>9} {'mem x':>6} {'plan ms':>7}"
     )
     figures: dict = {}
@@ -262,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ok = {
         "typical_32x32_speedup": figures["typical_32x32_speedup"] >= TARGETS["typical_32x32_speedup"],
         "worst_32x32_speedup": figures["worst_32x32_speedup"] >= TARGETS["worst_32x32_speedup"],
+        "casa_typical_32x32_speedup": figures["casa_typical_32x32_speedup"]
+        >= TARGETS["casa_typical_32x32_speedup"],
         "of_limit": all(v >= TARGETS["of_limit"] for k, v in figures.items() if k.endswith("_of_limit")),
         "act_over_input": all(
             v <= TARGETS["act_over_input"] for k, v in figures.items() if k.endswith("packed_act_over_input")
