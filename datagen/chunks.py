@@ -116,3 +116,29 @@ def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
         "busy": busy,
         "nodes": chunk.get("nodes", []),
     }
+
+
+def reason(error: str) -> str:
+    """The groupable part of an error message (its first 120 characters)."""
+    return error if len(error) <= 120 else error[:117] + "..."
+
+
+def chunk_summary(packed: dict) -> dict:
+    """What the driver needs of a packed chunk: counts, failure reasons, busy time; no images, no records.
+
+    ``failures`` holds ``[stage, reason, guard reason, count]`` in order of first appearance; the guard
+    reason (the error's text before its first colon) is what the fail-fast guard groups by.
+    """
+    statuses: dict[str, int] = {}
+    failures: dict[tuple[str, str, str], int] = {}
+    objects = 0
+    for e in packed["entries"]:
+        statuses[e["status"]] = statuses.get(e["status"], 0) + 1
+        if e["status"] == STATUS_OK:
+            objects += len(e["record"]["objects"])
+        else:
+            k = (e["error_stage"], reason(e["error"]), e["error"].split(":")[0])
+            failures[k] = failures.get(k, 0) + 1
+    return {"shard": packed["shard"], "start": packed["start"], "rows": len(packed["entries"]),
+            "statuses": statuses, "failures": [[*k, n] for k, n in failures.items()], "objects": objects,
+            "busy": packed["busy"], "nodes": packed["nodes"]}

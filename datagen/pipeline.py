@@ -5,14 +5,16 @@
       -> pool 1..n     actor pools (ActorPoolStrategy): each actor loads its stages' models once;
                        with ``vlm.engine: vllm`` a pool of VLM stages is a ray.data.llm processor instead
                        (chunks -> request rows -> vLLM -> chunks: ``stages/vlm_vllm.py``)
-      -> pack          CPU tasks: JPEG-encode and validate each row
-      -> driver        groups rows by shard; a full shard goes to one ``write_shard`` Ray task
+      -> pack          CPU tasks: JPEG-encode and validate each row, store the chunk as a part of its shard
+      -> driver        counts each chunk's summary; a shard whose parts are all stored goes to one
+                       ``seal_shard`` Ray task (tar, parquet, stats from the parts)
 
 The unit that flows through Ray is a *chunk*: ``execution.chunk_size`` consecutive inputs of one shard.
 Every stage sees whole chunks and cuts them into its own batches of ok rows, so which images share a
 model batch depends only on the inputs, never on scheduling: a resumed run computes exactly what an
 uninterrupted one does, and its tars are byte-identical. Rows travel as Python objects (images are
-variable-sized arrays); Ray serialises them in its object store, nothing is pickled into a shard.
+variable-sized arrays) between the workers; Ray serialises them in its object store, nothing is
+pickled into a shard or a part. The driver never receives image bytes (``datagen/CLUSTER.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +35,15 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
 
+from shards.dataset import read_run
+from shards.paths import fs_and_root, join
 from shards.schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 
-from .chunks import ShardJob, decode_chunk, make_chunks, pack_chunk, run_stage_on_chunk
+from .chunks import ShardJob, chunk_summary, decode_chunk, make_chunks, pack_chunk, run_stage_on_chunk
 from .config import DatagenConfig, PoolConfig, stage_classes
 from .stages import StageError, vlm_vllm
 from .stages.decode import DecodeConfig, DecodeStage
-from .stages.write import WriteConfig, write_shard
+from .stages.write import PARTS_DIR, WriteConfig, parts_dir, seal_shard, write_part
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class RunResult:
     startup_seconds: float | None = None  # until the first chunk came out (actor start-up, model loads)
     startup_rows: int = 0  # the rows of that first chunk
     wall_seconds: float = 0.0
+    driver_bytes: int = 0  # what the driver received: chunk summaries and shard stats (no image bytes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,27 +156,16 @@ def vllm_pool(ds: ray.data.Dataset, cfg: DatagenConfig, pool: PoolConfig) -> ray
         compute=ActorPoolStrategy(size=1), num_cpus=v.cpu_stage_cpus)
 
 
-def _pack_fn(df: pd.DataFrame, config: WriteConfig) -> pd.DataFrame:
-    # A packed chunk travels to the driver as JSON text plus its images' bytes: as plain nested data Arrow
-    # would make it nested structs, which Ray fails to concatenate when one block holds several chunks
-    # whose entries differ in shape (ok and failed entries, objects with and without masks), as after a
-    # vLLM processor. Entries are JSON-safe but for the image (``pack_row``); no pickle crosses over.
-    metas, images = [], []
+def _pack_fn(df: pd.DataFrame, config: WriteConfig, output: str, token: str) -> pd.DataFrame:
+    # The images stop here: each packed chunk is stored as a part beside the output (``write_part``) and
+    # only its summary (counts, failure reasons, busy seconds, the part's path) goes on to the driver,
+    # as JSON text: a few hundred bytes per chunk, whatever its images weigh.
+    summaries = []
     for chunk in df["chunk"]:
         packed = pack_chunk(chunk, config)
-        images.append([e.get("image", b"") for e in packed["entries"]])
-        packed["entries"] = [{k: v for k, v in e.items() if k != "image"} for e in packed["entries"]]
-        metas.append(json.dumps(packed))
-    return pd.DataFrame({"shard": df["shard"], "chunk": metas, "images": images})
-
-
-def _unpack_chunk(row: dict) -> dict:
-    """The packed chunk of one ``_pack_fn`` row: its JSON with the images put back into the ok entries."""
-    chunk = json.loads(row["chunk"])
-    for entry, image in zip(chunk["entries"], row["images"], strict=True):
-        if entry["status"] == STATUS_OK:
-            entry["image"] = bytes(image)
-    return chunk
+        folder = parts_dir(output, token, packed["shard"])
+        summaries.append(json.dumps({**chunk_summary(packed), "part": write_part(folder, packed["start"], packed["entries"])}))
+    return pd.DataFrame({"shard": df["shard"], "summary": summaries})
 
 
 def pool_remote_args(pool: PoolConfig) -> dict:
@@ -183,8 +178,9 @@ def pool_remote_args(pool: PoolConfig) -> dict:
     return {"compute": compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
 
 
-def build_dataset(chunks: list[dict], cfg: DatagenConfig) -> ray.data.Dataset:
-    """The lazy Ray dataset: decode -> each actor pool (or vLLM processor) -> pack. One row per chunk."""
+def build_dataset(chunks: list[dict], cfg: DatagenConfig, output: str, token: str) -> ray.data.Dataset:
+    """The lazy Ray dataset: decode -> each actor pool (or vLLM processor) -> pack, which stores each chunk
+    as a part under ``output`` (run ``token``). One row per chunk: its summary."""
     ex = cfg.execution
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 10_000)))
     # batch_size=1: one chunk per call; the stages batch inside a chunk.
@@ -196,13 +192,13 @@ def build_dataset(chunks: list[dict], cfg: DatagenConfig) -> ray.data.Dataset:
             continue
         ds = ds.map_batches(PoolWorker, fn_constructor_kwargs={"cfg": cfg, "pool": pool}, batch_size=1,
                             batch_format="pandas", **pool_remote_args(pool))
-    return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write}, batch_size=1, batch_format="pandas",
+    return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write, "output": output, "token": token}, batch_size=1, batch_format="pandas",
                           compute=TaskPoolStrategy(size=ex.pack_tasks), num_cpus=ex.pack_cpus)
 
 
 @ray.remote
-def _write_shard_task(dataset: str, shard_id: int, entries: list[dict], keep_existing: bool) -> dict:
-    return write_shard(dataset, shard_id, entries, keep_existing)
+def _seal_shard_task(dataset: str, shard_id: int, parts: list[str], keep_existing: bool, fingerprint: str | None) -> dict:
+    return seal_shard(dataset, shard_id, parts, keep_existing, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,14 +237,29 @@ class _FailFast:
         self.ok = False
 
     def update(self, entries: list[dict]) -> None:
-        if self.ok:
-            return
+        """Count packed entries, in order."""
+        failures: Counter = Counter()
         for e in entries:
             if e["status"] != STATUS_FAILED:
-                self.ok = True
-                return
-            self.seen += 1
-            self.reasons[(e["error_stage"], e["error"].split(":")[0])] += 1
+                break
+            failures[(e["error_stage"], e["error"].split(":")[0])] += 1
+        self._count(sum(failures.values()) < len(entries), failures)  # stopped at a kept row
+
+    def update_summary(self, summary: dict) -> None:
+        """Count one chunk's summary (``chunks.chunk_summary``)."""
+        failures: Counter = Counter()
+        for stage, _, guard_reason, n in summary["failures"]:
+            failures[(stage, guard_reason)] += n
+        self._count(any(status != STATUS_FAILED for status in summary["statuses"]), failures)
+
+    def _count(self, any_kept: bool, failures: Counter) -> None:
+        if self.ok:
+            return
+        if any_kept:
+            self.ok = True
+            return
+        self.seen += sum(failures.values())
+        self.reasons.update(failures)
         if self.seen >= self.limit and len(self.reasons) == 1:
             (stage, reason), n = self.reasons.most_common(1)[0]
             raise PipelineError(
@@ -276,15 +287,30 @@ def _stage_error(exc: BaseException) -> StageError | None:
     return None
 
 
-def _iter_chunks(ds: ray.data.Dataset) -> Iterator[dict]:
+def _iter_summaries(ds: ray.data.Dataset, received: list[int]) -> Iterator[dict]:
+    """The chunk summaries as the pack tasks finish them; ``received[0]`` counts the bytes the driver got
+    (the Arrow size of every block it iterated)."""
     try:
-        for row in ds.iter_rows():
-            yield _unpack_chunk(row)
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            received[0] += block.nbytes
+            for text in block.column("summary").to_pylist():
+                yield json.loads(text)
     except Exception as e:  # noqa: BLE001 - Ray wraps the stage's exception; unwrap it for the user
         err = _stage_error(e)
         if err is not None:
             raise PipelineError(f"{err} -- the run stops here; complete shards are kept") from e
         raise
+
+
+def _clear_parts(output: str) -> None:
+    """Remove every run's leftover parts (a killed run's, or ours once all shards are sealed)."""
+    fs, root = fs_and_root(output)
+    path = join(root, PARTS_DIR)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:  # an orphaned writer removed its part of it meanwhile
+        pass
 
 
 def execute(
@@ -293,7 +319,12 @@ def execute(
     output: str,
     progress: bool | None = None,
 ) -> RunResult:
-    """Run the pipeline over ``jobs`` and write their shards; Ray must be initialised."""
+    """Run the pipeline over ``jobs`` and write their shards; Ray must be initialised.
+
+    The driver plans and tracks: it receives one small summary per chunk (the pack tasks store the
+    chunk's rows as a part beside the output) and starts one seal task per shard once every part of
+    it is stored. No image byte passes through this process.
+    """
     result = RunResult()
     jobs = [j for j in jobs if j.items]
     if not jobs:
@@ -301,62 +332,70 @@ def execute(
     by_id = {j.shard_id: j for j in jobs}
     total = sum(len(j.items) for j in jobs)
     chunks = make_chunks(jobs, cfg.execution.chunk_size)
-    pending: dict[int, list[dict]] = defaultdict(list)
+    # This run's parts live under their own token, so a killed run's orphaned tasks never touch them.
+    token = uuid.uuid4().hex[:12]
+    fingerprint = (read_run(output) or {}).get("fingerprint")
+    _clear_parts(output)
+    parts: dict[int, list[tuple[int, str, int]]] = defaultdict(list)  # shard -> (start, path, rows)
     writes: list[ray.ObjectRef] = []
     guard = _FailFast(min(cfg.execution.fail_fast_rows, total))
-    write_task = _write_shard_task.options(num_cpus=cfg.execution.write_cpus)
+    seal_task = _seal_shard_task.options(num_cpus=cfg.execution.write_cpus)
+    received = [0]
     t0 = time.perf_counter()
     last_log = t0
     bar = tqdm(total=total, unit="img", desc="datagen", disable=None if progress is None else not progress, dynamic_ncols=True)
     try:
-        for chunk in _iter_chunks(build_dataset(chunks, cfg)):
-            entries = chunk["entries"]
+        for summary in _iter_summaries(build_dataset(chunks, cfg, output, token), received):
+            rows = summary["rows"]
             if result.startup_seconds is None:
-                result.startup_seconds, result.startup_rows = time.perf_counter() - t0, len(entries)
-            guard.update(entries)
-            result.nodes.update(chunk["nodes"])
-            for stage, (rows, seconds) in chunk["busy"].items():
+                result.startup_seconds, result.startup_rows = time.perf_counter() - t0, rows
+            guard.update_summary(summary)
+            result.nodes.update(summary["nodes"])
+            for stage, (n, seconds) in summary["busy"].items():
                 t = result.busy.setdefault(stage, StageTime())
-                t.rows += int(rows)
+                t.rows += int(n)
                 t.seconds += float(seconds)
-            for e in entries:
-                result.statuses[e["status"]] += 1
-                if e["status"] == STATUS_OK:
-                    result.objects += len(e["record"]["objects"])
-                else:
-                    result.failures[(e["error_stage"], _reason(e["error"]))] += 1
-            shard = chunk["shard"]
-            pending[shard].extend(entries)
-            if len(pending[shard]) == len(by_id[shard].items):
-                writes.append(write_task.remote(output, shard, pending.pop(shard), by_id[shard].keep_existing))
-            result.processed += len(entries)
-            bar.update(len(entries))
+            result.statuses.update(summary["statuses"])
+            result.objects += summary["objects"]
+            for stage, why, _, n in summary["failures"]:
+                result.failures[(stage, why)] += n
+            shard = summary["shard"]
+            parts[shard].append((summary["start"], summary["part"], rows))
+            if sum(p[2] for p in parts[shard]) == len(by_id[shard].items):
+                paths = [p[1] for p in sorted(parts.pop(shard))]
+                writes.append(seal_task.remote(output, shard, paths, by_id[shard].keep_existing, fingerprint))
+            result.processed += rows
+            bar.update(rows)
             bar.set_postfix(ok=result.statuses[STATUS_OK], failed=result.statuses[STATUS_FAILED],
                             filtered=result.statuses[STATUS_FILTERED], refresh=False)
             if time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 log.info("%d/%d inputs, %.2f img/s", result.processed, total, result.processed / (last_log - t0))
-        if pending:
-            raise PipelineError(f"shards {sorted(pending)} did not receive all their rows (a lost chunk)")
+        if parts:
+            raise PipelineError(f"shards {sorted(parts)} did not receive all their rows (a lost chunk)")
     except BaseException:
         # Shards already handed to writers still finish (and count as complete on resume); the
         # error that stopped the run is the one reported.
-        _finish_writes(writes, raise_errors=False)
+        _finish_writes(writes, raise_errors=False, received=received)
         raise
     finally:
         bar.close()
-    result.shards = _finish_writes(writes, raise_errors=True)
+    stats = _finish_writes(writes, raise_errors=True, received=received)
+    result.shards = [s for s in stats if not s.get("superseded")]
+    _clear_parts(output)
     result.wall_seconds = time.perf_counter() - t0
+    result.driver_bytes = received[0]
     return result
 
 
-def _finish_writes(writes: list[ray.ObjectRef], raise_errors: bool) -> list[dict]:
+def _finish_writes(writes: list[ray.ObjectRef], raise_errors: bool, received: list[int]) -> list[dict]:
     # Every write is waited for before an error is raised: a shard being written when another one
     # failed (a full disk) still completes, instead of dying with the Ray runtime.
     stats, first_error = [], None
     for ref in writes:
         try:
             stats.append(ray.get(ref))
+            received[0] += len(json.dumps(stats[-1]))
         except Exception as e:  # noqa: BLE001 - reported below, or by the caller's own error
             log.warning("a shard write failed (%s); that shard stays incomplete and is redone on resume",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
@@ -364,8 +403,3 @@ def _finish_writes(writes: list[ray.ObjectRef], raise_errors: bool) -> list[dict
     if raise_errors and first_error is not None:
         raise first_error
     return stats
-
-
-def _reason(error: str) -> str:
-    """The groupable part of an error message (its first 120 characters)."""
-    return error if len(error) <= 120 else error[:117] + "..."

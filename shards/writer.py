@@ -186,14 +186,13 @@ class ShardWriter:
             members.append((f"{key}.json", record.to_json_bytes()))
         tar_bytes = build_tar(members)
         self.fs.makedirs(self.root, exist_ok=True)
-        # Tar and parquet are rewritten whole on a redo; only the stats file marks completion.
-        with self.fs.open(join(self.root, f"{self.name}.tar"), "wb") as f:
-            f.write(tar_bytes)
+        # Tar and parquet are rewritten whole on a redo; only the stats file marks completion. Each file
+        # is replaced atomically: a second writer of the same shard never leaves a half-written one.
+        write_atomic(self.fs, join(self.root, f"{self.name}.tar"), tar_bytes)
         df = self.table()
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
-        with self.fs.open(join(self.root, f"{self.name}.parquet"), "wb") as f:
-            f.write(buf.getvalue())
+        write_atomic(self.fs, join(self.root, f"{self.name}.parquet"), buf.getvalue())
         failed = df[df.status != STATUS_OK]
         stats = ShardStats(
             shard=self.name,

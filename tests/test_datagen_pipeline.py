@@ -128,20 +128,20 @@ import ray
 from datagen import pipeline
 from datagen.cli import main
 
-def write(dataset, shard_id, entries, keep_existing):
+def seal(dataset, shard_id, parts, keep_existing, fingerprint):
     import shards.writer as w
-    from datagen.stages.write import write_shard
+    from datagen.stages.write import seal_shard
     real = w.ShardWriter.close
     def close(self):
         raise OSError(errno.ENOSPC, "No space left on device", dataset + "/000003.tar")
     if shard_id == 3:
         w.ShardWriter.close = close
     try:
-        return write_shard(dataset, shard_id, entries, keep_existing)
+        return seal_shard(dataset, shard_id, parts, keep_existing, fingerprint)
     finally:
         w.ShardWriter.close = real
 
-pipeline._write_shard_task = ray.remote(write)
+pipeline._seal_shard_task = ray.remote(seal)
 sys.exit(main(sys.argv[1:]))
 """
 

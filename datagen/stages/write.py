@@ -1,16 +1,20 @@
-"""The last stage: turn rows into shard entries, and write one shard through ``shards.ShardWriter``.
+"""The last stage: turn rows into shard entries, store them as parts, and seal a shard from its parts.
 
 ``pack`` runs on the workers right after the model stages: it encodes each ok row's image as JPEG and
-validates its record, so only compact, already-checked entries travel to the writer. ``write_shard``
-is the body of the one Ray task per shard: every input of the shard ends there as a sample or as a
-parquet row (failed or filtered), and a record that breaks the shard contract becomes a failure row
-with ``error_stage="write"`` rather than a lost input.
+validates its record. ``write_part`` stores one packed chunk beside the output
+(``<output>/_parts/<run token>/<shard>/<start>.tar``: entries as JSON plus image members, no pickle),
+so image bytes go from the worker to storage, never through the driver. ``seal_shard`` is the body of
+the one Ray task per shard: it reads the shard's parts and calls ``write_shard``, where every input
+ends as a sample or as a parquet row (failed or filtered); a record that breaks the shard contract
+becomes a failure row with ``error_stage="write"`` rather than a lost input.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import tarfile
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -29,8 +33,10 @@ from shards import (
     SchemaError,
     ShardWriter,
 )
-from shards.paths import fs_and_root, join, shard_name, url_for
+from shards.dataset import read_run
+from shards.paths import fs_and_root, join, shard_name, url_for, write_atomic
 from shards.reader import raw_samples
+from shards.writer import build_tar
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +152,73 @@ def write_shard(dataset: str, shard_id: int, entries: list[dict], keep_existing:
         columns = {k: v for k, v in (e.get("columns") or {}).items() if v is not None}
         writer.add_failure(e["key"], e["source"], e["error_stage"], e["error"], status=status, **columns)
     return writer.close().__dict__
+
+
+PARTS_DIR = "_parts"  # under the output: chunk parts waiting for their shard to be sealed
+_ENTRIES = "entries.json"
+
+
+def parts_dir(dataset: str, token: str, shard_id: int) -> str:
+    """The folder of one run's parts of one shard (the run token keeps two runs' parts apart)."""
+    fs, root = fs_and_root(dataset)
+    return url_for(fs, join(root, PARTS_DIR, token, shard_name(shard_id)))
+
+
+def write_part(folder: str, start: int, entries: list[dict]) -> str:
+    """Store the packed entries of the chunk starting at input ``start``; returns the part's path.
+
+    A deterministic tar (``entries.json`` + one member per image), written to a temporary name and
+    renamed: a reader sees a whole part or none, and whoever writes a part writes the same bytes.
+    """
+    fs, root = fs_and_root(folder)
+    members, meta = [], []
+    for i, e in enumerate(entries):
+        meta.append({k: v for k, v in e.items() if k != "image"})
+        if "image" in e:
+            members.append((f"{i:06d}.img", bytes(e["image"])))
+    members.append((_ENTRIES, json.dumps(meta, sort_keys=True).encode()))
+    fs.makedirs(root, exist_ok=True)
+    path = join(root, f"{start:09d}.tar")
+    write_atomic(fs, path, build_tar(members))
+    return url_for(fs, path)
+
+
+def read_part(path: str) -> list[dict]:
+    """The entries of one part, images put back."""
+    fs, p = fs_and_root(path)
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    entries = json.loads(members[_ENTRIES])
+    for i, e in enumerate(entries):
+        image = members.get(f"{i:06d}.img")
+        if image is not None:
+            e["image"] = image
+    return entries
+
+
+def seal_shard(dataset: str, shard_id: int, parts: list[str], keep_existing: bool = False,
+               fingerprint: str | None = None) -> dict:
+    """Write shard ``shard_id`` from its parts (in input order), then remove them; returns its stats.
+
+    Safe against a second writer of the same shard (a restarted run while an orphaned task of a killed
+    one still runs): every file of a shard is written to a temporary name and renamed, and the same
+    inputs under the same configuration give the same bytes, so either writer's files are the shard.
+    ``fingerprint`` is the run's configuration: when ``run.json`` says another one now (``--new-run``
+    since), this writer's rows are stale and nothing is written (``{"superseded": True}``).
+    """
+    if fingerprint is not None:
+        run = read_run(dataset) or {}
+        if run.get("fingerprint") != fingerprint:
+            log.warning("shard %s not sealed: %s now belongs to another configuration", shard_name(shard_id), dataset)
+            return {"shard": shard_name(shard_id), "superseded": True}
+    entries = [e for p in parts for e in read_part(p)]
+    stats = write_shard(dataset, shard_id, entries, keep_existing)
+    if parts:
+        fs, folder = fs_and_root(parts[0].rsplit("/", 1)[0])
+        try:
+            fs.rm(folder, recursive=True)
+        except FileNotFoundError:  # another writer of this run's parts removed them first
+            pass
+    return stats
