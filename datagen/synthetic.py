@@ -6,7 +6,6 @@ No data set can be downloaded here, so the demo makes its own raw images. They a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +46,18 @@ def make_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image
 
 
 def make_image_folder(folder: str | Path, n: int, seed: int = 0, min_size: int = 96, max_size: int = 256) -> list[Path]:
-    """Write ``n`` synthetic images (JPEG and PNG, varied sizes) plus a ``captions.json``; return paths."""
+    """Write ``n`` synthetic images (JPEG and PNG, varied sizes), each with its caption in a ``.txt`` of the
+    same name (the folder convention ``datagen.inputs`` reads as the source caption); return the image paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths, captions = [], {}
+    paths = []
     for i in range(n):
         w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
         img, objects = make_image(rng, w, h)
         ext = "png" if i % 4 == 3 else "jpg"
         path = folder / f"img_{i:04d}.{ext}"
         img.save(path, quality=92) if ext == "jpg" else img.save(path)
-        captions[path.name] = "a picture of " + " and ".join(o["phrase"] for o in objects)
+        path.with_suffix(".txt").write_text("a picture of " + " and ".join(o["phrase"] for o in objects) + "\n")
         paths.append(path)
-    (folder / "captions.json").write_text(json.dumps(captions, indent=1, sort_keys=True))
     return paths

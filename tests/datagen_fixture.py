@@ -63,5 +63,4 @@ def make_awkward_files(folder: Path) -> dict[str, str | None]:
 def make_inputs(folder: Path, n_good: int = 28) -> dict[str, str | None]:
     """``n_good`` synthetic images in ``folder/good`` plus the awkward files in ``folder/awkward``."""
     make_image_folder(folder / "good", n_good, seed=1, min_size=64, max_size=160)
-    (folder / "good" / "captions.json").unlink()
     return make_awkward_files(folder / "awkward")

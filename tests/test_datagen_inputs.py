@@ -56,7 +56,9 @@ def test_folder_listing_is_recursive_sorted_and_keys_are_stable(tmp_path):
     Image.fromarray(_rgb()).save(tmp_path / "a" / "x.webp")
     (tmp_path / "notes.md").write_text("not an input")
     items = list_inputs(str(tmp_path))
-    assert [Path(i.source).name for i in items] == ["deep.png", "x.webp", "top.jpg"]
+    # Every file is accounted for: notes.md is an input that fails ("not an image"); top's .txt and .json are its sidecars.
+    assert [Path(i.source).name for i in items] == ["deep.png", "x.webp", "notes.md", "top.jpg"]
+    assert [i.failure for i in items] == [None, None, "not an image", None]
     top = items[-1]
     assert top.caption == "a red car" and top.meta == {"url": "http://example.com/top.jpg"}
     assert all(check_key(i.key) for i in items) and top.key.startswith("top-")
