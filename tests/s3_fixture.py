@@ -8,6 +8,7 @@ empty bucket of its own. Nothing outside 127.0.0.1 is contacted (conftest.py blo
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -42,6 +43,7 @@ def s3_server() -> Iterator[str]:
     """The endpoint URL of a moto S3 server on 127.0.0.1, with the S3 variables set in os.environ."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one log line per request
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
