@@ -49,6 +49,7 @@ from .figures import (  # noqa: F401
     short_names,
     summary_table,
 )
+from .paths import fs_and_root, is_local
 from .reader import Sample, ShardReadError, raw_samples, to_sample
 from .schema import STATUS_OK
 from .stats import SHARD_ERRORS
@@ -266,13 +267,15 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
 
 def write_report(
     paths: Sequence[str], out: str | Path, max_samples: int | None = 1000, gallery: int = 8
-) -> Path:
-    """Load the datasets, render the page and write it to ``out``."""
+) -> Path | str:
+    """Load the datasets, render the page and write it to ``out`` (a path or an fsspec URI)."""
     html_text = render_html(load_datasets(paths, max_samples), gallery)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html_text, encoding="utf-8")
-    return out
+    fs, path = fs_and_root(str(out))
+    if is_local(fs):  # object stores have no folders to make
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(html_text.encode("utf-8"))
+    return Path(out) if is_local(fs) else out
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
