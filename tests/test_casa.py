@@ -164,9 +164,23 @@ def test_fresh_casa_adapter_leaves_the_unet_unchanged_and_trains_its_self_attent
     assert "down_blocks.1.attentions.0.transformer_blocks.1.fuser.self_attn.to_out.0.bias" in names
     set_adapter_trainable(unet)
     unet.train()
-    unet(**inputs).sample.square().mean().backward()
-    grads = {n for n, p in unet.named_parameters() if p.grad is not None}
-    assert grads == names
+    with torch.no_grad():
+        for _, p in adapter_parameters(unet):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def grads():
+        unet.zero_grad(set_to_none=True)
+        unet(**inputs).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    assert plain.keys() == names and all(
+        float(g.abs().sum()) > 0 for n, g in plain.items() if "self_attn" in n
+    )
+    unet.enable_gradient_checkpointing()  # the UNet's checkpointing around the fuser's own
+    checkpointed = grads()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_model_type_is_recorded_and_a_mismatched_file_is_an_error_naming_keys(tmp_path):
