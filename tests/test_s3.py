@@ -14,13 +14,16 @@ import tarfile
 from pathlib import Path
 
 import fsspec
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from nbclient import NotebookClient
 from PIL import Image
 from s3_fixture import s3_bucket, s3_server, upload  # noqa: F401  (fixtures)
 from stats_fixture import EXPECTED
 from stats_fixture import write_dataset as write_stats_dataset
+from test_notebook import NOTEBOOK, kernel_name  # noqa: F401  (fixture)
 from test_stream import config, epoch_keys
 from test_stream import write_dataset as write_stream_dataset
 
@@ -142,3 +145,17 @@ def test_two_ranks_stream_every_sample_of_an_s3_dataset_exactly_once(s3_bucket, 
     cfg = config([ds], num_workers=num_workers, batch_size=2)
     seen = [k for rank in range(2) for batch in epoch_keys(build_loader(cfg, rank=rank, world_size=2)) for k in batch]
     assert sorted(seen) == sorted(keys)
+
+
+def test_the_stats_notebook_runs_on_an_s3_dataset(tmp_path, s3_bucket, monkeypatch, kernel_name):  # noqa: F811
+    ds = f"{s3_bucket}/nb"
+    upload(write_stats_dataset(tmp_path / "local"), ds)
+    monkeypatch.setenv("RICHLAYOUT_DATASETS", ds)  # the kernel inherits the S3 variables from os.environ
+    monkeypatch.setenv("RICHLAYOUT_MAX_SAMPLES", "100")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name=kernel_name, timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 7
+    html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
+    assert "The cat sat on the mat." in html and "RuntimeError: CUDA out of memory" in html
