@@ -216,7 +216,8 @@ def test_init_unet_model_type_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "fuser.self_attn.to_q" in err[0]
     assert init_unet.main(["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "nope") in err and err.count("\n") == 1
 
 
 def test_layout_pipeline_generates_with_casa(tmp_path):

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             ema=args.ema,
         )
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, also for hub errors
         return 2
     counts = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}
     print(json.dumps(counts))
