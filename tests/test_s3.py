@@ -159,3 +159,16 @@ def test_the_stats_notebook_runs_on_an_s3_dataset(tmp_path, s3_bucket, monkeypat
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 7
     html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
     assert "The cat sat on the mat." in html and "RuntimeError: CUDA out of memory" in html
+
+
+@pytest.mark.parametrize("override", ["output_dir=s3://bucket/run", "checkpoint.resume=s3://bucket/run/checkpoints/step_0000010"])
+def test_a_training_output_or_resume_uri_is_one_error_line_naming_the_field(override, tmp_path, capsys):
+    from training.train import main as train_main
+
+    argv = ["--config", "configs/train/tiny.yaml", "--override", f"output_dir={tmp_path / 'out'}", "--override", override]
+    assert train_main(argv) == 2
+    out, err = capsys.readouterr()
+    name, value = override.split("=", 1)
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and f"{name} {value!r} must be a local path" in err, err
+    assert not (tmp_path / "out").exists()

@@ -194,6 +194,14 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    def __post_init__(self) -> None:
+        # accelerate's save_state/load_state and the checkpoint manifest work on local files; a URI would
+        # become a local folder named "s3:" on each node. Shards stream from URIs, checkpoints do not.
+        for name, value in (("output_dir", self.output_dir), ("checkpoint.resume", self.checkpoint.resume)):
+            if value and "://" in value:
+                raise ConfigError(f"{name} {value!r} must be a local path (a node-local or mounted shared folder, "
+                                  "not an fsspec URI); copy the finished run to object storage afterwards")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from plain dicts/lists (a parsed YAML file); bad keys or values raise ConfigError."""
