@@ -3,13 +3,15 @@
 A chunk is ``execution.chunk_size`` consecutive inputs of one shard. Every stage sees whole chunks
 and cuts them into its own batches of ok rows, so which images share a model batch depends only on
 the inputs, never on scheduling: a resumed run computes exactly what an uninterrupted one does.
-``datagen.pipeline`` moves chunks through Ray.
+``datagen.pipeline`` moves chunks through Ray; the driver sees only each chunk's summary
+(``chunk_summary``), which feeds the fail-fast guard (``FailFast``) and the run's counts.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,10 @@ from .stages.decode import DecodeStage
 from .stages.write import WriteConfig, pack
 
 PACK = "pack"
+
+
+class PipelineError(RuntimeError):
+    """The run stopped on purpose (a stage failing systematically); the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -142,3 +148,44 @@ def chunk_summary(packed: dict) -> dict:
     return {"shard": packed["shard"], "start": packed["start"], "rows": len(packed["entries"]),
             "statuses": statuses, "failures": [[*k, n] for k, n in failures.items()], "objects": objects,
             "busy": packed["busy"], "nodes": packed["nodes"]}
+
+
+class FailFast:
+    """Stop a run whose first rows all fail in the same stage for the same reason (a broken setup)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen = 0
+        self.reasons: Counter = Counter()
+        self.ok = False
+
+    def update(self, entries: list[dict]) -> None:
+        """Count packed entries, in order."""
+        failures: Counter = Counter()
+        for e in entries:
+            if e["status"] != STATUS_FAILED:
+                break
+            failures[(e["error_stage"], e["error"].split(":")[0])] += 1
+        self._count(sum(failures.values()) < len(entries), failures)  # stopped at a kept row
+
+    def update_summary(self, summary: dict) -> None:
+        """Count one chunk's summary (``chunks.chunk_summary``)."""
+        failures: Counter = Counter()
+        for stage, _, guard_reason, n in summary["failures"]:
+            failures[(stage, guard_reason)] += n
+        self._count(any(status != STATUS_FAILED for status in summary["statuses"]), failures)
+
+    def _count(self, any_kept: bool, failures: Counter) -> None:
+        if self.ok:
+            return
+        if any_kept:
+            self.ok = True
+            return
+        self.seen += sum(failures.values())
+        self.reasons.update(failures)
+        if self.seen >= self.limit and len(self.reasons) == 1:
+            (stage, reason), n = self.reasons.most_common(1)[0]
+            raise PipelineError(
+                f"stage {stage!r} failed on every one of the first {n} inputs ({reason}); stopping instead "
+                "of writing an empty dataset. Check the inputs and the configuration of that stage."
+            )

@@ -39,7 +39,17 @@ from shards.dataset import read_run
 from shards.paths import fs_and_root, join
 from shards.schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 
-from .chunks import ShardJob, chunk_summary, decode_chunk, make_chunks, pack_chunk, run_stage_on_chunk
+from .chunks import (
+    PACK,
+    PipelineError,
+    ShardJob,
+    chunk_summary,
+    decode_chunk,
+    make_chunks,
+    pack_chunk,
+    run_stage_on_chunk,
+)
+from .chunks import FailFast as _FailFast
 from .config import DatagenConfig, PoolConfig, stage_classes
 from .stages import StageError, vlm_vllm
 from .stages.decode import DecodeConfig, DecodeStage
@@ -50,10 +60,6 @@ log = logging.getLogger(__name__)
 # Environment a worker needs to behave like the driver (offline hub, caches); forwarded to the cluster.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                  "TORCH_HOME", "TOKENIZERS_PARALLELISM")
-
-
-class PipelineError(RuntimeError):
-    """The run stopped on purpose (a stage failing systematically); the message says where and why."""
 
 
 @dataclass
@@ -163,8 +169,10 @@ def _pack_fn(df: pd.DataFrame, config: WriteConfig, output: str, token: str) -> 
     summaries = []
     for chunk in df["chunk"]:
         packed = pack_chunk(chunk, config)
-        folder = parts_dir(output, token, packed["shard"])
-        summaries.append(json.dumps({**chunk_summary(packed), "part": write_part(folder, packed["start"], packed["entries"])}))
+        t0 = time.perf_counter()
+        part = write_part(parts_dir(output, token, packed["shard"]), packed["start"], packed["entries"])
+        packed["busy"][PACK][1] += time.perf_counter() - t0  # storing the part is the pack task's work too
+        summaries.append(json.dumps({**chunk_summary(packed), "part": part}))
     return pd.DataFrame({"shard": df["shard"], "summary": summaries})
 
 
@@ -221,51 +229,13 @@ def init_ray(cfg: DatagenConfig) -> bool:
         ray.init(num_cpus=cfg.execution.num_cpus, num_gpus=cfg.execution.num_gpus, include_dashboard=False,
                  runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
+    if not address:
+        # One node: no locality to gain, and the tracker actor it needs costs CPU the models could use.
+        ctx.execution_options.actor_locality_enabled = False
     ctx.enable_progress_bars = False  # our own progress bar counts images, Ray's would count chunks
     # Chunks are Python objects: say so, instead of letting Ray warn that Arrow cannot hold them.
     ctx.enable_fallback_to_arrow_object_ext_type = True
     return True
-
-
-class _FailFast:
-    """Stop a run whose first rows all fail in the same stage for the same reason (a broken setup)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.seen = 0
-        self.reasons: Counter = Counter()
-        self.ok = False
-
-    def update(self, entries: list[dict]) -> None:
-        """Count packed entries, in order."""
-        failures: Counter = Counter()
-        for e in entries:
-            if e["status"] != STATUS_FAILED:
-                break
-            failures[(e["error_stage"], e["error"].split(":")[0])] += 1
-        self._count(sum(failures.values()) < len(entries), failures)  # stopped at a kept row
-
-    def update_summary(self, summary: dict) -> None:
-        """Count one chunk's summary (``chunks.chunk_summary``)."""
-        failures: Counter = Counter()
-        for stage, _, guard_reason, n in summary["failures"]:
-            failures[(stage, guard_reason)] += n
-        self._count(any(status != STATUS_FAILED for status in summary["statuses"]), failures)
-
-    def _count(self, any_kept: bool, failures: Counter) -> None:
-        if self.ok:
-            return
-        if any_kept:
-            self.ok = True
-            return
-        self.seen += sum(failures.values())
-        self.reasons.update(failures)
-        if self.seen >= self.limit and len(self.reasons) == 1:
-            (stage, reason), n = self.reasons.most_common(1)[0]
-            raise PipelineError(
-                f"stage {stage!r} failed on every one of the first {n} inputs ({reason}); stopping instead "
-                "of writing an empty dataset. Check the inputs and the configuration of that stage."
-            )
 
 
 def _stage_error(exc: BaseException) -> StageError | None:
