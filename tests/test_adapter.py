@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._model_fixtures import random_layout, region_encoder
+from _model_fixtures import random_layout, region_encoder
 from training import init_unet
 from training.adapter import (
     AdapterConfig,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
 
-from tests._model_fixtures import random_layout, random_objs
+from _model_fixtures import random_layout, random_objs
 from training.attention import PositionNet, RegionalCrossAttention, level_grid
 from training.regions import empty_layout, reorganize_regions
 

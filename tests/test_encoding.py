@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._model_fixtures import region_encoder, text_encoders, tokenizers
+from _model_fixtures import region_encoder, text_encoders, tokenizers
 from training.collate import pad_layouts
 from training.encoding import (
     NEG_BIAS,
