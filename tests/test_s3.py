@@ -3,14 +3,21 @@
 
 Fast: input listing and decode, the shards CLI, a listing made before another process wrote, the
 training stream over two ranks, the output_dir check. Slow: datagen from S3 inputs (folder, img2dataset
-tars, a parquet list) to an S3 output through the CLI and a local Ray, then SIGKILL and resume.
+tars, a parquet list) and an HTTP folder to an S3 output through the CLI and a local Ray, then SIGKILL and
+resume.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -23,6 +30,7 @@ from PIL import Image
 from s3_fixture import s3_bucket, s3_server, upload  # noqa: F401  (fixtures)
 from stats_fixture import EXPECTED
 from stats_fixture import write_dataset as write_stats_dataset
+from test_http_inputs import RangeHandler, serve
 from test_notebook import NOTEBOOK, kernel_name  # noqa: F401  (fixture)
 from test_stream import config, epoch_keys
 from test_stream import write_dataset as write_stream_dataset
@@ -172,3 +180,98 @@ def test_a_training_output_or_resume_uri_is_one_error_line_naming_the_field(over
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: ") and f"{name} {value!r} must be a local path" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# datagen end to end: S3 (and HTTP) inputs -> local Ray -> S3 output, through the CLI in a subprocess.
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "datagen" / "tiny.yaml")
+SHARDS = 5  # 20 inputs, 4 per shard
+
+
+def _datagen_cmd(inputs: list[str], output: str) -> list[str]:
+    return [sys.executable, "-m", "datagen", "run", "--config", TINY, *(a for i in inputs for a in ("--input", i)),
+            "--output", output, "--no-progress", "--set", "inputs.samples_per_shard=4", "--set", "execution.num_cpus=2"]
+
+
+def _env() -> dict:
+    # The S3 variables are in os.environ (s3_server): the CLI and the local Ray it starts inherit them.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONHASHSEED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _read_all(url_glob: str) -> dict[str, bytes]:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)  # no listing cached by this process
+    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in sorted(fs.glob(url_glob[len("s3://"):]))}
+
+
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory, s3_server):  # noqa: F811
+    """One uninterrupted run: an S3 image folder, S3 img2dataset tars, an S3 parquet list and an HTTP folder."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3run")
+    bucket = "s3://datagen-e2e"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket[len("s3://"):])
+    make_raw_inputs(root / "raw")
+    upload(root / "raw", f"{bucket}/raw")
+    make_image_folder(root / "www" / "photos", 3, seed=5, min_size=64, max_size=128)
+    server, http = serve(root / "www", RangeHandler)
+    inputs = [f"{bucket}/raw/folder", f"{bucket}/raw/i2d/", f"{bucket}/raw/list/list.parquet", f"{http}/photos/"]
+    proc = subprocess.run(_datagen_cmd(inputs, f"{bucket}/out"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    try:
+        yield inputs, bucket, proc
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_datagen_reads_s3_and_http_inputs_and_writes_a_complete_dataset_to_s3(s3_run):
+    inputs, bucket, proc = s3_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = f"{bucket}/out"
+    items = list_inputs(inputs)
+    assert len(items) == 20
+    assert validate_dataset(out) == []
+    assert [s.complete for s in list_shards(out)] == [True] * SHARDS
+    df = pd.concat([pd.read_parquet(io.BytesIO(b)) for b in _read_all(f"{out}/*.parquet").values()], ignore_index=True)
+    assert sorted(df.key) == sorted(i.key for i in items)  # every input has exactly one row
+    failed = dict(zip(df.source, df.error, strict=True))
+    assert failed["http://example.com/000000002.jpg"] == "img2dataset failed_to_download: HTTP Error 404: Not Found"
+    assert failed[f"{bucket}/raw/list/images/gone.jpg"] == "file not found"
+    assert (df.status == "ok").sum() >= 10
+    # The end-of-run summary and index.json count what the shards hold (the driver saw the workers' files).
+    index = json.loads(_read_all(f"{out}/index.json")["index.json"])
+    assert index["totals"]["samples"] == (df.status == "ok").sum() > 0
+    assert re.search(rf"samples\s+{index['totals']['samples']}\s", proc.stdout), proc.stdout
+    assert len(_read_all(f"{out}/runs/*.json")) == 1
+    assert shards_main(["validate", out]) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_on_s3_gives_byte_identical_shards(s3_run):
+    inputs, bucket, reference = s3_run
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    out = f"{bucket}/killed"
+    proc = subprocess.Popen(_datagen_cmd(inputs, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 500
+        while not _read_all(f"{out}/*.stats.json"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any shard was written"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (its process group)
+        proc.wait()
+    complete = [s.complete for s in list_shards(out)]
+    assert 0 < sum(complete) < SHARDS, complete  # killed mid-run
+    resumed = subprocess.run(_datagen_cmd(inputs, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{sum(complete)} already complete" in resumed.stdout
+    for pattern in ("*.tar", "*.parquet"):
+        assert _read_all(f"{out}/{pattern}") == _read_all(f"{bucket}/out/{pattern}")
+    assert validate_dataset(out) == []
