@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # Environment a worker needs to behave like the driver (offline hub, caches); forwarded to the cluster.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-                 "TORCH_HOME", "TOKENIZERS_PARALLELISM")
+                 "TORCH_HOME", "TOKENIZERS_PARALLELISM", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
 @dataclass

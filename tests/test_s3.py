@@ -275,3 +275,25 @@ def test_sigkill_then_resume_on_s3_gives_byte_identical_shards(s3_run):
     for pattern in ("*.tar", "*.parquet"):
         assert _read_all(f"{out}/{pattern}") == _read_all(f"{bucket}/out/{pattern}")
     assert validate_dataset(out) == []
+
+
+def test_ray_workers_on_other_nodes_get_the_s3_endpoint_and_region_but_not_the_secrets(s3_server, monkeypatch):  # noqa: F811
+    import ray
+
+    from datagen import pipeline
+    from datagen.config import load_config
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before anything starts
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.init_ray(load_config(TINY))
+    env = calls[0]["runtime_env"]["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == s3_server and env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env  # nodes bring their own
