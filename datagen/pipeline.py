@@ -229,9 +229,6 @@ def init_ray(cfg: DatagenConfig) -> bool:
         ray.init(num_cpus=cfg.execution.num_cpus, num_gpus=cfg.execution.num_gpus, include_dashboard=False,
                  runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
-    if not address:
-        # One node: no locality to gain, and the tracker actor it needs costs CPU the models could use.
-        ctx.execution_options.actor_locality_enabled = False
     ctx.enable_progress_bars = False  # our own progress bar counts images, Ray's would count chunks
     # Chunks are Python objects: say so, instead of letting Ray warn that Arrow cannot hold them.
     ctx.enable_fallback_to_arrow_object_ext_type = True
