@@ -105,13 +105,18 @@ def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return f.read().decode("utf-8", errors="replace").strip()
 
 
-def _url_meta(data: bytes) -> dict:
-    """The source URL from an img2dataset ``.json`` sidecar, when it has one."""
+def _sidecar(data: bytes) -> dict:
+    """An img2dataset ``.json`` sidecar as a dict ({} when it is not a JSON object)."""
     try:
         d = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    return {"url": d["url"]} if isinstance(d, dict) and isinstance(d.get("url"), str) else {}
+    return d if isinstance(d, dict) else {}
+
+
+def _url_meta(d: dict) -> dict:
+    """The source URL of a sidecar, when it has one."""
+    return {"url": d["url"]} if isinstance(d.get("url"), str) else {}
 
 
 def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[_Entry]:
@@ -140,7 +145,7 @@ def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[_Entry
         caption = _read_text(fs, txt) if txt in present else None
         if f"{base}.json" in present:
             with fs.open(f"{base}.json", "rb") as f:
-                meta = _url_meta(f.read())
+                meta = _url_meta(_sidecar(f.read()))
         yield _Entry(rel, _stem(rel), {"source": url_for(fs, path), "uri": url_for(fs, path), "caption": caption, "meta": meta})
 
 
@@ -206,9 +211,8 @@ def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str, log_rows: d
             elif ext == "txt":
                 g["caption"] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
             elif ext == "json":
-                data = tar.extractfile(m).read()
-                g["meta"] = _url_meta(data)
-                g["sizes"] = _json_sizes(data)
+                d = _sidecar(tar.extractfile(m).read())
+                g["meta"], g["sizes"] = _url_meta(d), _original_size(d)
     missing = [k for k in order if "image" not in groups[k]]
     if missing:
         log.warning("%s: %d samples have no image member and are skipped (first: %r)", path, len(missing), missing[0])
@@ -236,15 +240,6 @@ def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str, log_rows: d
                 **(_original_size(log_rows.get(key, {})) or g.get("sizes", {})),
             },
         )
-
-
-def _json_sizes(data: bytes) -> dict:
-    """The original size from an img2dataset ``.json`` sidecar, when it has one."""
-    try:
-        d = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return _original_size(d) if isinstance(d, dict) else {}
 
 
 def _pick(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...], what: str, where: str) -> str | None:
