@@ -234,7 +234,7 @@ def test_stock_sdxl_pipeline_runs_the_adapter_through_cross_attention_kwargs():
 
 
 def test_empty_layout_is_no_region_every_pixel_x_plus_null():
-    """RELEASE_PARITY §1: the negative branch attends nothing; every fuser gives exactly x + null_text_feat."""
+    """docs/METHOD.md §4.1: the negative branch attends nothing; every fuser gives exactly x + null_text_feat."""
     empty = grounding_inputs([empty_layout(SIZE, SIZE)], region_encoder(), max_slots=4)
     by_hand = {
         "text_embeddings": torch.zeros(1, 4, 77, 64),
@@ -275,7 +275,7 @@ def test_empty_layout_is_no_region_every_pixel_x_plus_null():
 
 
 def test_release_trainer_checkpoints_load_live_or_ema(tmp_path):
-    """RELEASE_PARITY §5: Lightning {"state_dict"} / DeepSpeed {"module"} files, _forward_module. / unet. /
+    """docs/RELEASE.md: Lightning {"state_dict"} / DeepSpeed {"module"} files, _forward_module. / unet. /
     ema_unet.module. prefixes, other modules' keys skipped, and a whole-UNet safetensors."""
     source = attach_regional_adapter(tiny_unet())
     _randomize_adapter(source, seed=7)

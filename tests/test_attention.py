@@ -204,7 +204,7 @@ def test_bad_implementation_name_fails():
 
 
 def test_empty_layout_attends_nothing_every_pixel_gets_x_plus_null():
-    """RELEASE_PARITY §1: no live slot, every cell -1 -> exactly x + null_text_feat in both forms."""
+    """docs/METHOD.md §4.1: no live slot, every cell -1 -> exactly x + null_text_feat in both forms."""
     objs = random_objs([empty_layout(32, 32)], max_slots=3, context_dim=CONTEXT)
     assert (objs["object_masks"] == 0).all() and (objs["region_map"] == -1).all()
     fuser = _fuser()

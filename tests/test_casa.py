@@ -1,4 +1,4 @@
-"""The casa fuser (RELEASE_PARITY §2): packed == the release's naive form == a per-region reference,
+"""The casa fuser (docs/METHOD.md §4.2): packed == the release's naive form == a per-region reference,
 identity when fresh, empty layout adds nothing, model type recorded and enforced, generation runs."""
 
 import json

@@ -118,7 +118,7 @@ def test_grounding_inputs_layout_to_tensors():
     layout = reorganize_regions([[0, 0, 32, 32], [16, 16, 64, 64]], ["red dog", "black horse"], 64, 64)
     gligen = grounding_inputs([layout, empty_layout(64, 64)], encoder, max_slots=5)
     assert gligen["text_embeddings"].shape == (2, 5, 77, 64)
-    # the empty layout has no live slot at all (RELEASE_PARITY §1): every cell -1
+    # the empty layout has no live slot at all (docs/METHOD.md §4.1): every cell -1
     assert gligen["object_masks"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
     assert (gligen["region_map"][1] == -1).all() and not gligen["union_masks"][1].any()
     assert gligen["region_map"].shape == (2, 8, 8) and gligen["union_masks"].shape == (2, 5, 8, 8)

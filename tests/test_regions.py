@@ -88,7 +88,7 @@ def test_boxes_outside_the_image_are_clamped():
 
 
 def test_empty_layout_has_no_region_not_even_a_background():
-    # RELEASE_PARITY §1: the CFG negative branch and a dropped layout attend nothing.
+    # docs/METHOD.md §4.1: the CFG negative branch and a dropped layout attend nothing.
     layout = empty_layout(24, 40)
     assert layout.texts == [] and layout.background_slot is None and layout.n_slots == 0
     assert (layout.region_map == -1).all() and layout.region_map.shape == (3, 5)

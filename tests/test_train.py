@@ -212,7 +212,7 @@ def test_dropped_layout_is_the_empty_layout_and_time_ids_are_per_sample(tiny_par
     draws = S.sample_draws([0, 1], (4, 8, 8), c, 1000)
     draws.drop_layout = [False, True]
     gligen = S.unet_inputs(batch, draws, frozen, "cpu")["cross_attention_kwargs"]["gligen"]
-    assert gligen["object_masks"][1].tolist() == [0, 0, 0, 0, 0, 0]  # no region (RELEASE_PARITY §1)
+    assert gligen["object_masks"][1].tolist() == [0, 0, 0, 0, 0, 0]  # no region (docs/METHOD.md §4.1)
     empty = grounding_inputs([empty_layout(SIZE, SIZE)], frozen.region_encoder, max_slots=6)
     assert all(torch.equal(gligen[k][1], empty[k][0]) for k in empty)  # what inference's CFG branch gets
     kept = grounding_inputs_from_batch(batch, frozen.region_encoder)

@@ -79,7 +79,7 @@ def test_a_dropped_layout_is_exactly_the_empty_layout_and_the_others_are_unchang
         assert torch.equal(dropped[key][1], empty[key][0]), key
         assert torch.equal(dropped[key][[0, 2]], kept[key][[0, 2]]), key
         assert not torch.equal(kept[key][1], empty[key][0]) or key == "attention_bias", key
-    assert dropped["object_masks"][1].tolist() == [0, 0, 0, 0, 0, 0]  # no region (RELEASE_PARITY §1)
+    assert dropped["object_masks"][1].tolist() == [0, 0, 0, 0, 0, 0]  # no region (docs/METHOD.md §4.1)
     for key, value in before.items():  # the batch itself is left alone
         assert torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else batch[key] == value
 

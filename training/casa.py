@@ -1,4 +1,4 @@
-"""The ``casa`` fuser: regional cross-attention, then regional self-attention (RELEASE_PARITY.md §2).
+"""The ``casa`` fuser: regional cross-attention, then regional self-attention (docs/METHOD.md §4.2).
 
 After the regional cross-attention (residual added), each pixel of region ``r`` attends to the pixels of
 ``r``'s union mask (the OR of the boxes forming ``r``; the whole image for the background) through a

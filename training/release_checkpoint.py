@@ -1,4 +1,4 @@
-"""Read UNet / adapter weights as the public release's tools wrote them (RELEASE_PARITY.md §5).
+"""Read UNet / adapter weights as the public release's tools wrote them (docs/RELEASE.md).
 
 Accepted, all as plain tensors (``torch.load(weights_only=True)``; no pickle of objects):
 
