@@ -27,7 +27,7 @@ from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from shards.paths import url_for
+from shards.paths import unreachable, url_for
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
             yield from _entries(url_for(fs, m), path_column, caption_column)
         return
     if not fs.exists(root):
-        raise InputError(f"{uri}: no such file or folder")
+        raise InputError(f"{uri}: {unreachable(fs, root) or 'no such file or folder'}")
     name = root.rsplit("/", 1)[-1]
     lower = name.lower()
     # Over HTTP a folder's listing page is a file too: a name we would not read as a file is a folder.

@@ -58,6 +58,21 @@ def url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def unreachable(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """Why ``path`` could not be reached at all (TLS, refused connection), or None (it is just missing).
+
+    HTTP's ``exists()`` answers False for any error; ``info()`` keeps the error as the cause of its
+    FileNotFoundError, where an HTTP status (404) means missing and anything else means unreachable.
+    """
+    try:
+        fs.info(path)
+    except Exception as e:  # noqa: BLE001 - each backend raises its own types
+        cause = e.__cause__ if isinstance(e, FileNotFoundError) else e
+        if cause is not None and not isinstance(cause, FileNotFoundError) and getattr(cause, "status", None) is None:
+            return f"{type(cause).__name__}: {cause}"
+    return None
+
+
 def open_url(url: str, mode: str = "rb"):
     """Open a local path or fsspec URL; a missing file raises FileNotFoundError naming it."""
     fs, path = url_to_fs(str(url))

@@ -1,4 +1,5 @@
-"""HTTP(S) inputs: a folder listing, img2dataset tars and a list of URLs served by a local ``http.server``.
+"""HTTP(S) inputs: a folder listing, img2dataset tars and a list of URLs served by a local ``http.server``
+(HTTPS with a certificate of our own, trusted through ``SSL_CERT_FILE``).
 
 The server runs in a thread on 127.0.0.1 for the module and serves a temporary folder. ``RangeHandler``
 answers byte ranges as nginx, S3 or a CDN do (the decode stage reads a tar member by offset); the
@@ -7,17 +8,23 @@ stock handler does not, and a tar member read from such a server is a failed row
 
 from __future__ import annotations
 
+import ast
 import functools
 import io
+import ipaddress
 import json
 import os
 import re
+import ssl
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,6 +33,9 @@ from PIL import Image
 from datagen.inputs import InputError, list_inputs
 from datagen.stages.decode import DecodeConfig, DecodeStage
 from datagen.synthetic import make_image_folder
+from shards.paths import url_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -168,3 +178,75 @@ def test_a_server_without_byte_ranges_fails_tar_members_by_row_with_the_reason(s
 def test_a_missing_http_location_is_an_input_error_naming_it(http_site):
     with pytest.raises(InputError, match=re.escape(f"{http_site}/nowhere/: no such file or folder")):
         list_inputs(f"{http_site}/nowhere/")
+
+
+def test_url_for_gives_each_filesystem_its_url_with_one_scheme():
+    assert url_for(fsspec.filesystem("http"), "http://h:8000/a/b.jpg") == "http://h:8000/a/b.jpg"
+    assert url_for(fsspec.filesystem("https"), "https://h/a/b.jpg") == "https://h/a/b.jpg"
+    assert url_for(fsspec.filesystem("memory"), "/x/y.tar") == "memory:///x/y.tar"
+    assert url_for(fsspec.filesystem("file"), "/x/y.tar") == "/x/y.tar"
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself, and its key (PEM files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_inputs_with_a_private_certificate_authority(site, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(site)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    # A user trusts a private CA the standard way, SSL_CERT_FILE, read when the HTTP client starts:
+    # hence a fresh process, as a datagen run is.
+    script = ("import sys; from datagen.inputs import list_inputs; from datagen.stages.decode import DecodeConfig, DecodeStage\n"
+              "items = list_inputs(sys.argv[1:])\n"
+              "cols = {k: [it.to_dict()[k] for it in items] for k in items[0].to_dict()}\n"
+              "print([i.uri for i in items]); print(DecodeStage(DecodeConfig(min_side=8))(cols)['status'])\n")
+    inputs = [f"{url}/imgs/", f"{url}/i2d/00001.tar"]
+    try:
+        run = functools.partial(subprocess.run, [sys.executable, "-c", script, *inputs], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        trusted = run(env={**os.environ, "SSL_CERT_FILE": str(cert)})
+        untrusted = run(env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    uris, statuses = trusted.stdout.splitlines()
+    assert ast.literal_eval(uris)[:2] == [f"{url}/imgs/img_0000.jpg", f"{url}/imgs/img_0001.jpg"]
+    assert statuses == str(["ok"] * 8)
+    # Not "no such file or folder": the error names why the server could not be reached.
+    assert untrusted.returncode == 1 and f"InputError: {url}/imgs/: ClientConnectorCertificateError: " in untrusted.stderr
+    assert "certificate verify failed" in untrusted.stderr
+
+
+def test_an_unreachable_server_is_named_as_such_not_as_a_missing_file(http_site):
+    server, url = serve(Path("."), QuietHandler)
+    server.shutdown()
+    server.server_close()  # nothing listens on that port any more
+    with pytest.raises(InputError, match=re.escape(f"{url}/x/: ClientConnectorError: Cannot connect to host")):
+        list_inputs(f"{url}/x/")
