@@ -238,8 +238,9 @@ def test_a_stage_failing_everywhere_stops_the_run(tmp_path):
 @pytest.mark.slow
 def test_a_model_stage_failing_on_every_row_stops_the_run(tmp_path):
     make_image_folder(tmp_path / "in", 8, seed=2, min_size=64, max_size=96)
-    # A broken setting: every VLM call of the tag stage raises, on every row.
-    proc = datagen(tmp_path / "in", tmp_path / "out", "--set", "stages.tag.max_new_tokens=0")
+    # A broken setting that loads (max_new_tokens=0 is refused at load now): a prompt holding a second
+    # image token makes every VLM call of the tag stage raise, on every row.
+    proc = datagen(tmp_path / "in", tmp_path / "out", "--set", "stages.tag.prompt=List the objects. <|image_pad|>")
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "stage 'tag' failed on all" in proc.stderr and "the run stops here" in proc.stderr
     assert not any(s.complete for s in list_shards(str(tmp_path / "out")))
