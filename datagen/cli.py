@@ -128,13 +128,14 @@ def _size(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a mistake in the request or its environment (exit 2, one line)."""
     from shards import RunMismatchError
+    from shards.paths import storage_errors
 
     from .config import ConfigError
     from .inputs import InputError
     from .plan import OutputError
     from .run import DiskFullError
 
-    return ConfigError, InputError, OutputError, RunMismatchError, DiskFullError
+    return ConfigError, InputError, OutputError, RunMismatchError, DiskFullError, *storage_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,25 @@ def unreachable(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     return None
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean object storage or an HTTP server could not be used at all: no credentials,
+    an endpoint that does not answer, a certificate not trusted. A setup mistake: CLIs print one line."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore import exceptions as boto
+
+        found += [boto.NoCredentialsError, boto.PartialCredentialsError, boto.NoRegionError, boto.EndpointConnectionError]
+    except ImportError:  # no s3fs installed
+        pass
+    try:
+        from aiohttp import ClientConnectorError
+
+        found.append(ClientConnectorError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def open_url(url: str, mode: str = "rb"):
     """Open a local path or fsspec URL; a missing file raises FileNotFoundError naming it."""
     fs, path = url_to_fs(str(url))

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
-from s3_fixture import s3_bucket, s3_server, upload  # noqa: F401  (fixtures)
+from s3_fixture import clear_s3fs_cache, free_port, s3_bucket, s3_server, upload  # noqa: F401  (fixtures)
 from stats_fixture import EXPECTED
 from stats_fixture import write_dataset as write_stats_dataset
 from test_http_inputs import RangeHandler, serve
@@ -35,6 +35,7 @@ from test_notebook import NOTEBOOK, kernel_name  # noqa: F401  (fixture)
 from test_stream import config, epoch_keys
 from test_stream import write_dataset as write_stream_dataset
 
+from datagen.cli import main as datagen_main
 from datagen.inputs import list_inputs
 from datagen.stages.decode import DecodeConfig, DecodeStage
 from datagen.synthetic import make_image_folder
@@ -297,3 +298,29 @@ def test_ray_workers_on_other_nodes_get_the_s3_endpoint_and_region_but_not_the_s
     env = calls[0]["runtime_env"]["env_vars"]
     assert env["AWS_ENDPOINT_URL"] == s3_server and env["AWS_DEFAULT_REGION"] == "us-east-1"
     assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env  # nodes bring their own
+
+
+@pytest.mark.parametrize("mistake", ["no credentials", "endpoint down"])
+def test_an_s3_setup_mistake_is_one_error_line_in_both_clis(mistake, s3_bucket, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: no retries with back-off
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if mistake == "no credentials":
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            monkeypatch.setenv(name, str(tmp_path / "none"))
+        expected = "error: Unable to locate credentials\n"
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        expected = "error: Could not connect to the endpoint URL: "
+    clear_s3fs_cache()
+    try:
+        assert shards_main(["info", f"{s3_bucket}/ds"]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(expected) and err.count("\n") == 1 and "Traceback" not in err, err
+        argv = ["run", "--config", TINY, "--input", f"{s3_bucket}/in", "--output", str(tmp_path / "out")]
+        assert datagen_main(argv) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(expected) and err.count("\n") == 1 and "Traceback" not in err, err
+    finally:
+        clear_s3fs_cache()
