@@ -251,6 +251,7 @@ def test_datagen_reads_s3_and_http_inputs_and_writes_a_complete_dataset_to_s3(s3
     assert re.search(rf"samples\s+{index['totals']['samples']}\s", proc.stdout), proc.stdout
     assert len(_read_all(f"{out}/runs/*.json")) == 1
     assert shards_main(["validate", out]) == 0
+    assert datagen_main(["size", "--from", out, "--images", "100000", "--hours", "24", "--json"]) == 0  # reads runs/
 
 
 @pytest.mark.slow
