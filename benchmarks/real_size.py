@@ -83,7 +83,7 @@ def run_train(args) -> dict:
     from training.tiny import tiny_sdxl_components
     from training.train_config import load_train_config
 
-    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml", {
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "sdxl512_8gpu.yaml", {
         "train.caption_dropout": 0.0, "train.layout_dropout": 0.0, "train.mixed_precision": args.dtype,
         "model.gradient_checkpointing": True})  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="real_size_train_"))

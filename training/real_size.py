@@ -78,9 +78,9 @@ def write_clip_tokenizer_files(directory: str | Path) -> Path:
 def clip_tokenizers(directory: str | Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """SDXL's two tokenizers: the same vocabulary, padded with <|endoftext|> and with "!" (the second)."""
     folder = write_clip_tokenizer_files(directory)
-    files = {"vocab_file": str(folder / "vocab.json"), "merges_file": str(folder / "merges.txt")}
-    tok = CLIPTokenizer(**files, model_max_length=77, pad_token="<|endoftext|>")
-    tok_2 = CLIPTokenizer(**files, model_max_length=77, pad_token="!")
+    # from_pretrained: transformers 5's constructor ignores vocab_file/merges_file (a 2-token vocabulary).
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="<|endoftext|>")
+    tok_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")
     return tok, tok_2
 
 
@@ -101,7 +101,7 @@ def _text_config(hidden: int, layers: int, heads: int, intermediate: int, act: s
 
 
 def real_sdxl_components(
-    tokenizer_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, vae_dtype=torch.float32
+    tokenizer_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, vae_dtype=None
 ) -> dict:
     """``StableDiffusionXLPipeline``'s constructor keys at SDXL base's real sizes, random weights."""
     tok, tok_2 = clip_tokenizers(tokenizer_dir)
@@ -109,7 +109,7 @@ def real_sdxl_components(
         unet = UNet2DConditionModel(**SDXL_UNET)
         text_encoder = CLIPTextModel(_text_config(768, 12, 12, 3072, "quick_gelu"))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(1280, 32, 20, 5120, "gelu"))
-    with _building(device, vae_dtype):
+    with _building(device, vae_dtype or dtype):  # the recipe's fp16-fix VAE runs in the compute dtype
         vae = AutoencoderKL(**SDXL_VAE)
     return {
         "vae": vae.eval(),
@@ -169,6 +169,8 @@ def train_step(config, components: dict, batch: dict, device: str = "cpu") -> di
     with torch.autocast(dev.type, dtype=model.frozen.weight_dtype, enabled=model.frozen.weight_dtype != torch.float32):
         loss = diffusion_loss(model.unet, inputs)
     loss.backward()
+    for group in optimizer.param_groups:
+        group["lr"] = model_setup.learning_rate(0, config)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.params, config.optim.max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
