@@ -18,6 +18,7 @@ Prints a table, then one JSON line ``{"benchmark": "real_size_<what>", "figures"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -45,7 +46,7 @@ def run_datagen(args) -> dict:
     from datagen.real_size import busy_summary, make_photos, real_stage_configs, register, run_stages
 
     if args.tiny:
-        specs = {k: s.__class__(**{**s.__dict__, "device": args.device}) for k, s in preset("tiny").items()}
+        specs = {k: dataclasses.replace(s, device=args.device) for k, s in preset("tiny").items()}
     else:
         dtypes = {"vlm": torch.bfloat16, "clip": torch.bfloat16} if args.dtype == "bf16" else {
             "vlm": torch.float32, "clip": torch.float32}
