@@ -17,6 +17,9 @@ load by name; its ``unet.`` prefix and older ``null_positive_feature`` name are 
 trainer checkpoints (``training.release_checkpoint``). ``AdapterConfig.model_type`` picks the fuser: ``ca``
 or ``casa`` (``training.casa``); it is saved in the metadata, so loading builds the right one. Keys that do
 not match the model are an error naming them (:func:`check_adapter_keys`), never dropped.
+The backbone (``sdxl`` or ``sd15``) is read from the UNet's config (:func:`backbone_of_unet`: SDXL's
+``text_time`` addition embedding) and saved beside the model type; an adapter made for the other backbone
+is an error naming both, before any key is compared.
 A freshly attached adapter leaves the UNet's output exactly unchanged (zero-initialised output
 projections and null features).
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,11 +44,14 @@ from training.release_checkpoint import read_checkpoint
 
 __all__ = [
     "ADAPTER_FORMAT",
+    "BACKBONES",
     "AdapterConfig",
     "LoadReport",
     "adapter_parameters",
     "adapter_state_dict",
     "attach_regional_adapter",
+    "backbone_of_base",
+    "backbone_of_unet",
     "check_adapter_keys",
     "is_adapter_key",
     "load_adapter",
@@ -61,6 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "richlayout-regional-adapter"
+BACKBONES = ("sdxl", "sd15")  # the release's two: SDXL (two text encoders, 2048-dim) and SD1.5 (CLIP-L, 768)
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,11 @@ class AdapterConfig:
     hidden_dim: int = 512  # width of the position net's MLP
     implementation: str = "packed"  # "packed" (fast) or "naive" (the release's form, a test reference)
     model_type: str = "ca"  # "ca": regional cross-attention; "casa": then regional self-attention
+    backbone: str | None = None  # "sdxl" / "sd15", read from the UNet when attached; None: not recorded
 
     def __post_init__(self) -> None:
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         if self.model_type not in MODEL_TYPES:
@@ -95,10 +105,34 @@ def transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransforme
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
 
 
+def backbone_of_unet(unet_config: Mapping) -> str:
+    """``"sdxl"`` for a UNet config with SDXL's ``text_time`` addition embedding (pooled text + size ids), else ``"sd15"``."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def backbone_of_base(base: str, *, revision: str | None = None, subfolder: str | None = "unet") -> str:
+    """The backbone of a base model (tiny name, hub id, pipeline or UNet folder), from its UNet config only."""
+    from training.tiny import TINY_BASES
+
+    if base in TINY_BASES:
+        return TINY_BASES[base]
+    return backbone_of_unet(UNet2DConditionModel.load_config(base, subfolder=subfolder, revision=revision))
+
+
 def attach_regional_adapter(
     unet: UNet2DConditionModel, config: AdapterConfig = AdapterConfig()
 ) -> UNet2DConditionModel:
-    """Set ``unet.position_net`` and a zero-initialised ``fuser`` on every transformer block (in place)."""
+    """Set ``unet.position_net`` and a zero-initialised ``fuser`` on every transformer block (in place).
+
+    The backbone is the UNet's; a ``config.backbone`` naming the other one is an error.
+    """
+    backbone = backbone_of_unet(unet.config)
+    if config.backbone not in (None, backbone):
+        raise ValueError(
+            f"a {config.backbone} adapter cannot attach to a {backbone} UNet "
+            f"(cross_attention_dim {unet.config.cross_attention_dim}): use the base model it was made for"
+        )
+    config = replace(config, backbone=backbone)
     context_dim = unet.config.cross_attention_dim
     if not isinstance(context_dim, int):
         raise ValueError(f"expected one int cross_attention_dim, got {context_dim!r}")
@@ -227,6 +261,34 @@ def check_adapter_keys(model_keys, state_keys, *, source: str = "weights", stric
     return report
 
 
+def _check_backbone(
+    unet: torch.nn.Module, source: object, state: Mapping[str, torch.Tensor], name: str
+) -> None:
+    """An adapter made for the other backbone: one error naming both, not a list of mismatched keys.
+
+    Our files record their backbone; for others (the release's) the text width of the position net's null
+    feature tells, when the blocks differ too (same blocks, other width: the shape check reports it).
+    """
+    ours = backbone_of_unet(unet.config)
+    theirs = None
+    if isinstance(source, str | Path) and Path(source).suffix == ".safetensors":
+        theirs = adapter_config_of(source).backbone
+    n_pos = unet.position_net.fourier_freqs * 8  # sin and cos of 4 box coordinates per frequency
+    width = state.get("position_net.null_text_feature")
+    expected = unet.position_net.null_text_feature.shape[-1]
+    if theirs is None and width is not None and width.shape[-1] != expected:
+        own = {k for k in unet.state_dict() if is_adapter_key(k)}
+        if {k for k in state if is_adapter_key(k)} != own:
+            theirs = "another backbone's"
+    if theirs in (None, ours):
+        return
+    got = f" (text features {width.shape[-1] - n_pos} per token)" if width is not None else ""
+    raise ValueError(
+        f"{name}: {theirs} adapter{got} does not fit this {ours} model (cross_attention_dim "
+        f"{unet.config.cross_attention_dim}, text features {expected - n_pos}): use the base model it was made for"
+    )
+
+
 def load_adapter(
     unet: torch.nn.Module,
     source: str | Path | Mapping[str, torch.Tensor],
@@ -246,6 +308,7 @@ def load_adapter(
     if not own:
         raise ValueError("no adapter on this UNet: call attach_regional_adapter(unet) first")
     name = str(source) if not isinstance(source, Mapping) else "adapter weights"
+    _check_backbone(unet, source, state, name)
     report = check_adapter_keys(model_state, state, source=name, strict=strict)
     matched = {k: v for k, v in state.items() if k in own}
     bad_shapes = [

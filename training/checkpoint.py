@@ -227,7 +227,7 @@ def load_checkpoint(
     """Restore the trainable weights, their EMA, the optimizer and the loss scaler; call on every rank."""
     folder = state.folder
     with _reading(folder / "adapter.safetensors"):
-        load_trainable_state(accelerator, unet, read_trainable(folder))
+        load_trainable_state(accelerator, unet, read_trainable(folder), source=str(folder))
     path = optimizer_file(folder, is_fsdp(accelerator), accelerator.process_index)
     with _reading(path):
         optimizer.load_state_dict(torch.load(path, map_location=accelerator.device, weights_only=True))
@@ -237,7 +237,7 @@ def load_checkpoint(
     if ema is not None and (folder / "adapter_ema.safetensors").exists():
         with _reading(folder / "adapter_ema.safetensors"), ema_weights(ema, params):
             # Load the EMA files into the live params and copy them as the shadow.
-            load_trainable_state(accelerator, unet, read_trainable(folder, "_ema"))
+            load_trainable_state(accelerator, unet, read_trainable(folder, "_ema"), source=str(folder))
             ema.shadow_params = [p.detach().clone() for p in params]
         ema.optimization_step = state.trainer["ema_optimization_step"]
 

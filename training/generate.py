@@ -60,7 +60,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 class GenerateConfig:
     """What to load and how to sample (the ``generate`` section of a ``configs/eval`` preset)."""
 
-    base: str = "hotshotco/SDXL-512"  # SDXL hub id / diffusers folder; "tiny": random tiny SDXL (offline)
+    base: str = "hotshotco/SDXL-512"  # SDXL or SD1.5 hub id / diffusers folder (backbone from its UNet); "tiny" / "tiny-sd15": random, offline
     vae: str | None = None  # another VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
     adapter: str | None = None  # adapter safetensors (ours) or the release's checkpoint; None: zero-init
     ema: str | None = None  # EMA adapter weights, loaded over ``adapter``
@@ -143,10 +143,10 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
     """The layout pipeline of a config: tiny random SDXL, or the base model from the hub / a folder."""
     device = _device(cfg)
     limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots}
-    if cfg.base == "tiny":
-        from training.tiny import tiny_sdxl_pipeline
+    from training.tiny import TINY_BASES, tiny_pipeline
 
-        sdxl = tiny_sdxl_pipeline(cfg.tiny_seed).to(device)
+    if cfg.base in TINY_BASES:
+        sdxl = tiny_pipeline(cfg.base, cfg.tiny_seed).to(device)
         pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, lora=cfg.lora, **limits)
     else:
         pipe = LayoutPipeline.from_pretrained(
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="generate only the first N layouts / samples")
     p.add_argument("--out", required=True, help="output folder")
     add_preset_arguments(p, "generate")
-    p.add_argument("--base", help="SDXL hub id or folder (or 'tiny')")
+    p.add_argument("--base", help="SDXL or SD1.5 hub id or folder (or 'tiny', 'tiny-sd15')")
     p.add_argument("--adapter", help="adapter weights (safetensors, ours or the release's)")
     p.add_argument("--ema", help="EMA adapter weights, loaded over --adapter")
     p.add_argument(

@@ -1,6 +1,8 @@
-"""Initialise the regional adapter on a base SDXL UNet and write its (zero-init) weights.
+"""Initialise the regional adapter on a base SDXL or SD1.5 UNet and write its (zero-init) weights.
 
     python -m training.init_unet --base hotshotco/SDXL-512 --out runs/init
+    python -m training.init_unet --base runwayml/stable-diffusion-v1-5 --out runs/init_sd15
+    python -m training.init_unet --base tiny-sd15 --out /tmp/init     # offline: random tiny SD1.5 ("tiny": SDXL)
     python -m training.init_unet --base path/to/sdxl --out runs/init --adapter release_pn_and_fuser.pth
     python -m training.init_unet --base hotshotco/SDXL-512 --out runs/init --model-type casa
 
@@ -13,6 +15,9 @@ initialised UNet) has them loaded into the adapter instead of reported as unexpe
 The base UNet itself is not copied: the trainer loads it from ``--base`` again (recorded in the report).
 ``--model-type`` (``ca`` or ``casa``, the release's ``--model_type``) is recorded in the adapter's metadata,
 so every later load builds the same fuser; weights whose keys the model lacks are an error naming them.
+The backbone (``sdxl`` or ``sd15``) is read from the base UNet's config (SDXL's ``text_time`` addition
+embedding), never given by hand, and recorded beside the model type; the adapter's text width is the
+UNet's ``cross_attention_dim`` (2048 for SDXL, 768 for SD1.5's CLIP-L).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from safetensors import safe_open
 
 from training.adapter import (
     AdapterConfig,
+    adapter_config_of,
     attach_regional_adapter,
     is_adapter_key,
     load_adapter,
@@ -35,6 +41,7 @@ from training.adapter import (
     save_adapter,
 )
 from training.casa import MODEL_TYPES
+from training.tiny import TINY_BASES, tiny_components
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +79,18 @@ def initialise(
 ) -> dict:
     """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
     config = AdapterConfig(model_type=model_type)  # validates model_type before any model loads
-    sub = _subfolder(base, subfolder)
-    unet, info = UNet2DConditionModel.from_pretrained(base, subfolder=sub, output_loading_info=True)
+    if base in TINY_BASES:
+        sub, info = None, {}
+        unet = tiny_components(base)["unet"]
+    else:
+        sub = _subfolder(base, subfolder)
+        unet, info = UNet2DConditionModel.from_pretrained(base, subfolder=sub, output_loading_info=True)
     attach_regional_adapter(unet, config)
+    backbone = unet.regional_adapter_config.backbone
+    if adapter and Path(adapter).suffix == ".safetensors":
+        made_for = adapter_config_of(adapter).backbone  # ours record it; the tensors alone are checked later
+        if made_for not in (None, backbone):
+            raise ValueError(f"{adapter}: a {made_for} adapter cannot load into the {backbone} base {base}")
     unexpected = list(info.get("unexpected_keys", []))
     adapter_unexpected = [k for k in unexpected if is_adapter_key(k)]
     folder = Path(base) / (sub or "")
@@ -91,6 +107,8 @@ def initialise(
         "base": base,
         "subfolder": sub,
         "model_type": model_type,
+        "backbone": backbone,
+        "cross_attention_dim": unet.config.cross_attention_dim,
         "adapter_file": str(out / ADAPTER_FILE),
         "base_missing_keys": sorted(info.get("missing_keys", [])),
         "base_unexpected_keys": sorted(k for k in unexpected if not is_adapter_key(k)),
@@ -105,9 +123,13 @@ def initialise(
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        description="Attach the regional adapter to a base SDXL UNet and save it."
+        description="Attach the regional adapter to a base SDXL or SD1.5 UNet and save it."
     )
-    parser.add_argument("--base", required=True, help="hub id or local folder of the base SDXL (or its UNet)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="hub id or local folder of the base SDXL / SD1.5 (or its UNet); tiny, tiny-sd15: random, offline",
+    )
     parser.add_argument("--out", required=True, help="output folder for the adapter and the report")
     parser.add_argument(
         "--subfolder", default=None, help="UNet subfolder (default: 'unet' unless --base is a UNet folder)"

@@ -1,4 +1,4 @@
-"""Layout-to-image generation on the stock ``StableDiffusionXLPipeline`` (docs/METHOD.md §7).
+"""Layout-to-image generation on the stock ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline`` (docs/METHOD.md §7).
 
 Nothing of diffusers' ``__call__`` is copied: the layout reaches the UNet as
 ``cross_attention_kwargs={"gligen": ...}`` (the hook where diffusers calls ``position_net`` and every
@@ -9,6 +9,10 @@ block's ``fuser``), and a step-end callback switches it off for scheduled sampli
     image = pipe("a beach at sunset", boxes=[[32, 40, 200, 300]], labels=["a red kite with a long tail"],
                  height=512, width=512, num_inference_steps=50, guidance_scale=5.0,
                  scheduled_sampling_beta=1.0, generator=torch.Generator().manual_seed(0)).images[0]
+
+The backbone (SDXL or SD1.5) is the base model's, read from its UNet config: ``from_pretrained`` loads
+the matching stock pipeline, and an adapter saved for the other backbone is an error naming both, raised
+before the base model loads. The call is the same for both.
 
 Semantics:
 
@@ -31,10 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from training.adapter import AdapterConfig, adapter_config_of, attach_regional_adapter, load_adapter
+from training.adapter import (
+    AdapterConfig,
+    adapter_config_of,
+    attach_regional_adapter,
+    backbone_of_base,
+    backbone_of_unet,
+    load_adapter,
+)
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.layouts import validate_layout, validate_size
 from training.lora import load_lora
@@ -42,7 +52,20 @@ from training.regions import empty_layout, reorganize_regions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayoutPipeline", "active_layout_steps", "load_adapter_weights"]
+__all__ = ["BasePipeline", "LayoutPipeline", "active_layout_steps", "load_adapter_weights", "stock_pipeline"]
+
+BasePipeline = StableDiffusionXLPipeline | StableDiffusionPipeline
+
+
+def stock_pipeline(components: dict[str, Any]) -> BasePipeline:
+    """The stock diffusers pipeline of a components dict: SDXL with a second text encoder, else SD1.5.
+
+    No watermarker (SDXL) and no safety checker (SD1.5): generated layouts are scored, not published.
+    """
+    if components.get("text_encoder_2") is not None:
+        return StableDiffusionXLPipeline(**components, add_watermarker=False)
+    parts = {"safety_checker": None, "feature_extractor": None, **components}
+    return StableDiffusionPipeline(**parts, requires_safety_checker=False)
 
 
 def active_layout_steps(beta: float, num_timesteps: int) -> int:
@@ -61,11 +84,11 @@ def load_adapter_weights(unet: torch.nn.Module, path: str | Path, *, ema: bool =
 
 
 class LayoutPipeline:
-    """A ``StableDiffusionXLPipeline`` whose UNet carries the regional adapter, called with a layout."""
+    """A stock SDXL / SD1.5 pipeline whose UNet carries the regional adapter, called with a layout."""
 
     def __init__(
         self,
-        sdxl: StableDiffusionXLPipeline,
+        sdxl: BasePipeline,
         *,
         max_objects: int = 30,
         max_regions: int = 120,
@@ -76,21 +99,23 @@ class LayoutPipeline:
             raise ValueError(
                 "the UNet has no regional adapter: use from_pretrained / from_sdxl, or attach one"
             )
-        self.sdxl = sdxl
+        self.pipe = sdxl
+        self.backbone = backbone_of_unet(sdxl.unet.config)
         self.max_objects = max_objects
         self.max_regions = max_regions
         self.max_slots = max_slots
         # Region texts are static per image: the encoder caches them, so repeated labels encode once.
-        self.region_encoder = RegionTextEncoder(
-            (sdxl.tokenizer, sdxl.tokenizer_2),
-            (sdxl.text_encoder, sdxl.text_encoder_2),
-            cache_size=text_cache_size,
-        )
+        self.region_encoder = RegionTextEncoder(*text_models(sdxl.components), cache_size=text_cache_size)
+
+    @property
+    def sdxl(self) -> BasePipeline:
+        """The wrapped stock pipeline (the name predates SD1.5; ``pipe`` is the same object)."""
+        return self.pipe
 
     @classmethod
     def from_sdxl(
         cls,
-        sdxl: StableDiffusionXLPipeline,
+        sdxl: BasePipeline,
         adapter: str | Path | None = None,
         ema: str | Path | None = None,
         adapter_config: AdapterConfig | None = None,
@@ -101,7 +126,9 @@ class LayoutPipeline:
     ) -> LayoutPipeline:
         """Attach the adapter to ``sdxl.unet`` (if absent), then load ``adapter`` and, over it, ``ema`` weights.
 
-        The fuser (``ca`` or ``casa``) is the one the weights' metadata (or keys) name. ``checkpoint_ema``:
+        ``sdxl``: a stock SDXL or SD1.5 pipeline (``from_pipe`` is the same method). The fuser (``ca`` or
+        ``casa``) is the one the weights' metadata (or keys) name; weights saved for the other backbone
+        are an error naming both. ``checkpoint_ema``:
         ``adapter`` is a raw trainer checkpoint holding both copies; load its EMA weights.
         ``lora``: the trainer's LoRA file of the base attention (``lora.safetensors`` or
         ``lora_ema.safetensors``, when it trained with ``model.lora_rank``), loaded into the UNet.
@@ -141,18 +168,36 @@ class LayoutPipeline:
         checkpoint_ema: bool = False,
         **kwargs: Any,
     ) -> LayoutPipeline:
-        """Load a base SDXL (hub id or folder; optionally another VAE), attach and load the adapter."""
-        extra = {}
+        """Load a base SDXL or SD1.5 (hub id or folder; optionally another VAE), attach and load the adapter.
+
+        The stock pipeline is the one of the base's backbone (its UNet config); an adapter file saved
+        for the other backbone fails here, before the base model loads.
+        """
+        backbone = backbone_of_base(base)
+        for source in (adapter, ema):
+            if source is not None and Path(source).suffix == ".safetensors":
+                made_for = adapter_config_of(source).backbone
+                if made_for not in (None, backbone):
+                    raise ValueError(
+                        f"{source}: a {made_for} adapter cannot load into the {backbone} model {base}"
+                    )
+        extra: dict[str, Any] = {}
         if vae is not None:
             extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-        sdxl = StableDiffusionXLPipeline.from_pretrained(
-            base, torch_dtype=dtype, variant=variant, add_watermarker=False, **extra
-        )
+        if backbone == "sdxl":
+            extra["add_watermarker"] = False
+            pipeline_class = StableDiffusionXLPipeline
+        else:
+            extra.update(safety_checker=None, requires_safety_checker=False)
+            pipeline_class = StableDiffusionPipeline
+        sdxl = pipeline_class.from_pretrained(base, torch_dtype=dtype, variant=variant, **extra)
         if device is not None:
             sdxl = sdxl.to(device)
         return cls.from_sdxl(
             sdxl, adapter, ema, adapter_config, lora=lora, checkpoint_ema=checkpoint_ema, **kwargs
         )
+
+    from_pipe = from_sdxl
 
     def to(self, device: str | torch.device) -> LayoutPipeline:
         """Move the models (the adapter with the UNet)."""
@@ -210,9 +255,10 @@ class LayoutPipeline:
         attention_weight_scale: float = 1.0,
         generator: torch.Generator | None = None,
         **sdxl_kwargs: Any,
-    ) -> StableDiffusionXLPipelineOutput:
+    ) -> Any:
         """Generate one prompt with one layout; ``sdxl_kwargs`` go to the stock pipeline unchanged.
 
+        Returns the stock pipeline's output (``.images``).
         ``boxes``: ``(N, 4)`` xyxy pixels of the output image; ``labels``: ``N`` descriptions.
         """
         if prompt is not None and not isinstance(prompt, str):
@@ -255,7 +301,7 @@ class LayoutPipeline:
 def _layout_schedule(attention: dict[str, Any], beta: float, user_callback: Callable | None) -> Callable:
     """A step-end callback removing the layout after the first ``active_layout_steps(beta, T)`` steps."""
 
-    def callback(pipe: StableDiffusionXLPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+    def callback(pipe: BasePipeline, step: int, timestep: Any, tensors: dict) -> dict:
         # The pipeline holds this very dict as its cross_attention_kwargs and the UNet copies it before
         # use, so removing the key here drops the layout from the next step on.
         if "gligen" in attention and step + 1 >= active_layout_steps(beta, pipe.num_timesteps):
@@ -263,3 +309,10 @@ def _layout_schedule(attention: dict[str, Any], beta: float, user_callback: Call
         return user_callback(pipe, step, timestep, tensors) if user_callback is not None else tensors
 
     return callback
+
+
+def text_models(components: dict[str, Any]) -> tuple[list, list]:
+    """The pipeline's tokenizers and text encoders, in order: SDXL's two, SD1.5's one."""
+    names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+    pairs = [(components[t], components[e]) for t, e in names if components.get(e) is not None]
+    return [t for t, _ in pairs], [e for _, e in pairs]

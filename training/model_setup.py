@@ -1,7 +1,10 @@
-"""The trainer's model side: SDXL parts, what trains and in which dtype, the optimizer, the LR schedule, EMA.
+"""The trainer's model side: the base model's parts, what trains and in which dtype, the optimizer, the LR schedule, EMA.
 
-Only the adapter (``unet.position_net`` and a ``fuser`` per transformer block) and the optional LoRA train,
-in fp32 master weights; the VAE, both text encoders and the base UNet are frozen in the compute dtype.
+The backbone is the base model's (``training.adapter.backbone_of_base``: its UNet config): SDXL loads the
+``StableDiffusionXLPipeline``'s parts (two text encoders), SD1.5 the ``StableDiffusionPipeline``'s (one).
+Only the adapter (``unet.position_net`` and a ``fuser`` per transformer block, ``model.model_type``) and the
+optional LoRA train, in fp32 master weights; the VAE, the text encoders and the base UNet are frozen in
+the compute dtype.
 bitsandbytes (8-bit AdamW) and peft (LoRA) are imported only when their option is set.
 """
 
@@ -12,17 +15,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from .adapter import attach_regional_adapter, load_adapter, set_adapter_trainable
+from .adapter import (
+    AdapterConfig,
+    adapter_config_of,
+    attach_regional_adapter,
+    backbone_of_base,
+    load_adapter,
+    set_adapter_trainable,
+)
 from .encoding import RegionTextEncoder
+from .layout_pipeline import stock_pipeline, text_models
 from .lora import add_lora
-from .train_config import EMAConfig, ModelConfig, OptimConfig, TrainConfig
+from .train_config import ConfigError, EMAConfig, ModelConfig, OptimConfig, TrainConfig
 from .train_step import Frozen
 
 __all__ = [
     "Model",
+    "adapter_config",
     "build_model",
     "learning_rate",
     "load_components",
@@ -33,31 +45,56 @@ __all__ = [
 
 
 def load_components(cfg: ModelConfig) -> dict[str, Any]:
-    """The SDXL parts (``StableDiffusionXLPipeline``'s constructor keys): tiny random ones, or a base model."""
-    if cfg.base == "tiny":
-        from .tiny import tiny_sdxl_components
+    """The base model's parts (its stock pipeline's constructor keys): tiny random ones, or a base model.
 
-        return tiny_sdxl_components(cfg.tiny_seed)
+    SDXL (the UNet has the ``text_time`` addition embedding): ``StableDiffusionXLPipeline``'s keys; SD1.5:
+    ``StableDiffusionPipeline``'s, without safety checker.
+    """
+    from .tiny import TINY_BASES, tiny_components
+
+    if cfg.base in TINY_BASES:
+        return tiny_components(cfg.base, cfg.tiny_seed)
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = {"revision": cfg.revision}
+    sdxl = backbone_of_base(cfg.base, revision=cfg.revision) == "sdxl"
     vae = (
         AutoencoderKL.from_pretrained(cfg.vae)
         if cfg.vae
         else AutoencoderKL.from_pretrained(cfg.base, subfolder="vae", **kw)
     )
-    return {
+    components = {
         "vae": vae,
         "text_encoder": CLIPTextModel.from_pretrained(cfg.base, subfolder="text_encoder", **kw),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-            cfg.base, subfolder="text_encoder_2", **kw
-        ),
         "tokenizer": CLIPTokenizer.from_pretrained(cfg.base, subfolder="tokenizer", **kw),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(cfg.base, subfolder="tokenizer_2", **kw),
         "unet": UNet2DConditionModel.from_pretrained(cfg.base, subfolder="unet", **kw),
         "scheduler": DDPMScheduler.from_pretrained(cfg.base, subfolder="scheduler", **kw),
     }
+    if sdxl:
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            cfg.base, subfolder="text_encoder_2", **kw
+        )
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(cfg.base, subfolder="tokenizer_2", **kw)
+    else:
+        components.update(safety_checker=None, feature_extractor=None)
+    return components
+
+
+def adapter_config(cfg: ModelConfig) -> AdapterConfig:
+    """The adapter to build: ``model.model_type``; a ``model.adapter`` file of another type is a ConfigError."""
+    if cfg.adapter:
+        try:
+            made = adapter_config_of(cfg.adapter)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.adapter {cfg.adapter}: cannot be read ({e})") from None
+        if made.model_type != cfg.model_type:
+            raise ConfigError(
+                f"model.adapter {cfg.adapter} is a {made.model_type} adapter but model.model_type is "
+                f"{cfg.model_type}: set model.model_type={made.model_type}"
+            )
+        return made
+    return AdapterConfig(model_type=cfg.model_type)
 
 
 def weight_dtype_of(config: TrainConfig) -> torch.dtype:
@@ -78,11 +115,15 @@ class Model:
 def build_model(config: TrainConfig, device: torch.device) -> Model:
     """Load the parts, attach the adapter (and LoRA), freeze the rest and place everything on ``device``."""
     weight_dtype = weight_dtype_of(config)
+    adapter = adapter_config(config.model)  # before any model loads: a mistake costs nothing
     components = load_components(config.model)
     unet = components["unet"]
-    attach_regional_adapter(unet)
-    if config.model.adapter:
-        load_adapter(unet, config.model.adapter)
+    try:
+        attach_regional_adapter(unet, adapter)
+        if config.model.adapter:
+            load_adapter(unet, config.model.adapter)
+    except ValueError as e:  # another backbone, or keys that do not match: named in the message
+        raise ConfigError(f"model.adapter: {e}") from None
     params = set_adapter_trainable(unet)
     if config.model.lora_rank:
         params += add_lora(unet, config.model.lora_rank)  # the adapter stays trainable
@@ -104,22 +145,23 @@ def build_model(config: TrainConfig, device: torch.device) -> Model:
     components["vae"].requires_grad_(False).to(
         device=device, **({} if vae_dtype == torch.float32 else {"dtype": vae_dtype})
     )
-    for name in ("text_encoder", "text_encoder_2"):
-        components[name].requires_grad_(False).to(**to_compute)
+    tokenizers, text_encoders = text_models(components)
+    for encoder in text_encoders:
+        encoder.requires_grad_(False).to(**to_compute)
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(
             f"{config.model.base}: scheduler prediction_type is {noise_scheduler.config.prediction_type!r}; "
             "this trainer's loss is epsilon-prediction MSE (SDXL's), use an epsilon-prediction base"
         )
-    pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    if config.validation.scheduler == "ddim":  # the pipeline's scheduler serves validation only
+        components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config)
+    pipe = stock_pipeline(components)
     pipe.set_progress_bar_config(disable=True)
     frozen = Frozen(
         pipe=pipe,
         region_encoder=RegionTextEncoder(
-            (components["tokenizer"], components["tokenizer_2"]),
-            (components["text_encoder"], components["text_encoder_2"]),
-            cache_size=config.model.region_cache_size,
+            tokenizers, text_encoders, cache_size=config.model.region_cache_size
         ),
         noise_scheduler=noise_scheduler,
         weight_dtype=weight_dtype,

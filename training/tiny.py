@@ -1,4 +1,4 @@
-"""Tiny, offline SDXL parts with random weights: real diffusers / transformers classes, small configs.
+"""Tiny, offline SDXL and SD1.5 parts with random weights: real diffusers / transformers classes, small configs.
 
 No weights can be downloaded in tests or CI, so every model class the project uses is built here from a
 small config. The shapes mirror SDXL where it matters to our code: two CLIP text encoders whose hidden
@@ -15,6 +15,10 @@ Public API (stable; the trainer, generation pipeline and demo import it):
 - ``tiny_scheduler() -> EulerDiscreteScheduler`` (SDXL's betas)
 - ``tiny_sdxl_components(seed=0, tokenizer_dir=None) -> dict`` and ``tiny_sdxl_pipeline(...)``
 - ``benchmark_unet(seed=0)``: SDXL's real widths with one transformer layer per block (large: ~1 B params)
+- SD1.5 (one CLIP text encoder, no addition embedding, conv projections, no attention at the lowest
+  level, PNDM scheduler): ``tiny_sd15_unet``, ``tiny_sd15_text_encoder``, ``tiny_sd15_components``,
+  ``tiny_sd15_pipeline``; its context width ``SD15_TEXT_HIDDEN`` differs from the tiny SDXL's on purpose
+- ``TINY_BASES`` (``"tiny"``: SDXL, ``"tiny-sd15"``: SD1.5), ``tiny_components(base)``, ``tiny_pipeline(base)``
 
 The tokenizer vocabulary is byte-level BPE: the 512 CLIP byte symbols plus whole-word merges for
 ``TINY_WORDS``, so common words are one token and any other word falls back to byte symbols.
@@ -29,14 +33,29 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = [
+    "SD15_TEXT_HIDDEN",
+    "TINY_BASES",
     "TINY_WORDS",
     "TEXT_HIDDEN",
     "benchmark_unet",
+    "tiny_components",
+    "tiny_pipeline",
+    "tiny_sd15_components",
+    "tiny_sd15_pipeline",
+    "tiny_sd15_text_encoder",
+    "tiny_sd15_unet",
     "tiny_scheduler",
     "tiny_sdxl_components",
     "tiny_sdxl_pipeline",
@@ -53,6 +72,9 @@ MAX_LENGTH = 77
 # 768 + 1280 = 2048 in SDXL.
 TEXT_HIDDEN = (32, 32)
 PROJECTION_DIM = 32
+# The tiny SD1.5's one text encoder (768 in SD1.5): not 64, so an SDXL adapter cannot fit it by accident.
+SD15_TEXT_HIDDEN = 48
+TINY_BASES = {"tiny": "sdxl", "tiny-sd15": "sd15"}  # model.base / --base names of the random tiny models
 ADDITION_TIME_EMBED_DIM = 8
 
 TINY_WORDS = tuple(
@@ -239,3 +261,66 @@ def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | Path | None = None)
 def tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> StableDiffusionXLPipeline:
     """A runnable tiny ``StableDiffusionXLPipeline`` (64x64 images in a fraction of a second on CPU)."""
     return StableDiffusionXLPipeline(**tiny_sdxl_components(seed, tokenizer_dir), add_watermarker=False)
+
+
+def tiny_sd15_text_encoder(seed: int = 0) -> CLIPTextModel:
+    """SD1.5's one text encoder (CLIP-L's ``CLIPTextModel``), tiny: hidden size ``SD15_TEXT_HIDDEN``."""
+    vocab, _ = _vocab_and_merges()
+    torch.manual_seed(seed)
+    config = _text_config(SD15_TEXT_HIDDEN, len(vocab), vocab[EOS], vocab[BOS], projection_dim=PROJECTION_DIM)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_sd15_unet(seed: int = 0, *, sample_size: int = 8) -> UNet2DConditionModel:
+    """SD1.5-shaped UNet, tiny: cross-attention on all levels but the lowest, conv projections, no addition embedding."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,  # diffusers' misnomer: heads (SD1.5: 8 heads at every level)
+        cross_attention_dim=SD15_TEXT_HIDDEN,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_sd15_components(seed: int = 0, tokenizer_dir: str | Path | None = None) -> dict:
+    """All components of a ``StableDiffusionPipeline``, tiny and random (no safety checker)."""
+    tok, _ = tiny_tokenizers(tokenizer_dir)
+    return {
+        "vae": tiny_vae(seed),
+        "text_encoder": tiny_sd15_text_encoder(seed),
+        "tokenizer": tok,
+        "unet": tiny_sd15_unet(seed),
+        # SD1.5's scheduler config: PNDM over the scaled-linear betas SDXL shares
+        "scheduler": PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_sd15_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> StableDiffusionPipeline:
+    """A runnable tiny ``StableDiffusionPipeline`` (64x64 images in a fraction of a second on CPU)."""
+    return StableDiffusionPipeline(**tiny_sd15_components(seed, tokenizer_dir), requires_safety_checker=False)
+
+
+def tiny_components(base: str, seed: int = 0) -> dict:
+    """The pipeline components of a ``TINY_BASES`` name."""
+    return tiny_sd15_components(seed) if TINY_BASES[base] == "sd15" else tiny_sdxl_components(seed)
+
+
+def tiny_pipeline(base: str, seed: int = 0) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The runnable pipeline of a ``TINY_BASES`` name."""
+    return tiny_sd15_pipeline(seed) if TINY_BASES[base] == "sd15" else tiny_sdxl_pipeline(seed)

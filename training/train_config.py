@@ -56,13 +56,14 @@ Decay = Annotated[Float, Field(ge=0, lt=1)]  # Adam betas, EMA decay: 1 would ne
 class ModelConfig:
     """Which SDXL to start from; only the adapter (and optional LoRA) trains."""
 
-    base: str = "tiny"  # "tiny" (random tiny SDXL, offline) or a hub id / local folder in diffusers layout
+    base: str = "tiny"  # "tiny" / "tiny-sd15" (random tiny SDXL / SD1.5, offline) or a hub id / local folder in diffusers layout; the backbone is read from its UNet config
     revision: str | None = None  # hub revision of ``base``
     vae: str | None = None  # a separate VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
     vae_fp32: bool = (
         False  # keep the VAE in fp32 (the stock SDXL VAE overflows in fp16; the fp16-fix does not)
     )
     adapter: str | None = None  # start from these adapter weights (safetensors) instead of zero-init
+    model_type: Literal["ca", "casa"] = "ca"  # fuser: regional cross-attention, or then regional self-attention too (training/casa.py)
     lora_rank: NonNegativeInt = 0  # > 0: also train a LoRA of this rank on the base UNet's attention projections (peft)
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias (docs/METHOD.md §3.4)
@@ -166,6 +167,7 @@ class ValidationConfig:
     width: PositiveInt = 512
     num_inference_steps: PositiveInt = 30
     guidance_scale: NonNegativeFloat = 5.0
+    scheduler: Literal["base", "ddim"] = "base"  # base: the base model's own scheduler; ddim: DDIM (the release's validation)
     seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:

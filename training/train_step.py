@@ -2,7 +2,8 @@
 
 Every random choice of a sample (noise, VAE latent noise, timestep, caption and layout dropout) comes from
 a generator keyed by the run's seed, the rank and the sample's index, so a resumed run, or the same samples
-grouped into other micro-batches, draws the same (docs/METHOD.md §6).
+grouped into other micro-batches, draws the same (docs/METHOD.md §6). Captions are encoded by the stock
+pipeline's ``encode_prompt``; SDXL adds its pooled embedding and size ids, SD1.5 has neither.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .collate import normalize_pixels
 from .encoding import RegionTextEncoder, grounding_inputs_from_batch
@@ -77,11 +78,18 @@ def time_ids(batch: dict) -> torch.Tensor:
 class Frozen:
     """The frozen parts a training step needs besides the UNet."""
 
-    pipe: StableDiffusionXLPipeline  # for encode_prompt (training encodes captions exactly as inference)
+    pipe: (
+        StableDiffusionXLPipeline | StableDiffusionPipeline
+    )  # encode_prompt: captions encoded as inference does
     region_encoder: RegionTextEncoder
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
     attention_weight_scale: float
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether the base is SDXL (pooled text embedding and size ids as added conditions)."""
+        return isinstance(self.pipe, StableDiffusionXLPipeline)
 
 
 @torch.no_grad()
@@ -96,9 +104,10 @@ def unet_inputs(batch: dict, draws: SampleDraws, frozen: Frozen, device: torch.d
     latents = (latents * vae.config.scaling_factor).float()
 
     captions = ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption, strict=True)]
-    prompt_embeds, _, pooled, _ = frozen.pipe.encode_prompt(
+    encoded = frozen.pipe.encode_prompt(
         captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
     )
+    prompt_embeds = encoded[0]
     encode = {
         "attention_weight_scale": frozen.attention_weight_scale,
         "device": device,
@@ -111,21 +120,23 @@ def unet_inputs(batch: dict, draws: SampleDraws, frozen: Frozen, device: torch.d
     noise = draws.noise.to(device)
     timesteps = draws.timesteps.to(device)
     noisy = frozen.noise_scheduler.add_noise(latents, noise, timesteps)
-    return {
+    inputs = {
         "sample": noisy.to(frozen.weight_dtype),
         "timestep": timesteps,
         "encoder_hidden_states": prompt_embeds.to(frozen.weight_dtype),
-        "added_cond_kwargs": {
-            "text_embeds": pooled.to(frozen.weight_dtype),
-            "time_ids": time_ids(batch).to(device=device, dtype=frozen.weight_dtype),
-        },
         "cross_attention_kwargs": {"gligen": gligen},
         "target": noise,
     }
+    if frozen.sdxl:  # SDXL's encode_prompt returns (embeds, negative, pooled, negative pooled)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": encoded[2].to(frozen.weight_dtype),
+            "time_ids": time_ids(batch).to(device=device, dtype=frozen.weight_dtype),
+        }
+    return inputs
 
 
 def diffusion_loss(unet: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """Epsilon-prediction MSE (the scheduler is epsilon-parameterised, as SDXL's)."""
+    """Epsilon-prediction MSE (the scheduler is epsilon-parameterised, as SDXL's and SD1.5's)."""
     kwargs = {k: v for k, v in inputs.items() if k != "target"}
     pred = unet(**kwargs, return_dict=False)[0]
     return F.mse_loss(pred.float(), inputs["target"].float(), reduction="mean")

@@ -6,7 +6,9 @@ function here that takes the accelerator is a collective there: call it on every
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from .accelerator import is_fsdp
-from .adapter import is_adapter_key, normalize_release_keys
+from .adapter import ADAPTER_FORMAT, AdapterConfig, check_adapter_keys, is_adapter_key, normalize_release_keys
 from .lora import is_lora_key, lora_model_state, save_lora
 
 __all__ = [
@@ -64,10 +66,23 @@ def trainable_state(accelerator: Accelerator, unet: torch.nn.Module) -> dict[str
     }
 
 
+def _model_keys(accelerator: Accelerator, unet: torch.nn.Module) -> set[str]:
+    """The live UNet's state-dict keys, without FSDP's wrapper prefixes (nothing is gathered)."""
+    if not is_fsdp(accelerator):
+        return set(accelerator.unwrap_model(unet).state_dict().keys())
+    names = [n for n, _ in unet.named_parameters()] + [n for n, _ in unet.named_buffers()]
+    return {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "") for n in names}
+
+
 def load_trainable_state(
-    accelerator: Accelerator, unet: torch.nn.Module, state: dict[str, torch.Tensor]
+    accelerator: Accelerator, unet: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "weights"
 ) -> None:
-    """Copy full trainable weights (UNet state-dict keys) into the live model; a collective under FSDP."""
+    """Copy full trainable weights (UNet state-dict keys) into the live model; a collective under FSDP.
+
+    A key the model lacks or an adapter key the state lacks (a ``casa`` checkpoint resumed as ``ca``, a
+    partial file) is an error naming them (``source``: the checkpoint folder), before anything is loaded.
+    """
+    check_adapter_keys(_model_keys(accelerator, unet), state.keys(), source=source)
     if is_fsdp(accelerator):
         # Every rank holds the (small) state; FSDP copies each rank's shard out of it.
         with _full_state_dict(unet, rank0_only=False):
@@ -92,19 +107,22 @@ def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
         ema.restore(params)
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """Adapter-only safetensors with the release's key names."""
+def save_weights(state: dict[str, torch.Tensor], path: Path, config: AdapterConfig | None = None) -> Path:
+    """Adapter-only safetensors with the release's key names (and ``config``, as ``save_adapter`` writes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "richlayout-regional-adapter"})
+    metadata = {"format": ADAPTER_FORMAT}
+    if config is not None:  # the model type and backbone: generation builds the same adapter from the file
+        metadata["config"] = json.dumps(asdict(config))
+    save_file(state, str(path), metadata=metadata)
     return path
 
 
 def save_trainable(
-    state: dict[str, torch.Tensor], folder: Path, suffix: str = ""
+    state: dict[str, torch.Tensor], folder: Path, suffix: str = "", config: AdapterConfig | None = None
 ) -> tuple[Path, Path | None]:
     """``adapter{suffix}.safetensors`` (adapter keys) and, with LoRA, ``lora{suffix}.safetensors`` beside it."""
     adapter = save_weights(
-        {k: v for k, v in state.items() if is_adapter_key(k)}, folder / f"adapter{suffix}.safetensors"
+        {k: v for k, v in state.items() if is_adapter_key(k)}, folder / f"adapter{suffix}.safetensors", config
     )
     lora = None
     if any(is_lora_key(k) for k in state):
@@ -133,8 +151,9 @@ def save_final_weights(
     with ema_weights(ema, params):
         ema_state = trainable_state(accelerator, unet) if ema is not None else None
     if accelerator.is_main_process:
-        save_trainable(raw, folder)
+        config = getattr(accelerator.unwrap_model(unet), "regional_adapter_config", None)
+        save_trainable(raw, folder, config=config)
         if ema_state is not None:
-            save_trainable(ema_state, folder, "_ema")
+            save_trainable(ema_state, folder, "_ema", config=config)
     accelerator.wait_for_everyone()
     return raw

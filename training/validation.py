@@ -12,14 +12,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from shards.draw import draw_layout
 
 from .accelerator import is_fsdp
-from .layout_pipeline import LayoutPipeline
+from .layout_pipeline import LayoutPipeline, stock_pipeline
 from .train_config import TrainConfig, ValidationLayout
 from .train_step import Frozen
 from .trainable import ema_weights
@@ -88,9 +87,7 @@ def validate(
         sdxl = frozen.pipe
         if fsdp:
             # A pipeline of the same parts around the wrapped UNet (each forward gathers the shards).
-            sdxl = StableDiffusionXLPipeline(
-                **{**frozen.pipe.components, "unet": unet}, add_watermarker=False
-            )
+            sdxl = stock_pipeline({**frozen.pipe.components, "unet": unet})
             sdxl.set_progress_bar_config(disable=True)
         r = config.data.regions
         pipe = LayoutPipeline(sdxl, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots)
