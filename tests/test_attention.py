@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from _model_fixtures import random_layout, random_objs
 from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
 
-from _model_fixtures import random_layout, random_objs
 from training.attention import PositionNet, RegionalCrossAttention, level_grid
 from training.regions import empty_layout, reorganize_regions
 

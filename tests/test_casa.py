@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from _model_fixtures import random_layout, random_objs, region_encoder
 from safetensors.torch import load_file
 
-from _model_fixtures import random_layout, random_objs, region_encoder
 from training import init_unet
 from training.adapter import (
     AdapterConfig,

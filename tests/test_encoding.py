@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from _model_fixtures import region_encoder, text_encoders, tokenizers
+
 from training.collate import pad_layouts
 from training.encoding import (
     NEG_BIAS,

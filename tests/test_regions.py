@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from _model_fixtures import random_boxes, random_layout
+
 from training.regions import empty_layout, latent_grid, reorganize_regions
 
 B = -1  # dropped

@@ -30,11 +30,10 @@ def _step(title: str) -> float:
 
 def make_dataset(out: Path, n_images: int) -> Path:
     """Synthetic images -> datagen tiny pipeline -> shards; returns the dataset path."""
-    from shards import validate_dataset
-
     from datagen.config import load_config
     from datagen.run import run
     from datagen.synthetic import make_image_folder
+    from shards import validate_dataset
 
     raw = out / "raw_images"
     make_image_folder(raw, n_images, seed=0)
