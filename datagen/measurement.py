@@ -9,6 +9,7 @@ config or from ``--rates``; ``datagen.sizing`` turns a Measurement into a plan. 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shards.paths import fs_and_root, url_for
 from shards.schema import STAGE_ORDER, STATUS_OK
 
 CPU_TASK_STAGES = ("decode", "pack")  # plain Ray tasks, sized by execution.<stage>_tasks
@@ -202,19 +204,10 @@ def measurement_from_record(record: Any, source: str) -> Measurement:
         models=models)
 
 
-def _fs(location: str):
-    """The fsspec filesystem, the path in it, and a URL maker (fsspec alone: no torch to import)."""
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(str(location))
-    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return fs, path.rstrip("/") or path, (lambda p: p if local else f"{protocol}://{p}")
-
-
 def record_path(location: str) -> str:
     """The run record to read for ``location``: a .json file, or the newest ``runs/*.json`` of an output."""
-    fs, root, url = _fs(location)
+    fs, root = fs_and_root(location)
+    url = functools.partial(url_for, fs)
     if not fs.exists(root):
         raise SizingError(f"{location}: not found (give a datagen output folder or a run record .json)")
     if not fs.isdir(root):
@@ -230,7 +223,7 @@ def record_path(location: str) -> str:
 def load_measurement(location: str) -> Measurement:
     """The Measurement of a run record file, or of the newest record of a datagen output folder."""
     path = record_path(location)
-    fs, p, _ = _fs(path)
+    fs, p = fs_and_root(path)
     try:
         with fs.open(p, "rb") as f:
             record = json.loads(f.read())

@@ -180,10 +180,25 @@ def vlm_tagger():
     return TagStage(TagConfig(model=TINY["vlm"], max_new_tokens=6))
 
 
-def test_vlm_tags_are_clean_phrases(vlm_tagger):
+def test_vlm_tags_are_the_parsed_answers_of_the_real_model(vlm_tagger, monkeypatch):
+    # The tiny VLM really generates (random weights, so its answers are noise): the stage must turn
+    # exactly those answers into tags, one list per row, with the caption as the fallback.
+    answers: list[str] = []
+    real_ask = tag_mod.ask
+
+    def spy(model, processor, images, cfg):
+        answers.extend(real_ask(model, processor, images, cfg))
+        return answers[-len(images):]
+
+    monkeypatch.setattr(tag_mod, "ask", spy)
     out = vlm_tagger(_batch([_image(48, 64, 1), _image(80, 40, 2)], source_caption=["a dog", None]))
+    monkeypatch.undo()
+    cfg = vlm_tagger.tagger.config
+    assert len(answers) == 2 and out["status"] == ["ok", "ok"]
+    assert out["tags"] == [tag_mod.tags_from_answer(a, c, cfg) for a, c in zip(answers, ["a dog", None], strict=True)]
+    assert out["tags"][0], "a row with a caption never ends without tags"
     for tags in out["tags"]:
-        assert isinstance(tags, list) and len(tags) <= 20
+        assert len(tags) <= 20
         assert all(t == t.lower().strip() and "." not in t and 0 < len(t.split()) <= 4 for t in tags)
 
 
