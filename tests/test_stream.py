@@ -303,7 +303,7 @@ def test_batch_tensors_have_fixed_shapes_and_consistent_regions(even):
     assert batch["original_size"].tolist() == [[2 * H, 2 * W]] * 3
     assert batch["target_size"].tolist() == [[16, 16]] * 3
     assert batch["region_map"].shape == (3, 2, 2) and batch["region_union_masks"].shape == (3, 6, 2, 2)
-    assert batch["region_boxes"].shape == (3, 6, 4, 4) and batch["object_masks"].shape == (3, 4, 16, 16)
+    assert batch["region_boxes"].shape == (3, 6, 4, 4) and batch["instance_masks"].shape == (3, 4, 16, 16)
     for i in range(3):
         n_slots = int(batch["slot_mask"][i].sum())
         texts = batch["region_texts"][i]
@@ -317,7 +317,7 @@ def test_batch_tensors_have_fixed_shapes_and_consistent_regions(even):
         assert len(batch["object_texts"][i]) == n and not batch["object_boxes"][i, n:].any()
         # An object's mask lies inside its box.
         for j in range(n):
-            ys, xs = np.nonzero(batch["object_masks"][i, j].numpy())
+            ys, xs = np.nonzero(batch["instance_masks"][i, j].numpy())
             if len(xs):
                 x1, y1, x2, y2 = batch["object_boxes"][i, j].tolist()
                 assert x1 - 1 <= xs.min() and xs.max() + 1 <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2

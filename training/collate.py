@@ -21,7 +21,7 @@ flipped                    (B,) bool
 object_boxes               (B, K, 4) float32       kept objects, xyxy output pixels, 0-padded
 object_count               (B,) int64
 object_texts               list[list[str]]         per sample, ``object_count`` texts
-object_masks (optional)    (B, K, H, W) bool       only when the augment config asks for masks
+instance_masks (optional)  (B, K, H, W) bool       each object's pixel mask, when the augment config asks for masks
 region_map                 (B, h, w) int64         slot of each latent cell, -1: region dropped
 region_texts               list[list[str]]         per sample S texts, "" for background/padding
 slot_mask                  (B, S) bool             True for a real slot (background included; none
@@ -126,7 +126,7 @@ def collate(examples: list[Example], max_slots: int, max_objs: int) -> dict:
         masks = np.zeros((len(examples), max_objs, h, w), dtype=bool)
         for i, e in enumerate(examples):
             masks[i, : min(len(e.aug.masks), max_objs)] = e.aug.masks[:max_objs]
-        batch["object_masks"] = torch.from_numpy(masks)
+        batch["instance_masks"] = torch.from_numpy(masks)  # not "object_masks": the gligen inputs use that name for slots
     regions = pad_layouts([e.layout for e in examples], max_slots, max_objs)
     batch["region_texts"] = regions.pop("region_texts")
     batch.update({name: torch.from_numpy(array) for name, array in regions.items()})
