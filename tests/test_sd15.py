@@ -220,9 +220,13 @@ def test_sd15_training_writes_an_sd15_adapter_and_validates_with_ddim(sd15_run):
     assert image.exists()
 
 
-def test_validation_scheduler_ddim_is_the_pipelines(dataset):
+def test_scheduler_ddim_samples_validation_and_generation_with_ddim(dataset):
     c = tiny_config(dataset, "unused", **{"model.base": "tiny-sd15", "validation.scheduler": "ddim"})
-    assert isinstance(M.build_model(c, torch.device("cpu")).frozen.pipe.scheduler, DDIMScheduler)
+    model = M.build_model(c, torch.device("cpu"))
+    assert isinstance(model.frozen.pipe.scheduler, DDIMScheduler)
+    assert not isinstance(model.frozen.noise_scheduler, DDIMScheduler)  # training keeps DDPM noising
+    cfg = generate.GenerateConfig(base="tiny-sd15", scheduler="ddim", device="cpu", dtype="float32")
+    assert isinstance(generate.load_pipeline(cfg).pipe.scheduler, DDIMScheduler)
 
 
 def test_generate_and_evaluate_with_the_sd15_adapter(sd15_run, tmp_path, monkeypatch, capsys):
@@ -230,10 +234,12 @@ def test_generate_and_evaluate_with_the_sd15_adapter(sd15_run, tmp_path, monkeyp
     layouts.write_text("".join(json.dumps(x) + "\n" for x in LAYOUTS))
     out = tmp_path / "gen"
     argv = ["--tiny", "--base", "tiny-sd15", "--adapter", str(sd15_run.adapter_path),
-            "--ema", str(sd15_run.ema_adapter_path), "--layouts", str(layouts), "--out", str(out)]  # fmt: skip
+            "--ema", str(sd15_run.ema_adapter_path), "--layouts", str(layouts), "--out", str(out),
+            "--set", "scheduler=ddim", "--guidance-scale", "7.5"]  # fmt: skip
     assert generate.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 2
     assert all((out / f"{x['id']}.png").exists() for x in LAYOUTS)
+    assert json.loads((out / "generate.json").read_text())["config"]["scheduler"] == "ddim"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     argv = ["--tiny", "--images", str(out), "--layouts", str(out / "layouts.jsonl"), "--out", str(tmp_path / "ev")]
     assert evaluate.main(argv) == 0
@@ -248,8 +254,8 @@ def test_an_sdxl_tokenizer_pair_still_builds_the_sdxl_pipeline():
     assert pipe.region_encoder.tokenizers[0].get_vocab() == tiny_tokenizers()[0].get_vocab()
 
 
-@pytest.mark.slow
 def test_two_processes_train_the_sd15_adapter(dataset, tmp_path):
+    """DDP on CPU (gloo) under ``accelerate launch``, as tests/test_train_ddp.py (about 12 s here)."""
     from test_train_ddp import STEPS, launch
 
     run = launch(tmp_path / "ddp", dataset, "model.base=tiny-sd15")

@@ -1,7 +1,8 @@
 """Sequenced grounding encoding (docs/METHOD.md §3): region slots -> the UNet's ``gligen`` inputs.
 
-Each region slot's text is tokenized by both SDXL tokenizers (77 tokens) and encoded by both frozen text
-encoders (last hidden states, concatenated: 768 + 1280 = 2048 per token in SDXL). The text splits into
+Each region slot's text is tokenized by the base model's tokenizers (77 tokens) and encoded by its frozen
+text encoders (last hidden states, concatenated: 768 + 1280 = 2048 per token in SDXL; SD1.5 has one,
+CLIP-L's 768). The text splits into
 one segment per object at the separator tokens; every token of segment ``k`` gets object ``k``'s box and
 the attention bias ``(weight_k - 1) * attention_weight_scale``; the other tokens of a real slot get box
 ``[-1, -1, -1, -1]`` and bias ``NEG_BIAS``, whose softmax weight underflows to exactly 0.
@@ -14,6 +15,7 @@ not change a softmax, and 0 keeps bf16 / fp16 scores exact (their spacing near 1
 Usage::
 
     encoder = RegionTextEncoder((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), cache_size=4096)
+    encoder = RegionTextEncoder((tokenizer,), (text_encoder,))                 # SD1.5
     gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
     unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
 
@@ -68,7 +70,7 @@ N_TOKENS = 77
 class EncodedText:
     """One region text, encoded: both encoders' last hidden states and the segment spans."""
 
-    hidden: torch.Tensor  # (77, D): the encoders' last hidden states concatenated along features
+    hidden: torch.Tensor  # (77, D): the encoders' last hidden states concatenated along features (one for SD1.5)
     spans: tuple[tuple[int, int], ...]  # [start, end) token range of each "; "-separated segment
 
 
@@ -131,7 +133,7 @@ def slot_token_targets(
 
 
 class RegionTextEncoder:
-    """Encode region texts with SDXL's tokenizers and frozen text encoders: batched, LRU-cached by text."""
+    """Encode region texts with the base's tokenizers and frozen text encoders (SDXL: two, SD1.5: one): batched, LRU-cached."""
 
     def __init__(
         self,
@@ -142,7 +144,7 @@ class RegionTextEncoder:
         batch_size: int = 32,
     ) -> None:
         if len(tokenizers) != len(text_encoders) or not tokenizers:
-            raise ValueError("pass one tokenizer per text encoder (SDXL: two of each)")
+            raise ValueError("pass one tokenizer per text encoder (SDXL: two of each, SD1.5: one)")
         for tok in tokenizers:
             if tok.model_max_length != N_TOKENS:
                 raise ValueError(f"tokenizer model_max_length is {tok.model_max_length}, expected {N_TOKENS}")
@@ -158,7 +160,7 @@ class RegionTextEncoder:
 
     @property
     def hidden_size(self) -> int:
-        """Feature size per token (sum of the encoders' hidden sizes; SDXL: 2048)."""
+        """Feature size per token (sum of the encoders' hidden sizes; SDXL: 2048, SD1.5: 768)."""
         return sum(enc.config.hidden_size for enc in self.text_encoders)
 
     @property
@@ -202,7 +204,7 @@ class RegionTextEncoder:
 
     @torch.no_grad()
     def _encode_batch(self, texts: list[str]) -> list[EncodedText]:
-        """Run both tokenizers and encoders on one batch of texts."""
+        """Run every tokenizer and encoder on one batch of texts."""
         hidden, ids = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True):
             inputs = tok(

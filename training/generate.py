@@ -74,6 +74,7 @@ class GenerateConfig:
     width: PositiveInt = 512
     num_inference_steps: PositiveInt = 50
     guidance_scale: NonNegativeFloat = 5.0
+    scheduler: Literal["base", "ddim"] = "base"  # base: the base model's scheduler; ddim: DDIM (the release's SD1.5 sampling)
     scheduled_sampling_beta: UnitFloat = 1.0  # layout active for the first ceil(beta * steps) steps
     attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias
     negative_prompt: str = ""  # encoded, as training encodes a dropped caption
@@ -159,6 +160,10 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
             device=device,
             **limits,
         )
+    if cfg.scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        pipe.pipe.scheduler = DDIMScheduler.from_config(pipe.pipe.scheduler.config)
     pipe.sdxl.set_progress_bar_config(disable=True)
     return pipe
 

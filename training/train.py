@@ -1,8 +1,9 @@
-"""Train the regional-attention adapter on a frozen SDXL: one loop, read top to bottom, and its CLI.
+"""Train the regional-attention adapter on a frozen SDXL or SD1.5: one loop, read top to bottom, and its CLI.
 
 Only the adapter (``unet.position_net`` and a ``fuser`` per transformer block, optionally LoRA on the
-base attention) trains; the VAE, both text encoders and the base UNet are frozen. The recipe and the
-public release's defects we do not repeat are in ``docs/METHOD.md`` §6.
+base attention) trains; the VAE, the text encoders and the base UNet are frozen. The backbone is the
+``model.base``'s (SD1.5: ``configs/train/sd15_512_8gpu.yaml``; no pooled embedding, no size ids). The
+recipe and the public release's defects we do not repeat are in ``docs/METHOD.md`` §6.
 
 Launch (accelerate starts torchrun-style workers; the config is the single source of truth)::
 
