@@ -58,7 +58,7 @@ $(GDINO_STAMP): pyproject.toml
 	$(GDINO_VENV)/bin/python -m pip install -q --upgrade pip
 	$(GDINO_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 transformers==4.57.6 \
 		'groundingdino-py>=0.4' numpy pillow pandas pyarrow webdataset 'fsspec[http]' pycocotools \
-		matplotlib tqdm pyyaml safetensors psutil pytest pytest-timeout
+		matplotlib tqdm pyyaml safetensors psutil pydantic pytest pytest-timeout
 	$(GDINO_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(GDINO_STAMP)
 
