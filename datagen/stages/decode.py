@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,11 +58,38 @@ def _read_group(uri: str, items: list[dict], max_bytes: int) -> list[bytes | Dec
             if items[0].get("column"):
                 return _read_parquet_rows(f, items)
             return [_read_one(f, it, max_bytes) for it in items]
-    except FileNotFoundError:
-        return [DecodeError("file not found") for _ in items]
     except Exception as e:  # noqa: BLE001 - each fsspec backend (http, s3, gcs) raises its own types
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else ""
-        return [DecodeError(f"read failed: {type(e).__name__}: {reason}") for _ in items]
+        return [DecodeError(read_failure(e)) for _ in items]
+
+
+def read_failure(e: BaseException) -> str:
+    """What went wrong reading a file, as the parquet row records it.
+
+    fsspec's HTTP filesystem answers every failure to open a URL with a FileNotFoundError whose cause
+    is the transport error: only an HTTP 404/410 (or a plain missing local file) is "file not found";
+    a refused connection, a DNS or TLS failure or a 5xx is recorded as it was, so a dead server is not
+    mistaken for a missing image.
+    """
+    cause = e
+    if isinstance(e, FileNotFoundError):
+        cause = e.__cause__
+        # Only a transport error behind it (an OSError or an aiohttp error) is something else; an
+        # object store's own "no such key" (botocore's ClientError) is the file being missing.
+        if cause is None or isinstance(cause, FileNotFoundError) or not (
+                isinstance(cause, OSError) or type(cause).__module__.split(".")[0] == "aiohttp"):
+            return "file not found"
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):  # an HTTP answer (aiohttp.ClientResponseError): the status says it
+        if status in (404, 410):
+            return "file not found"
+        return f"read failed: HTTP {status} {getattr(cause, 'message', '') or ''}".rstrip()
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    if isinstance(cause, OSError) and cause.strerror and (cause.filename is not None or not text or text.startswith("[Errno")):
+        text = cause.strerror  # "[Errno 13] Permission denied: '/a/path'": the reason without the path
+    os_error = getattr(cause, "os_error", None)  # aiohttp's connector errors keep the socket's own error
+    if isinstance(os_error, OSError) and os_error.errno and os.strerror(os_error.errno) not in text:
+        text = f"{text} ({os.strerror(os_error.errno)})"  # "Connect call failed" -> also "Connection refused"
+    return f"read failed: {type(cause).__name__}: {text}".rstrip(": ")
 
 
 def _read_one(f, item: dict, max_bytes: int) -> bytes | DecodeError:
