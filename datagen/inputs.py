@@ -311,7 +311,8 @@ def _embedded_entries(pf: pq.ParquetFile, where: str, rel: str, column: str, cap
                 f"{rel}#{stem}",
                 stem,
                 {
-                    "source": f"{where}#{stem}",
+                    # A failed download has no bytes here: its URL is what names it (as for a tar's).
+                    "source": url if failure and isinstance(url, str) else f"{where}#{stem}",
                     "uri": where,
                     "caption": t[cap][r] if cap else None,
                     "row_group": rg,
@@ -329,6 +330,36 @@ def _is_img2dataset_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     with fs.open(path, "rb") as f:
         names = pq.ParquetFile(f).schema_arrow.names
     return any(n in names for n in BYTES_COLUMNS[:4])
+
+
+def _is_download_log(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    with fs.open(path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return {"key", "status"} <= set(names) and not any(n in names for n in BYTES_COLUMNS[:4])
+
+
+def _files_entries(fs: fsspec.AbstractFileSystem, folder: str, rel: str, log_rows: dict) -> Iterator[_Entry]:
+    """One folder of img2dataset's "files" output, by key as its tars are: the images with their .txt
+    caption and .json sidecar, plus the rows of its download log that it failed to download."""
+    names = {p.rsplit("/", 1)[-1]: p for p in fs.find(folder)}
+    images = {_stem(n): p for n, p in names.items() if f".{n.rpartition('.')[2].lower()}" in IMAGE_EXTS}
+    failed = {k: r for k, r in log_rows.items() if k not in images and _download_failure(r)}
+    for key in sorted([*images, *failed]):
+        if key in failed:
+            row = failed[key]
+            url = row.get("url") if isinstance(row.get("url"), str) else None
+            yield _Entry(f"{rel}/{key}", key, {"source": url or f"{url_for(fs, folder)}#{key}", "uri": "",
+                                               "caption": row.get("caption"), "meta": {"url": url} if url else {},
+                                               "failure": _download_failure(row)})
+            continue
+        path, meta, sizes = images[key], {}, {}
+        caption = _read_text(fs, names[f"{key}.txt"]) if f"{key}.txt" in names else None
+        if f"{key}.json" in names:
+            with fs.open(names[f"{key}.json"], "rb") as f:
+                d = _sidecar(f.read())
+            meta, sizes = _url_meta(d), _original_size(d)
+        yield _Entry(f"{rel}/{key}", key, {"source": url_for(fs, path), "uri": url_for(fs, path), "caption": caption,
+                                           "meta": meta, **(_original_size(log_rows.get(key, {})) or sizes)})
 
 
 def _entries(uri: str, path_column: str | None, caption_column: str | None) -> Iterator[_Entry]:
@@ -364,6 +395,11 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         for t in tars:
             log_path = t[: -len(".tar")] + ".parquet"
             yield from _tar_entries(fs, t, _rel(root, t), _download_log(fs, log_path) if log_path in top else None)
+    elif logs := [p for p in parquets if p[: -len(".parquet")] in top and _is_download_log(fs, p)]:
+        # img2dataset "files" output: NNNNN/ holds the images, NNNNN.parquet its download log.
+        for p in logs:
+            folder = p[: -len(".parquet")]
+            yield from _files_entries(fs, folder, _rel(root, folder), _download_log(fs, p))
     elif parquets and _is_img2dataset_parquet(fs, parquets[0]):
         for p in parquets:
             yield from _table_entries(fs, p, _rel(root, p), path_column, caption_column)
