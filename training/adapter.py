@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from training.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
 from training.casa import MODEL_TYPES, RegionalCrossAndSelfAttention
+from training.lora import is_lora_key, load_lora_state
 from training.release_checkpoint import read_checkpoint
 
 __all__ = [
@@ -98,6 +99,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     loaded: int = 0
     ignored_base: int = 0  # base-UNet keys of a whole-UNet file: the base stays as loaded, frozen
+    lora: int = 0  # base-attention LoRA tensors loaded (a release checkpoint trained with lora_rank)
 
 
 def transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
@@ -300,10 +302,14 @@ def load_adapter(
 
     Keys the model lacks are always an error naming them; with ``strict`` (the default) missing adapter
     keys are too, so no adapter weight is ever dropped or left fresh silently. ``ema``: a trainer
-    checkpoint's EMA copy.
+    checkpoint's EMA copy. A release checkpoint's base-attention LoRA loads as the UNet's LoRA
+    (``training.lora.load_lora_state``); the UNet's own LoRA layers are matched by their plain names.
     """
     state = read_state_dict(source, ema=ema)
-    model_state = unet.state_dict()
+    lora = {k: state.pop(k) for k in [k for k in state if is_lora_key(k)]}
+    model_state = {
+        k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if not is_lora_key(k)
+    }
     own = {k: v for k, v in model_state.items() if is_adapter_key(k)}
     if not own:
         raise ValueError("no adapter on this UNet: call attach_regional_adapter(unet) first")
@@ -324,4 +330,6 @@ def load_adapter(
     unet.load_state_dict(matched, strict=False)
     if report.ignored_base:
         log.info("%s: skipped %d base-UNet keys (the base stays frozen as loaded)", name, report.ignored_base)
+    if lora:
+        report = replace(report, lora=load_lora_state(unet, lora, source=name))
     return report

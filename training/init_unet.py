@@ -13,6 +13,9 @@ with the missing and unexpected keys: base-UNet keys the checkpoint lacked or he
 keys left at their fresh initialisation. A base checkpoint that already holds adapter keys (the release's
 initialised UNet) has them loaded into the adapter instead of reported as unexpected.
 The base UNet itself is not copied: the trainer loads it from ``--base`` again (recorded in the report).
+A release trainer checkpoint with a LoRA (its ``lora_rank``): the fusers' LoRA is merged into the adapter,
+the base attention's is written as ``OUT/lora.safetensors`` (our diffusers LoRA file, for ``--lora``), and
+the summary names it (``lora_file``; ``training.release_checkpoint``).
 ``--model-type`` (``ca`` or ``casa``, the release's ``--model_type``) is recorded in the adapter's metadata,
 so every later load builds the same fuser; weights whose keys the model lacks are an error naming them.
 The backbone (``sdxl`` or ``sd15``) is read from the base UNet's config (SDXL's ``text_time`` addition
@@ -41,11 +44,13 @@ from training.adapter import (
     save_adapter,
 )
 from training.casa import MODEL_TYPES
+from training.lora import save_lora
 from training.tiny import TINY_BASES, tiny_components
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "regional_adapter.safetensors"
+LORA_FILE = "lora.safetensors"  # a release checkpoint's base-attention LoRA, converted
 REPORT_FILE = "init_report.json"
 
 
@@ -103,6 +108,7 @@ def initialise(
 
     out = Path(out)
     save_adapter(unet, out / ADAPTER_FILE)
+    lora_file = save_lora(unet.state_dict(), out / LORA_FILE) if report and report.lora else None
     summary = {
         "base": base,
         "subfolder": sub,
@@ -115,6 +121,8 @@ def initialise(
         "adapter_keys_loaded": report.loaded if report else 0,
         "adapter_keys_fresh": fresh,
         "adapter_unexpected_keys": report.unexpected if report else [],
+        "lora_file": str(lora_file) if lora_file else None,
+        "lora_keys_loaded": report.lora if report else 0,
     }
     (out / REPORT_FILE).write_text(json.dumps(summary, indent=2))
     return summary

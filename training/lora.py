@@ -3,6 +3,9 @@
 The trainer's optional LoRA (``model.lora_rank``) follows diffusers' SDXL LoRA recipe; the files it writes
 (``lora.safetensors``, ``lora_ema.safetensors`` beside the adapter) load here for generation, or with
 ``StableDiffusionXLPipeline.load_lora_weights(folder, weight_name=...)``.
+A release checkpoint's base-attention LoRA (``training.release_checkpoint``) arrives with the same UNet key
+names and loads through :func:`load_lora_state`; ``python -m training.init_unet --adapter CKPT`` writes it as
+such a file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "add_lora",
     "is_lora_key",
     "load_lora",
+    "load_lora_state",
     "lora_config",
     "lora_diffusers_state",
     "lora_model_state",
@@ -49,8 +53,15 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
     """Add a LoRA of ``rank`` to the base UNet's attention projections (not the adapter's); needs peft.
 
     Returns the LoRA parameters. A fresh LoRA leaves the UNet's output unchanged (B starts at zero).
-    What was trainable stays trainable: peft freezes every parameter but its own.
+    What was trainable stays trainable: peft freezes every parameter but its own. A LoRA of ``rank`` the
+    UNet already holds (loaded with a release checkpoint) is kept, made trainable, not replaced.
     """
+    held = {n: p for n, p in unet.named_parameters() if is_lora_key(n)}
+    if held:
+        ranks = {p.shape[0] for n, p in held.items() if ".lora_A." in n}
+        if ranks != {rank}:
+            raise ValueError(f"the UNet already holds a LoRA of rank {sorted(ranks)}, not {rank}")
+        return [p.requires_grad_(True) for p in held.values()]
     config = lora_config(rank)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     unet.add_adapter(config, adapter_name=LORA_ADAPTER)
@@ -100,21 +111,36 @@ def save_lora(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+def load_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "LoRA") -> int:
+    """Load LoRA weights keyed as the UNet names them (``...lora_A.default.weight``); returns their count.
+
+    A UNet without LoRA gets one of the weights' rank (:func:`add_lora`). Every LoRA weight of the UNet
+    must be in ``state`` and every weight of it must fit the UNet.
+    """
+    if not any(is_lora_key(k) for k, _ in unet.named_parameters()):
+        add_lora(unet, next(v.shape[0] for k, v in state.items() if ".lora_A." in k))
+    own = {k: p for k, p in unet.named_parameters() if is_lora_key(k)}
+    if set(own) != set(state):
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(
+            f"{source}: LoRA keys differ from the UNet's: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    bad = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
+    ]
+    if bad:
+        raise ValueError(
+            f"{source}: LoRA shapes differ from the UNet's (another rank?): " + "; ".join(bad[:3])
+        )
+    unet.load_state_dict(state, strict=False)
+    return len(state)
+
+
 def load_lora(unet: torch.nn.Module, path: str | Path) -> None:
     """Load a LoRA file written by the trainer into ``unet`` (adding a LoRA of the file's rank if it has none).
 
     Every LoRA weight of the UNet must be in the file and every weight of the file must fit the UNet.
     ``StableDiffusionXLPipeline.load_lora_weights(folder, weight_name=...)`` reads the same files.
     """
-    state = lora_model_state(path)
-    if not any(is_lora_key(k) for k, _ in unet.named_parameters()):
-        rank = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
-        add_lora(unet, rank)
-    own = {k for k, _ in unet.named_parameters() if is_lora_key(k)}
-    if own != set(state):
-        raise ValueError(
-            f"{path}: LoRA keys differ from the UNet's: {len(own - set(state))} missing "
-            f"(e.g. {sorted(own - set(state))[:2]}), {len(set(state) - own)} unexpected "
-            f"(e.g. {sorted(set(state) - own)[:2]})"
-        )
-    unet.load_state_dict(state, strict=False)
+    load_lora_state(unet, lora_model_state(path), source=str(path))
