@@ -265,3 +265,14 @@ def test_two_processes_train_the_sd15_adapter(dataset, tmp_path):
     fresh = adapter_state_dict(attach_regional_adapter(tiny_sd15_unet(0)))
     assert any(not torch.equal(w0[k], fresh[k]) for k in fresh)
     assert adapter_config_of(run.out / "adapter" / "adapter.safetensors").backbone == "sd15"
+
+
+def test_train_cli_refuses_an_sdxl_adapter_for_an_sd15_base_before_writing(dataset, sdxl_adapter, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--config", "configs/train/tiny.yaml", "--override", "model.base=tiny-sd15",
+            "--override", f"model.adapter={sdxl_adapter}", "--override", f"output_dir={out}",
+            "--override", f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64]}}}}]"]  # fmt: skip
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: model.adapter {sdxl_adapter} is a sdxl adapter but model.base tiny-sd15 is sd15"]
+    assert not out.exists()

@@ -82,7 +82,9 @@ def load_components(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def adapter_config(cfg: ModelConfig) -> AdapterConfig:
-    """The adapter to build: ``model.model_type``; a ``model.adapter`` file of another type is a ConfigError."""
+    """The adapter to build: ``model.model_type``; a ``model.adapter`` file of another type or backbone is a
+    ConfigError. Reads only the adapter's metadata and the base's UNet config: the trainer calls it before
+    it writes anything."""
     if cfg.adapter:
         try:
             made = adapter_config_of(cfg.adapter)
@@ -93,6 +95,16 @@ def adapter_config(cfg: ModelConfig) -> AdapterConfig:
                 f"model.adapter {cfg.adapter} is a {made.model_type} adapter but model.model_type is "
                 f"{cfg.model_type}: set model.model_type={made.model_type}"
             )
+        if made.backbone is not None:  # recorded by our files: checked before any model loads
+            try:
+                backbone = backbone_of_base(cfg.base, revision=cfg.revision)
+            except OSError as e:
+                raise ConfigError(f"model.base {cfg.base}: no UNet config ({' '.join(str(e).split())})") from None
+            if made.backbone != backbone:
+                raise ConfigError(
+                    f"model.adapter {cfg.adapter} is a {made.backbone} adapter but model.base {cfg.base} "
+                    f"is {backbone}"
+                )
         return made
     return AdapterConfig(model_type=cfg.model_type)
 

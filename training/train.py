@@ -117,7 +117,7 @@ def train(config: TrainConfig) -> TrainResult:
         resolve_on_main,
         save_checkpoint,
     )
-    from .model_setup import build_model, learning_rate, make_ema, make_optimizer
+    from .model_setup import adapter_config, build_model, learning_rate, make_ema, make_optimizer
     from .stream import build_loader
     from .train_step import diffusion_loss, sample_draws, sample_seeds, unet_inputs
     from .trainable import save_final_weights
@@ -142,6 +142,7 @@ def train(config: TrainConfig) -> TrainResult:
             loader.load_state_dict(resumed.stream_state)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{resume_from / 'stream_state.json'}: {e}") from None
+    adapter_config(config.model)  # the adapter file's type and backbone against the config (cheap)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
