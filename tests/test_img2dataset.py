@@ -236,14 +236,16 @@ def test_img2dataset_downloads_become_a_dataset_and_a_second_download_resumes_it
         assert failed.loc[u, "error_stage"] == "decode"
         assert failed.loc[u, "error"] == f"img2dataset {log.loc[u, 'status']}: {log.loc[u, 'error_message']}"
     assert "404" in failed.loc[urls[3], "error"] and "Connection refused" in failed.loc[urls[4], "error"]
-    samples = {s.record.meta["url"]: s.record for s in iter_samples(str(tmp_path / "out"))}
-    assert sorted(samples) == sorted(sizes)  # every downloaded URL is a sample
-    ok = df[df.status != "failed"].set_index("key")
-    for u, rec in samples.items():
+    url_of = {i.key: i.meta["url"] for i in a}
+    done = df[df.status != "failed"]  # ok, or filtered (random tiny weights): both decoded the image
+    assert sorted(url_of[k] for k in done.key) == sorted(sizes)
+    for key, w, h in zip(done.key, done.original_width, done.original_height, strict=True):
         # img2dataset stored 64 px on the short side; the original size is its columns' (the served size).
-        assert (rec.original_width, rec.original_height) == sizes[u] == (log.loc[u, "original_width"], log.loc[u, "original_height"])
-        assert (ok.loc[rec.key, "original_width"], ok.loc[rec.key, "original_height"]) == sizes[u]
-        assert min(rec.width, rec.height) == 64
+        assert (w, h) == sizes[url_of[key]] == tuple(log.loc[url_of[key], ["original_width", "original_height"]])
+    samples = list(iter_samples(str(tmp_path / "out")))
+    assert samples and all(s.record.meta["url"] == url_of[s.record.key] for s in samples)
+    assert all((s.record.original_width, s.record.original_height) == sizes[url_of[s.record.key]] for s in samples)
+    assert all(min(s.record.width, s.record.height) == 64 for s in samples)
 
     # The second download is the same input: the run resumes (nothing to write), it is not refused.
     again = _datagen(tmp_path / "b", tmp_path / "out")
