@@ -170,6 +170,13 @@ def _download_failure(row: dict) -> str | None:
     return f"img2dataset {status}: {row.get('error_message') or 'no error message'}"
 
 
+def _failed_download(identity: str, key: str, row: dict, fallback: str) -> _Entry:
+    """A row img2dataset failed to download, as a failed input named by its URL (else ``fallback``)."""
+    url = row.get("url") if isinstance(row.get("url"), str) else None
+    return _Entry(identity, key, {"source": url or fallback, "uri": "", "caption": row.get("caption"),
+                                  "meta": {"url": url} if url else {}, "failure": _download_failure(row)})
+
+
 def _download_log(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
     """img2dataset's parquet beside a tar: key -> its row (status, error_message, url, caption, sizes)."""
     with fs.open(path, "rb") as f:
@@ -219,11 +226,7 @@ def _tar_entries(fs: fsspec.AbstractFileSystem, path: str, rel: str, log_rows: d
     failed = {k: r for k, r in log_rows.items() if k not in groups and _download_failure(r)}
     for key in sorted([k for k in order if "image" in groups[k]] + list(failed)):
         if key in failed:
-            row = failed[key]
-            url = row.get("url") if isinstance(row.get("url"), str) else None
-            yield _Entry(f"{rel}/{key}", key, {
-                "source": url or f"{url_for(fs, path)}#{key}", "uri": "", "caption": row.get("caption"),
-                "meta": {"url": url} if url else {}, "failure": _download_failure(row)})
+            yield _failed_download(f"{rel}/{key}", key, failed[key], f"{url_for(fs, path)}#{key}")
             continue
         g = groups[key]
         name, offset, size = g["image"]
@@ -346,11 +349,7 @@ def _files_entries(fs: fsspec.AbstractFileSystem, folder: str, rel: str, log_row
     failed = {k: r for k, r in log_rows.items() if k not in images and _download_failure(r)}
     for key in sorted([*images, *failed]):
         if key in failed:
-            row = failed[key]
-            url = row.get("url") if isinstance(row.get("url"), str) else None
-            yield _Entry(f"{rel}/{key}", key, {"source": url or f"{url_for(fs, folder)}#{key}", "uri": "",
-                                               "caption": row.get("caption"), "meta": {"url": url} if url else {},
-                                               "failure": _download_failure(row)})
+            yield _failed_download(f"{rel}/{key}", key, failed[key], f"{url_for(fs, folder)}#{key}")
             continue
         path, meta, sizes = images[key], {}, {}
         caption = _read_text(fs, names[f"{key}.txt"]) if f"{key}.txt" in names else None
