@@ -276,3 +276,17 @@ def test_train_cli_refuses_an_sdxl_adapter_for_an_sd15_base_before_writing(datas
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: model.adapter {sdxl_adapter} is a sdxl adapter but model.base tiny-sd15 is sd15"]
     assert not out.exists()
+
+
+def test_the_sd15_preset_is_the_releases_recipe():
+    from training.train_config import TrainConfig
+
+    c = TrainConfig.from_yaml("configs/train/sd15_512_8gpu.yaml")
+    assert c.model.base == "runwayml/stable-diffusion-v1-5" and c.model.model_type == "ca"
+    assert (c.data.batch_size, c.train.gradient_accumulation_steps) == (4, 16)
+    assert (c.optim.lr, c.optim.weight_decay, c.train.mixed_precision) == (2e-5, 1e-5, "fp16")
+    assert (c.ema.enabled, c.ema.decay, c.ema.update_after_step) == (True, 0.99, 1000)
+    v = c.validation
+    assert (v.scheduler, v.guidance_scale, v.num_inference_steps, v.height, v.width) == ("ddim", 7.5, 20, 512, 512)
+    assert c.data.regions.max_objs == 30
+    assert all(tuple(d.augment.size) == (512, 512) and d.augment.max_objects == 30 for d in c.data.datasets)
