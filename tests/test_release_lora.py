@@ -25,7 +25,7 @@ from training.adapter import (
     load_adapter,
 )
 from training.encoding import grounding_inputs
-from training.lora import is_lora_key, load_lora
+from training.lora import add_lora, is_lora_key, load_lora
 from training.regions import empty_layout
 from training.release_checkpoint import read_checkpoint, resolve_peft_lora
 from training.tiny import tiny_unet
@@ -148,6 +148,12 @@ def test_release_lora_checkpoint_loads_in_memory_and_through_init_unet(tmp_path,
     assert report.missing == [] and report.unexpected == [] and report.loaded == 73
     n_base_lora = sum(1 for k in release.state_dict() if is_lora_key(k) and ".fuser." not in k)
     assert report.lora == n_base_lora > 0
+    torch.testing.assert_close(_forward(unet, inputs), reference, rtol=1e-5, atol=1e-5)
+    # training on from it (model.lora_rank = the release's rank) keeps training this LoRA, not a fresh one
+    with pytest.raises(ValueError, match=r"already holds a LoRA of rank \[4\], not 8"):
+        add_lora(unet, 8)
+    params = add_lora(unet, RANK)
+    assert len(params) == n_base_lora and all(p.requires_grad for p in params)
     torch.testing.assert_close(_forward(unet, inputs), reference, rtol=1e-5, atol=1e-5)
 
     # converted: a plain adapter plus our diffusers LoRA file beside it
