@@ -394,7 +394,7 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         for t in tars:
             log_path = t[: -len(".tar")] + ".parquet"
             yield from _tar_entries(fs, t, _rel(root, t), _download_log(fs, log_path) if log_path in top else None)
-    elif logs := [p for p in parquets if p[: -len(".parquet")] in top and _is_download_log(fs, p)]:
+    elif logs := [p for p in parquets if {p[:-8], f"{p[:-8]}/"} & set(top) and _is_download_log(fs, p)]:
         # img2dataset "files" output: NNNNN/ holds the images, NNNNN.parquet its download log.
         for p in logs:
             folder = p[: -len(".parquet")]

@@ -156,6 +156,14 @@ def test_img2dataset_files_output_is_listed_by_key_with_its_download_log(tmp_pat
     assert decoded["status"] == ["ok", "ok", "failed", "ok"]
     assert decoded["error"][2] == "img2dataset failed_to_download: HTTP Error 404: Not Found"
     assert decoded["original_width"] == [400, 401, None, 403] and decoded["width"][0] == 40
+    server, url = serve(tmp_path)  # the same over HTTP (a listing page per folder): the same inputs
+    try:
+        over_http = list_inputs(f"{url}/i2d/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(i.key, i.failure, i.original_width) for i in over_http] == [(i.key, i.failure, i.original_width) for i in items]
+    assert over_http[0].uri == f"{url}/i2d/00000/000000000.jpg"
     # The log's parquet wins over the sidecar; without the log the folder is a plain image folder.
     (out / "00000.parquet").unlink()
     assert len(list_inputs(str(out))) == 4  # 3 images + the stats file, a failed "not an image" row
