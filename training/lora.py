@@ -60,7 +60,11 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
     if held:
         ranks = {p.shape[0] for n, p in held.items() if ".lora_A." in n}
         if ranks != {rank}:
-            raise ValueError(f"the UNet already holds a LoRA of rank {sorted(ranks)}, not {rank}")
+            raise ValueError(
+                f"the UNet already holds a LoRA of rank {sorted(ranks)} (loaded with the adapter "
+                f"weights, e.g. a release checkpoint): no LoRA of rank {rank} can be added "
+                "(model.lora_rank: that rank or 0)"
+            )
         return [p.requires_grad_(True) for p in held.values()]
     config = lora_config(rank)
     trainable = [p for p in unet.parameters() if p.requires_grad]
