@@ -28,7 +28,7 @@ from training.encoding import grounding_inputs
 from training.lora import add_lora, is_lora_key, load_lora
 from training.regions import empty_layout
 from training.release_checkpoint import read_checkpoint, resolve_peft_lora
-from training.tiny import tiny_unet
+from training.tiny import tiny_sd15_unet, tiny_unet
 
 SIZE = 64  # pixels: an 8x8 latent
 RANK = 4
@@ -209,3 +209,41 @@ def test_a_typo_in_a_release_lora_key_is_an_error_naming_it(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err and len(errors) == 1
     assert "fuser.attn.to_v.lora_b.default.weight" in errors[0]
+
+
+def test_an_sd15_release_lora_checkpoint_converts_through_init_unet(tmp_path, capsys):
+    """The release's SD1.5 trainer adds the same LoRA: the effective weights survive the conversion."""
+    release = attach_regional_adapter(tiny_sd15_unet(0))
+    _randomize([p for _, p in adapter_parameters(release)], seed=11)
+    release.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=RELEASE_TARGETS)
+    )
+    _randomize([p for n, p in release.named_parameters() if is_lora_key(n)], seed=12)
+    torch.save({"module": {f"unet.{k}": v for k, v in release.state_dict().items()}}, tmp_path / "ds.pt")
+    argv = ["--base", "tiny-sd15", "--out", str(tmp_path / "init"), "--adapter", str(tmp_path / "ds.pt")]
+    assert init_unet.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["lora_file"] == str(tmp_path / "init" / "lora.safetensors")
+    unet = attach_regional_adapter(tiny_sd15_unet(0))
+    load_adapter(unet, tmp_path / "init" / init_unet.ADAPTER_FILE)
+    load_lora(unet, tmp_path / "init" / "lora.safetensors")
+
+    def effective(model) -> dict[str, torch.Tensor]:
+        """Each projection's weight with its LoRA folded in (alpha = r), by plain name."""
+        state = model.state_dict()
+        out = {}
+        for key, value in state.items():
+            if is_lora_key(key):
+                continue
+            name = key.replace(".base_layer.", ".")
+            module = key.rsplit(".base_layer.", 1)[0]
+            if key.endswith(".base_layer.weight") and f"{module}.lora_A.default.weight" in state:
+                a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+                value = value + b @ a
+            out[name] = value
+        return out
+
+    want, got = effective(release), effective(unet)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6, msg=key)
+    assert not any(".fuser." in k and is_lora_key(k) for k in unet.state_dict())  # the fusers' LoRA: merged
