@@ -106,7 +106,7 @@ def resolve_peft_lora(
     ``base_layer`` keys lose that part, a fuser's LoRA is merged into its weight, the base attention's LoRA
     stays as ``<module>.lora_{A,B}.default.weight``. Unknown or unpaired LoRA keys are an error naming them.
     """
-    peft_keys = [k for k in state if "lora" in k or ".base_layer." in k]
+    peft_keys = {k for k in state if "lora" in k or ".base_layer." in k}
     if not peft_keys:
         return dict(state)
     unknown = sorted(k for k in peft_keys if not _PEFT_KEY.match(k))
@@ -115,9 +115,9 @@ def resolve_peft_lora(
             f"{source}: {len(unknown)} unknown LoRA keys {unknown} (expected peft's "
             "<module>.base_layer.weight/bias and <module>.lora_A/lora_B.default.weight)"
         )
-    out = {k: v for k, v in state.items() if k not in set(peft_keys)}
+    out = {k: v for k, v in state.items() if k not in peft_keys}
     factors: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key in peft_keys:
+    for key in sorted(peft_keys):
         match = _PEFT_KEY.match(key)
         if match["param"]:
             out[f"{match['module']}.{match['param']}"] = state[key]
