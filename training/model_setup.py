@@ -138,7 +138,10 @@ def build_model(config: TrainConfig, device: torch.device) -> Model:
         raise ConfigError(f"model.adapter: {e}") from None
     params = set_adapter_trainable(unet)
     if config.model.lora_rank:
-        params += add_lora(unet, config.model.lora_rank)  # the adapter stays trainable
+        try:
+            params += add_lora(unet, config.model.lora_rank)  # the adapter stays trainable
+        except ValueError as e:  # a LoRA of another rank came with the adapter's checkpoint
+            raise ConfigError(f"model.lora_rank: {e}") from None
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     to_compute = (
