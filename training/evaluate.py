@@ -30,10 +30,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args, get_type_hints
 
 import numpy as np
-import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -42,16 +41,14 @@ from datagen.scoring import SAM_SCORE_THRESHOLD
 from shards.config import PositiveInt, UnitFloat
 from training.generate import add_preset_arguments, config_from_args, run_cli
 from training.layouts import LayoutRecord, read_layouts
-from training.metrics import (
-    PROTOCOLS,
-    CropClipScorer,
-    FidUnavailable,
-    HfCropScorer,
-    SamIoUScorer,
-    fid,
-    mean_per_image,
-)
 from training.train_config import ConfigError
+
+# training.metrics (transformers, open_clip, torch-fidelity behind it) and pandas are imported by the
+# functions that score, so `--help` and a config mistake answer without them.
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from training.metrics import HfCropScorer, SamIoUScorer
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +100,18 @@ class EvalConfig:
     fid: FidConfig = field(default_factory=FidConfig)
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise ConfigError(f"protocol must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}")
         if self.clip.kind != "clip" or self.sam.kind != "segmenter":
             raise ConfigError("evaluate.clip must be a 'clip' model spec and evaluate.sam a 'segmenter'")
         lo, hi = self.relative_limits
         if not 0 < lo < hi < 1:
             raise ConfigError(f"relative_limits must satisfy 0 < a < b < 1, got {self.relative_limits}")
+
+
+# The --protocol choices, read from the config's field so the parser needs no training.metrics (whose
+# PROTOCOLS it equals: tests/test_cli_help.py checks).
+PROTOCOL_CHOICES = get_args(get_type_hints(EvalConfig)["protocol"])
 
 
 def size_buckets(areas: np.ndarray, fractions: np.ndarray, cfg: EvalConfig) -> list[str]:
@@ -173,6 +175,8 @@ class Scorers:
     @classmethod
     def build(cls, cfg: EvalConfig) -> Scorers:
         """The scorers of a config's protocol; CropPickScore only when ``cfg.pickscore`` is set."""
+        from training.metrics import CropClipScorer, HfCropScorer, SamIoUScorer
+
         hf = dict(protocol=cfg.protocol, device=cfg.hf_device, batch_size=cfg.clip_batch_size)
 
         def load(key: str, model: str, processor: str | None, metric: str) -> HfCropScorer:
@@ -220,6 +224,8 @@ def _score_chunk(
 
 def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
     """``{"fid": value, ...}`` or ``{"fid": None, "fid_skipped": reason}``."""
+    from training.metrics import FidUnavailable, fid
+
     if cfg.reference is None:
         return {"fid": None, "fid_skipped": "no reference folder (--reference)"}
     if not Path(cfg.reference).is_dir():
@@ -237,6 +243,8 @@ def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
 
 def summarize(table: pd.DataFrame, n_images: int) -> dict:
     """The summary: paper averages, counts, failures by reason, breakdown by size."""
+    from training.metrics import mean_per_image
+
     metrics = [m for m in ("crop_clip", "crop_pick", "sam_iou") if m in table]
     failed = table[table["error"].notna()]
     reasons = Counter(e.split(":")[0] for err in failed["error"] for e in err.split("; "))
@@ -264,6 +272,8 @@ def summarize(table: pd.DataFrame, n_images: int) -> dict:
 
 def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str | Path | None = None) -> dict:
     """Score every object of every layout; write the table and summary into ``out``; return the summary."""
+    import pandas as pd
+
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"--images {images} is not a folder")
@@ -310,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval)")
     add_preset_arguments(p, "evaluate")
     p.add_argument(
-        "--protocol", choices=PROTOCOLS,
+        "--protocol", choices=PROTOCOL_CHOICES,
         help="paper: the paper's released metric code (default); exact: every object counted, pixel-edge boxes",
     )  # fmt: skip
     p.add_argument("--reference", help="folder of reference images for FID")

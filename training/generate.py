@@ -30,16 +30,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import Field
-from tqdm import tqdm
 
 from shards.config import ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat, load
-from shards.draw import draw_layout
-from training.layout_pipeline import LayoutPipeline
 from training.layouts import LayoutRecord, layouts_from_dataset, load_layouts, validate_size, write_layouts
+
+# torch, diffusers (through training.layout_pipeline) and matplotlib are imported by the functions that
+# use them: diffusers' pipelines import bitsandbytes when it is installed (seconds, and a kernel warning),
+# so `--help`, a config mistake and the CLIs that share this module's helpers answer without them.
+if TYPE_CHECKING:
+    import torch
+
+    from training.layout_pipeline import LayoutPipeline
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,8 @@ def run_cli(job: Callable[[], dict]) -> int:
 
 
 def _device(cfg: GenerateConfig) -> torch.device:
+    import torch
+
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
@@ -142,6 +148,10 @@ def _device(cfg: GenerateConfig) -> torch.device:
 
 def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
     """The layout pipeline of a config: tiny random SDXL, or the base model from the hub / a folder."""
+    import torch
+
+    from training.layout_pipeline import LayoutPipeline
+
     device = _device(cfg)
     limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots}
     from training.tiny import TINY_BASES, tiny_pipeline
@@ -176,6 +186,7 @@ def load_refiner(cfg: GenerateConfig) -> Any:
     """
     if cfg.refiner is None:
         return None
+    import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     if cfg.refiner == "tiny":
@@ -225,6 +236,11 @@ def generate(
     listed in the summary's ``skipped`` instead of stopping the run. ``refiner``: a loaded img2img
     pipeline (default: ``load_refiner(cfg)``).
     """
+    import torch
+    from tqdm import tqdm
+
+    from shards.draw import draw_layout
+
     if (layouts is None) == (from_shards is None):
         raise ValueError("give a layouts file (--layouts) or a dataset (--from-shards), not both or neither")
     if limit is not None and limit < 1:

@@ -30,28 +30,22 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
-from diffusers import UNet2DConditionModel
-from safetensors import safe_open
+from training.train_config import ModelConfig
 
-from training.adapter import (
-    AdapterConfig,
-    adapter_config_of,
-    attach_regional_adapter,
-    is_adapter_key,
-    load_adapter,
-    read_state_dict,
-    save_adapter,
-)
-from training.casa import MODEL_TYPES
-from training.lora import save_lora
-from training.tiny import TINY_BASES, tiny_components
+# torch, diffusers and the adapter modules are imported by the functions that use them: diffusers
+# imports bitsandbytes when it is installed (seconds, and a kernel warning), so `--help` and argument
+# mistakes answer without them.
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "regional_adapter.safetensors"
 LORA_FILE = "lora.safetensors"  # a release checkpoint's base-attention LoRA, converted
 REPORT_FILE = "init_report.json"
+# --model-type's choices: the trainer's model.model_type values (training.casa.MODEL_TYPES, which
+# imports diffusers; tests/test_cli_help.py checks they agree).
+MODEL_TYPE_CHOICES = get_args(get_type_hints(ModelConfig)["model_type"])
 
 
 def _subfolder(base: str, subfolder: str | None) -> str | None:
@@ -66,6 +60,10 @@ def _subfolder(base: str, subfolder: str | None) -> str | None:
 
 def _adapter_tensors_in(folder: Path) -> dict:
     """Adapter tensors stored in a local UNet folder's safetensors files (the release's initialised UNet)."""
+    from safetensors import safe_open
+
+    from training.adapter import is_adapter_key
+
     found = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -83,6 +81,20 @@ def initialise(
     ema: bool = False,
 ) -> dict:
     """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
+    from diffusers import UNet2DConditionModel
+
+    from training.adapter import (
+        AdapterConfig,
+        adapter_config_of,
+        attach_regional_adapter,
+        is_adapter_key,
+        load_adapter,
+        read_state_dict,
+        save_adapter,
+    )
+    from training.lora import save_lora
+    from training.tiny import TINY_BASES, tiny_components
+
     config = AdapterConfig(model_type=model_type)  # validates model_type before any model loads
     if base in TINY_BASES:
         sub, info = None, {}
@@ -131,7 +143,8 @@ def initialise(
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        description="Attach the regional adapter to a base SDXL or SD1.5 UNet and save it."
+        prog="python -m training.init_unet",
+        description="Attach the regional adapter to a base SDXL or SD1.5 UNet and save it.",
     )
     parser.add_argument(
         "--base",
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         help="adapter weights to load (safetensors, the release's .pth or its raw trainer checkpoint)",
     )
     parser.add_argument(
-        "--model-type", choices=MODEL_TYPES, default="ca", help="ca: cross-attention; casa: + self-attention"
+        "--model-type", choices=MODEL_TYPE_CHOICES, default="ca", help="ca: cross-attention; casa: + self-attention"
     )
     parser.add_argument("--ema", action="store_true", help="from a trainer checkpoint, load its EMA weights")
     args = parser.parse_args(argv)
