@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .dataset import build_index, list_shards, open_run
+from .dataset import list_shards, open_run
 from .masks import decode_mask, encode_mask, mask_to_box, rle_problem
 from .paths import fs_and_root
 from .reader import iter_samples
@@ -33,7 +33,7 @@ from .schema import (
     SchemaError,
 )
 from .stats import SHARD_ERRORS
-from .writer import ShardWriter
+from .writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -288,47 +288,40 @@ def from_coco(
         "min_area_frac": min_area_frac,
     }
     open_run(out, config)
-    counts = {"samples": 0, "failures": 0, "shards": 0}
     imgs = sorted(imgs, key=lambda i: i["id"])
-    writer = None
-    for n, img in enumerate(tqdm(imgs, desc="from-coco", unit="img", disable=len(imgs) < 100)):
-        if n % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            writer = ShardWriter(out, n // shard_size)
-            counts["shards"] += 1
-        key, source = _key(img["id"]), str(Path(images) / img["file_name"])
-        try:
-            data = Path(source).read_bytes()
-            ext = Path(img["file_name"]).suffix.lower().lstrip(".")
-            ext = "jpg" if ext == "jpeg" else ext
-            with Image.open(io.BytesIO(data)) as im:
-                if im.size != (img["width"], img["height"]):
-                    raise ValueError(
-                        f"image is {im.size[0]}x{im.size[1]}, the annotations say {img['width']}x{img['height']}"
-                    )
-            cap_list = caps_by_image.get(img["id"], [])
-            objects, coco_meta = _objects_for(img, anns_by_image.get(img["id"], []), cats, min_area_frac)
-            rec = SampleRecord(
-                key=key,
-                width=int(img["width"]),
-                height=int(img["height"]),
-                original_width=int(img["width"]),
-                original_height=int(img["height"]),
-                source=source,
-                source_caption=cap_list[0] if cap_list else None,
-                objects=tuple(objects),
-                meta={META_CAPTIONS: cap_list, META_COCO_IMAGE_ID: int(img["id"]), **coco_meta},
-            )
-            writer.add(rec, data, ext)
-            counts["samples"] += 1
-        except (OSError, SchemaError, ValueError, KeyError) as e:
-            # PIL's UnidentifiedImageError is an OSError: unreadable bytes count as a read failure.
-            stage = "read" if isinstance(e, OSError) else "convert"
-            writer.add_failure(key, source, stage, f"{type(e).__name__}: {e}")
-            counts["failures"] += 1
-            log.warning("from-coco: %s: %s", source, e)
-    if writer is not None:
-        writer.close()
-    build_index(out)
-    return counts
+    with DatasetWriter(out, shard_size) as writer:
+        for img in tqdm(imgs, desc="from-coco", unit="img", disable=len(imgs) < 100):
+            key, source = _key(img["id"]), str(Path(images) / img["file_name"])
+            try:
+                writer.add(*_coco_sample(img, key, source, caps_by_image, anns_by_image, cats, min_area_frac))
+            except (OSError, SchemaError, ValueError, KeyError) as e:
+                # PIL's UnidentifiedImageError is an OSError: unreadable bytes count as a read failure.
+                stage = "read" if isinstance(e, OSError) else "convert"
+                writer.add_failure(key, source, stage, f"{type(e).__name__}: {e}")
+                log.warning("from-coco: %s: %s", source, e)
+    return writer.counts
+
+
+def _coco_sample(img: dict, key: str, source: str, caps_by_image: dict, anns_by_image: dict, cats: dict,
+                 min_area_frac: float) -> tuple[SampleRecord, bytes, str]:
+    """One COCO image as a sample: its record, the image bytes and their extension."""
+    data = Path(source).read_bytes()
+    ext = Path(img["file_name"]).suffix.lower().lstrip(".")
+    ext = "jpg" if ext == "jpeg" else ext
+    with Image.open(io.BytesIO(data)) as im:
+        if im.size != (img["width"], img["height"]):
+            raise ValueError(f"image is {im.size[0]}x{im.size[1]}, the annotations say {img['width']}x{img['height']}")
+    cap_list = caps_by_image.get(img["id"], [])
+    objects, coco_meta = _objects_for(img, anns_by_image.get(img["id"], []), cats, min_area_frac)
+    rec = SampleRecord(
+        key=key,
+        width=int(img["width"]),
+        height=int(img["height"]),
+        original_width=int(img["width"]),
+        original_height=int(img["height"]),
+        source=source,
+        source_caption=cap_list[0] if cap_list else None,
+        objects=tuple(objects),
+        meta={META_CAPTIONS: cap_list, META_COCO_IMAGE_ID: int(img["id"]), **coco_meta},
+    )
+    return rec, data, ext

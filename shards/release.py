@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .dataset import build_index, open_run
+from .dataset import open_run
 from .masks import decode_mask, encode_mask, mask_to_box
 from .schema import ObjectRecord, SampleRecord
-from .writer import ShardWriter
+from .writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -232,32 +232,22 @@ def from_release(
         raise ValueError(f"--labels: no label_<image>.json file under {labels_dir}")
     index = _image_index(images_dir)
     open_run(out, {"kind": "from-release", "label_size": label_size, "unpad": unpad, "shard_size": shard_size})
-    counts = {"samples": 0, "failures": 0, "shards": 0}
     used: set[str] = set()
-    writer = None
-    for n, label_path in enumerate(tqdm(label_files, desc="from-release", unit="img", disable=len(label_files) < 100)):
-        if n % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            writer = ShardWriter(out, n // shard_size)
-            counts["shards"] += 1
-        name = label_path.stem[len("label_") :]
-        key = _key(name, label_path, used)
-        image_path = index.get(name)
-        try:
-            if image_path is None:
-                raise FileNotFoundError(f"no image {name}.jpg/.png/.webp under {images_dir}")
-            writer.add(*_convert(label_path, image_path, key, label_size, unpad))
-            counts["samples"] += 1
-        except (OSError, ValueError) as err:
-            # PIL's UnidentifiedImageError is an OSError; SchemaError is a ValueError.
-            stage = "read" if isinstance(err, OSError) else "convert"
-            writer.add_failure(key, str(image_path or label_path), stage, f"{label_path.name}: {err}")
-            counts["failures"] += 1
-            log.warning("from-release: %s: %s", label_path, err)
-    writer.close()
-    build_index(out)
-    return counts
+    with DatasetWriter(out, shard_size) as writer:
+        for label_path in tqdm(label_files, desc="from-release", unit="img", disable=len(label_files) < 100):
+            name = label_path.stem[len("label_") :]
+            key = _key(name, label_path, used)
+            image_path = index.get(name)
+            try:
+                if image_path is None:
+                    raise FileNotFoundError(f"no image {name}.jpg/.png/.webp under {images_dir}")
+                writer.add(*_convert(label_path, image_path, key, label_size, unpad))
+            except (OSError, ValueError) as err:
+                # PIL's UnidentifiedImageError is an OSError; SchemaError is a ValueError.
+                stage = "read" if isinstance(err, OSError) else "convert"
+                writer.add_failure(key, str(image_path or label_path), stage, f"{label_path.name}: {err}")
+                log.warning("from-release: %s: %s", label_path, err)
+    return writer.counts
 
 
 def _from_release(args: Any) -> int:

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .dataset import build_index, open_run
+from .dataset import open_run
 from .masks import encode_mask, mask_to_box
 from .schema import ObjectRecord, SampleRecord
-from .writer import ShardWriter
+from .writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -160,32 +160,20 @@ def write_dataset(items: Iterable | Any, out: str, *, shard_size: int = 1000, na
     if not (hasattr(items, "__iter__") or hasattr(items, "__getitem__")):
         raise ValueError(f"{name}: expected an iterable or a map-style dataset, got {type(items).__name__}")
     open_run(out, {"kind": "user-dataset", "source": name, "shard_size": shard_size})
-    counts = {"items": 0, "samples": 0, "failures": 0, "shards": 0}
-    writer: ShardWriter | None = None
-    for i, item, error in _items(items):
-        if i % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            writer = ShardWriter(out, i // shard_size)
-            counts["shards"] += 1
-        key = f"{i:09d}"
-        source = str(item.get("image_path") or f"{name}[{i}]") if isinstance(item, dict) else f"{name}[{i}]"
-        counts["items"] += 1
-        try:
-            if error is not None:
-                raise error
-            record, data, ext = item_to_sample(item, key, source)
-            writer.add(record, data, ext)
-            counts["samples"] += 1
-        except Exception as err:  # noqa: BLE001 - user data: every item ends as a sample or a failed row
-            stage = "read" if error is not None or isinstance(err, OSError) else "convert"
-            writer.add_failure(key, source, stage, f"{type(err).__name__}: {err}")
-            counts["failures"] += 1
-            log.warning("%s: item %d: %s", name, i, err)
-    if writer is not None:
-        writer.close()
-    build_index(out)
-    return counts
+    with DatasetWriter(out, shard_size) as writer:
+        for i, item, error in _items(items):
+            key = f"{i:09d}"
+            source = str(item.get("image_path") or f"{name}[{i}]") if isinstance(item, dict) else f"{name}[{i}]"
+            try:
+                if error is not None:
+                    raise error
+                writer.add(*item_to_sample(item, key, source))
+            except Exception as err:  # noqa: BLE001 - user data: every item ends as a sample or a failed row
+                stage = "read" if error is not None or isinstance(err, OSError) else "convert"
+                writer.add_failure(key, source, stage, f"{type(err).__name__}: {err}")
+                log.warning("%s: item %d: %s", name, i, err)
+    counts = writer.counts
+    return {"items": counts["samples"] + counts["failures"], **counts}
 
 
 def load_callable(spec: str) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from .dataset import build_index
 from .paths import dump_json, fs_and_root, join, shard_name, write_atomic
 
 # The status names live in schema (no heavy imports there); re-exported for ``from shards.writer import``.
@@ -215,4 +216,55 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         # On an exception nothing is written: without stats the shard stays incomplete and is redone.
         if exc_type is None and not self.closed:
+            self.close()
+
+
+class DatasetWriter:
+    """Writes a stream of inputs as consecutive shards of ``shard_size`` inputs and counts them.
+
+    Each input ends as exactly one ``add`` (a sample) or ``add_failure`` (a failed row); a new shard
+    starts every ``shard_size`` inputs. ``close`` seals the last shard and rebuilds ``index.json``.
+    The converters (from-coco, from-release, write_dataset) share it.
+    """
+
+    def __init__(self, dataset: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.dataset, self.shard_size = dataset, shard_size
+        self.counts = {"samples": 0, "failures": 0, "shards": 0}
+        self._inputs = 0
+        self._shard: ShardWriter | None = None
+
+    def _next_input(self) -> ShardWriter:
+        if self._inputs % self.shard_size == 0:
+            if self._shard is not None:
+                self._shard.close()
+            self._shard = ShardWriter(self.dataset, self._inputs // self.shard_size)
+            self.counts["shards"] += 1
+        self._inputs += 1
+        return self._shard
+
+    def add(self, record: SampleRecord, image: bytes, ext: str = "jpg") -> None:
+        """The next input is a sample."""
+        self._next_input().add(record, image, ext)
+        self.counts["samples"] += 1
+
+    def add_failure(self, key: str, source: str, stage: str, error: str) -> None:
+        """The next input is a failed row."""
+        self._next_input().add_failure(key, source, stage, error)
+        self.counts["failures"] += 1
+
+    def close(self) -> dict[str, int]:
+        """Seal the last shard, rebuild the dataset index, return the counts."""
+        if self._shard is not None and not self._shard.closed:
+            self._shard.close()
+        build_index(self.dataset)
+        return dict(self.counts)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # As ShardWriter: on an exception the open shard stays incomplete (no stats) and is not indexed.
+        if exc_type is None:
             self.close()
