@@ -116,3 +116,13 @@ def test_duplicate_ids_are_refused(tmp_path):
     path.write_text((json.dumps({**DEMO, "id": "same"}) + "\n") * 2)
     with pytest.raises(ValueError, match=r"l\.jsonl: duplicate ids \['same'\]"):
         read_layouts(path)
+
+
+def test_a_box_outside_the_assumed_size_names_the_size_and_the_fix(tmp_path):
+    path = tmp_path / "100002558.json"
+    path.write_text(json.dumps(DEMO))
+    with pytest.raises(ValueError, match=r"no size, so this run's default 64x64 applies: .*--set height=512"):
+        read_layouts(path, height=64, width=64)
+    path.write_text(json.dumps({**DEMO, "height": 64, "width": 64}))  # a size given: no guess to explain
+    with pytest.raises(ValueError, match=r"lies outside the 64x64 image \(pixels, xyxy\)$"):
+        read_layouts(path)

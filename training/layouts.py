@@ -218,7 +218,11 @@ def _record(
         else:
             boxes = validate_layout(boxes, labels, h, w, max_objects)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}") from None
+        hint = ""
+        if "lies outside" in str(err) and "height" not in obj and "width" not in obj:
+            # The release's demos carry no size: say which size was assumed and how to change it.
+            hint = f" (the layout gives no size, so this run's default {w}x{h} applies: set height/width in it or --set height=512 --set width=512)"
+        raise ValueError(f"{where}: {err}{hint}") from None
     record = LayoutRecord(record_id, captions[0], boxes, tuple(labels), int(h), int(w), s)
     if len(captions) == 1:
         return [record]
