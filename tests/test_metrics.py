@@ -287,3 +287,12 @@ def test_fid_refuses_a_weights_file_that_is_not_a_plain_state_dict(tmp_path):
     path.write_bytes(pickle.dumps(Image.new("RGB", (1, 1))))  # an arbitrary object: weights_only refuses it
     with pytest.raises(FidUnavailable, match="not a plain Inception state dict"):
         fid([path, path], [path, path], weights=path, device="cpu")
+
+
+def test_tiny_crop_clip_and_crop_pick_are_different_models():
+    # Same weights would make a tiny run's two columns identical and hide a mix-up between them.
+    clip = HfCropScorer("tiny", metric="crop_clip", device="cpu")
+    pick = HfCropScorer("tiny", metric="crop_pick", device="cpu")
+    again = HfCropScorer("tiny", metric="crop_clip", device="cpu")
+    w = [s.model.text_projection.weight for s in (clip, pick, again)]
+    assert not torch.equal(w[0], w[1]) and torch.equal(w[0], w[2])
