@@ -99,6 +99,9 @@ class RegionConfig:
     max_objs: PositiveInt = 30
     max_regions: PositiveInt = 120
     max_slots: PositiveInt = 30  # region tensors are padded (or cut) to this many slots
+    # Box-to-cell rule (training/regions.py): "cover" (default) or "release", the release's rule (box ends
+    # rounded down, the last latent row/column never in a box), so a fine-tune of the release's weights sees the cells they saw.
+    rasterize: Literal["cover", "release"] = "cover"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ dataset's images, resized to the generated size, are ``DIR/reference/<id>.png`` 
     # the release's inference_on_dataset.py: a dataset's layouts, 25 steps, CFG 4.5, SDXL refiner 0.3
     python -m training.generate --preset release --adapter A.safetensors --from-shards rccoco/ --out gen/
 
-``--set key=value`` overrides one field of the preset's ``generate`` section (``--set guidance_scale=7.5``).
+``--set key=value`` overrides one field of the preset's ``generate`` section (``--set guidance_scale=7.5``,
+``--set rasterize=release`` for the release's box-to-cell rule, which ``--preset release`` sets).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class GenerateConfig:
     seed: NonNegativeInt = 0  # image i uses seed + i unless its line sets "seed"
     max_objects: PositiveInt = 30  # more objects in a layout is an error
     max_slots: PositiveInt = 30  # region slots (the model's)
+    # Box-to-latent-cell rule: "cover" (default) or "release", the release's rule its weights were trained
+    # with (box ends rounded down, last latent row/column never in a box): bit-exact reproduction of its images (docs/METHOD.md §9).
+    rasterize: Literal["cover", "release"] = "cover"
     lenient: bool = False  # the release's leniency: keep the first max_objects, clamp boxes, list prompts
     refiner: str | None = None  # SDXL img2img refiner (hub id / folder, "tiny") run on each image; None: off
     refiner_strength: Annotated[Float, Field(gt=0, le=1)] = 0.3  # img2img strength of the refiner (the release: 0.3)
@@ -153,7 +157,7 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
     from training.layout_pipeline import LayoutPipeline
 
     device = _device(cfg)
-    limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots}
+    limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots, "rasterize": cfg.rasterize}
     from training.tiny import TINY_BASES, tiny_pipeline
 
     if cfg.base in TINY_BASES:

@@ -22,6 +22,9 @@ Semantics:
 - ``scheduled_sampling_beta`` in [0, 1]: the layout is active for the first ``ceil(beta * T)`` denoising
   steps (``T`` = the pipeline's timesteps) and then removed, so the rest runs the base UNet exactly.
   ``beta = 0`` never passes the layout, and no layout (``boxes=None`` or empty) is the base SDXL.
+- ``rasterize``: the box-to-latent-cell rule of region reorganization, ``"cover"`` (default) or
+  ``"release"`` (the release's rule, which its weights were trained with: bit-exact reproduction of its
+  images, docs/METHOD.md §9); set once in the constructor or per call.
 - Bad input fails before any model runs with a ``ValueError`` (``training.layouts.validate_layout``).
 """
 
@@ -48,7 +51,7 @@ from training.adapter import (
 from training.encoding import RegionTextEncoder, grounding_inputs
 from training.layouts import validate_layout, validate_size
 from training.lora import load_lora
-from training.regions import empty_layout, reorganize_regions
+from training.regions import RASTERIZE_RULES, Rasterize, empty_layout, reorganize_regions
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class LayoutPipeline:
         max_regions: int = 120,
         max_slots: int = 30,
         text_cache_size: int = 1024,
+        rasterize: Rasterize = "cover",
     ) -> None:
         if getattr(sdxl.unet, "position_net", None) is None:
             raise ValueError(
@@ -104,6 +108,7 @@ class LayoutPipeline:
         self.max_objects = max_objects
         self.max_regions = max_regions
         self.max_slots = max_slots
+        self.rasterize = _check_rasterize(rasterize)
         # Region texts are static per image: the encoder caches them, so repeated labels encode once.
         self.region_encoder = RegionTextEncoder(*text_models(sdxl.components), cache_size=text_cache_size)
 
@@ -213,6 +218,7 @@ class LayoutPipeline:
         rows: int,
         cfg: bool,
         scale: float,
+        rasterize: Rasterize,
     ) -> dict[str, torch.Tensor]:
         """The payload: ``rows`` copies of the layout, after as many empty layouts when CFG is on."""
         layout = reorganize_regions(
@@ -223,6 +229,7 @@ class LayoutPipeline:
             max_objs=self.max_objects,
             max_regions=self.max_regions,
             max_slots=self.max_slots,
+            rasterize=rasterize,
         )
         if layout.n_regions > layout.n_slots:
             log.warning(
@@ -254,18 +261,21 @@ class LayoutPipeline:
         scheduled_sampling_beta: float = 1.0,
         attention_weight_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        rasterize: Rasterize | None = None,
         **sdxl_kwargs: Any,
     ) -> Any:
         """Generate one prompt with one layout; ``sdxl_kwargs`` go to the stock pipeline unchanged.
 
         Returns the stock pipeline's output (``.images``).
         ``boxes``: ``(N, 4)`` xyxy pixels of the output image; ``labels``: ``N`` descriptions.
+        ``rasterize``: this call's box-to-cell rule (default: the constructor's).
         """
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("prompt must be one string: the pipeline takes one layout per call")
         if "cross_attention_kwargs" in sdxl_kwargs:
             raise ValueError("cross_attention_kwargs is set by the layout pipeline; pass boxes and labels")
         validate_size(height, width)
+        rule = self.rasterize if rasterize is None else _check_rasterize(rasterize)
         if not (isinstance(scheduled_sampling_beta, int | float) and 0.0 <= scheduled_sampling_beta <= 1.0):
             raise ValueError(f"scheduled_sampling_beta must be in [0, 1], got {scheduled_sampling_beta!r}")
         if not math.isfinite(attention_weight_scale):
@@ -281,7 +291,7 @@ class LayoutPipeline:
             rows = sdxl_kwargs.get("num_images_per_prompt") or 1
             cfg = guidance_scale > 1 and self.sdxl.unet.config.time_cond_proj_dim is None  # as SDXL decides
             attention["gligen"] = self._gligen(
-                box_array, labels, height, width, rows, cfg, attention_weight_scale
+                box_array, labels, height, width, rows, cfg, attention_weight_scale, rule
             )
         user_callback = sdxl_kwargs.pop("callback_on_step_end", None)
         return self.sdxl(
@@ -296,6 +306,13 @@ class LayoutPipeline:
             callback_on_step_end=_layout_schedule(attention, scheduled_sampling_beta, user_callback),
             **sdxl_kwargs,
         )
+
+
+def _check_rasterize(rasterize: object) -> Rasterize:
+    """``rasterize`` if it names a rule, else a ValueError listing the rules."""
+    if rasterize not in RASTERIZE_RULES:
+        raise ValueError(f"rasterize must be one of {list(RASTERIZE_RULES)}, got {rasterize!r}")
+    return rasterize  # type: ignore[return-value]
 
 
 def _layout_schedule(attention: dict[str, Any], beta: float, user_callback: Callable | None) -> Callable:

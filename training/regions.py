@@ -6,6 +6,7 @@ workers. Any sampling uses the generator the caller passes.
 API::
 
     layout = reorganize_regions(boxes, texts, height, width, rng=np.random.default_rng(seed))
+    layout = reorganize_regions(boxes, texts, height, width, rasterize="release")  # the release's cells
 
 - ``boxes``: ``(N, 4)`` array-like, ``[x1, y1, x2, y2]`` in image pixels (floats allowed);
   ``texts``: ``N`` descriptions; ``height``, ``width``: image size in pixels, multiples of ``downscale``.
@@ -16,10 +17,14 @@ API::
 
 Rules, each unit-tested:
 
-- Box ``i`` covers cell ``(r, c)`` iff the cell's area overlaps the box's with positive area:
-  ``floor(y1/8) <= r < ceil(y2/8)`` and the same for columns, clamped to the grid. A box ending at the
-  image's border covers the last row / column (the public release never covers them). A zero-area box
-  covers nothing.
+- ``rasterize="cover"`` (default): box ``i`` covers cell ``(r, c)`` iff the cell's area overlaps the
+  box's with positive area: ``floor(y1/8) <= r < ceil(y2/8)`` and the same for columns, clamped to the
+  grid. A box ending at the image's border covers the last row / column. A zero-area box covers nothing.
+- ``rasterize="release"``: the public release's rule, which its weights were trained with (docs/METHOD.md
+  §2.2, §9): ``r0 = clamp(trunc(y1/8), 0, h-1)``, ``r1 = trunc(y2/8)``, nothing if ``r1 <= r0``, else
+  ``r0 <= r < min(r1, h-1)``; the same for columns. The end rounds down and is clamped to ``h-1`` before
+  the end-exclusive range, so the last row / column is never covered, a box's partial last cell is not
+  covered, and a box inside one cell covers nothing.
 - Every distinct membership vector over the objects is one region; the empty vector is the background
   (text ``""``, box ``[-1, -1, -1, -1]``, weight 1, union mask = whole grid).
 - No object at all is the empty layout (:func:`empty_layout`): no region, not even a background.
@@ -38,13 +43,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-__all__ = ["BACKGROUND_BOX", "SEPARATOR", "RegionLayout", "empty_layout", "latent_grid", "reorganize_regions"]
+__all__ = [
+    "BACKGROUND_BOX",
+    "RASTERIZE_RULES",
+    "SEPARATOR",
+    "Rasterize",
+    "RegionLayout",
+    "empty_layout",
+    "latent_grid",
+    "rasterize_boxes",
+    "reorganize_regions",
+]
 
 SEPARATOR = ";"
 BACKGROUND_BOX = (-1.0, -1.0, -1.0, -1.0)
+Rasterize = Literal["cover", "release"]
+RASTERIZE_RULES: tuple[str, ...] = ("cover", "release")
 
 
 @dataclass(frozen=True)
@@ -96,15 +114,38 @@ def _validate(boxes: np.ndarray, texts: list[str]) -> None:
         raise ValueError(f"boxes {bad.tolist()} have x2 < x1 or y2 < y1 (expected [x1, y1, x2, y2] pixels)")
 
 
-def _rasterize(boxes: np.ndarray, h: int, w: int, downscale: int) -> np.ndarray:
-    """``(N, h, w)`` bool: the cells each box overlaps with positive area."""
-    cells = boxes / downscale
-    masks = np.zeros((len(boxes), h, w), dtype=bool)
+def _cover_range(start: float, end: float, n: int) -> tuple[int, int]:
+    """Cells ``[a, b)`` of one axis that overlap ``[start, end)`` (in cells) with positive length."""
+    if end <= start:
+        return 0, 0  # zero extent overlaps no cell
+    return max(0, math.floor(start)), min(n, math.ceil(end))
+
+
+def _release_range(start: float, end: float, n: int) -> tuple[int, int]:
+    """Cells ``[a, b)`` of one axis as the release computes them (module docstring)."""
+    # int() truncation as the release's int(x); its clamps, in its order: start to [0, n-1], an end not
+    # after the start makes the range empty, then the end to [0, n-1] before the end-exclusive slice.
+    a = max(0, min(n - 1, math.trunc(start)))
+    b = math.trunc(end)
+    if b <= a:
+        return a, a
+    return a, max(0, min(n - 1, b))
+
+
+def rasterize_boxes(
+    boxes: np.ndarray, h: int, w: int, downscale: int = 8, rasterize: Rasterize = "cover"
+) -> np.ndarray:
+    """``(N, h, w)`` bool: the latent cells of each ``[x1, y1, x2, y2]`` pixel box under a rule."""
+    if rasterize not in RASTERIZE_RULES:
+        raise ValueError(f"rasterize must be one of {list(RASTERIZE_RULES)}, got {rasterize!r}")
+    axis_range = _cover_range if rasterize == "cover" else _release_range
+    cells = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / downscale
+    masks = np.zeros((len(cells), h, w), dtype=bool)
     for i, (x1, y1, x2, y2) in enumerate(cells):
-        if x2 <= x1 or y2 <= y1:
+        if rasterize == "cover" and (x2 <= x1 or y2 <= y1):
             continue  # zero area overlaps no cell
-        r0, r1 = max(0, math.floor(y1)), min(h, math.ceil(y2))
-        c0, c1 = max(0, math.floor(x1)), min(w, math.ceil(x2))
+        r0, r1 = axis_range(y1, y2, h)
+        c0, c1 = axis_range(x1, x2, w)
         masks[i, r0:r1, c0:c1] = True
     return masks
 
@@ -145,8 +186,12 @@ def reorganize_regions(
     max_slots: int = 30,
     rng: np.random.Generator | None = None,
     downscale: int = 8,
+    rasterize: Rasterize = "cover",
 ) -> RegionLayout:
-    """Split a layout into non-overlapping regions on the latent grid (rules in the module docstring)."""
+    """Split a layout into non-overlapping regions on the latent grid (rules in the module docstring).
+
+    ``rasterize``: ``"cover"`` (default) or ``"release"``, the release's box-to-cell rule.
+    """
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
@@ -155,13 +200,15 @@ def reorganize_regions(
     h, w = latent_grid(height, width, downscale)
     if min(max_objs, max_regions, max_slots) < 1:
         raise ValueError("max_objs, max_regions and max_slots must be >= 1")
+    if rasterize not in RASTERIZE_RULES:
+        raise ValueError(f"rasterize must be one of {list(RASTERIZE_RULES)}, got {rasterize!r}")
     if not len(boxes):
         return empty_layout(height, width, downscale)  # no object: no region, not a lone background
 
     keep_objs = _choose(np.arange(len(boxes)), max_objs, np.zeros(len(boxes)), rng)
     boxes, texts = boxes[keep_objs], [texts[i] for i in keep_objs]
 
-    box_masks = _rasterize(boxes, h, w, downscale)
+    box_masks = rasterize_boxes(boxes, h, w, downscale, rasterize)
     box_cells = box_masks.reshape(len(boxes), h * w).sum(1)
     membership = box_masks.reshape(len(boxes), h * w).T  # (h*w, N)
     cell_region, first_cell = _distinct_rows(membership)

@@ -90,7 +90,9 @@ def validate(
             sdxl = stock_pipeline({**frozen.pipe.components, "unet": unet})
             sdxl.set_progress_bar_config(disable=True)
         r = config.data.regions
-        pipe = LayoutPipeline(sdxl, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots)
+        pipe = LayoutPipeline(
+            sdxl, max_objects=r.max_objs, max_regions=r.max_regions, max_slots=r.max_slots, rasterize=r.rasterize
+        )
         unet.eval()
         with ema_weights(ema, params), accelerator.autocast():
             images = generate_validation(pipe, layouts, config)
