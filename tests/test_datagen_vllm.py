@@ -104,8 +104,9 @@ def test_a_request_is_exactly_the_image_then_the_prompt_with_greedy_sampling():
     image = out["messages"][0]["content"][0]["image_pil"]
     assert isinstance(image, Image.Image) and image.size == (39, 26)  # downscaled to max_pixels, aspect kept
     assert out["sampling_params"] == {"temperature": 0.0, "max_tokens": 7, "detokenize": False}
-    assert "image" not in out[REQUEST]  # the pixels travel once, in the messages
-    assert out[REQUEST] == {"stage": "tag", "row": 0, "object": None, "prompt": TAG.prompt, "max_tokens": 7,
+    assert isinstance(out[REQUEST], str)  # JSON text: one Arrow type whatever the request holds
+    assert "image" not in json.loads(out[REQUEST])  # the pixels travel once, in the messages
+    assert json.loads(out[REQUEST]) == {"stage": "tag", "row": 0, "object": None, "prompt": TAG.prompt, "max_tokens": 7,
                             "source_caption": "a cat number 0"}
     assert preprocess(carrier) == {ERROR: CARRIER}
 
@@ -142,8 +143,9 @@ def test_tags_and_captions_are_parsed_as_the_transformers_engine_parses_them():
     answers = {0: "1. A dog\n2. the dogs", 1: "\ufffd\ufffd", 2: "dog, red car and tree."}
 
     def answer(data):
-        row = data[REQUEST]["row"]
-        return answers[row] if data[REQUEST]["stage"] == "tag" else f"  A caption\n of {row}. "
+        request = vlm_vllm.request_of(data)
+        row = request["row"]
+        return answers[row] if request["stage"] == "tag" else f"  A caption\n of {row}. "
 
     (back,) = ChunkAssembler(stages).add_all(_process(explode_chunk(chunk, stages), stages, answer, shuffle=0))
     cols = back["columns"]
@@ -169,7 +171,7 @@ def test_describe_explodes_crops_and_regroups_them_to_their_images_in_order():
     assert rows[0][REQUEST]["image"].size == (40, 40) and rows[1][REQUEST]["image"].size == (93, 40)
 
     def answer(data):
-        row, obj = data[REQUEST]["row"], data[REQUEST]["object"]
+        row, obj = vlm_vllm.request_of(data)["row"], vlm_vllm.request_of(data)["object"]
         return " \ufffd " if (row, obj) == (0, 2) else f" the  object {obj}\nof image {row} "
 
     assembler = ChunkAssembler(stages)
@@ -190,7 +192,7 @@ def test_chunks_interleaved_in_any_order_each_come_back_once_complete():
     stages = {"caption": CAPTION}
     chunks = [dict(_chunk([_image(10, 10, 10 + i), _image(12, 10, 20 + i)]), start=16 * i) for i in range(3)]
     rows = [r for c in chunks for r in explode_chunk(c, stages)]
-    back = ChunkAssembler(stages).add_all(_process(rows, stages, lambda d: f"caption {d[REQUEST]['row']}", shuffle=2))
+    back = ChunkAssembler(stages).add_all(_process(rows, stages, lambda d: f"caption {vlm_vllm.request_of(d)['row']}", shuffle=2))
     assert sorted(c["start"] for c in back) == [0, 16, 32]
     assert all(c["columns"]["caption"] == ["caption 0", "caption 1"] for c in back)
 
@@ -200,7 +202,7 @@ def test_a_failed_request_fails_only_its_row_in_its_first_failing_stage():
     stages = {"tag": TAG, "caption": CAPTION}
 
     def answer(data):
-        stage, row = data[REQUEST]["stage"], data[REQUEST]["row"]
+        stage, row = vlm_vllm.request_of(data)["stage"], vlm_vllm.request_of(data)["row"]
         if row == 1 or (row == 2 and stage == "caption"):
             raise ValueError(f"prompt too long for {stage}")
         return "dog"

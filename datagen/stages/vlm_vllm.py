@@ -69,6 +69,7 @@ module; the real vLLM engine itself is exercised only on a GPU machine.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -90,9 +91,9 @@ INSTALL_HINT = (
 )
 # The columns of the rows between explode_chunk and the ChunkAssembler.
 REF = "vlm_ref"  # {"chunk": chunk key, "index": request index in the chunk (-1: the carrier), "count": requests}
-REQUEST = "vlm_request"  # request rows: what to ask (see ``_request``); None on the carrier
+REQUEST = "vlm_request"  # request rows: what to ask (see ``_request``; JSON text from preprocess on); None on the carrier
 CHUNK = "vlm_chunk"  # the carrier: the chunk itself; None on request rows
-VALUE = "vlm_value"  # after postprocess: the parsed answer
+VALUE = "vlm_value"  # after postprocess: the parsed answer, as JSON text
 ERROR = "__inference_error__"  # ray.data.llm's per-row error column; non-empty rows skip every stage
 CARRIER = "no request: the chunk's carrier row"  # the ERROR value that marks a carrier
 FAILED = "vlm_failed"  # key of the carrier's chunk: [row, stage, error] of rows whose request failed to build
@@ -207,23 +208,34 @@ def sampling_params(max_tokens: int) -> dict:
 
 
 def preprocess(row: dict) -> dict:
-    """A request row -> the processor's input (chat messages, sampling params); marks a carrier row
-    so that every stage passes it through."""
+    """A request row -> the processor's input (chat messages, sampling params, the request as JSON
+    text); marks a carrier row so that every stage passes it through."""
     request = row.get(REQUEST)
     if request is None:
         return {ERROR: CARRIER}
     return {
         "messages": chat_messages(request["image"], request["prompt"]),
         "sampling_params": sampling_params(request["max_tokens"]),
-        REQUEST: {k: v for k, v in request.items() if k != "image"},  # the pixels travel once, in messages
+        # The pixels travel once, in messages. The rest travels as JSON text: as a dict, Arrow would type
+        # it per batch (source_caption str in one batch, null in another; object null or int), and Ray
+        # Data (2.60) fails to merge two such struct types with a batch holding the carrier, whose
+        # chunk is stored as pickled objects ("Unable to merge: Field __data has incompatible types").
+        REQUEST: json.dumps({k: v for k, v in request.items() if k != "image"}),
     }
 
 
-def postprocess(row: dict, stages: Mapping[str, Any]) -> dict:
-    """A generated row -> its parsed answer (the transformers engine's parsing), without the
-    messages, images and tokens."""
+def request_of(row: Mapping) -> dict:
+    """A row's request as a dict (JSON text from ``preprocess`` on; a dict as ``explode_chunk`` made it)."""
     request = row[REQUEST]
-    return {REF: row[REF], REQUEST: request, VALUE: answer_value(request, row["generated_text"], stages)}
+    return json.loads(request) if isinstance(request, str) else dict(request)
+
+
+def postprocess(row: dict, stages: Mapping[str, Any]) -> dict:
+    """A generated row -> its parsed answer (the transformers engine's parsing, as JSON text: a list of
+    tags in one row, a caption or None in another, one Arrow type), without the messages, images and
+    tokens."""
+    value = answer_value(request_of(row), row["generated_text"], stages)
+    return {REF: row[REF], REQUEST: row[REQUEST], VALUE: json.dumps(value)}
 
 
 def answer_value(request: Mapping, answer: str, stages: Mapping[str, Any]) -> Any:
@@ -316,7 +328,9 @@ class ChunkAssembler:
         if int(ref["index"]) < 0:
             entry.chunk = row[CHUNK]
         else:
-            entry.answers[int(ref["index"])] = (row[REQUEST], None if error else row.get(VALUE), error)
+            value = None if error else row.get(VALUE)
+            value = json.loads(value) if isinstance(value, str) else value
+            entry.answers[int(ref["index"])] = (request_of(row), value, error)
         if entry.chunk is None or len(entry.answers) < entry.count:
             return None
         del self.pending[ref["chunk"]]
