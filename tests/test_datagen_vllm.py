@@ -249,6 +249,33 @@ def test_merge_keeps_old_values_on_rows_not_ok():
     assert merge_answers(rows[-1][CHUNK], {"caption": CAPTION}, answers)["columns"]["caption"] == ["new", "kept"]
 
 
+def test_request_batches_keep_one_arrow_type_and_merge_with_a_carrier_block():
+    """Ray Data types each batch of the processor's ``__data`` column on its own and merges the batches of
+    one task; the carrier's (its chunk holds arrays) is pickled objects. Ray 2.60 fails to merge two
+    different struct types with a pickled block, so request batches must not differ in type: a tag batch
+    (source captions) and a caption batch (none) once did."""
+    import pyarrow as pa
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+    from ray.data.block import BlockAccessor
+
+    stages = {"tag": TAG, "caption": CAPTION}
+    rows = explode_chunk(_chunk([_image(20, 30, 30), _image(30, 20, 31), _image(25, 25, 32)]), stages)
+    pre = wrap_preprocess(preprocess, "__data")
+    data = [pre(dict(r))["__data"] for r in rows]
+    for d in data:  # the image leaves the messages in PrepareMultimodal; what the later stages carry
+        d.pop("messages", None)
+    blocks = [BlockAccessor.batch_to_block({"__data": part}) for part in (data[:3], data[3:6], data[6:])]
+    assert [d[REQUEST] and json.loads(d[REQUEST])["stage"] for d in data] == ["tag"] * 3 + ["caption"] * 3 + [None]
+    tag_type, caption_type, carrier_type = (b.schema.field("__data").type for b in blocks)
+    assert pa.types.is_struct(tag_type) and tag_type == caption_type and tag_type.field(REQUEST).type == pa.string()
+    assert not pa.types.is_struct(carrier_type)  # pickled objects
+    assert concat(blocks, promote_types=True).num_rows == 7
+    # The parsed answers too: a list of tags and a caption are one Arrow type, JSON text.
+    values = [vlm_vllm.postprocess({**d, "generated_text": "dog, cat"}, stages)[vlm_vllm.VALUE] for d in data[:6]]
+    assert pa.array(values).type == pa.string() and json.loads(values[0]) == ["dog", "cat"]
+    assert json.loads(values[3]) == "dog, cat"
+
+
 # ---------------------------------------------------------------- configuration
 
 
