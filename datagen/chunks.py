@@ -10,10 +10,14 @@ the inputs, never on scheduling: a resumed run computes exactly what an uninterr
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from shards.schema import STATUS_FAILED, STATUS_OK
 
@@ -40,6 +44,83 @@ class ShardJob:
     redo: str | None = None  # why a shard recorded as complete is redone whole (e.g. a truncated tar)
 
 
+
+
+# A chunk as one bytes value, for the vLLM processors' carrier row (``stages/vlm_vllm.py``): Ray Data types
+# the rows of each batch on its own, and a chunk (arrays in it) would be pickled objects beside the request
+# batches' structs, which Ray 2.60 fails to merge once those differ (a batch whose every request failed
+# carries other fields). As bytes the carrier is an Arrow binary field like any other. No pickle: JSON for
+# the structure, the arrays' and bytes' contents raw after it.
+_ND, _NDO, _BYTES, _TUPLE, _SCALAR, _MAP = "__nd__", "__ndo__", "__bytes__", "__tuple__", "__np__", "__map__"
+_MARKERS = {_ND, _NDO, _BYTES, _TUPLE, _SCALAR, _MAP}
+
+
+def encode_carrier(value: Any) -> bytes:
+    """Nested dicts, lists, tuples, str, numbers, None, bytes, numpy arrays and scalars -> bytes
+    (``decode_carrier`` gives them back, types included)."""
+    buffers: list[bytes] = []
+
+    def enc(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            if v.dtype.hasobject:
+                return {_NDO: [list(v.shape), [enc(x) for x in v.reshape(-1)]]}
+            buffers.append(np.ascontiguousarray(v).tobytes())
+            return {_ND: [len(buffers) - 1, v.dtype.str, list(v.shape)]}
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            buffers.append(bytes(v))
+            return {_BYTES: len(buffers) - 1}
+        if isinstance(v, np.generic):
+            return {_SCALAR: [v.dtype.str, v.item()]}
+        if isinstance(v, dict):
+            if all(isinstance(k, str) for k in v) and not (len(v) == 1 and next(iter(v)) in _MARKERS):
+                return {k: enc(x) for k, x in v.items()}
+            return {_MAP: [[enc(k), enc(x)] for k, x in v.items()]}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, tuple):
+            return {_TUPLE: [enc(x) for x in v]}
+        if v is None or isinstance(v, (str, bool, int, float)):
+            return v
+        raise TypeError(f"a chunk value of type {type(v).__name__} cannot be encoded")
+
+    header = json.dumps({"v": enc(value), "n": [len(b) for b in buffers]}).encode()
+    return b"".join([struct.pack("<Q", len(header)), header, *buffers])
+
+
+def decode_carrier(data: bytes) -> Any:
+    """``encode_carrier``'s value back (arrays writable, owning their memory)."""
+    (size,) = struct.unpack_from("<Q", data)
+    spec = json.loads(data[8 : 8 + size])
+    offsets = [8 + size]
+    for n in spec["n"]:
+        offsets.append(offsets[-1] + n)
+    view = memoryview(data)
+
+    def dec(v: Any) -> Any:
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if len(v) == 1 and next(iter(v)) in _MARKERS:
+            (kind, arg), = v.items()
+            if kind == _ND:
+                i, dtype, shape = arg
+                return np.frombuffer(view[offsets[i] : offsets[i + 1]], dtype=dtype).reshape(shape).copy()
+            if kind == _NDO:
+                out = np.empty(len(arg[1]), dtype=object)
+                for j, x in enumerate(arg[1]):  # element by element: numpy would unpack list elements
+                    out[j] = dec(x)
+                return out.reshape(arg[0])
+            if kind == _BYTES:
+                return bytes(view[offsets[arg] : offsets[arg + 1]])
+            if kind == _SCALAR:
+                return np.dtype(arg[0]).type(arg[1])
+            if kind == _TUPLE:
+                return tuple(dec(x) for x in arg)
+            return {dec(k): dec(x) for k, x in arg}
+        return {k: dec(x) for k, x in v.items()}
+
+    return dec(spec["v"])
 
 
 def make_chunks(jobs: Sequence[ShardJob], chunk_size: int) -> list[dict]:

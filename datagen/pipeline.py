@@ -44,7 +44,9 @@ from .chunks import (
     PipelineError,
     ShardJob,
     chunk_summary,
+    decode_carrier,
     decode_chunk,
+    encode_carrier,
     make_chunks,
     pack_chunk,
     run_stage_on_chunk,
@@ -120,7 +122,10 @@ class PoolWorker:
 
 
 def _explode_fn(row: dict, stages: dict) -> list[dict]:
-    return vlm_vllm.explode_chunk(row["chunk"], stages)
+    # The carrier's chunk crosses the processor as bytes (``chunks.encode_carrier``: why there).
+    rows = vlm_vllm.explode_chunk(row["chunk"], stages)
+    return [{**r, vlm_vllm.CHUNK: encode_carrier(r[vlm_vllm.CHUNK])} if r[vlm_vllm.CHUNK] is not None else r
+            for r in rows]
 
 
 class ChunkAssembleWorker:
@@ -134,7 +139,11 @@ class ChunkAssembleWorker:
         self.assembler = vlm_vllm.ChunkAssembler(stages)
 
     def __call__(self, df: pd.DataFrame) -> Iterator[pd.DataFrame]:
-        chunks = self.assembler.add_all(df.to_dict("records"))
+        rows = df.to_dict("records")
+        for r in rows:
+            if isinstance(r.get(vlm_vllm.CHUNK), bytes):
+                r[vlm_vllm.CHUNK] = decode_carrier(r[vlm_vllm.CHUNK])
+        chunks = self.assembler.add_all(rows)
         if chunks:
             yield pd.DataFrame({"shard": [c["shard"] for c in chunks], "chunk": chunks})
 

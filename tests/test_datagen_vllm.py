@@ -251,29 +251,77 @@ def test_merge_keeps_old_values_on_rows_not_ok():
 
 def test_request_batches_keep_one_arrow_type_and_merge_with_a_carrier_block():
     """Ray Data types each batch of the processor's ``__data`` column on its own and merges the batches of
-    one task; the carrier's (its chunk holds arrays) is pickled objects. Ray 2.60 fails to merge two
-    different struct types with a pickled block, so request batches must not differ in type: a tag batch
-    (source captions) and a caption batch (none) once did."""
+    one task. Ray 2.60 fails to merge two different struct types with a block of pickled objects, so the
+    request batches keep one type (a tag batch with source captions and a caption batch without once
+    differed) and the carrier is no pickled block: its chunk crosses as bytes (``chunks.encode_carrier``)."""
     import pyarrow as pa
     from ray.data._internal.arrow_ops.transform_pyarrow import concat
     from ray.data.block import BlockAccessor
 
+    from datagen.chunks import decode_carrier
+    from datagen.pipeline import _explode_fn
+
     stages = {"tag": TAG, "caption": CAPTION}
-    rows = explode_chunk(_chunk([_image(20, 30, 30), _image(30, 20, 31), _image(25, 25, 32)]), stages)
+    chunk = _chunk([_image(20, 30, 30), _image(30, 20, 31), _image(25, 25, 32)])
+    rows = _explode_fn({"chunk": chunk}, stages)
     pre = wrap_preprocess(preprocess, "__data")
     data = [pre(dict(r))["__data"] for r in rows]
     for d in data:  # the image leaves the messages in PrepareMultimodal; what the later stages carry
         d.pop("messages", None)
-    blocks = [BlockAccessor.batch_to_block({"__data": part}) for part in (data[:3], data[3:6], data[6:])]
+
+    def arrow_type(part: list[dict]) -> pa.DataType:
+        return BlockAccessor.batch_to_block({"__data": part}).schema.field("__data").type
+
     assert [d[REQUEST] and json.loads(d[REQUEST])["stage"] for d in data] == ["tag"] * 3 + ["caption"] * 3 + [None]
-    tag_type, caption_type, carrier_type = (b.schema.field("__data").type for b in blocks)
+    tag_type, caption_type, carrier_type = arrow_type(data[:3]), arrow_type(data[3:6]), arrow_type(data[6:])
     assert pa.types.is_struct(tag_type) and tag_type == caption_type and tag_type.field(REQUEST).type == pa.string()
-    assert not pa.types.is_struct(carrier_type)  # pickled objects
-    assert concat(blocks, promote_types=True).num_rows == 7
+    assert pa.types.is_struct(carrier_type) and carrier_type.field(CHUNK).type == pa.binary()
+    # The vLLM stage's rows: answered, and failed (its fields for a failed request), a batch of each.
+    answered = {"prompt": "p", "prompt_token_ids": [1, 2], "generated_tokens": [3], "generated_text": "a",
+                "request_id": 3, "time_taken_llm": 0.5, ERROR: ""}
+    failed = {"prompt": "", "prompt_token_ids": None, "generated_tokens": [], "generated_text": "", "request_id": -1,
+              "time_taken_llm": -1, ERROR: "RuntimeError: fake engine: portrait image"}
+    parts = [[{**d, **answered} for d in data[:3]], [{**d, **failed} for d in data[3:6]], data[6:]]
+    blocks = [BlockAccessor.batch_to_block({"__data": part}) for part in parts]
+    assert blocks[0].schema != blocks[1].schema  # Ray's fields of failed requests type otherwise
+    merged = concat(blocks, promote_types=True)  # this order failed with a pickled carrier
+    assert merged.num_rows == 7
+    back = decode_carrier(merged.column("__data").to_pylist()[-1][CHUNK])
+    assert back["columns"]["key"] == chunk["columns"]["key"] and back[vlm_vllm.FAILED] == []
+    assert all((a == b).all() for a, b in zip(back["columns"]["image"], chunk["columns"]["image"], strict=True))
     # The parsed answers too: a list of tags and a caption are one Arrow type, JSON text.
     values = [vlm_vllm.postprocess({**d, "generated_text": "dog, cat"}, stages)[vlm_vllm.VALUE] for d in data[:6]]
     assert pa.array(values).type == pa.string() and json.loads(values[0]) == ["dog", "cat"]
     assert json.loads(values[3]) == "dog, cat"
+
+
+def test_a_carrier_chunk_round_trips_through_bytes_with_its_types():
+    from datagen.chunks import decode_carrier, encode_carrier
+
+    objects = [{"box": [1.0, 2.5, 30.0, 40.0], "phrase": "dog", "score": np.float32(0.7),
+                "mask": np.eye(3, dtype=bool), "span": (0, 3)}]
+    chunk = _chunk([_image(20, 30, 33), _image(8, 8, 34)], failed=(1,), objects=[objects, []],
+                   source_jpeg=[b"\xff\xd8JPEG bytes", b""], meta=[{"width": 30, 7: "int key"}, {"__nd__": "a key"}],
+                   score=[float("nan"), np.int64(3)], flags=[np.array([None, [1]], dtype=object), np.zeros((0, 2))])
+    data = encode_carrier(chunk)
+    back = decode_carrier(data)
+    assert isinstance(data, bytes) and data.count(b"JPEG bytes") == 1  # bytes stored raw, once
+    cols, old = back["columns"], chunk["columns"]
+    assert {k: v for k, v in back.items() if k != "columns"} == {k: v for k, v in chunk.items() if k != "columns"}
+    for name in ("key", "source_caption", "status", "error_stage", "error", "source_jpeg", "meta"):
+        assert cols[name] == old[name], name
+    image = cols["image"][0]
+    assert image.dtype == np.uint8 and image.shape == (20, 30, 3) and (image == old["image"][0]).all()
+    assert image.flags.writeable and image.flags.owndata
+    obj = cols["objects"][0][0]
+    assert obj["box"] == [1.0, 2.5, 30.0, 40.0] and obj["span"] == (0, 3) and cols["objects"][1] == []
+    assert type(obj["score"]) is np.float32 and obj["score"] == np.float32(0.7)
+    assert obj["mask"].dtype == bool and (obj["mask"] == np.eye(3)).all()
+    assert np.isnan(cols["score"][0]) and type(cols["score"][1]) is np.int64 and cols["score"][1] == 3
+    assert cols["flags"][0].dtype == object and cols["flags"][0][0] is None and cols["flags"][0][1] == [1]
+    assert cols["flags"][1].shape == (0, 2) and cols["flags"][1].dtype == np.float64
+    with pytest.raises(TypeError, match="a chunk value of type Image cannot be encoded"):
+        encode_carrier({"image": Image.new("RGB", (2, 2))})
 
 
 # ---------------------------------------------------------------- configuration
