@@ -47,7 +47,9 @@ How a VLM pool runs (``pipeline.py`` holds the Ray calls, this module the plain 
 
 The carrier row carries no request: it is marked as an inference error (``CARRIER``), which every
 ``ray.data.llm`` stage and the postprocess pass through untouched. It holds the chunk's images, so
-``execution.chunk_size`` sets how much data rides along each processor stage. All rows of a pool
+``execution.chunk_size`` sets how much data rides along each processor stage. Every field crosses with
+one Arrow type whatever the batch (the request and the answer as JSON text, the carrier's chunk as bytes:
+``chunks.encode_carrier`` in ``pipeline.py``): Ray Data types each batch apart. All rows of a pool
 meet in one assembler actor (no shuffle, which would hold the whole dataset back as a barrier); it
 only regroups and parses answers, far below a vLLM engine's rate. The processor runs with
 ``should_continue_on_error``: a request that fails (an image too large for ``max_model_len``, ...)
