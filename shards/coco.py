@@ -3,7 +3,9 @@
 
 ``from-coco`` records each image's COCO id, each object's category id and supercategory, and the
 crowd regions in the sample's ``meta``; ``to-coco`` then writes those ids back, so the export of a
-COCO-derived dataset scores against the original annotations.
+COCO-derived dataset scores against the original annotations. Polygons are rasterized to the
+shard's one mask form, COCO RLE (pycocotools ``frPyObjects``), so ``to-coco`` writes RLE where the
+source had polygons: the same pixels (COCOeval's segm scores them alike), not the same vertices.
 """
 
 from __future__ import annotations
