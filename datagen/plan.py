@@ -7,7 +7,6 @@ with ``--verify`` its sha256 too. A shard that fails is redone whole, and the lo
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -15,10 +14,10 @@ import os
 import pandas as pd
 import yaml
 
-from shards.dataset import ShardInfo, list_shards, read_stats
-from shards.paths import fs_and_root, url_for
-from shards.reader import ShardReadError, raw_samples
+from shards.dataset import list_shards
+from shards.paths import fs_and_root
 from shards.schema import STATUS_FAILED
+from shards.validate import shard_problem
 
 from .chunks import ShardJob
 from .config import DatagenConfig, to_dict
@@ -26,7 +25,6 @@ from .inputs import InputItem, assign_shards, list_inputs
 
 log = logging.getLogger(__name__)
 
-_HASH_BLOCK = 1 << 20
 
 
 class OutputError(ValueError):
@@ -39,51 +37,6 @@ def check_output(output: str) -> None:
     if fs.exists(root) and not fs.isdir(root):
         raise OutputError(f"--output {output}: is an existing file, not a dataset folder "
                           "(give a new folder, or the folder of a previous run to resume it)")
-
-
-def shard_problem(output: str, info: ShardInfo, verify: bool = False) -> str | None:
-    """Why a shard whose stats file exists cannot be trusted, or None when it can."""
-    if not info.has_tar:
-        return "its tar is missing"
-    if not info.has_parquet:
-        return "its parquet is missing"
-    try:
-        stats = read_stats(output, info)
-    except (OSError, ValueError) as e:
-        return f"its stats file is unreadable ({e})"
-    fs, tar = fs_and_root(info.tar)
-    expected = stats.get("tar_bytes")
-    if expected is None:
-        # Stats from before the size was recorded: a truncated tar fails to read to its end.
-        problem = _unreadable_tar(fs, tar)
-        if problem:
-            return problem
-    else:
-        actual = fs.size(tar)
-        if actual != expected:
-            return f"its tar holds {actual} bytes but its stats recorded {expected} (truncated or overwritten)"
-    if verify:
-        digest = _sha256(fs, tar)
-        if digest != stats.get("tar_sha256"):
-            return f"its tar's sha256 {digest[:12]} differs from {str(stats.get('tar_sha256'))[:12]} in its stats"
-    return None
-
-
-def _sha256(fs, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _unreadable_tar(fs, path: str) -> str | None:
-    try:
-        for _ in raw_samples([url_for(fs, path)]):
-            pass
-    except ShardReadError as e:
-        return f"its tar is unreadable ({e})"
-    return None
 
 
 def _failed_keys(parquet_url: str) -> list[str]:

@@ -11,7 +11,6 @@ import json
 import sys
 
 from .cli import CliError, require_dataset, require_output_file, run_command
-from .paths import fs_and_root
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -28,24 +27,9 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tar_size_problem(dataset: str, shard, stats: dict) -> str | None:
-    # The stats record the tar's size (older ones only its sha256, checked by validate): a cheap
-    # size look-up finds a tar cut short or rewritten after the stats were written.
-    expect = stats.get("tar_bytes")
-    if expect is None:
-        return None
-    fs, _ = fs_and_root(dataset)
-    try:
-        size = fs.size(fs_and_root(shard.tar)[1]) if shard.has_tar else None
-    except FileNotFoundError:
-        size = None
-    if size is None:
-        return "tar is missing"
-    return None if size == expect else f"tar is {size} bytes, its stats say {expect} (truncated or rewritten)"
-
-
 def _info(args: argparse.Namespace) -> int:
     from .dataset import list_shards, read_run, read_stats
+    from .validate import shard_problem
 
     shards = list_shards(require_dataset(args.dataset))
     complete = [s for s in shards if s.complete]
@@ -58,7 +42,7 @@ def _info(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             damaged[s.name] = f"stats unreadable: {e}"
             continue
-        problem = _tar_size_problem(args.dataset, s, st)
+        problem = shard_problem(args.dataset, s, stats=st)
         if problem:
             damaged[s.name] = problem
         for k in totals:

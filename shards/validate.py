@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pandas as pd
 from PIL import Image
 
-from .dataset import ShardInfo, list_shards
+from .dataset import ShardInfo, list_shards, read_stats
 from .masks import rle_problem
-from .paths import fs_and_root
-from .reader import RawSample, ShardReadError, tar_samples
+from .paths import fs_and_root, url_for
+from .reader import RawSample, ShardReadError, raw_samples, tar_samples
 from .schema import (
     META_CAPTIONS,
     META_COCO_CATEGORY_IDS,
@@ -34,6 +34,8 @@ from .schema import (
     check_key,
 )
 from .writer import IMAGE_EXTS
+
+_HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a tar
 
 
 @dataclass(frozen=True)
@@ -239,3 +241,51 @@ def validate_dataset(dataset: str) -> list[Problem]:
     if not shards:
         return [Problem("-", None, f"{dataset} holds no shards")]
     return [p for s in shards for p in validate_shard(s)]
+
+
+def shard_problem(dataset: str, info: ShardInfo, verify: bool = False, stats: dict | None = None) -> str | None:
+    """Why a shard whose stats file exists cannot be trusted, or None when it can: its tar or parquet
+    missing, the tar's size not the one its stats recorded (``verify``: nor its sha256). The datagen
+    resume redoes such a shard; ``shards info`` flags it. ``stats``: already read by the caller."""
+    if not info.has_tar:
+        return "its tar is missing"
+    if not info.has_parquet:
+        return "its parquet is missing"
+    if stats is None:
+        try:
+            stats = read_stats(dataset, info)
+        except (OSError, ValueError) as e:
+            return f"its stats file is unreadable ({e})"
+    fs, tar = fs_and_root(info.tar)
+    expected = stats.get("tar_bytes")
+    if expected is None:
+        # Stats from before the size was recorded: a truncated tar fails to read to its end.
+        problem = _unreadable_tar(fs, tar)
+        if problem:
+            return problem
+    else:
+        actual = fs.size(tar)
+        if actual != expected:
+            return f"its tar holds {actual} bytes but its stats recorded {expected} (truncated or overwritten)"
+    if verify:
+        digest = _sha256(fs, tar)
+        if digest != stats.get("tar_sha256"):
+            return f"its tar's sha256 {digest[:12]} differs from {str(stats.get('tar_sha256'))[:12]} in its stats"
+    return None
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _unreadable_tar(fs, path: str) -> str | None:
+    try:
+        for _ in raw_samples([url_for(fs, path)]):
+            pass
+    except ShardReadError as e:
+        return f"its tar is unreadable ({e})"
+    return None

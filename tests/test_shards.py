@@ -429,13 +429,15 @@ def test_info_flags_a_tar_whose_size_differs_from_its_stats(tmp_path, capsys):
     assert cli(["info", str(tmp_path), "--json"]) == 1
     cap = capsys.readouterr()
     info = json.loads(cap.out[cap.out.index("{"):])
-    assert info["damaged_shards"] == {"000001": f"tar is 4096 bytes, its stats say {size} (truncated or rewritten)"}
-    assert f"shard 000001: tar is 4096 bytes, its stats say {size}" in cap.err
-    # stats from before tar_bytes was recorded stay readable (validate still checks the sha256)
+    assert info["damaged_shards"] == {"000001": f"its tar holds 4096 bytes but its stats recorded {size} (truncated or overwritten)"}
+    assert f"shard 000001: its tar holds 4096 bytes but its stats recorded {size}" in cap.err
+    # stats from before tar_bytes was recorded stay readable; info (the same check as datagen's resume)
+    # then reads the tar to its end and still finds it cut short; validate checks the sha256
     st = json.loads((tmp_path / "000001.stats.json").read_text())
     del st["tar_bytes"]
     (tmp_path / "000001.stats.json").write_text(json.dumps(st))
-    assert cli(["info", str(tmp_path)]) == 0
+    assert cli(["info", str(tmp_path)]) == 1
+    assert "shard 000001: its tar is unreadable" in capsys.readouterr().err
     problems = [str(p) for p in validate_dataset(str(tmp_path)) if "stats" in str(p)]
     fields = [p.split(" is ")[0] for p in problems]
     assert "shard 000001: stats tar_sha256" in fields and "shard 000001: stats tar_bytes" not in fields
