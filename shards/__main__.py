@@ -114,6 +114,35 @@ def _from_coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_release(args: argparse.Namespace) -> int:
+    from .release import from_release
+
+    try:
+        n = from_release(args.labels, args.images, args.out, label_size=args.label_size, unpad=args.unpad,
+                         shard_size=args.shard_size)  # fmt: skip
+    except (ValueError, OSError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures, {n['shards']} shards")
+    return 0
+
+
+def _from_python(args: argparse.Namespace) -> int:
+    from .user_dataset import load_callable, write_dataset
+
+    try:
+        fn = load_callable(args.function)
+        try:
+            items = fn()
+        except Exception as err:  # noqa: BLE001 - the user's function: one line naming it, no traceback
+            raise CliError(f"{args.function}() raised {type(err).__name__}: {err}") from None
+        n = write_dataset(items, args.out, shard_size=args.shard_size, name=args.function)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures of {n['items']} items, "
+          f"{n['shards']} shards")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,10 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("out", help="output dataset folder")
     fc.set_defaults(fn=_from_coco)
 
-    from . import release, user_dataset  # the release's label format; a user's own Python dataset
-
-    release.add_command(sub)
-    user_dataset.add_command(sub)
+    r = sub.add_parser("from-release", help="convert the release's label_<image>.json files and images into shards")
+    r.add_argument("--labels", required=True, help="folder of label_<image>.json files (searched recursively)")
+    r.add_argument("--images", required=True, help="folder of the images (searched recursively by name)")
+    r.add_argument("--label-size", type=int, help="long side of the image when labelled (RC-COCO: 768)")
+    r.add_argument("--unpad", action="store_true", help="cut the uniform border of square-padded images (LAION)")
+    r.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    r.add_argument("out", help="output dataset folder")
+    r.set_defaults(fn=_from_release)
+    u = sub.add_parser("from-python", help="write the items of your own Python dataset (the release's form) as shards")
+    u.add_argument("function", help="module:function or file.py:function returning an iterable or map-style dataset")
+    u.add_argument("out", help="output dataset folder")
+    u.add_argument("--shard-size", type=int, default=1000, help="items per shard")
+    u.set_defaults(fn=_from_python)
 
     from .report import add_report_arguments
 

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -248,26 +247,3 @@ def from_release(
                 writer.add_failure(key, str(image_path or label_path), stage, f"{label_path.name}: {err}")
                 log.warning("from-release: %s: %s", label_path, err)
     return writer.counts
-
-
-def _from_release(args: Any) -> int:
-    try:
-        n = from_release(args.labels, args.images, args.out, label_size=args.label_size, unpad=args.unpad,
-                         shard_size=args.shard_size)  # fmt: skip
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures, {n['shards']} shards")
-    return 0
-
-
-def add_command(sub: Any) -> None:
-    """Register ``from-release`` on the ``python -m shards`` subparsers."""
-    p = sub.add_parser("from-release", help="convert the release's label_<image>.json files and images into shards")
-    p.add_argument("--labels", required=True, help="folder of label_<image>.json files (searched recursively)")
-    p.add_argument("--images", required=True, help="folder of the images (searched recursively by name)")
-    p.add_argument("--label-size", type=int, help="long side of the image when labelled (RC-COCO: 768)")
-    p.add_argument("--unpad", action="store_true", help="cut the uniform border of square-padded images (LAION)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("out", help="output dataset folder")
-    p.set_defaults(fn=_from_release)

@@ -299,7 +299,7 @@ def _run(args: argparse.Namespace) -> int:
         require_dataset(d)
     require_output_file(args.out, make_folder=True)
     out = write_report(args.datasets, args.out, args.max_samples or None, args.gallery)
-    print(f"wrote {out}")
+    log.info("wrote %s", out)  # run_command set logging up: the CLI's one line of output
     return 0
 
 

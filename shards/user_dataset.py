@@ -200,28 +200,3 @@ def load_callable(spec: str) -> Any:
     if not callable(fn):
         raise ValueError(f"{spec!r}: {module_name} has no function {attr!r}")
     return fn
-
-
-def _from_python(args: Any) -> int:
-    try:
-        fn = load_callable(args.function)
-        try:
-            items = fn()
-        except Exception as err:  # noqa: BLE001 - the user's function: one line naming it, no traceback
-            raise ValueError(f"{args.function}() raised {type(err).__name__}: {err}") from None
-        counts = write_dataset(items, args.out, shard_size=args.shard_size, name=args.function)
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {counts['samples']} samples, {counts['failures']} failures of {counts['items']} items, "
-          f"{counts['shards']} shards")  # fmt: skip
-    return 0
-
-
-def add_command(sub: Any) -> None:
-    """Register ``from-python`` on the ``python -m shards`` subparsers."""
-    p = sub.add_parser("from-python", help="write the items of your own Python dataset (the release's form) as shards")
-    p.add_argument("function", help="module:function or file.py:function returning an iterable or map-style dataset")
-    p.add_argument("out", help="output dataset folder")
-    p.add_argument("--shard-size", type=int, default=1000, help="items per shard")
-    p.set_defaults(fn=_from_python)
