@@ -72,3 +72,24 @@ def random_objs(
         "object_masks": object_masks,
         "region_map": region_map,
     }
+
+
+def tiny_sdxl_unet_inputs(seed: int = 0, n_objects: int = 8, size: int = 64) -> dict:
+    """Tiny-SDXL UNet inputs for a CFG-sized batch: the empty layout and a random layout of ``n_objects``
+    (four slots kept, so some regions are dropped), at ``size`` pixels (an 8x8 latent at 64)."""
+    from training.encoding import grounding_inputs
+    from training.regions import empty_layout
+
+    gen = torch.Generator().manual_seed(seed)
+    layout = random_layout(np.random.default_rng(seed), n_objects, size, size, max_slots=4)
+    gligen = grounding_inputs([empty_layout(size, size), layout], region_encoder(), max_slots=5)
+    return {
+        "sample": torch.randn(2, 4, size // 8, size // 8, generator=gen),
+        "timestep": torch.tensor([10, 700]),
+        "encoder_hidden_states": torch.randn(2, 77, 64, generator=gen),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 32, generator=gen),
+            "time_ids": torch.randn(2, 6, generator=gen),
+        },
+        "cross_attention_kwargs": {"gligen": gligen},
+    }

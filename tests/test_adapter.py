@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _model_fixtures import random_layout, region_encoder
+from _model_fixtures import random_layout, region_encoder, tiny_sdxl_unet_inputs
 from safetensors.torch import load_file
 
 from training import init_unet
@@ -28,20 +28,7 @@ SIZE = 64  # pixels: an 8x8 latent
 
 
 def _inputs(seed: int = 0) -> dict:
-    """UNet inputs for a CFG-sized batch: the empty layout and a random layout with a dropped region."""
-    gen = torch.Generator().manual_seed(seed)
-    layout = random_layout(np.random.default_rng(seed), 8, SIZE, SIZE, max_slots=4)
-    gligen = grounding_inputs([empty_layout(SIZE, SIZE), layout], region_encoder(), max_slots=5)
-    return {
-        "sample": torch.randn(2, 4, 8, 8, generator=gen),
-        "timestep": torch.tensor([10, 700]),
-        "encoder_hidden_states": torch.randn(2, 77, 64, generator=gen),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(2, 32, generator=gen),
-            "time_ids": torch.randn(2, 6, generator=gen),
-        },
-        "cross_attention_kwargs": {"gligen": gligen},
-    }
+    return tiny_sdxl_unet_inputs(seed, n_objects=8, size=SIZE)
 
 
 def _randomize_adapter(unet, seed: int = 0) -> None:

@@ -8,10 +8,9 @@ UNet's output must equal the release model's.
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from _model_fixtures import random_layout, region_encoder
+from _model_fixtures import tiny_sdxl_unet_inputs
 from peft import LoraConfig
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
@@ -24,9 +23,7 @@ from training.adapter import (
     is_adapter_key,
     load_adapter,
 )
-from training.encoding import grounding_inputs
 from training.lora import add_lora, is_lora_key, load_lora
-from training.regions import empty_layout
 from training.release_checkpoint import read_checkpoint, resolve_peft_lora
 from training.tiny import tiny_sd15_unet, tiny_unet
 
@@ -36,20 +33,7 @@ RELEASE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def _inputs(seed: int = 0) -> dict:
-    """UNet inputs for a batch of the empty layout and a random layout."""
-    gen = torch.Generator().manual_seed(seed)
-    layout = random_layout(np.random.default_rng(seed), 6, SIZE, SIZE, max_slots=4)
-    gligen = grounding_inputs([empty_layout(SIZE, SIZE), layout], region_encoder(), max_slots=5)
-    return {
-        "sample": torch.randn(2, 4, 8, 8, generator=gen),
-        "timestep": torch.tensor([10, 700]),
-        "encoder_hidden_states": torch.randn(2, 77, 64, generator=gen),
-        "added_cond_kwargs": {
-            "text_embeds": torch.randn(2, 32, generator=gen),
-            "time_ids": torch.randn(2, 6, generator=gen),
-        },
-        "cross_attention_kwargs": {"gligen": gligen},
-    }
+    return tiny_sdxl_unet_inputs(seed, n_objects=6, size=SIZE)
 
 
 def _forward(unet, inputs) -> torch.Tensor:
