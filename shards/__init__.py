@@ -14,8 +14,8 @@ import importlib
 # public name -> submodule defining it
 _EXPORTS = {
     **dict.fromkeys(
-        ("RunMismatchError", "ShardInfo", "build_index", "fingerprint", "list_shards", "open_run",
-         "read_run", "tar_urls"),
+        ("DatasetError", "DatasetHandle", "RunMismatchError", "ShardInfo", "build_index", "fingerprint",
+         "list_shards", "open_run", "read_run", "tar_urls"),
         "dataset",
     ),
     **dict.fromkeys(("decode_mask", "encode_mask", "mask_to_box"), "masks"),

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from .dataset import RunMismatchError
+from .dataset import DatasetError, RunMismatchError
 from .paths import fs_and_root, is_local, storage_errors
 
 
@@ -48,7 +48,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (CliError, RunMismatchError, *storage_errors()) as e:
+    except (CliError, DatasetError, RunMismatchError, *storage_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 from PIL import Image
 
-from .dataset import ShardInfo, list_shards, read_stats
+from .dataset import ShardInfo, check_stats, list_shards, read_stats
 from .masks import rle_problem
 from .paths import fs_and_root, url_for
 from .reader import RawSample, ShardReadError, raw_samples, tar_samples
@@ -196,7 +196,7 @@ def _check_parquet(shard: ShardInfo, keys: set[str], problems: list[Problem]) ->
 
 def _check_stats(shard: ShardInfo, tar_bytes: bytes, records: dict, df: pd.DataFrame | None, problems: list[Problem]) -> None:
     try:
-        stats = json.loads(_read_bytes(shard.stats))
+        stats = check_stats(json.loads(_read_bytes(shard.stats)), shard.stats)
     except Exception as e:  # noqa: BLE001
         problems.append(Problem(shard.name, None, f"stats unreadable: {e}"))
         return

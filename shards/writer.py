@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .dataset import build_index
-from .paths import dump_json, fs_and_root, join, shard_name, write_atomic
+from .dataset import DatasetHandle, as_handle, build_index
+from .paths import dump_json, join, shard_name, write_atomic
 
 # The status names live in schema (no heavy imports there); re-exported for ``from shards.writer import``.
 from .schema import (  # noqa: F401
@@ -105,8 +105,9 @@ class ShardWriter:
     ...     w.add_failure("k2", "img/2.jpg", "decode", "truncated JPEG")
     """
 
-    def __init__(self, dataset: str, shard_id: int):
-        self.fs, self.root = fs_and_root(dataset)
+    def __init__(self, dataset: str | DatasetHandle, shard_id: int):
+        handle = as_handle(dataset)
+        self.fs, self.root = handle.fs, handle.root
         self.name = shard_name(shard_id)
         self._samples: dict[str, tuple[SampleRecord, bytes, str]] = {}
         self._rows: dict[str, dict] = {}
