@@ -127,7 +127,7 @@ def _size(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a mistake in the request or its environment (exit 2, one line)."""
-    from shards import RunMismatchError
+    from shards import DatasetError, RunMismatchError
     from shards.paths import storage_errors
 
     from .config import ConfigError
@@ -135,7 +135,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .plan import OutputError
     from .run import DiskFullError
 
-    return ConfigError, InputError, OutputError, RunMismatchError, DiskFullError, *storage_errors()
+    return ConfigError, InputError, OutputError, DatasetError, RunMismatchError, DiskFullError, *storage_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:
