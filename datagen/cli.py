@@ -4,6 +4,7 @@
     python -m datagen run  ... --retry-failed      # redo the rows recorded as failed in parquet
     python -m datagen run  ... --new-run           # the config changed: discard the old shards
     python -m datagen run  ... --verify            # also check each complete shard's tar sha256
+    python -m datagen run  ... --wait-for-resources  # no node has what a stage asks: wait for an autoscaler
     python -m datagen plan --config configs/datagen/real.yaml [--input ... --output ...]
     python -m datagen size --from out/ --images 3300000 --hours 24   # GPUs for a target (datagen.sizing)
 
@@ -27,7 +28,8 @@ def _logging(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace):
     from .config import load_config
 
-    return load_config(args.config, args.set)
+    wait = ["execution.wait_for_resources=true"] if getattr(args, "wait_for_resources", False) else []
+    return load_config(args.config, [*args.set, *wait])
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -133,9 +135,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .inputs import InputError
     from .plan import OutputError
+    from .resources import ResourceError
     from .run import DiskFullError
 
-    return ConfigError, InputError, OutputError, DatasetError, RunMismatchError, DiskFullError, *storage_errors()
+    return ConfigError, InputError, OutputError, DatasetError, RunMismatchError, DiskFullError, ResourceError, *storage_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true",
                    help="check each complete shard's tar against the sha256 in its stats (reads every tar); "
                         "without it only the tar's size is checked; a shard that fails is redone")
+    r.add_argument("--wait-for-resources", action="store_true",
+                   help="a stage asks for more than any Ray node has (e.g. GPUs): wait for an autoscaler to add "
+                        "such nodes, instead of stopping with an error at once")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (logs every 30 s instead)")
     z = sub.add_parser("size", help="GPUs, CPUs and nodes for a target, from a run's measured per-stage rates",
                        description=sizing.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,6 +25,7 @@ from shards.config import (
     NonNegativeFloat,
     NonNegativeInt,
     Overrides,
+    PositiveFloat,
     PositiveInt,
     build,
     load,
@@ -77,6 +78,7 @@ class PoolConfig:
     stages: Annotated[tuple[str, ...], Field(min_length=1)]  # model stages run by each actor, in pipeline order
     num_gpus: NonNegativeFloat = 0.0  # GPUs per actor; a fraction packs several actors on one GPU
     num_cpus: NonNegativeFloat = 1.0  # CPUs per actor
+    memory_gb: PositiveFloat | None = None  # RAM Ray reserves per actor, GiB (its `memory` resource); None: none
     actors: PositiveInt = 1  # pool size (the minimum when max_actors is set)
     max_actors: PositiveInt | None = None  # autoscale up to this many actors; None: fixed size
     max_tasks_in_flight: PositiveInt = 2  # chunks queued per actor, so the next is ready when one finishes
@@ -110,6 +112,8 @@ class ExecutionConfig:
     num_cpus: PositiveInt | None = None  # embedded local Ray only: CPUs to use (None: all)
     num_gpus: NonNegativeInt | None = None  # embedded local Ray only: GPUs to use (None: all)
     fail_fast_rows: PositiveInt = 64  # stop when the first this-many rows all failed in one stage for one reason
+    wait_for_resources: bool = False  # a worker no Ray node can hold: wait for an autoscaler to add such a node
+    #                                   (run's --wait-for-resources); False: refuse at once (datagen.resources)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,8 @@ def pool_remote_args(pool: PoolConfig) -> dict:
     else:
         compute = ActorPoolStrategy(min_size=pool.actors, max_size=pool.max_actors,
                                     max_tasks_in_flight_per_actor=pool.max_tasks_in_flight)
-    return {"compute": compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    memory = {"memory": int(pool.memory_gb * 2**30)} if pool.memory_gb else {}
+    return {"compute": compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **memory}
 
 
 def build_dataset(chunks: list[dict], cfg: DatagenConfig, output: str, token: str) -> ray.data.Dataset:

@@ -27,6 +27,7 @@ from .config import DatagenConfig, fingerprint_dict, to_dict
 from .inputs import assign_shards, inputs_digest, list_inputs
 from .measurement import run_record, save_run_record
 from .plan import check_output, plan_jobs
+from .resources import check_resources
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def _run(cfg: DatagenConfig, inputs: list[str], output: str, new_run: bool, retr
     if jobs:
         started = pipeline.init_ray(cfg)
         try:
+            check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
             result = pipeline.execute(jobs, cfg, output, progress=progress)
             summary.resources = _cluster_resources()
         finally:
