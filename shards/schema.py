@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import safe_json
+
 SCHEMA_VERSION = 2
 
 # The parquet ``status`` of an input: kept as a sample, failed at ``error_stage``, or processed fine
@@ -38,8 +40,11 @@ META_CAPTIONS = "captions"  # list[str]: every caption of the source (COCO has f
 META_COCO_IMAGE_ID = "coco_id"  # int: the COCO image id (from-coco)
 META_COCO_CATEGORY_IDS = "coco_category_ids"  # list[int]: the COCO category id of each object, in order
 META_COCO_SUPERCATEGORIES = "coco_supercategories"  # list[str]: each object's supercategory ("" if none)
+META_COCO_ANNOTATION_IDS = "coco_annotation_ids"  # list[int]: the COCO annotation id of each object, in order
+META_COCO_FILE_NAME = "coco_file_name"  # str: the image's COCO file_name (to-coco writes it back)
 # list[dict]: COCO crowd regions, which are not objects to describe: {"category_id": int, "name": str,
-# "supercategory": str, "bbox": [x, y, w, h] (floats, pixels), "segmentation": RLE dict or null}
+# "supercategory": str, "bbox": [x, y, w, h] (floats, pixels), "segmentation": RLE dict or null,
+# "id": int (its COCO annotation id; absent in datasets converted before it was kept)}
 META_COCO_CROWD = "coco_crowd"
 
 # WebDataset splits a member name into key and extension at the first dot, and keys become file names
@@ -246,8 +251,8 @@ class SampleRecord:
     def from_json_bytes(cls, data: bytes, where: str = "") -> SampleRecord:
         """Parse a ``{key}.json`` member."""
         try:
-            d = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            d = safe_json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # nested too deep, a huge integer included
             raise SchemaError(f"{where}: not valid JSON: {e}") from None
         return cls.from_dict(d, where)
 
@@ -323,7 +328,7 @@ def _fields_from_disk(d: dict, key: Any, known: set[str]) -> dict:
         raise SchemaError(f"key {key!r}: fields {missing} are missing (schema_version 2 writes every field)")
     strings = {name: _typed(key, name, d[name], str, "a string") for name in ("source", "source_caption", "caption")}
     try:
-        meta = json.loads(_typed(key, "meta", d["meta"], str, "a JSON string"))
+        meta = safe_json.loads(_typed(key, "meta", d["meta"], str, "a JSON string"))
     except json.JSONDecodeError as e:
         raise SchemaError(f"key {key!r}: field 'meta' is not valid JSON: {e}") from None
     objects = _typed(key, "objects", d["objects"], list, "a list")
