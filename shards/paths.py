@@ -98,6 +98,21 @@ def open_url(url: str, mode: str = "rb"):
     return fs.open(path, mode)
 
 
+def is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for fsspec's HTTP(S) filesystem."""
+    return bool({"http", "https"} & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
+def open_sequential(url: str, mode: str = "rb"):
+    """Open a file to read once, front to back: over HTTP(S) one GET read as a stream, so a server that
+    answers no byte ranges (``python -m http.server``) serves files of any size; elsewhere ``open_url``.
+    fsspec's random-access HTTP file asks for ranges past its first 5 MB block and fails there."""
+    fs, path = url_to_fs(str(url))
+    if is_http(fs):
+        return fs.open(path, mode, block_size=0)
+    return fs.open(path, mode)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so readers see the old file or the whole new one, never a part.
 

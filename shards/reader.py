@@ -5,23 +5,39 @@ streams it once, front to back, yielding a ``RawSample`` per run of consecutive 
 key: ``key`` (the member name up to the first '.' of its last path component, directories kept, as
 webdataset's ``base_plus_ext`` splits it: ``evil/x.jpg`` -> ``evil/x``, ``../x.jpg`` -> ``../x``; a
 name without '.' is its own key with extension ``""``), ``url``, ``members`` (extension exactly as
-stored -> bytes) and ``names`` (the member names exactly as stored, in tar order). A member whose
-extension the current sample already holds starts a new sample, so a key stored twice comes out
-twice (callers that care count keys). Only regular files are members; directories and links are
-left out. ``tar_samples(fileobj, url)`` does the same for one already open tar (validation hashes
-the bytes it reads). A shard that cannot be opened, a corrupt header, a member cut short, or an
-archive without its end-of-archive marker (tarfile stops quietly at a cut-off header) raises
-``ShardReadError`` naming the URL *after* yielding every sample read before the fault; with
-``on_error`` ``raw_samples`` hands it the error and goes on with the next URL instead.
+stored -> bytes) and ``names`` (the member names exactly as stored, in tar order). Over HTTP the tar
+is one GET read as a stream (``paths.open_sequential``), so servers without byte ranges serve it too.
+``tar_samples(fileobj, url)`` does the same for one already open tar.
 
-``iter_samples`` is the typed API on top: ``Sample`` (validated record + encoded image) per sample.
+What it refuses. A key stored twice (consecutive or not) is used once: the later copy is left out.
+Links (symbolic or hard), devices and FIFOs are not read (a directory entry holds nothing and is
+passed over). Both are *problems*: with a ``problems`` list they are appended there (validation lists
+them), without one they raise ``ShardReadError`` naming each after the good samples were yielded. A
+member that would make its sample hold more than ``MAX_SAMPLE_BYTES`` is not read (a gzip-compressed
+tar can hold a 1 GiB member in 1 MB) and ends the tar's reading. A shard that cannot be opened, a
+corrupt header, a member cut short, or an archive without its end-of-archive marker (tarfile stops
+quietly at a cut-off header) raises ``ShardReadError`` naming the URL *after* yielding every sample
+read before the fault; with ``on_error`` the readers hand it the error and go on with the next tar.
+
+Trust (docs/DESIGN.md, "Trust model"). ``shard_samples(dataset, shards)`` reads complete shards
+checked against their stats files: a shard whose tar is missing is an error naming it, a tar whose
+size differs from its stats is refused before a sample is read, and a tar read to its end is hashed
+as it streams and refused when its sha256 differs (after its samples were yielded: a caller that must
+not use a damaged shard's samples holds them until the shard ends, as ``to-coco`` does). A caller
+that stops early (a capped read) has had the size checked, not the hash. ``raw_samples`` over bare
+URLs has no stats to check against.
+
+``iter_samples`` is the typed API on top: ``Sample`` (validated record + encoded image) per sample;
+``Sample.image()`` refuses an image of more than ``MAX_IMAGE_PIXELS`` pixels from its header.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -29,11 +45,18 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from .dataset import tar_urls
+from .dataset import ShardInfo, list_shards, read_stats
 from .masks import decode_mask
-from .paths import fs_and_root
+from .paths import fs_and_root, open_sequential
 from .schema import SampleRecord
 from .writer import IMAGE_EXTS
+
+# What the members of one sample may hold together: our writer stores one image (at most a few MB)
+# and a small JSON per key; a bigger member is hostile or broken and is refused unread.
+MAX_SAMPLE_BYTES = 256 * 2**20
+# The largest image ``Sample.image()`` decodes (100 megapixels = 300 MB as RGB): checked from the header.
+MAX_IMAGE_PIXELS = 100_000_000
+_BLOCK = 1 << 20  # bytes read at a time when draining a tar to hash it
 
 
 class ShardReadError(RuntimeError):
@@ -90,31 +113,124 @@ def split_name(name: str) -> tuple[str, str]:
     return (name, "") if m is None else (m.group(1), m.group(2))
 
 
-def tar_samples(fileobj: BinaryIO, url: str) -> Iterator[RawSample]:
-    """The samples of one open tar stream, in order; raises ShardReadError after the readable ones."""
-    key, members, names = None, {}, []
+class HashingReader:
+    """A read-only file wrapper that hashes (sha256) and counts every byte read through it."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._f = fileobj
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read the rest (a tar's padding after its end marker counts in its size and hash)."""
+        while self.read(_BLOCK):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class TarProblem:
+    """A member of a tar that readers leave out: a later copy of a key, or a member that is not a file."""
+
+    key: str | None  # the key it would have given (None: not a file)
+    member: str  # its name exactly as stored
+    message: str
+
+    def __str__(self) -> str:
+        return f"member {self.member!r}: {self.message}"
+
+
+_NOT_READ = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+             tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+
+
+def _not_read(info: tarfile.TarInfo) -> TarProblem:
+    kind = _NOT_READ.get(info.type, f"of type {info.type!r}")
+    target = f" to {info.linkname!r}" if info.issym() or info.islnk() else ""
+    return TarProblem(None, info.name, f"is {kind}{target}, not a file: not read")
+
+
+def _later_copy(key: str, info: tarfile.TarInfo) -> TarProblem:
+    return TarProblem(key, info.name, f"key {key!r} is stored twice: this later copy is not used")
+
+
+def tar_samples(
+    fileobj: BinaryIO, url: str, problems: list[TarProblem] | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES
+) -> Iterator[RawSample]:
+    """The samples of one open tar stream, in order; raises ShardReadError after the readable ones.
+
+    Duplicate keys and members that are not files are problems (see the module doc): appended to
+    ``problems`` when given, else raised together at the end.
+    """
+    key, members, names, held = None, {}, [], 0
+    seen: set[str] = set()
+    skipping = None  # the key of a later copy being left out
+    found: list[TarProblem] = []
+    problem = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
             for info in tar:
-                if not info.isreg():
+                tar.members = []  # a streamed tar need not remember its members
+                if info.isdir():
                     continue
-                data = tar.extractfile(info).read()
+                if not info.isreg():
+                    found.append(_not_read(info))
+                    continue
                 k, ext = split_name(info.name)
-                if k != key or ext in members:
+                if k == skipping:
+                    found.append(_later_copy(k, info))
+                    continue
+                new = k != key or ext in members
+                if new:
                     if key is not None:
+                        seen.add(key)
                         yield RawSample(key, url, members, tuple(names))
-                    key, members, names = k, {}, []
+                    key, members, names, held = None, {}, [], 0  # the key is taken once a member is read
+                    if k in seen:
+                        skipping = k
+                        found.append(_later_copy(k, info))
+                        continue
+                    skipping = None
+                if held + info.size > max_sample_bytes:
+                    # Not read: in a compressed tar a member of this size may inflate from a few bytes.
+                    problem = (f"member {info.name!r} is {info.size} bytes, more than the {max_sample_bytes} bytes a "
+                               "sample may hold (shards.reader.MAX_SAMPLE_BYTES): not read, nor the rest of the tar")
+                    key = None
+                    break
+                data = tar.extractfile(info).read()
+                key = k
+                held += len(data)
                 members[ext] = data
                 names.append(info.name)
-                tar.members = []  # a streamed tar need not remember its members
-            # Set while reading headers (also the first, inside open); unset would mean none ended the loop.
-            problem = getattr(tar, "end_problem", "truncated: no end-of-archive marker")
+            else:
+                # Set while reading headers (also the first, inside open); unset would mean none ended the loop.
+                problem = getattr(tar, "end_problem", "truncated: no end-of-archive marker")
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         problem = f"{type(e).__name__}: {e}"
     if key is not None:
         yield RawSample(key, url, members, tuple(names))
-    if problem:
-        raise ShardReadError(url, problem)
+    if problems is not None:
+        problems.extend(found)
+        found = []
+    if problem or found:
+        raise ShardReadError(url, "; ".join([*([problem] if problem else []), *map(str, found)]))
+
+
+def _read_url(url: str) -> Iterator[RawSample]:
+    try:
+        f = open_sequential(url)
+    except (OSError, ValueError) as e:  # could not open it
+        raise ShardReadError(url, f"{type(e).__name__}: {e}") from e
+    with f:
+        yield from tar_samples(f, url)
 
 
 def raw_samples(
@@ -123,18 +239,65 @@ def raw_samples(
     """The samples of each tar URL in turn; a bad shard raises, or goes to ``on_error`` and is left."""
     for url in urls:
         try:
-            fs, path = fs_and_root(url)
-            with fs.open(path, "rb") as f:
-                yield from tar_samples(f, url)
+            yield from _read_url(url)
         except ShardReadError as e:
             if on_error is None:
                 raise
             on_error(e)
-        except (OSError, ValueError) as e:  # could not open it
-            err = ShardReadError(url, f"{type(e).__name__}: {e}")
+
+
+def checked_samples(dataset: str, shard: ShardInfo) -> Iterator[RawSample]:
+    """The samples of one complete shard, its tar checked against its stats file (module doc, "Trust")."""
+    if not shard.complete:
+        raise ShardReadError(shard.tar, "incomplete: it has no stats file (the run did not finish it)")
+    if not shard.has_tar:
+        raise ShardReadError(shard.tar, "its tar is missing, though its stats file says the shard is complete")
+    try:
+        stats = read_stats(dataset, shard)
+        expected_size, expected_sha = stats.get("tar_bytes"), stats["tar_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ShardReadError(shard.tar, f"its stats file is unreadable ({type(e).__name__}: {e})") from None
+    fs, path = fs_and_root(shard.tar)
+    try:
+        size = fs.size(path)
+    except (OSError, ValueError) as e:
+        raise ShardReadError(shard.tar, f"{type(e).__name__}: {e}") from e
+    if expected_size is not None and size != expected_size:
+        raise ShardReadError(shard.tar, f"holds {size} bytes but its stats file recorded {expected_size}: "
+                                        "damaged (truncated or overwritten), not read")
+    try:
+        f = open_sequential(shard.tar)
+    except (OSError, ValueError) as e:
+        raise ShardReadError(shard.tar, f"{type(e).__name__}: {e}") from e
+    with f:
+        hashed = HashingReader(f)
+        yield from tar_samples(hashed, shard.tar)
+        try:
+            hashed.drain()
+        except (OSError, ValueError) as e:
+            raise ShardReadError(shard.tar, f"{type(e).__name__}: {e}") from e
+    if hashed.hexdigest() != expected_sha:
+        raise ShardReadError(shard.tar, f"its sha256 {hashed.hexdigest()[:12]}... differs from "
+                                        f"{str(expected_sha)[:12]}... in its stats file: changed after it was "
+                                        "written, not trusted")
+
+
+def shard_samples(
+    dataset: str, shards: Iterable[ShardInfo] | None = None, on_error: Callable[[ShardReadError], None] | None = None
+) -> Iterator[RawSample]:
+    """The samples of a dataset's complete shards (``shards``: those, default every complete one), each
+    checked against its stats (``checked_samples``); a bad shard raises, or goes to ``on_error``."""
+    for shard in [s for s in list_shards(dataset) if s.complete] if shards is None else shards:
+        try:
+            yield from checked_samples(dataset, shard)
+        except ShardReadError as e:
             if on_error is None:
-                raise err from e
-            on_error(err)
+                raise
+            on_error(e)
+
+
+class ImageRefused(ValueError):
+    """An image not decoded because of its size; the message names the tar and the key."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +310,20 @@ class Sample:
     url: str
 
     def image(self) -> Image.Image:
-        """The decoded RGB image."""
-        with Image.open(io.BytesIO(self.image_bytes)) as im:
-            return im.convert("RGB")
+        """The decoded RGB image; ``ImageRefused`` for more than ``MAX_IMAGE_PIXELS`` pixels (from the
+        header, before decoding: a few KB of PNG can claim gigapixels)."""
+        where = f"{self.url} key {self.record.key!r}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+                with Image.open(io.BytesIO(self.image_bytes)) as im:
+                    w, h = im.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        raise ImageRefused(f"{where}: image is {w}x{h} = {w * h} pixels, more than "
+                                           f"{MAX_IMAGE_PIXELS} (shards.reader.MAX_IMAGE_PIXELS): not decoded")
+                    return im.convert("RGB")
+        except Image.DecompressionBombError as e:  # PIL's own, larger limit, hit inside open()
+            raise ImageRefused(f"{where}: {e}") from None
 
     def masks(self) -> list[np.ndarray | None]:
         """Each object's mask as a bool (H, W) array, None where the object has none."""
@@ -168,10 +342,11 @@ def to_sample(raw: RawSample) -> Sample:
 
 
 def iter_samples(dataset_or_urls: str | list[str]) -> Iterator[Sample]:
-    """Every sample of a dataset folder (complete shards) or of an explicit list of tar URLs.
+    """Every sample of a dataset folder (its complete shards, each checked against its stats file) or
+    of an explicit list of tar URLs (nothing to check against).
 
-    Raises ShardReadError for an unreadable shard, KeyError / SchemaError for a bad sample.
+    Raises ShardReadError for an unreadable or damaged shard, KeyError / SchemaError for a bad sample.
     """
-    urls = tar_urls(dataset_or_urls) if isinstance(dataset_or_urls, str) else list(dataset_or_urls)
-    for raw in raw_samples(urls):
+    raws = shard_samples(dataset_or_urls) if isinstance(dataset_or_urls, str) else raw_samples(dataset_or_urls)
+    for raw in raws:
         yield to_sample(raw)

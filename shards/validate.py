@@ -2,15 +2,15 @@
 
 Validation reads each tar with the project's one tar reader (``shards.reader.tar_samples``), so it
 sees the keys every loader sees: a member stored under a directory, an absolute path or ``..`` is
-reported by its full name, and every mask RLE is decoded with pycocotools.
+reported by its full name, a key stored twice, a link or any member that is not a file is named, and
+every mask RLE is decoded with pycocotools. The tar is streamed once (hashed as it is read, never held
+whole), so its size and sha256 are compared with its stats file as well.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,12 +18,15 @@ from PIL import Image
 
 from .dataset import ShardInfo, check_stats, list_shards, read_stats
 from .masks import rle_problem
-from .paths import fs_and_root, url_for
-from .reader import RawSample, ShardReadError, raw_samples, tar_samples
+from .paths import fs_and_root, open_sequential, url_for
+from .reader import HashingReader, RawSample, ShardReadError, TarProblem, raw_samples, tar_samples
+from .safe_json import loads as safe_loads
 from .schema import (
     META_CAPTIONS,
+    META_COCO_ANNOTATION_IDS,
     META_COCO_CATEGORY_IDS,
     META_COCO_CROWD,
+    META_COCO_FILE_NAME,
     META_COCO_IMAGE_ID,
     META_COCO_SUPERCATEGORIES,
     STATUS_FAILED,
@@ -59,16 +62,6 @@ def _read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def _read_tar(data: bytes, shard: ShardInfo, problems: list[Problem]) -> list[RawSample]:
-    """The samples the reader yields; a truncated or corrupt tar is reported, keeping what was read."""
-    raws: list[RawSample] = []
-    try:
-        raws.extend(tar_samples(io.BytesIO(data), shard.tar))
-    except ShardReadError as e:
-        problems.append(Problem(shard.name, None, f"tar is unreadable or truncated: {e}"))
-    return raws
-
-
 def _valid_key(key: str) -> bool:
     try:
         check_key(key)
@@ -77,22 +70,15 @@ def _valid_key(key: str) -> bool:
     return True
 
 
-def _check_names(shard: str, raws: list[RawSample], problems: list[Problem]) -> None:
+def _check_names(shard: str, raw: RawSample, problems: list[Problem]) -> None:
     """Member names the writer never produces: readers would see other keys than the records say."""
-    for raw in raws:
-        for name in raw.names:
-            if name.startswith("/") or ".." in name.split("/"):
-                problems.append(Problem(shard, raw.key, "member name is absolute or holds '..'", name))
-            elif "/" in name:
-                problems.append(
-                    Problem(shard, raw.key, f"member name has a directory part: readers see key {raw.key!r}", name)
-                )
-            elif not _valid_key(raw.key):
-                problems.append(Problem(shard, raw.key, "member name gives an invalid key", name))
-    for key, n in Counter(raw.key for raw in raws).items():
-        if n > 1:
-            names = sorted({m for raw in raws if raw.key == key for m in raw.names})
-            problems.append(Problem(shard, key, f"key is stored {n} times ({', '.join(names)})"))
+    for name in raw.names:
+        if name.startswith("/") or ".." in name.split("/"):
+            problems.append(Problem(shard, raw.key, "member name is absolute or holds '..'", name))
+        elif "/" in name:
+            problems.append(Problem(shard, raw.key, f"member name has a directory part: readers see key {raw.key!r}", name))
+        elif not _valid_key(raw.key):
+            problems.append(Problem(shard, raw.key, "member name gives an invalid key", name))
 
 
 def _check_masks(shard: str, key: str, rec: SampleRecord, problems: list[Problem]) -> None:
@@ -107,10 +93,15 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _meta_problems(rec: SampleRecord) -> list[str]:
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def meta_problems(rec: SampleRecord) -> list[str]:
     """The META_* keys of ``rec.meta`` that do not hold their fixed type (lists per object: one each)."""
     m, n, out = rec.meta, len(rec.objects), []
-    per_object = {META_COCO_CATEGORY_IDS: _is_int, META_COCO_SUPERCATEGORIES: lambda v: isinstance(v, str)}
+    per_object = {META_COCO_CATEGORY_IDS: _is_int, META_COCO_ANNOTATION_IDS: _is_int,
+                  META_COCO_SUPERCATEGORIES: lambda v: isinstance(v, str)}
     for name, ok in per_object.items():
         if name in m and not (isinstance(m[name], list) and len(m[name]) == n and all(map(ok, m[name]))):
             out.append(f"meta.{name} must hold one {'int' if ok is _is_int else 'str'} per object ({n})")
@@ -118,58 +109,95 @@ def _meta_problems(rec: SampleRecord) -> list[str]:
         out.append(f"meta.{META_CAPTIONS} must be a list of strings")
     if META_COCO_IMAGE_ID in m and not _is_int(m[META_COCO_IMAGE_ID]):
         out.append(f"meta.{META_COCO_IMAGE_ID} must be an integer")
+    if META_COCO_FILE_NAME in m and not isinstance(m[META_COCO_FILE_NAME], str):
+        out.append(f"meta.{META_COCO_FILE_NAME} must be a string")
     crowd = m.get(META_COCO_CROWD, [])
     if not isinstance(crowd, list) or not all(isinstance(c, dict) for c in crowd):
         return [*out, f"meta.{META_COCO_CROWD} must be a list of objects"]
     for i, c in enumerate(crowd):
-        why = rle_problem(c["segmentation"]) if c.get("segmentation") is not None else None
-        if not _is_int(c.get("category_id")) or not isinstance(c.get("bbox"), list) or len(c["bbox"]) != 4:
-            out.append(f"meta.{META_COCO_CROWD}[{i}] needs an integer category_id and a 4-number bbox")
+        seg = c.get("segmentation")
+        if seg is None:
+            why = None
+        elif not isinstance(seg, dict) or not isinstance(seg.get("counts"), str):
+            why = "must be a compressed RLE (string counts) or null"
+        else:
+            why = rle_problem(seg)
+        bbox = c.get("bbox")
+        if not _is_int(c.get("category_id")) or not isinstance(bbox, list) or len(bbox) != 4 or \
+                not all(map(_is_number, bbox)) or not isinstance(c.get("name"), str) or \
+                not isinstance(c.get("supercategory"), str) or ("id" in c and not _is_int(c["id"])):
+            out.append(f"meta.{META_COCO_CROWD}[{i}] needs an integer category_id (and id, if any), a 4-number bbox "
+                       "and string name and supercategory")
         elif why:
             out.append(f"meta.{META_COCO_CROWD}[{i}].segmentation: {why}")
     return out
 
 
-def _check_samples(shard: str, raws: list[RawSample], problems: list[Problem]) -> dict[str, SampleRecord]:
-    records: dict[str, SampleRecord] = {}
-    for raw in raws:
-        key, members = raw.key, raw.members
-        name = {ext: n for n, ext in zip(raw.names, members, strict=False)}
-        if not _valid_key(key):
-            continue  # _check_names reports the member
-        unknown = sorted(e for e in members if e != "json" and e not in IMAGE_EXTS)
-        for ext in unknown:
-            problems.append(
-                Problem(shard, key, "member of an unknown kind (expected json and one image)", name.get(ext))
-            )
-        if "json" not in members:
-            problems.append(Problem(shard, key, "json member is missing"))
-            continue
-        images = [e for e in members if e in IMAGE_EXTS]
-        if len(images) != 1:
-            problems.append(Problem(shard, key, f"expected one image member, found {sorted(members)}"))
-            continue
+def _check_sample(shard: str, raw: RawSample, problems: list[Problem]) -> SampleRecord | None:
+    """The record of a sound sample; each problem of an unsound one is appended, and None returned."""
+    key, members = raw.key, raw.members
+    name = dict(zip(members, raw.names, strict=False))
+    if not _valid_key(key):
+        return None  # _check_names reports the member
+    for ext in sorted(e for e in members if e != "json" and e not in IMAGE_EXTS):
+        problems.append(Problem(shard, key, "member of an unknown kind (expected json and one image)", name.get(ext)))
+    if "json" not in members:
+        problems.append(Problem(shard, key, "json member is missing"))
+        return None
+    images = [e for e in members if e in IMAGE_EXTS]
+    if len(images) != 1:
+        problems.append(Problem(shard, key, f"expected one image member, found {sorted(members)}"))
+        return None
+    try:
+        rec = SampleRecord.from_json_bytes(members["json"], where=f"shard {shard}")
+    except SchemaError as e:
+        problems.append(Problem(shard, key, str(e), f"{key}.json"))
+        return None
+    if rec.key != key:
+        problems.append(Problem(shard, key, f"json field 'key' is {rec.key!r}, member name says {key!r}", f"{key}.json"))
+    _check_masks(shard, key, rec, problems)
+    problems.extend(Problem(shard, key, why, f"{key}.json") for why in meta_problems(rec))
+    try:
+        with Image.open(io.BytesIO(members[images[0]])) as im:
+            size = im.size
+    except Exception as e:  # noqa: BLE001 — PIL raises many types for bad bytes (a bomb's header included)
+        problems.append(Problem(shard, key, f"image does not decode: {e}", f"{key}.{images[0]}"))
+        return None
+    if size != (rec.width, rec.height):
+        problems.append(Problem(shard, key, f"image is {size[0]}x{size[1]}, json says {rec.width}x{rec.height}"))
+    return rec
+
+
+def _tar_problem(shard: str, p: TarProblem) -> Problem:
+    return Problem(shard, p.key, p.message, p.member)
+
+
+def _check_tar(shard: ShardInfo, problems: list[Problem]) -> tuple[dict, set[str]] | None:
+    """Stream the tar once: each sample checked, the whole hashed. Returns what the stats should say
+    (samples, objects, tar_bytes, tar_sha256) and every key the readers see; None if it cannot be opened."""
+    try:
+        f = open_sequential(shard.tar)
+    except (OSError, ValueError) as e:
+        problems.append(Problem(shard.name, None, f"tar cannot be opened: {type(e).__name__}: {e}"))
+        return None
+    samples, objects, keys, found = 0, 0, set(), []
+    with f:
+        hashed = HashingReader(f)
         try:
-            rec = SampleRecord.from_json_bytes(members["json"], where=f"shard {shard}")
-        except SchemaError as e:
-            problems.append(Problem(shard, key, str(e), f"{key}.json"))
-            continue
-        if rec.key != key:
-            problems.append(
-                Problem(shard, key, f"json field 'key' is {rec.key!r}, member name says {key!r}", f"{key}.json")
-            )
-        _check_masks(shard, key, rec, problems)
-        problems.extend(Problem(shard, key, why, f"{key}.json") for why in _meta_problems(rec))
+            for raw in tar_samples(hashed, shard.tar, found):
+                keys.add(raw.key)
+                _check_names(shard.name, raw, problems)
+                rec = _check_sample(shard.name, raw, problems)
+                if rec is not None:
+                    samples, objects = samples + 1, objects + len(rec.objects)
+        except ShardReadError as e:
+            problems.append(Problem(shard.name, None, f"tar is unreadable or truncated: {e}"))
         try:
-            with Image.open(io.BytesIO(members[images[0]])) as im:
-                size = im.size
-        except Exception as e:  # noqa: BLE001 — PIL raises many types for bad bytes
-            problems.append(Problem(shard, key, f"image does not decode: {e}", f"{key}.{images[0]}"))
-            continue
-        if size != (rec.width, rec.height):
-            problems.append(Problem(shard, key, f"image is {size[0]}x{size[1]}, json says {rec.width}x{rec.height}"))
-        records[key] = rec
-    return records
+            hashed.drain()
+        except (OSError, ValueError) as e:
+            problems.append(Problem(shard.name, None, f"tar cannot be read to its end: {type(e).__name__}: {e}"))
+    problems.extend(_tar_problem(shard.name, p) for p in found)
+    return {"samples": samples, "objects": objects, "tar_bytes": hashed.size, "tar_sha256": hashed.hexdigest()}, keys
 
 
 def _check_parquet(shard: ShardInfo, keys: set[str], problems: list[Problem]) -> pd.DataFrame | None:
@@ -194,18 +222,13 @@ def _check_parquet(shard: ShardInfo, keys: set[str], problems: list[Problem]) ->
     return df
 
 
-def _check_stats(shard: ShardInfo, tar_bytes: bytes, records: dict, df: pd.DataFrame | None, problems: list[Problem]) -> None:
+def _check_stats(shard: ShardInfo, expect: dict, df: pd.DataFrame | None, problems: list[Problem]) -> None:
     try:
-        stats = check_stats(json.loads(_read_bytes(shard.stats)), shard.stats)
+        stats = check_stats(safe_loads(_read_bytes(shard.stats)), shard.stats)  # its shape, naming file and field
     except Exception as e:  # noqa: BLE001
         problems.append(Problem(shard.name, None, f"stats unreadable: {e}"))
         return
-    expect = {
-        "samples": len(records),
-        "objects": sum(len(r.objects) for r in records.values()),
-        "tar_bytes": len(tar_bytes),
-        "tar_sha256": hashlib.sha256(tar_bytes).hexdigest(),
-    }
+    expect = dict(expect)
     if df is not None:
         expect["failures"] = int((df.status == STATUS_FAILED).sum())
         expect["filtered"] = int((df.status == STATUS_FILTERED).sum())
@@ -225,13 +248,13 @@ def validate_shard(shard: ShardInfo) -> list[Problem]:
         missing = [n for n, h in (("tar", shard.has_tar), ("parquet", shard.has_parquet)) if not h]
         problems.append(Problem(shard.name, None, f"missing {' and '.join(missing)}"))
         return problems
-    tar_bytes = _read_bytes(shard.tar)
-    raws = _read_tar(tar_bytes, shard, problems)
-    _check_names(shard.name, raws, problems)
-    records = _check_samples(shard.name, raws, problems)
-    df = _check_parquet(shard, {raw.key for raw in raws}, problems)
+    checked = _check_tar(shard, problems)
+    if checked is None:
+        return problems
+    expect, keys = checked
+    df = _check_parquet(shard, keys, problems)
     if shard.complete:
-        _check_stats(shard, tar_bytes, records, df, problems)
+        _check_stats(shard, expect, df, problems)
     return problems
 
 

@@ -74,16 +74,15 @@ def test_names_split_as_webdataset_splits_them():
     assert split_name("d.v/x.y.json") == ("d.v/x", "y.json")
 
 
-def test_a_key_stored_twice_comes_out_twice():
+def test_a_key_stored_twice_is_used_once_and_named():
     data = raw_tar([("a.jpg", b"1"), ("a.jpg", b"2"), ("b.json", b"3"), ("a.json", b"4")])
     got, error = read_all(data)
-    assert error is None
-    assert [(s.key, s.members) for s in got] == [
-        ("a", {"jpg": b"1"}),
-        ("a", {"jpg": b"2"}),
-        ("b", {"json": b"3"}),
-        ("a", {"json": b"4"}),
-    ]
+    assert [(s.key, s.members) for s in got] == [("a", {"jpg": b"1"}), ("b", {"json": b"3"})]
+    assert error == ("u.tar: member 'a.jpg': key 'a' is stored twice: this later copy is not used; "
+                     "member 'a.json': key 'a' is stored twice: this later copy is not used")
+    problems = []
+    assert [s.key for s in tar_samples(io.BytesIO(data), "u.tar", problems)] == ["a", "b"]
+    assert [(p.key, p.member) for p in problems] == [("a", "a.jpg"), ("a", "a.json")]
 
 
 def test_directories_are_not_members():
