@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .cli import CliError, require_dataset, require_output_file, run_command
+from .cli import CliError, require_dataset, require_output_file, require_shards, run_command
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -82,15 +82,20 @@ def _index(args: argparse.Namespace) -> int:
 def _to_coco(args: argparse.Namespace) -> int:
     from .coco import to_coco
 
-    n = to_coco(require_dataset(args.dataset), require_output_file(args.out))
+    n = to_coco(require_shards(args.dataset), require_output_file(args.out))
     print(f"wrote {args.out}: {n['images']} images, {n['annotations']} annotations, {n['crowd']} crowd regions")
     for name, why in n["skipped_shards"].items():
-        print(f"shard {name} skipped: {why}", file=sys.stderr)
+        print(f"shard {name} left out: {why}", file=sys.stderr)
+    for where in n["bad_samples"]:
+        print(f"sample left out: {where}", file=sys.stderr)
     for where in n["bad_masks"]:
         print(f"mask left out: {where}", file=sys.stderr)
-    if n["skipped_shards"]:
-        print(f"error: {len(n['skipped_shards'])} shard(s) could not be read and are not in {args.out}: "
-              f"{', '.join(n['skipped_shards'])}", file=sys.stderr)
+    if n["incomplete_shards"]:
+        print(f"{len(n['incomplete_shards'])} incomplete shard(s) not read (no stats file): "
+              f"{', '.join(n['incomplete_shards'])}", file=sys.stderr)
+    if n["skipped_shards"] or n["bad_samples"]:
+        print(f"error: {len(n['skipped_shards'])} shard(s) and {len(n['bad_samples'])} sample(s) could not be read "
+              f"and are not in {args.out}", file=sys.stderr)
         return 1
     return 0
 

@@ -29,6 +29,19 @@ def require_dataset(dataset: str) -> str:
     return dataset
 
 
+def require_shards(dataset: str) -> str:
+    """``require_dataset``, and it holds at least one complete shard (a stats file), else CliError: a
+    folder without shards is the wrong folder, not an empty result."""
+    from .dataset import list_shards
+
+    shards = list_shards(require_dataset(dataset))
+    if not shards:
+        raise CliError(f"{dataset}: holds no shards (NNNNNN.tar + NNNNNN.parquet + NNNNNN.stats.json); is it the dataset folder?")
+    if not any(s.complete for s in shards):
+        raise CliError(f"{dataset}: holds no complete shard ({len(shards)} without a stats file: the run did not finish them)")
+    return dataset
+
+
 def require_output_file(out: str, make_folder: bool = False) -> str:
     """``out`` if it can be written as a file: not a folder, and (checked locally; object stores have
     no folders) its folder exists or ``make_folder`` allows creating it; else CliError."""

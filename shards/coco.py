@@ -1,9 +1,10 @@
 """Interchange with COCO: export shards as COCO instances JSON, import COCO (instances [+ stuff]
 [+ captions]) as shards so COCO can be mixed into training as the paper does.
 
-``from-coco`` records each image's COCO id, each object's category id and supercategory, and the
-crowd regions in the sample's ``meta``; ``to-coco`` then writes those ids back, so the export of a
-COCO-derived dataset scores against the original annotations. Polygons are rasterized to the
+``from-coco`` records each image's COCO id and ``file_name``, each object's annotation id, category id
+and supercategory, and the crowd regions in the sample's ``meta``; ``to-coco`` then writes those back,
+so the export of a COCO-derived dataset scores against the original annotations and a round trip keeps
+image ids, annotation ids and file names. Polygons are rasterized to the
 shard's one mask form, COCO RLE (pycocotools ``frPyObjects``), so ``to-coco`` writes RLE where the
 source had polygons: the same pixels (COCOeval's segm scores them alike), not the same vertices.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +22,24 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .dataset import list_shards, open_run
+from .dataset import ShardInfo, list_shards, open_run
 from .masks import decode_mask, encode_mask, mask_to_box, rle_problem
 from .paths import fs_and_root
-from .reader import iter_samples
+from .reader import MAX_IMAGE_PIXELS, ShardReadError, checked_samples, to_sample
+from .safe_json import loads as safe_loads
 from .schema import (
     META_CAPTIONS,
+    META_COCO_ANNOTATION_IDS,
     META_COCO_CATEGORY_IDS,
     META_COCO_CROWD,
+    META_COCO_FILE_NAME,
     META_COCO_IMAGE_ID,
     META_COCO_SUPERCATEGORIES,
     ObjectRecord,
     SampleRecord,
     SchemaError,
 )
-from .stats import SHARD_ERRORS
+from .validate import meta_problems
 from .writer import DatasetWriter
 
 log = logging.getLogger(__name__)
@@ -55,20 +60,31 @@ def _coco_ids(rec: SampleRecord) -> tuple[int, list[int], list[str]] | None:
     return image_id, cats, supers
 
 
-def _shard_entries(url: str, shard: str, bad_masks: list[str]) -> list[dict]:
-    """One entry per sample of a shard: the image, its objects and the source ids (read whole or raise)."""
-    entries = []
-    for sample in iter_samples([url]):
-        rec = sample.record
+def _shard_entries(dataset: str, shard: ShardInfo, bad_masks: list[str], bad_samples: list[str]) -> list[dict]:
+    """One entry per sound sample of a shard: the image, its objects and the source ids. The shard is read
+    whole and checked against its stats (ShardReadError otherwise); a bad sample or mask is named in
+    ``bad_samples`` / ``bad_masks`` (kept only when the shard as a whole is sound)."""
+    entries, masks, samples = [], [], []
+    for raw in checked_samples(dataset, shard):
+        try:
+            rec, ext = (s := to_sample(raw)).record, s.image_ext
+            why = meta_problems(rec)
+        except (KeyError, SchemaError) as e:
+            why = [e.args[0] if isinstance(e, KeyError) else str(e)]
+        if why:
+            samples.append(f"shard {shard.name} key {raw.key}: {'; '.join(why)}")
+            continue
         objects = []
         for i, obj in enumerate(rec.objects):
             mask = obj.mask
             why = None if mask is None else rle_problem(mask)
             if why:
-                bad_masks.append(f"shard {shard} key {rec.key} objects[{i}].mask: {why}")
+                masks.append(f"shard {shard.name} key {rec.key} objects[{i}].mask: {why}")
                 mask = None
             objects.append((obj, mask))
-        entries.append({"rec": rec, "ext": sample.image_ext, "objects": objects, "ids": _coco_ids(rec)})
+        entries.append({"rec": rec, "ext": ext, "objects": objects, "ids": _coco_ids(rec)})
+    bad_masks += masks
+    bad_samples += samples
     return entries
 
 
@@ -85,35 +101,42 @@ def _annotation(image_id: int, cat: int, box, mask: dict | None, crowd: int, ext
 def to_coco(dataset: str, out: str) -> dict:
     """Write a COCO instances JSON for a dataset; returns counts and what was left out.
 
-    A dataset made by from-coco keeps its COCO image ids, category ids and supercategories, and its
-    crowd regions come back as ``iscrowd`` annotations. Any other dataset numbers images 1..N and
-    makes one category per distinct detector phrase. Each annotation keeps the rich description and
-    the scores as extra fields, which COCO tools ignore. A shard that cannot be read is left out
-    (``skipped_shards``: name -> reason); a mask pycocotools cannot decode is left off its annotation
-    (``bad_masks``).
+    A dataset made by from-coco keeps its COCO image ids, file names, annotation ids, category ids and
+    supercategories, and its crowd regions come back as ``iscrowd`` annotations. Any other dataset
+    numbers images and annotations 1..N, names each image ``{key}.{ext}`` (its tar member) and makes one
+    category per distinct detector phrase. Each annotation keeps the rich description and the scores as
+    extra fields, which COCO tools ignore. Each complete shard is read whole and checked against its
+    stats file; one that cannot be read, is missing its tar or differs from its stats is left out
+    (``skipped_shards``: name -> reason), a sample that is not sound is left out (``bad_samples``), a
+    mask pycocotools cannot decode is left off its annotation (``bad_masks``); shards without a stats
+    file are not read (``incomplete_shards``).
     """
     skipped: dict[str, str] = {}
     bad_masks: list[str] = []
+    bad_samples: list[str] = []
     entries: list[dict] = []
-    for s in list_shards(dataset):
-        if not (s.complete and s.has_tar):
+    shards = list_shards(dataset)
+    for s in shards:
+        if not s.complete:
             continue
         try:
-            entries.extend(_shard_entries(s.tar, s.name, bad_masks))
-        except SHARD_ERRORS as e:
-            skipped[s.name] = f"{type(e).__name__}: {e}"
-            log.warning("to-coco: shard %s left out: %s", s.name, skipped[s.name])
+            entries.extend(_shard_entries(dataset, s, bad_masks, bad_samples))
+        except ShardReadError as e:
+            skipped[s.name] = str(e)
+            log.warning("to-coco: shard %s left out: %s", s.name, e)
     source_ids = [e["ids"][0] for e in entries if e["ids"] is not None]
     keep_ids = bool(entries) and len(source_ids) == len(entries) and len(set(source_ids)) == len(entries)
     images, annotations, categories = [], [], {}  # categories: id -> (name, supercategory)
     phrase_ids: dict[str, int] = {}
     crowd = 0
     for n, e in enumerate(entries, start=1):
-        rec = e["rec"]
+        rec, meta = e["rec"], e["rec"].meta
         image_id = e["ids"][0] if keep_ids else n
-        images.append({"id": image_id, "file_name": f"{rec.key}.{e['ext']}", "width": rec.width,
+        file_name = meta.get(META_COCO_FILE_NAME) if keep_ids else None
+        images.append({"id": image_id, "file_name": file_name or f"{rec.key}.{e['ext']}", "width": rec.width,
                        "height": rec.height, "caption": rec.caption, "source_caption": rec.source_caption,
                        "source": rec.source})
+        ann_ids = meta.get(META_COCO_ANNOTATION_IDS) or [None] * len(e["objects"])
         for i, (obj, mask) in enumerate(e["objects"]):
             if keep_ids:
                 cat = int(e["ids"][1][i])
@@ -123,27 +146,31 @@ def to_coco(dataset: str, out: str) -> dict:
                 categories.setdefault(cat, (obj.phrase, ""))
             extra = {"description": obj.description, "detector_score": obj.detector_score,
                      "clip_score": obj.clip_score, "mask_score": obj.mask_score}
-            annotations.append(_annotation(image_id, cat, obj.box, mask, 0, extra))
+            annotations.append((ann_ids[i], _annotation(image_id, cat, obj.box, mask, 0, extra)))
         if keep_ids:
-            for c in rec.meta.get(META_COCO_CROWD) or []:
+            for c in meta.get(META_COCO_CROWD) or []:
                 categories.setdefault(int(c["category_id"]), (c["name"], c["supercategory"]))
                 x, y, w, h = c["bbox"]
-                annotations.append(_annotation(image_id, int(c["category_id"]), (x, y, x + w, y + h),
-                                               c["segmentation"], 1, {}))
+                annotations.append((c.get("id"), _annotation(image_id, int(c["category_id"]), (x, y, x + w, y + h),
+                                                             c["segmentation"], 1, {})))
                 crowd += 1
-    for i, ann in enumerate(annotations, start=1):
-        ann["id"] = i
+    # The source's annotation ids when every annotation has one and none repeats; else 1..N for all.
+    ids = [i for i, _ in annotations]
+    keep_ann_ids = keep_ids and None not in ids and len(set(ids)) == len(ids)
+    for n, (source_id, ann) in enumerate(annotations, start=1):
+        ann["id"] = source_id if keep_ann_ids else n
     coco = {
         "info": {"description": f"richlayout export of {dataset}"},
         "images": images,
-        "annotations": annotations,
+        "annotations": [ann for _, ann in annotations],
         "categories": [{"id": i, "name": n, "supercategory": sc} for i, (n, sc) in sorted(categories.items())],
     }
     fs, path = fs_and_root(out)
     with fs.open(path, "w") as f:
         json.dump(coco, f)
     return {"images": len(images), "annotations": len(annotations) - crowd, "crowd": crowd,
-            "source_ids": keep_ids, "skipped_shards": skipped, "bad_masks": bad_masks}
+            "source_ids": keep_ids, "skipped_shards": skipped, "bad_masks": bad_masks, "bad_samples": bad_samples,
+            "incomplete_shards": [s.name for s in shards if not s.complete]}
 
 
 def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
@@ -154,6 +181,18 @@ def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
     if isinstance(seg, dict):
         return decode_mask(seg)
     raise ValueError(f"unsupported segmentation of type {type(seg).__name__}")
+
+
+_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the formats a shard stores as they are
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shown(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _key(image_id: int) -> str:
@@ -167,8 +206,8 @@ def _load(path: str | None, option: str) -> dict | None:
     if not p.is_file():
         raise CocoError(f"{option} {path}: no such file")
     try:
-        d = json.loads(p.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        d = safe_loads(p.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # too deep or a huge integer included
         raise CocoError(f"{option} {path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CocoError(f"{option} {path}: expected a JSON object with COCO's lists")
@@ -182,11 +221,15 @@ def _list(d: dict, key: str, path: str) -> list[dict]:
     return value
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _unique_ids(items: list[dict], key: str, path: str) -> None:
     seen: set = set()
     for item in items:
-        if "id" not in item:
-            raise CocoError(f"{path}: an entry of {key!r} has no 'id'")
+        if not _is_int(item.get("id")):
+            raise CocoError(f"{path}: an entry of {key!r} has no integer 'id': {_shown(item)}")
         if item["id"] in seen:
             raise CocoError(f"{path}: {key} id {item['id']!r} appears more than once")
         seen.add(item["id"])
@@ -197,8 +240,8 @@ def _categories(sources: list[tuple[dict, str]]) -> dict[int, dict]:
     cats: dict[int, dict] = {}
     for d, path in sources:
         for c in _list(d, "categories", path):
-            if "id" not in c or not isinstance(c.get("name"), str):
-                raise CocoError(f"{path}: a category lacks 'id' or a string 'name': {c!r}")
+            if not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+                raise CocoError(f"{path}: a category lacks an integer 'id' or a string 'name': {_shown(c)}")
             entry = {"name": c["name"], "supercategory": str(c.get("supercategory") or "")}
             if cats.get(c["id"], entry) != entry:
                 raise CocoError(f"{path}: category id {c['id']!r} is defined twice, as {cats[c['id']]} and {entry}")
@@ -211,7 +254,7 @@ def _objects_for(
 ) -> tuple[list[ObjectRecord], dict]:
     """The objects of an image and the ``meta`` entries that tie them back to COCO."""
     h, w = img["height"], img["width"]
-    objects, cat_ids, supers, crowd = [], [], [], []
+    objects, cat_ids, supers, crowd, ann_ids = [], [], [], [], []
     for a in anns:
         cat = cats[a["category_id"]]
         x, y, bw, bh = a["bbox"]
@@ -222,7 +265,7 @@ def _objects_for(
             rle = encode_mask(_segmentation_mask(seg, h, w)) if seg else None
             crowd.append({"category_id": int(a["category_id"]), "name": cat["name"],
                           "supercategory": cat["supercategory"], "bbox": [float(v) for v in (x, y, bw, bh)],
-                          "segmentation": rle})
+                          "segmentation": rle, **({"id": a["id"]} if _is_int(a.get("id")) else {})})
             continue
         x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
         if x2 <= x1 or y2 <= y1 or (x2 - x1) * (y2 - y1) < min_area_frac * w * h:
@@ -237,7 +280,11 @@ def _objects_for(
         )
         cat_ids.append(int(a["category_id"]))
         supers.append(cat["supercategory"])
-    return objects, {META_COCO_CATEGORY_IDS: cat_ids, META_COCO_SUPERCATEGORIES: supers, META_COCO_CROWD: crowd}
+        ann_ids.append(a.get("id"))
+    meta = {META_COCO_CATEGORY_IDS: cat_ids, META_COCO_SUPERCATEGORIES: supers, META_COCO_CROWD: crowd}
+    if all(map(_is_int, ann_ids)):  # else to-coco numbers this dataset's annotations afresh
+        meta[META_COCO_ANNOTATION_IDS] = ann_ids
+    return objects, meta
 
 
 def from_coco(
@@ -265,21 +312,26 @@ def from_coco(
     if not Path(images).is_dir():
         raise CocoError(f"--images {images}: no such folder")
     imgs = _list(inst, "images", instances)
-    _unique_ids(imgs, "images", instances)
     for img in imgs:
-        if not all(isinstance(img.get(k), int) for k in ("id", "width", "height")) or "file_name" not in img:
-            raise CocoError(f"{instances}: image {img['id']!r} lacks 'file_name' or integer 'id'/'width'/'height'")
+        if not all(_is_int(img.get(k)) for k in ("id", "width", "height")) or not isinstance(img.get("file_name"), str):
+            raise CocoError(f"{instances}: image {_shown(img)} lacks a string 'file_name' or integer 'id'/'width'/'height'")
+    _unique_ids(imgs, "images", instances)
     sources = [(inst, instances)] + ([(stuff_d, stuff)] if stuff_d is not None else [])
     cats = _categories(sources)
     anns_by_image: dict[int, list[dict]] = {}
     for src, path in sources:
         for a in _list(src, "annotations", path):
-            if a.get("category_id") not in cats or not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4:
-                raise CocoError(f"{path}: annotation {a.get('id')!r} has an unknown category_id or no 4-number bbox")
+            bbox = a.get("bbox")
+            if not _is_int(a.get("category_id")) or a["category_id"] not in cats or not _is_int(a.get("image_id")) \
+                    or not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+                raise CocoError(f"{path}: annotation {_shown(a.get('id'))} needs a known integer category_id, an "
+                                "integer image_id and a 4-number bbox")
             anns_by_image.setdefault(a.get("image_id"), []).append(a)
     caps_by_image: dict[int, list[str]] = {}
     for c in _list(caps, "annotations", captions) if caps is not None else []:
-        caps_by_image.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")).strip())
+        if not _is_int(c.get("image_id")):
+            raise CocoError(f"{captions}: caption {_shown(c.get('id'))} has no integer image_id")
+        caps_by_image.setdefault(c["image_id"], []).append(str(c.get("caption", "")).strip())
 
     config = {
         "kind": "from-coco",
@@ -296,8 +348,9 @@ def from_coco(
             key, source = _key(img["id"]), str(Path(images) / img["file_name"])
             try:
                 writer.add(*_coco_sample(img, key, source, caps_by_image, anns_by_image, cats, min_area_frac))
-            except (OSError, SchemaError, ValueError, KeyError) as e:
-                # PIL's UnidentifiedImageError is an OSError: unreadable bytes count as a read failure.
+            except (OSError, SchemaError, ValueError, KeyError, TypeError, IndexError) as e:
+                # PIL's UnidentifiedImageError is an OSError: unreadable bytes count as a read failure;
+                # pycocotools answers a malformed polygon with TypeError or IndexError.
                 stage = "read" if isinstance(e, OSError) else "convert"
                 writer.add_failure(key, source, stage, f"{type(e).__name__}: {e}")
                 log.warning("from-coco: %s: %s", source, e)
@@ -307,12 +360,22 @@ def from_coco(
 def _coco_sample(img: dict, key: str, source: str, caps_by_image: dict, anns_by_image: dict, cats: dict,
                  min_area_frac: float) -> tuple[SampleRecord, bytes, str]:
     """One COCO image as a sample: its record, the image bytes and their extension."""
+    name = img["file_name"]
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"file_name {name!r} leaves the --images folder: not read")
     data = Path(source).read_bytes()
-    ext = Path(img["file_name"]).suffix.lower().lstrip(".")
-    ext = "jpg" if ext == "jpeg" else ext
-    with Image.open(io.BytesIO(data)) as im:
-        if im.size != (img["width"], img["height"]):
-            raise ValueError(f"image is {im.size[0]}x{im.size[1]}, the annotations say {img['width']}x{img['height']}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            # The stored extension is the format's, whatever the file is called (a PNG named .jpg).
+            ext = _EXTS.get(im.format)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image is {w}x{h} = {w * h} pixels, more than {MAX_IMAGE_PIXELS} (shards.reader.MAX_IMAGE_PIXELS)")
+    if ext is None:
+        raise ValueError(f"image format {im.format} is not stored as it is (JPEG, PNG or WebP)")
+    if (w, h) != (img["width"], img["height"]):
+        raise ValueError(f"image is {w}x{h}, the annotations say {img['width']}x{img['height']}")
     cap_list = caps_by_image.get(img["id"], [])
     objects, coco_meta = _objects_for(img, anns_by_image.get(img["id"], []), cats, min_area_frac)
     rec = SampleRecord(
@@ -324,6 +387,6 @@ def _coco_sample(img: dict, key: str, source: str, caps_by_image: dict, anns_by_
         source=source,
         source_caption=cap_list[0] if cap_list else None,
         objects=tuple(objects),
-        meta={META_CAPTIONS: cap_list, META_COCO_IMAGE_ID: int(img["id"]), **coco_meta},
+        meta={META_CAPTIONS: cap_list, META_COCO_IMAGE_ID: int(img["id"]), META_COCO_FILE_NAME: name, **coco_meta},
     )
     return rec, data, ext

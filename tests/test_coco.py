@@ -210,14 +210,16 @@ def test_to_coco_skips_a_damaged_shard_and_exits_1_naming_it(tmp_path, capsys):
     out = tmp_path / "coco.json"
     assert cli(["to-coco", str(ds), str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"shard 000001 skipped: KeyError: \"{t1}: key 'k1_000' has no json member\"" in err  # cut inside k1_000.jpg
-    assert err.splitlines()[-1] == f"error: 1 shard(s) could not be read and are not in {out}: 000001"
+    size = json.loads((ds / "000001.stats.json").read_text())["tar_bytes"]
+    assert f"shard 000001 left out: {t1}: holds 3000 bytes but its stats file recorded {size}: damaged " \
+           "(truncated or overwritten), not read" in err
+    assert err.splitlines()[-1] == f"error: 1 shard(s) and 0 sample(s) could not be read and are not in {out}"
     export = json.loads(out.read_text())
     assert sorted(i["file_name"] for i in export["images"]) == ["k0_000.jpg", "k0_001.jpg", "k0_002.jpg"]
 
 
 def test_to_coco_leaves_out_a_mask_pycocotools_cannot_decode(tmp_path, capsys):
-    from test_shards import _rewrite_tar
+    from test_shards import _rewrite_tar, reseal
 
     ds = tmp_path / "ds"
     write_dataset(ds, n=2)
@@ -233,6 +235,7 @@ def test_to_coco_leaves_out_a_mask_pycocotools_cannot_decode(tmp_path, capsys):
         return out
 
     _rewrite_tar(ds / "000000.tar", break_mask)
+    reseal(ds / "000000.tar")  # written that way: the mask is at fault, not a changed tar
     assert cli(["to-coco", str(ds), str(tmp_path / "o.json")]) == 0
     assert "mask left out: shard 000000 key k0_001 objects[0].mask: runs cover 1 pixels" in capsys.readouterr().err
     coco = COCO(str(tmp_path / "o.json"))
