@@ -63,7 +63,8 @@ def load_datasets(paths: Sequence[str], max_samples: int | None = 1000) -> list[
 
 def summary_table(datasets: Sequence[DatasetTables]) -> pd.DataFrame:
     """``stats.summary`` of each dataset, one column per dataset."""
-    return pd.DataFrame({d.name: stats.summary(d.index, d.objects) for d in datasets}, dtype=object)
+    # Each column built as an object Series: a dict of ints and floats alone would become floats ("26.00").
+    return pd.DataFrame({d.name: pd.Series(stats.summary(d.index, d.objects), dtype=object) for d in datasets})
 
 
 # --- figures ---------------------------------------------------------------------------------------

@@ -28,8 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from . import stats
-from .cli import require_dataset, require_output_file, run_command
-from .dataset import tar_urls
+from .cli import require_output_file, require_shards, run_command
 from .draw import color_hex, draw_sample
 
 # Re-exported: the notebook and the tests reach the figures as report.X.
@@ -50,7 +49,7 @@ from .figures import (  # noqa: F401
     summary_table,
 )
 from .paths import fs_and_root, is_local
-from .reader import Sample, ShardReadError, raw_samples, to_sample
+from .reader import ImageRefused, Sample, ShardReadError, shard_samples, to_sample
 from .schema import STATUS_OK
 from .stats import SHARD_ERRORS
 
@@ -80,23 +79,38 @@ class GalleryItem:
     lines: tuple[tuple[str, str], ...]  # (css colour, text)
 
 
-def _readable_samples(dataset: str) -> Iterator[Sample]:
-    # A damaged shard or sample is left out of the gallery (load_datasets names the damaged shards).
+def _readable_samples(dataset: str, left_out: dict[str, str]) -> Iterator[Sample]:
+    # A damaged shard or sample is left out of the gallery and named in ``left_out``.
     def on_error(e: ShardReadError) -> None:
         log.warning("gallery of %s: %s", dataset, e)
+        left_out.setdefault(e.url.rsplit("/", 1)[-1].split(".")[0], str(e))
 
-    for raw in raw_samples(tar_urls(dataset), on_error=on_error):
+    for raw in shard_samples(dataset, on_error=on_error):
         try:
             yield to_sample(raw)
         except SHARD_ERRORS as e:
             log.warning("gallery of %s: %s", dataset, e)
+            left_out.setdefault(f"{raw.url.rsplit('/', 1)[-1].split('.')[0]} key {raw.key}",
+                                e.args[0] if isinstance(e, KeyError) else str(e))
 
 
-def sample_gallery(dataset: str, n: int = 8, max_size: int = 384) -> list[GalleryItem]:
-    """The first ``n`` readable samples drawn with masks, numbered boxes and phrases; descriptions below."""
+def sample_gallery(dataset: str, n: int = 8, max_size: int = 384, left_out: dict[str, str] | None = None) -> list[GalleryItem]:
+    """The first ``n`` readable samples drawn with masks, numbered boxes and phrases; descriptions below.
+
+    A damaged shard or sample is passed over, and an image too large to decode (``Sample.image``) gets a
+    card saying so; each is named in ``left_out`` (``"<shard>"`` or ``"<shard> key <key>"`` -> why).
+    """
+    left_out = {} if left_out is None else left_out
     items = []
-    for sample in islice(_readable_samples(dataset), n):
+    for sample in islice(_readable_samples(dataset, left_out), n):
         rec = sample.record
+        try:
+            drawn = _jpeg(draw_sample(sample, max_size))
+        except ImageRefused as e:
+            log.warning("gallery of %s: %s", dataset, e)
+            left_out[f"{sample.url.rsplit('/', 1)[-1].split('.')[0]} key {rec.key}"] = str(e)
+            items.append(GalleryItem(f"{rec.key} (image refused)", None, (("#e15759", str(e)),)))
+            continue
         lines = [("#444", f"caption: {rec.caption or rec.source_caption or '-'}")]
         lines += [
             (
@@ -106,11 +120,7 @@ def sample_gallery(dataset: str, n: int = 8, max_size: int = 384) -> list[Galler
             )
             for i, o in enumerate(rec.objects)
         ]
-        items.append(
-            GalleryItem(
-                f"{rec.key} ({rec.width}x{rec.height})", _jpeg(draw_sample(sample, max_size)), tuple(lines)
-            )
-        )
+        items.append(GalleryItem(f"{rec.key} ({rec.width}x{rec.height})", drawn, tuple(lines)))
     return items
 
 
@@ -233,6 +243,8 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
             f'<section id="figure-{fig_id}"><h2>{esc(heading)}</h2><figure class="plot">'
             f'<img id="img-{fig_id}" src="{_data_uri(png, "image/png")}" alt="{esc(heading)}"></figure></section>'
         )
+    # The galleries first: an image they refuse joins the dataset's left-out list shown above them.
+    galleries = [gallery_html(sample_gallery(d.path, gallery, left_out=d.skipped)) for d in datasets]
     parts.append('<section id="failure-reasons"><h2>Failure reasons</h2>')
     for d in datasets:
         reasons = stats.failure_reasons(d.index).head(30).set_index("status")
@@ -246,16 +258,17 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
             else '<p class="muted">every input was kept</p>'
         )
         if d.skipped:
-            left_out = pd.DataFrame({"reason": list(d.skipped.values())}, index=pd.Index(list(d.skipped), name="shard"))
+            left_out = pd.DataFrame({"reason": list(d.skipped.values())},
+                                    index=pd.Index(list(d.skipped), name="shard or sample"))
             parts.append(
-                f'<h4 id="skipped-shards-{esc(d.name)}">{len(d.skipped)} damaged shard(s) left out of every table '
-                f"and figure</h4>{table_html(left_out, text_columns=('reason',))}"
+                f'<h4 id="skipped-shards-{esc(d.name)}">{len(d.skipped)} damaged shard(s) or sample(s) left out '
+                f"(a shard of every table and figure, a sample of the object statistics and the gallery)</h4>"
+                f"{table_html(left_out, text_columns=('reason',))}"
             )
     parts.append("</section>")
     for i, d in enumerate(datasets):
         parts.append(
-            f'<section id="gallery-samples-{i}"><h2>Samples: {esc(d.name)}</h2>'
-            f"{gallery_html(sample_gallery(d.path, gallery))}</section>"
+            f'<section id="gallery-samples-{i}"><h2>Samples: {esc(d.name)}</h2>{galleries[i]}</section>'
         )
         parts.append(
             f'<section id="gallery-failures-{i}"><h2>Failures: {esc(d.name)}</h2>'
@@ -267,15 +280,20 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
 
 def write_report(
     paths: Sequence[str], out: str | Path, max_samples: int | None = 1000, gallery: int = 8
-) -> Path | str:
-    """Load the datasets, render the page and write it to ``out`` (a path or an fsspec URI)."""
-    html_text = render_html(load_datasets(paths, max_samples), gallery)
+) -> tuple[Path | str, dict[str, dict[str, str]]]:
+    """Load the datasets, render the page and write it to ``out`` (a path or an fsspec URI).
+
+    Returns where it was written and, per dataset name, what was left out (shard or ``"<shard> key
+    <key>"`` -> why; empty when nothing was).
+    """
+    tables = load_datasets(paths, max_samples)
+    html_text = render_html(tables, gallery)
     fs, path = fs_and_root(str(out))
     if is_local(fs):  # object stores have no folders to make
         fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(html_text.encode("utf-8"))
-    return Path(out) if is_local(fs) else out
+    return (Path(out) if is_local(fs) else out), {t.name: dict(t.skipped) for t in tables}
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -296,11 +314,20 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     for d in args.datasets:
-        require_dataset(d)
+        require_shards(d)
     require_output_file(args.out, make_folder=True)
-    out = write_report(args.datasets, args.out, args.max_samples or None, args.gallery)
+    out, left_out = write_report(args.datasets, args.out, args.max_samples or None, args.gallery)
     log.info("wrote %s", out)  # run_command set logging up: the CLI's one line of output
-    return 0
+    n = sum(map(len, left_out.values()))
+    if not n:
+        return 0
+    for name, entries in left_out.items():
+        for where, why in entries.items():
+            print(f"{name}: {where} left out: {why}", file=sys.stderr)
+    # Data problems exit 1 (the report is written and lists them): a script never takes it for a clean one.
+    print(f"error: {n} damaged shard(s) or sample(s) left out of {out} (listed above and in the report)",
+          file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

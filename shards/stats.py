@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .dataset import list_shards
 from .paths import fs_and_root
-from .reader import ShardReadError, iter_samples
+from .reader import ShardReadError, checked_samples, to_sample
 from .schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUSES, SchemaError
 from .writer import PARQUET_COLUMNS
 
@@ -150,17 +150,14 @@ def load_objects(
 ) -> pd.DataFrame:
     """One row per object of at most ``max_samples`` samples (None: all), taken evenly from every shard.
 
-    Reads the JSON members through the shard reader; a capped read takes the first
-    ``ceil(max_samples / shards)`` samples of each complete shard, so every shard is represented.
-    A shard that cannot be read to its end (or to the cap) is left out whole and recorded in
-    ``skipped`` (shard name -> reason).
+    Reads the JSON members through the shard reader, each shard checked against its stats file; a
+    capped read takes the first ``ceil(max_samples / shards)`` samples of each complete shard, so every
+    shard is represented (a shard read to its end is hashed, a capped one has its size checked). A shard
+    that cannot be read to its end (or to the cap), is missing its tar or differs from its stats is left
+    out whole and recorded in ``skipped`` (shard name -> reason); a sample that is not sound (bad JSON, a
+    member missing) is left out and recorded as ``"<shard> key <key>"`` -> reason.
     """
-    shards = []
-    for s in list_shards(dataset):
-        if s.complete and not s.has_tar:
-            _skip(skipped, dataset, s.name, "tar missing (the stats file says the shard is complete)")
-        elif s.complete:
-            shards.append(s)
+    shards = [s for s in list_shards(dataset) if s.complete]
     per_shard = None if max_samples is None else math.ceil(max_samples / max(1, len(shards)))
     rows: list[dict] = []
     taken = 0
@@ -168,14 +165,19 @@ def load_objects(
         limit = None if max_samples is None else min(per_shard, max_samples - taken)
         if limit == 0:
             break
-        shard_rows, n = [], 0
+        shard_rows, bad, n = [], {}, 0
         try:
-            for sample in islice(iter_samples([s.tar]), limit):
-                shard_rows.extend(_object_rows(sample, s.name))
-                n += 1
-        except SHARD_ERRORS as e:
-            _skip(skipped, dataset, s.name, f"{type(e).__name__}: {e}")
+            for raw in islice(checked_samples(dataset, s), limit):
+                try:
+                    shard_rows.extend(_object_rows(to_sample(raw), s.name))
+                    n += 1
+                except (KeyError, SchemaError) as e:
+                    bad[f"{s.name} key {raw.key}"] = e.args[0] if isinstance(e, KeyError) else str(e)
+        except ShardReadError as e:
+            _skip(skipped, dataset, s.name, str(e))
             continue
+        for where, why in bad.items():
+            _skip(skipped, dataset, where, why)
         rows.extend(shard_rows)
         taken += n
     log.info("%s: %d objects from %d samples", dataset, len(rows), taken)

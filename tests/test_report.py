@@ -161,11 +161,14 @@ def test_report_survives_a_damaged_shard_and_names_it(tmp_path, capsys):
     tar.write_bytes(tar.read_bytes()[:700])  # cut inside the first member
     (ds / "000000.parquet").write_bytes(b"PAR1 not a parquet file")
     out = tmp_path / "r.html"
-    assert shards_cli(["report", str(ds), "--out", str(out), "--gallery", "4"]) == 0
+    assert shards_cli(["report", str(ds), "--out", str(out), "--gallery", "4"]) == 1  # written, and says so
+    err = capsys.readouterr().err
+    assert f"ds: 000001 left out: {tar}: holds 700 bytes but its stats file recorded 10240: damaged" in err
+    assert err.splitlines()[-1] == f"error: 2 damaged shard(s) or sample(s) left out of {out} (listed above and in the report)"
     p = parse(out.read_text(encoding="utf-8"))
     assert p.errors == []
     text = " ".join(p.text)
-    assert "2 damaged shard(s) left out of every table and figure" in text
+    assert "2 damaged shard(s) or sample(s) left out" in text
     assert "parquet unreadable: " in text and f"{tar}: " in text
     tables = report.load_datasets([str(ds)])
     assert sorted(tables[0].skipped) == ["000000", "000001"]
