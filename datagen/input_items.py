@@ -6,11 +6,15 @@ readers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+import pyarrow as pa
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 Image.init()
 # Every extension of a format Pillow can open (.gif's first frame, .bmp, .tiff, .jpe, ...): decode tries them all.
@@ -24,6 +28,20 @@ BYTES_COLUMNS = ("jpg", "jpeg", "png", "webp", "image_bytes", "image")
 
 class InputError(ValueError):
     """An input location that cannot be listed; the message names it and says what was expected."""
+
+
+# What reading a list (parquet, CSV) or a download log raises for a file that is not one: pyarrow's
+# ArrowInvalid (a ValueError) or OSError, pandas' EmptyDataError and ParserError (ValueErrors), bad UTF-8.
+TABLE_ERRORS = (ValueError, OSError, EOFError, pa.ArrowException)
+
+
+def table_failure(e: BaseException, path: str) -> str:
+    """One line saying why the list or log at ``path`` could not be read (no traceback, no path twice)."""
+    kind = "parquet file" if path.lower().endswith(".parquet") else "CSV/TSV list"
+    text = (str(e).splitlines() or [""])[0][:200]
+    if type(e).__name__ == "EmptyDataError":
+        return f"empty {kind} (no header line naming its columns)"
+    return f"not a readable {kind} ({type(e).__name__}: {text})".replace(": )", ")")
 
 
 @dataclass(frozen=True)
@@ -64,10 +82,54 @@ def stem(name: str) -> str:
     return base.split(".", 1)[0]
 
 
-def read_text(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A small text file (a caption), undecodable bytes replaced."""
+# The kinds of file an input folder may hold that are never opened: reading a named pipe blocks forever,
+# a socket or device is no image, and a link to a folder would walk the folder twice.
+_NOT_A_FILE = {"directory": "a link to a folder (not followed)", "other": "not a regular file (a named pipe, "
+               "socket or device, or a link to one): not read"}
+
+
+def not_a_file(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> str | None:
+    """Why the entry ``path`` of a listing (``kind``: its listed type) must not be opened, or None for a
+    regular file. A local symlink is listed as "other": the file it points to decides."""
+    if kind == "file":
+        return None
+    try:
+        kind = fs.info(path)["type"]  # a path (not a listing entry) follows symlinks
+    except FileNotFoundError:
+        return "a broken link (what it points to does not exist): not read"
+    except OSError as e:
+        return f"cannot be inspected: {e.strerror or e}"
+    return None if kind == "file" else _NOT_A_FILE.get(kind, _NOT_A_FILE["other"])
+
+
+def list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str | None]:
+    """Every entry under ``root`` that is not a folder (recursive), sorted: path -> None for a regular
+    file, else why it is not read (``not_a_file``)."""
+    found = fs.find(root, detail=True)
+    return {p: not_a_file(fs, p, found[p].get("type", "file")) for p in sorted(found)}
+
+
+# A caption or JSON sidecar larger than this is not read: img2dataset writes a few hundred bytes, and a
+# compressed tar could hold a gigabyte of one in a few kilobytes.
+SIDECAR_BYTES = 1 << 20
+
+
+def read_text(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """A small text file (a caption, a sidecar), undecodable bytes replaced; None (logged) for one larger
+    than ``SIDECAR_BYTES``, which is not read."""
     with fs.open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace").strip()
+        data = f.read(SIDECAR_BYTES + 1)
+    if len(data) > SIDECAR_BYTES:
+        log.warning("%s: more than %d bytes, not read as a caption or sidecar", path, SIDECAR_BYTES)
+        return None
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def cell_text(value) -> str:
+    """A list cell as text: "" for None and NaN (a missing value), else ``str(value).strip()``."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
 
 
 def pick_column(columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...], what: str, where: str) -> str | None:

@@ -41,12 +41,17 @@ from .input_items import (
     CAPTION_COLUMNS,
     IMAGE_EXTS,
     PATH_COLUMNS,
+    TABLE_ERRORS,
     Entry,
     InputError,
     InputItem,
+    cell_text,
+    list_files,
+    not_a_file,
     pick_column,
     read_text,
     stem,
+    table_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -85,33 +90,47 @@ def _rel(root: str, path: str) -> str:
     return posixpath.relpath(path, root) if path.startswith(root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
 
 
+def _failed(fs: fsspec.AbstractFileSystem, path: str, rel: str, why: str) -> Entry:
+    """A file of an input folder that is not an image input: a failed row saying why."""
+    return Entry(rel, stem(rel), {"source": url_for(fs, path), "uri": "", "caption": None, "meta": {}, "failure": why})
+
+
+def _sidecar_text(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    try:
+        return read_text(fs, path)
+    except OSError as e:  # the image is still an input; its caption is named as missing
+        log.warning("%s: unreadable (%s); the image goes on without it", url_for(fs, path), e.strerror or e)
+        return None
+
+
 def _folder_entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Entry]:
     """Every file under ``root`` (recursive), sorted by relative path: an image is an input, its sibling
-    .txt its caption and .json its metadata; any other file is a failed input ("not an image"), so every
-    file of the folder is accounted for."""
-    files = sorted(fs.find(root))
-    present = set(files)
-    images = [p for p in files if p.rpartition(".")[1] and f".{p.rpartition('.')[2].lower()}" in IMAGE_EXTS]
-    sidecars = {f"{p.rpartition('.')[0]}.{ext}" for p in images for ext in ("txt", "json")}
-    for path in files:
+    .txt its caption and .json its metadata; any other file is a failed input ("not an image"), and so is
+    anything that is not a regular file (a named pipe, socket, device or broken link: never opened, a
+    pipe would block the run), so every file of the folder is accounted for."""
+    files = list_files(fs, root)
+    regular = {p for p, why in files.items() if why is None}
+    images = [p for p in regular if p.rpartition(".")[1] and f".{p.rpartition('.')[2].lower()}" in IMAGE_EXTS]
+    sidecars = {f"{p.rpartition('.')[0]}.{ext}" for p in images for ext in ("txt", "json")} & regular
+    for path, why in files.items():
         base, dot, ext = path.rpartition(".")
         rel = _rel(root, path)
+        if why is not None:
+            yield _failed(fs, path, rel, why)
+            continue
         if not dot or f".{ext.lower()}" not in IMAGE_EXTS:
             if path not in sidecars:
-                yield Entry(rel, stem(rel), {"source": url_for(fs, path), "uri": "", "caption": None, "meta": {},
-                                              "failure": "not an image"})
+                yield _failed(fs, path, rel, "not an image")
             continue
         if path.rsplit("/", 1)[-1].startswith("."):
             # WebDataset keys a member by the name before its first dot: ".x.jpg" and "..jpg" have none
             # (and are hidden files): recorded as a failed input rather than dropped unseen.
-            yield Entry(rel, stem(rel), {"source": url_for(fs, path), "uri": "", "caption": None, "meta": {},
-                                          "failure": "skipped: file name starts with a dot (hidden, no WebDataset key)"})
+            yield _failed(fs, path, rel, "skipped: file name starts with a dot (hidden, no WebDataset key)")
             continue
         txt, meta = f"{base}.txt", {}
-        caption = read_text(fs, txt) if txt in present else None
-        if f"{base}.json" in present:
-            with fs.open(f"{base}.json", "rb") as f:
-                meta = url_meta(sidecar(f.read()))
+        caption = _sidecar_text(fs, txt) if txt in sidecars else None
+        if f"{base}.json" in sidecars:
+            meta = url_meta(sidecar(_sidecar_text(fs, f"{base}.json")))
         yield Entry(rel, stem(rel), {"source": url_for(fs, path), "uri": url_for(fs, path), "caption": caption, "meta": meta})
 
 
@@ -121,20 +140,23 @@ def _table_entries(
     """A parquet/CSV list: a path-or-URL column (or img2dataset's embedded image bytes) + a caption."""
     where = url_for(fs, path)
     base_dir = url_for(fs, posixpath.dirname(path))
-    if path.lower().endswith(".parquet"):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            schema = pf.schema_arrow
-            names = list(schema.names)
-            binary = [n for n in BYTES_COLUMNS if n in names and str(schema.field(n).type) in ("binary", "large_binary")]
-            if binary and path_column is None:
-                yield from embedded_entries(pf, where, rel, binary[0], caption_column)
-                return
-            df = pf.read(columns=None).to_pandas()
-    else:
-        with fs.open(path, "rb") as f:
-            sep = "\t" if path.lower().endswith(".tsv") else ","
-            df = pd.read_csv(io.BytesIO(f.read()), sep=sep, dtype=str, keep_default_na=False)
+    try:
+        if path.lower().endswith(".parquet"):
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                schema = pf.schema_arrow
+                names = list(schema.names)
+                binary = [n for n in BYTES_COLUMNS if n in names and str(schema.field(n).type) in ("binary", "large_binary")]
+                if binary and path_column is None:
+                    yield from list(embedded_entries(pf, where, rel, binary[0], caption_column))
+                    return
+                df = pf.read(columns=None).to_pandas()
+        else:
+            with fs.open(path, "rb") as f:
+                sep = "\t" if path.lower().endswith(".tsv") else ","
+                df = pd.read_csv(io.BytesIO(f.read()), sep=sep, dtype=str, keep_default_na=False)
+    except TABLE_ERRORS as e:
+        raise InputError(f"{where}: {table_failure(e, path)}") from None
     col = pick_column(df.columns, path_column, PATH_COLUMNS, "image path or URL", where)
     if col is None:
         raise InputError(
@@ -143,7 +165,7 @@ def _table_entries(
         )
     cap = pick_column(df.columns, caption_column, CAPTION_COLUMNS, "caption", where)
     for i, value in enumerate(df[col].tolist()):
-        value = "" if value is None else str(value).strip()
+        value = cell_text(value)
         caption = None if cap is None or df[cap].iloc[i] is None else str(df[cap].iloc[i])
         if not value:
             # An empty cell still is an input: it fails in decode with a clear reason instead of vanishing.
@@ -167,6 +189,9 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         return
     if not fs.exists(root):
         raise InputError(f"{uri}: {unreachable(fs, root) or 'no such file or folder'}")
+    kind = fs.info(root).get("type", "file")
+    if kind not in ("file", "directory") and (why := not_a_file(fs, root, kind)) is not None:
+        raise InputError(f"{uri}: {why}")
     name = root.rsplit("/", 1)[-1]
     lower = name.lower()
     # Over HTTP a folder's listing page is a file too: a name we would not read as a file is a folder.
@@ -180,14 +205,24 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         else:
             raise InputError(f"{uri}: expected a folder, a .tar, a .parquet/.csv/.tsv list or an image file")
         return
-    top = sorted(p for p in fs.ls(root, detail=False))
-    tars = [p for p in top if p.lower().endswith(".tar")]
-    parquets = [p for p in top if p.lower().endswith(".parquet")]
+    listing = {e["name"]: e.get("type", "file") for e in fs.ls(root, detail=True)}
+    top = sorted(listing)
+    # Entries never opened: a named pipe would block the run, and a folder named like a tar is no tar.
+    odd = {}
+    for p, kind in listing.items():
+        if kind == "directory":
+            if p.rstrip("/").lower().endswith((".tar", ".parquet")):
+                odd[p] = "a folder named like a file (.tar or .parquet): not read"
+        elif kind != "file" and (why := not_a_file(fs, p, kind)) is not None:
+            odd[p] = why
+    tars = [p for p in top if p.lower().endswith(".tar") and p not in odd]
+    parquets = [p for p in top if p.lower().endswith(".parquet") and p not in odd]
+    img2dataset = True
     if tars:
         # img2dataset webdataset output: the .parquet beside each tar is its download log, not an input.
         for t in tars:
             log_path = t[: -len(".tar")] + ".parquet"
-            yield from tar_entries(fs, t, _rel(root, t), download_log(fs, log_path) if log_path in top else None)
+            yield from tar_entries(fs, t, _rel(root, t), download_log(fs, log_path) if log_path in parquets else None)
     elif logs := [p for p in parquets if {p[:-8], f"{p[:-8]}/"} & set(top) and is_download_log(fs, p)]:
         # img2dataset "files" output: NNNNN/ holds the images, NNNNN.parquet its download log.
         for p in logs:
@@ -197,7 +232,12 @@ def _entries(uri: str, path_column: str | None, caption_column: str | None) -> I
         for p in parquets:
             yield from _table_entries(fs, p, _rel(root, p), path_column, caption_column)
     else:
-        yield from _folder_entries(fs, root)
+        img2dataset = False
+        yield from _folder_entries(fs, root)  # lists (and fails) what is not a file itself
+    if img2dataset:
+        for p, why in sorted(odd.items()):
+            rel = _rel(root, p.rstrip("/"))
+            yield _failed(fs, p.rstrip("/"), rel, why)
 
 
 def list_inputs(uris: str | Iterable[str], path_column: str | None = None, caption_column: str | None = None) -> list[InputItem]:
