@@ -48,7 +48,7 @@ from PIL import Image
 from .dataset import ShardInfo, list_shards, read_stats
 from .masks import decode_mask
 from .paths import fs_and_root, open_sequential
-from .schema import SampleRecord
+from .schema import SampleRecord, SchemaError
 from .writer import IMAGE_EXTS
 
 # What the members of one sample may hold together: our writer stores one image (at most a few MB)
@@ -331,14 +331,20 @@ class Sample:
 
 
 def to_sample(raw: RawSample) -> Sample:
-    """A validated Sample from a raw one; KeyError for a missing member, SchemaError for a bad record."""
+    """A validated Sample from a raw one; KeyError for a missing member, SchemaError for a bad record, a
+    record whose ``key`` is not its member name, or more than one image (which one would be meant?)."""
     if "json" not in raw.members:
         raise KeyError(f"{raw.url}: key {raw.key!r} has no json member")
-    record = SampleRecord.from_json_bytes(raw.members["json"], where=f"{raw.url} key {raw.key!r}")
-    ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
-    if ext is None:
+    where = f"{raw.url} key {raw.key!r}"
+    record = SampleRecord.from_json_bytes(raw.members["json"], where=where)
+    if record.key != raw.key:
+        raise SchemaError(f"{where}: field 'key' is {record.key!r}, not its member name's {raw.key!r}")
+    exts = [e for e in IMAGE_EXTS if e in raw.members]
+    if not exts:
         raise KeyError(f"{raw.url}: key {raw.key!r} has no image member")
-    return Sample(record=record, image_bytes=raw.members[ext], image_ext=ext, url=raw.url)
+    if len(exts) > 1:
+        raise SchemaError(f"{where}: holds {len(exts)} images ({', '.join(exts)}); a sample has one")
+    return Sample(record=record, image_bytes=raw.members[exts[0]], image_ext=exts[0], url=raw.url)
 
 
 def iter_samples(dataset_or_urls: str | list[str]) -> Iterator[Sample]:

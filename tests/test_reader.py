@@ -16,7 +16,7 @@ from shards.reader import (
     tar_samples,
     to_sample,
 )
-from shards.schema import SampleRecord
+from shards.schema import SampleRecord, SchemaError
 from shards.writer import ShardWriter, build_tar
 
 
@@ -150,7 +150,12 @@ def test_iter_samples_round_trips_the_writer(tmp_path):
         w.add(rec, b"\xff\xd8fake", "jpg")
     (s,) = list(iter_samples(str(tmp_path)))
     assert (s.record, s.image_bytes, s.image_ext) == (rec, b"\xff\xd8fake", "jpg")
-    with pytest.raises(KeyError, match="'k' has no image member"):
-        to_sample(RawSample("k", "u", {"json": rec.to_json_bytes()}, ("k.json",)))
+    with pytest.raises(KeyError, match="'k0' has no image member"):
+        to_sample(RawSample("k0", "u", {"json": rec.to_json_bytes()}, ("k0.json",)))
     with pytest.raises(KeyError, match="'k' has no json member"):
         to_sample(RawSample("k", "u", {"jpg": b""}, ("k.jpg",)))
+    # The record's key must be its member name's, and a sample holds one image: else which is meant?
+    with pytest.raises(SchemaError, match="u key 'k': field 'key' is 'k0', not its member name's 'k'"):
+        to_sample(RawSample("k", "u", {"json": rec.to_json_bytes(), "jpg": b""}, ("k.json", "k.jpg")))
+    with pytest.raises(SchemaError, match=r"u key 'k0': holds 2 images \(jpg, png\); a sample has one"):
+        to_sample(RawSample("k0", "u", {"json": rec.to_json_bytes(), "jpg": b"", "png": b""}, ("k0.json", "k0.jpg", "k0.png")))
