@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shards.paths import fs_and_root, url_for
+from shards.dataset import DatasetHandle, as_handle
+from shards.paths import dump_json, fs_and_root, url_for, write_atomic
 from shards.schema import STAGE_ORDER, STATUS_OK
 
 CPU_TASK_STAGES = ("decode", "pack")  # plain Ray tasks, sized by execution.<stage>_tasks
@@ -344,15 +345,11 @@ def _pool_record(cfg, pool) -> dict:
                                               "cpu_stage_cpus": v.cpu_stage_cpus}}
 
 
-def save_run_record(output: str, record: dict) -> str:
+def save_run_record(output: str | DatasetHandle, record: dict) -> str:
     """Write ``record`` to ``<output>/runs/<UTC time>.json`` (atomically); returns its path or URL."""
-    from shards.paths import dump_json, fs_and_root, join, url_for, write_atomic  # only a run writes records
-
-    fs, root = fs_and_root(output)
-    folder = join(root, RUNS_DIR)
-    fs.makedirs(folder, exist_ok=True)
+    dataset = as_handle(output)
+    dataset.fs.makedirs(dataset.path(RUNS_DIR), exist_ok=True)
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"  # sorts by time
-    path = join(folder, f"{stamp}.json")
-    write_atomic(fs, path, dump_json(record))
-    return url_for(fs, path)
+    write_atomic(dataset.fs, dataset.path(RUNS_DIR, f"{stamp}.json"), dump_json(record))
+    return dataset.url(RUNS_DIR, f"{stamp}.json")

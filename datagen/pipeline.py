@@ -35,8 +35,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
 
-from shards.dataset import read_run
-from shards.paths import fs_and_root, join
+from shards.dataset import DatasetHandle
 from shards.schema import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 
 from .chunks import (
@@ -171,7 +170,7 @@ def vllm_pool(ds: ray.data.Dataset, cfg: DatagenConfig, pool: PoolConfig) -> ray
         compute=ActorPoolStrategy(size=1), num_cpus=v.cpu_stage_cpus)
 
 
-def _pack_fn(df: pd.DataFrame, config: WriteConfig, output: str, token: str) -> pd.DataFrame:
+def _pack_fn(df: pd.DataFrame, config: WriteConfig, dataset: DatasetHandle, token: str) -> pd.DataFrame:
     # The images stop here: each packed chunk is stored as a part beside the output (``write_part``) and
     # only its summary (counts, failure reasons, busy seconds, the part's path) goes on to the driver,
     # as JSON text: a few hundred bytes per chunk, whatever its images weigh.
@@ -179,7 +178,7 @@ def _pack_fn(df: pd.DataFrame, config: WriteConfig, output: str, token: str) -> 
     for chunk in df["chunk"]:
         packed = pack_chunk(chunk, config)
         t0 = time.perf_counter()
-        part = write_part(parts_dir(output, token, packed["shard"]), packed["start"], packed["entries"])
+        part = write_part(dataset, parts_dir(dataset, token, packed["shard"]), packed["start"], packed["entries"])
         packed["busy"][PACK][1] += time.perf_counter() - t0  # storing the part is the pack task's work too
         summaries.append(json.dumps({**chunk_summary(packed), "part": part}))
     return pd.DataFrame({"shard": df["shard"], "summary": summaries})
@@ -196,9 +195,9 @@ def pool_remote_args(pool: PoolConfig) -> dict:
     return {"compute": compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **memory}
 
 
-def build_dataset(chunks: list[dict], cfg: DatagenConfig, output: str, token: str) -> ray.data.Dataset:
+def build_dataset(chunks: list[dict], cfg: DatagenConfig, dataset: DatasetHandle, token: str) -> ray.data.Dataset:
     """The lazy Ray dataset: decode -> each actor pool (or vLLM processor) -> pack, which stores each chunk
-    as a part under ``output`` (run ``token``). One row per chunk: its summary."""
+    as a part under the output ``dataset`` (run ``token``). One row per chunk: its summary."""
     ex = cfg.execution
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 10_000)))
     # batch_size=1: one chunk per call; the stages batch inside a chunk.
@@ -210,12 +209,12 @@ def build_dataset(chunks: list[dict], cfg: DatagenConfig, output: str, token: st
             continue
         ds = ds.map_batches(PoolWorker, fn_constructor_kwargs={"cfg": cfg, "pool": pool}, batch_size=1,
                             batch_format="pandas", **pool_remote_args(pool))
-    return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write, "output": output, "token": token}, batch_size=1, batch_format="pandas",
+    return ds.map_batches(_pack_fn, fn_kwargs={"config": cfg.write, "dataset": dataset, "token": token}, batch_size=1, batch_format="pandas",
                           compute=TaskPoolStrategy(size=ex.pack_tasks), num_cpus=ex.pack_cpus)
 
 
 @ray.remote
-def _seal_shard_task(dataset: str, shard_id: int, parts: list[str], keep_existing: bool, fingerprint: str | None) -> dict:
+def _seal_shard_task(dataset: DatasetHandle, shard_id: int, parts: list[str], keep_existing: bool, fingerprint: str | None) -> dict:
     return seal_shard(dataset, shard_id, parts, keep_existing, fingerprint)
 
 
@@ -279,13 +278,12 @@ def _iter_summaries(ds: ray.data.Dataset, received: list[int]) -> Iterator[dict]
         raise
 
 
-def _clear_parts(output: str) -> None:
+def _clear_parts(dataset: DatasetHandle) -> None:
     """Remove every run's leftover parts (a killed run's, or ours once all shards are sealed)."""
-    fs, root = fs_and_root(output)
-    path = join(root, PARTS_DIR)
+    path = dataset.path(PARTS_DIR)
     try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        if dataset.fs.exists(path):
+            dataset.fs.rm(path, recursive=True)
     except FileNotFoundError:  # an orphaned writer removed its part of it meanwhile
         pass
 
@@ -293,10 +291,14 @@ def _clear_parts(output: str) -> None:
 def execute(
     jobs: Sequence[ShardJob],
     cfg: DatagenConfig,
-    output: str,
+    dataset: DatasetHandle,
     progress: bool | None = None,
 ) -> RunResult:
-    """Run the pipeline over ``jobs`` and write their shards; Ray must be initialised.
+    """Run the pipeline over ``jobs`` and write their shards to ``dataset``; Ray must be initialised.
+
+    ``dataset`` is the run's handle with its run record (``DatasetHandle.open_run``): the pack and seal
+    tasks receive it as it is (it pickles, filesystem included), and its fingerprint tells each seal
+    task whether the output still belongs to this configuration.
 
     The driver plans and tracks: it receives one small summary per chunk (the pack tasks store the
     chunk's rows as a part beside the output) and starts one seal task per shard once every part of
@@ -311,8 +313,8 @@ def execute(
     chunks = make_chunks(jobs, cfg.execution.chunk_size)
     # This run's parts live under their own token, so a killed run's orphaned tasks never touch them.
     token = uuid.uuid4().hex[:12]
-    fingerprint = (read_run(output) or {}).get("fingerprint")
-    _clear_parts(output)
+    fingerprint = (dataset.run or {}).get("fingerprint")
+    _clear_parts(dataset)
     parts: dict[int, list[tuple[int, str, int]]] = defaultdict(list)  # shard -> (start, path, rows)
     writes: list[ray.ObjectRef] = []
     guard = _FailFast(min(cfg.execution.fail_fast_rows, total))
@@ -322,7 +324,7 @@ def execute(
     last_log = t0
     bar = tqdm(total=total, unit="img", desc="datagen", disable=None if progress is None else not progress, dynamic_ncols=True)
     try:
-        for summary in _iter_summaries(build_dataset(chunks, cfg, output, token), received):
+        for summary in _iter_summaries(build_dataset(chunks, cfg, dataset, token), received):
             rows = summary["rows"]
             if result.startup_seconds is None:
                 result.startup_seconds, result.startup_rows = time.perf_counter() - t0, rows
@@ -340,7 +342,7 @@ def execute(
             parts[shard].append((summary["start"], summary["part"], rows))
             if sum(p[2] for p in parts[shard]) == len(by_id[shard].items):
                 paths = [p[1] for p in sorted(parts.pop(shard))]
-                writes.append(seal_task.remote(output, shard, paths, by_id[shard].keep_existing, fingerprint))
+                writes.append(seal_task.remote(dataset, shard, paths, by_id[shard].keep_existing, fingerprint))
             result.processed += rows
             bar.update(rows)
             bar.set_postfix(ok=result.statuses[STATUS_OK], failed=result.statuses[STATUS_FAILED],
@@ -359,7 +361,7 @@ def execute(
         bar.close()
     stats = _finish_writes(writes, raise_errors=True, received=received)
     result.shards = [s for s in stats if not s.get("superseded")]
-    _clear_parts(output)
+    _clear_parts(dataset)
     result.wall_seconds = time.perf_counter() - t0
     result.driver_bytes = received[0]
     return result

@@ -14,8 +14,7 @@ import os
 import pandas as pd
 import yaml
 
-from shards.dataset import list_shards
-from shards.paths import fs_and_root
+from shards.dataset import DatasetError, DatasetHandle, ShardInfo, as_handle
 from shards.schema import STATUS_FAILED
 from shards.validate import shard_problem
 
@@ -26,34 +25,34 @@ from .inputs import InputItem, assign_shards, list_inputs
 log = logging.getLogger(__name__)
 
 
-
 class OutputError(ValueError):
-    """``--output`` cannot be a dataset folder (e.g. it names an existing file)."""
+    """``--output`` cannot be a dataset folder (e.g. it names an existing file, or cannot be written)."""
 
 
-def check_output(output: str) -> None:
-    """Refuse an output that exists and is not a folder, before anything is written there."""
-    fs, root = fs_and_root(output)
-    if fs.exists(root) and not fs.isdir(root):
-        raise OutputError(f"--output {output}: is an existing file, not a dataset folder "
-                          "(give a new folder, or the folder of a previous run to resume it)")
+def open_output(output: str, write: bool = True) -> DatasetHandle:
+    """The run's one handle on ``--output``, checked before any work: not an existing file and, to
+    ``write``, writable (``DatasetHandle.create``). Every later step receives this handle."""
+    try:
+        return DatasetHandle.create(output) if write else DatasetHandle.open(output).check_folder()
+    except DatasetError as e:
+        raise OutputError(f"--output {e}") from None
 
 
-def _failed_keys(parquet_url: str) -> list[str]:
-    fs, path = fs_and_root(parquet_url)
-    with fs.open(path, "rb") as f:
+def _failed_keys(dataset: DatasetHandle, shard: ShardInfo) -> list[str]:
+    with dataset.fs.open(dataset.shard_path(shard.id, "parquet"), "rb") as f:
         df = pd.read_parquet(io.BytesIO(f.read()), columns=["key", "status"])
     return sorted(df.key[df.status == STATUS_FAILED].tolist())
 
 
-def plan_jobs(items: list[InputItem], cfg: DatagenConfig, output: str, retry_failed: bool = False,
+def plan_jobs(items: list[InputItem], cfg: DatagenConfig, output: str | DatasetHandle, retry_failed: bool = False,
               verify: bool = False):
     """``(jobs, skipped)``: the shards to (re)write and how many complete shards are left as they are.
 
-    A complete shard that fails ``shard_problem`` becomes a job with ``redo`` saying why.
+    A complete shard that fails ``shard_problem`` (a stats file of another shape included) becomes a job
+    with ``redo`` saying why. The shards are listed now, whatever listing came before.
     """
-    fs, root = fs_and_root(output)
-    existing = {s.id: s for s in list_shards(output)} if fs.exists(root) else {}
+    dataset = as_handle(output)
+    existing = {s.id: s for s in dataset.shards(missing_ok=True)}
     jobs, skipped = [], 0
     for shard_id, start, stop in assign_shards(len(items), cfg.inputs.samples_per_shard):
         shard_items = tuple(items[start:stop])
@@ -61,12 +60,12 @@ def plan_jobs(items: list[InputItem], cfg: DatagenConfig, output: str, retry_fai
         if info is None or not info.complete:
             jobs.append(ShardJob(shard_id, shard_items))
             continue
-        problem = shard_problem(output, info, verify)
+        problem = shard_problem(dataset, info, verify)
         if problem:
             log.warning("shard %s has a stats file but %s: it is redone", info.name, problem)
             jobs.append(ShardJob(shard_id, shard_items, redo=problem))
             continue
-        failed = set(_failed_keys(info.parquet)) if retry_failed else set()
+        failed = set(_failed_keys(dataset, info)) if retry_failed else set()
         if failed:
             jobs.append(ShardJob(shard_id, tuple(it for it in shard_items if it.key in failed), keep_existing=True))
         else:
@@ -114,8 +113,7 @@ def plan_text(cfg: DatagenConfig, inputs: list[str] | None = None, output: str |
         n_shards = len(assign_shards(len(items), cfg.inputs.samples_per_shard))
         lines.append(f"inputs: {len(items)} in {n_shards} shards of {cfg.inputs.samples_per_shard}")
         if output is not None:
-            check_output(output)
-            jobs, skipped = plan_jobs(items, cfg, output)
+            jobs, skipped = plan_jobs(items, cfg, open_output(output, write=False))
             redone = sum(1 for j in jobs if j.redo)
             lines.append(f"output {output}: {skipped} shards complete, {len(jobs)} to write"
                          + (f" ({redone} recorded complete but damaged)" if redone else ""))

@@ -20,13 +20,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from shards import build_index, list_shards, open_run
-from shards.paths import fs_and_root, join, shard_name
+from shards.dataset import DatasetHandle
 
 from .config import DatagenConfig, fingerprint_dict, to_dict
 from .inputs import assign_shards, inputs_digest, list_inputs
 from .measurement import run_record, save_run_record
-from .plan import check_output, plan_jobs
+from .plan import open_output, plan_jobs
 from .resources import check_resources
 
 log = logging.getLogger(__name__)
@@ -120,16 +119,19 @@ def run(
 
     ``verify``: also check each complete shard's tar against the sha256 its stats recorded (reads
     every tar); without it only the tar's size is compared. A shard that fails is redone.
+
+    ``output`` is opened once, here (``plan.open_output``: an output that cannot be written is refused
+    before any work), and the handle goes down to every step, Ray's tasks included.
     """
-    check_output(output)
+    dataset = open_output(output)
     try:
-        return _run(cfg, inputs, output, new_run, retry_failed, progress, verify)
+        return _run(cfg, inputs, dataset, new_run, retry_failed, progress, verify)
     except Exception as e:
         full = _disk_full(e)
         if full is None:
             raise
         try:
-            complete = sum(s.complete for s in list_shards(output))
+            complete = sum(s.complete for s in dataset.shards())
         except OSError:  # the disk filled before the output folder was made
             complete = 0
         raise DiskFullError(
@@ -151,7 +153,7 @@ def _disk_full(exc: BaseException) -> OSError | None:
     return None
 
 
-def _run(cfg: DatagenConfig, inputs: list[str], output: str, new_run: bool, retry_failed: bool,
+def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run: bool, retry_failed: bool,
          progress: bool | None, verify: bool) -> Summary:
     from . import pipeline
 
@@ -162,20 +164,20 @@ def _run(cfg: DatagenConfig, inputs: list[str], output: str, new_run: bool, retr
     extra = {"inputs": list(inputs), "packages": _versions(), "python": platform.python_version(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "resolved_config": to_dict(cfg)}
-    open_run(output, fingerprint_dict(cfg, described), extra, new_run=new_run)
-    jobs, skipped = plan_jobs(items, cfg, output, retry_failed, verify)
-    summary = Summary(output=output, inputs=len(items), shards_skipped=skipped,
+    dataset = dataset.open_run(fingerprint_dict(cfg, described), extra, new_run=new_run)
+    jobs, skipped = plan_jobs(items, cfg, dataset, retry_failed, verify)
+    summary = Summary(output=dataset.uri, inputs=len(items), shards_skipped=skipped,
                       shards_total=len(assign_shards(len(items), cfg.inputs.samples_per_shard)),
                       shards_redone=sum(1 for j in jobs if j.redo),
                       started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), vllm_stages=cfg.vllm_stages())
-    _unmark_damaged(output, jobs)
+    _unmark_damaged(dataset, jobs)
     log.info("%d inputs in %d shards: %d complete, %d to write (%d inputs)", len(items), summary.shards_total,
              skipped, len(jobs), sum(len(j.items) for j in jobs))
     if jobs:
         started = pipeline.init_ray(cfg)
         try:
             check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
-            result = pipeline.execute(jobs, cfg, output, progress=progress)
+            result = pipeline.execute(jobs, cfg, dataset, progress=progress)
             summary.resources = _cluster_resources()
         finally:
             if started:
@@ -192,21 +194,20 @@ def _run(cfg: DatagenConfig, inputs: list[str], output: str, new_run: bool, retr
         summary.objects = result.objects
         summary.startup_seconds = result.startup_seconds
         summary.startup_rows = result.startup_rows
-    summary.totals = build_index(output)["totals"]
+    summary.totals = dataset.build_index()["totals"]
     if summary.processed:
-        summary.record = save_run_record(output, run_record(summary, cfg))
+        summary.record = save_run_record(dataset, run_record(summary, cfg))
     return summary
 
 
-def _unmark_damaged(output: str, jobs) -> None:
+def _unmark_damaged(dataset: DatasetHandle, jobs) -> None:
     """Remove the stats file of each damaged shard about to be redone: should this run stop before the
     shard is rewritten, it is not counted (index, readers) nor trusted by the next resume."""
-    fs, root = fs_and_root(output)
     for job in jobs:
         if job.redo:
-            path = join(root, f"{shard_name(job.shard_id)}.stats.json")
-            if fs.exists(path):
-                fs.rm(path)
+            path = dataset.shard_path(job.shard_id, "stats.json")
+            if dataset.fs.exists(path):
+                dataset.fs.rm(path)
 
 
 def _cluster_resources() -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from .paths import (
     RUN_FILE,
     dump_json,
     fs_and_root,
+    is_local,
     join,
     shard_name,
     storage_errors,
@@ -86,14 +88,18 @@ class DatasetHandle:
     @classmethod
     def create(cls, uri: str) -> DatasetHandle:
         """The handle of a dataset to write at ``uri``, checked before any work: a folder or nothing yet,
-        and writable (the folder is made and a probe file written and removed there)."""
+        and writable. The check writes a probe file there and removes it, and a local folder it had to
+        make too (a run stopped by its inputs leaves no empty output behind)."""
         handle = cls.open(uri).check_folder()
+        made = _missing_folders(handle) if is_local(handle.fs) else []
         probe = handle.path(f".write-check-{uuid.uuid4().hex}")
         try:
             handle.fs.makedirs(handle.root, exist_ok=True)
             with handle.fs.open(probe, "wb") as f:
                 f.write(b"")
             handle.fs.rm(probe)
+            for folder in made:  # deepest first
+                handle.fs.rmdir(folder)
         except storage_errors():
             raise  # no credentials, no endpoint: the CLIs name these as they are
         except (OSError, NotImplementedError, ValueError) as e:
@@ -211,6 +217,16 @@ class DatasetHandle:
         index = {"schema_version": SCHEMA_VERSION, "shards": shards, "totals": totals}
         write_atomic(self.fs, self.path(INDEX_FILE), dump_json(index))
         return index
+
+
+def _missing_folders(handle: DatasetHandle) -> list[str]:
+    """The local folders, from the root up, that do not exist yet."""
+    missing, folder = [], handle.root
+    while folder and not handle.fs.exists(folder):
+        missing.append(folder)
+        parent = posixpath.dirname(folder)
+        folder = "" if parent == folder else parent
+    return missing
 
 
 def _why_not_written(fs: fsspec.AbstractFileSystem, e: BaseException) -> str:

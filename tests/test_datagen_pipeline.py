@@ -133,7 +133,7 @@ def seal(dataset, shard_id, parts, keep_existing, fingerprint):
     from datagen.stages.write import seal_shard
     real = w.ShardWriter.close
     def close(self):
-        raise OSError(errno.ENOSPC, "No space left on device", dataset + "/000003.tar")
+        raise OSError(errno.ENOSPC, "No space left on device", dataset.uri + "/000003.tar")
     if shard_id == 3:
         w.ShardWriter.close = close
     try:

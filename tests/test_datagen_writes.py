@@ -17,7 +17,7 @@ from datagen.inputs import list_inputs
 from datagen.pipeline import _FailFast
 from datagen.stages.write import WriteConfig, pack, parts_dir, read_part, seal_shard, write_part, write_shard
 from datagen.synthetic import make_image_folder
-from shards import list_shards, open_run, validate_dataset
+from shards import DatasetHandle, list_shards, open_run, validate_dataset
 
 
 def _row(key: str, status: str = "ok", seed: int = 0) -> dict:
@@ -40,17 +40,18 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_part_round_trips_and_is_byte_reproducible(tmp_path):
     entries = _entries(["k1", "k2", "k3"], failed=("k2",))
-    folder = parts_dir(str(tmp_path), "run1", 0)
-    path = write_part(folder, 16, entries)
+    ds = DatasetHandle.open(str(tmp_path))
+    folder = parts_dir(ds, "run1", 0)
+    path = write_part(ds, folder, 16, entries)
     assert path == str(tmp_path / "_parts" / "run1" / "000000" / "000000016.tar")
-    back = read_part(path)
+    back = read_part(ds, path)
     # Records hold NaN for unknown scores (nan != nan): compare their JSON, and the images as bytes.
     assert [json.dumps({k: v for k, v in e.items() if k != "image"}, sort_keys=True) for e in back] == [
         json.dumps({k: v for k, v in e.items() if k != "image"}, sort_keys=True) for e in entries]
     assert [e.get("image") for e in back] == [e.get("image") for e in entries]
     assert isinstance(back[0]["image"], bytes) and "image" not in back[1]
     first = Path(path).read_bytes()
-    write_part(folder, 16, entries)  # a second writer of the same part: same bytes, no temp file left
+    write_part(ds, folder, 16, entries)  # a second writer of the same part: same bytes, no temp file left
     assert Path(path).read_bytes() == first
     assert sorted(p.name for p in Path(folder).iterdir()) == ["000000016.tar"]
 
@@ -85,7 +86,7 @@ def test_sealing_from_parts_equals_writing_the_entries_and_removes_the_parts(tmp
     direct = write_shard(str(tmp_path / "direct"), 0, entries)
     out = tmp_path / "sealed"
     folder = parts_dir(str(out), "tok", 0)
-    parts = [write_part(folder, 0, entries[:2]), write_part(folder, 2, entries[2:])]
+    parts = [write_part(str(out), folder, 0, entries[:2]), write_part(str(out), folder, 2, entries[2:])]
     sealed = seal_shard(str(out), 0, parts)
     assert sealed == direct
     assert _files(out) == _files(tmp_path / "direct")
@@ -93,10 +94,10 @@ def test_sealing_from_parts_equals_writing_the_entries_and_removes_the_parts(tmp
     assert validate_dataset(str(out)) == []
 
 
-def _seal_in_process(out: str, token: str, entries: list[dict], fingerprint: str, rounds: int) -> None:
+def _seal_in_process(out: DatasetHandle, token: str, entries: list[dict], fingerprint: str, rounds: int) -> None:
     for _ in range(rounds):  # a run's parts, then its seal (which removes them), again and again
         folder = parts_dir(out, token, 0)
-        parts = [write_part(folder, i, entries[i : i + 8]) for i in range(0, len(entries), 8)]
+        parts = [write_part(out, folder, i, entries[i : i + 8]) for i in range(0, len(entries), 8)]
         seal_shard(out, 0, parts, fingerprint=fingerprint)
 
 
@@ -109,7 +110,8 @@ def test_two_writers_sealing_one_shard_at_once_leave_a_valid_shard(tmp_path):
     out = str(tmp_path / "out")
     fingerprint = open_run(out, {"x": 1})["fingerprint"]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_seal_in_process, args=(out, token, entries, fingerprint, 8))
+    # Each process receives the handle pickled, as Ray's seal tasks do.
+    procs = [ctx.Process(target=_seal_in_process, args=(DatasetHandle.open(out), token, entries, fingerprint, 8))
              for token in ("orphan", "restart")]
     for p in procs:
         p.start()
@@ -129,7 +131,7 @@ def test_a_writer_of_a_superseded_configuration_writes_nothing(tmp_path):
     out = str(tmp_path / "out")
     old = open_run(out, {"x": 1})["fingerprint"]
     open_run(out, {"x": 2}, new_run=True)  # the output now belongs to another configuration
-    parts = [write_part(parts_dir(out, "old", 0), 0, _entries(["k1"]))]
+    parts = [write_part(out, parts_dir(out, "old", 0), 0, _entries(["k1"]))]
     assert seal_shard(out, 0, parts, fingerprint=old) == {"shard": "000000", "superseded": True}
     assert list_shards(out) == []
 

@@ -3,7 +3,9 @@
 ``pack`` runs on the workers right after the model stages: it encodes each ok row's image as JPEG and
 validates its record. ``write_part`` stores one packed chunk beside the output
 (``<output>/_parts/<run token>/<shard>/<start>.tar``: entries as JSON plus image members, no pickle),
-so image bytes go from the worker to storage, never through the driver. ``seal_shard`` is the body of
+so image bytes go from the worker to storage, never through the driver. Every function here receives
+the run's ``shards.dataset.DatasetHandle`` (or a URI, opened on the spot); parts are named by their path
+in its filesystem. ``seal_shard`` is the body of
 the one Ray task per shard: it reads the shard's parts and calls ``write_shard``, where every input
 ends as a sample or as a parquet row (failed or filtered); a record that breaks the shard contract
 becomes a failure row with ``error_stage="write"`` rather than a lost input.
@@ -33,8 +35,8 @@ from shards import (
     SchemaError,
     ShardWriter,
 )
-from shards.dataset import read_run
-from shards.paths import fs_and_root, join, shard_name, url_for, write_atomic
+from shards.dataset import DatasetHandle, as_handle
+from shards.paths import join, shard_name, write_atomic
 from shards.reader import raw_samples
 from shards.writer import build_tar
 
@@ -100,14 +102,13 @@ def pack(batch: dict, config: WriteConfig) -> list[dict]:
     return [pack_row({k: v[i] for k, v in batch.items()}, config) for i in range(n)]
 
 
-def _existing_entries(dataset: str, shard_id: int, replaced: set[str]) -> list[dict]:
+def _existing_entries(dataset: DatasetHandle, shard_id: int, replaced: set[str]) -> list[dict]:
     """The entries of a complete shard that a retry keeps (every row not being reprocessed)."""
-    fs, root = fs_and_root(dataset)
     name = shard_name(shard_id)
-    with fs.open(join(root, f"{name}.parquet"), "rb") as f:
+    with dataset.fs.open(dataset.shard_path(shard_id, "parquet"), "rb") as f:
         df = pd.read_parquet(f)
     members: dict[str, dict[str, bytes]] = {}
-    for raw in raw_samples([url_for(fs, join(root, f"{name}.tar"))]):
+    for raw in raw_samples([dataset.url(f"{name}.tar")]):
         if raw.key not in replaced:
             members.setdefault(raw.key, {}).update(raw.members)
     kept = []
@@ -126,19 +127,19 @@ def _existing_entries(dataset: str, shard_id: int, replaced: set[str]) -> list[d
     return kept
 
 
-def write_shard(dataset: str, shard_id: int, entries: list[dict], keep_existing: bool = False) -> dict:
+def write_shard(dataset: str | DatasetHandle, shard_id: int, entries: list[dict], keep_existing: bool = False) -> dict:
     """Write shard ``shard_id`` from packed entries; returns its stats as a dict.
 
     ``keep_existing`` (``--retry-failed``): the shard exists and ``entries`` replace some of its rows;
     the others are carried over. Its stats file is removed first, so a crash mid-rewrite leaves an
     incomplete shard that the next run redoes from the inputs.
     """
+    dataset = as_handle(dataset)
     if keep_existing:
         carried = _existing_entries(dataset, shard_id, {e["key"] for e in entries})
-        fs, root = fs_and_root(dataset)
-        stats_path = join(root, f"{shard_name(shard_id)}.stats.json")
-        if fs.exists(stats_path):
-            fs.rm(stats_path)
+        stats_path = dataset.shard_path(shard_id, "stats.json")
+        if dataset.fs.exists(stats_path):
+            dataset.fs.rm(stats_path)
         entries = carried + list(entries)
     writer = ShardWriter(dataset, shard_id)
     for e in entries:
@@ -158,35 +159,35 @@ PARTS_DIR = "_parts"  # under the output: chunk parts waiting for their shard to
 _ENTRIES = "entries.json"
 
 
-def parts_dir(dataset: str, token: str, shard_id: int) -> str:
-    """The folder of one run's parts of one shard (the run token keeps two runs' parts apart)."""
-    fs, root = fs_and_root(dataset)
-    return url_for(fs, join(root, PARTS_DIR, token, shard_name(shard_id)))
+def parts_dir(dataset: str | DatasetHandle, token: str, shard_id: int) -> str:
+    """The folder of one run's parts of one shard (the run token keeps two runs' parts apart), as a
+    path in the dataset's filesystem."""
+    return as_handle(dataset).path(PARTS_DIR, token, shard_name(shard_id))
 
 
-def write_part(folder: str, start: int, entries: list[dict]) -> str:
-    """Store the packed entries of the chunk starting at input ``start``; returns the part's path.
+def write_part(dataset: str | DatasetHandle, folder: str, start: int, entries: list[dict]) -> str:
+    """Store the packed entries of the chunk starting at input ``start`` in ``folder`` (``parts_dir``);
+    returns the part's path.
 
     A deterministic tar (``entries.json`` + one member per image), written to a temporary name and
     renamed: a reader sees a whole part or none, and whoever writes a part writes the same bytes.
     """
-    fs, root = fs_and_root(folder)
+    fs = as_handle(dataset).fs
     members, meta = [], []
     for i, e in enumerate(entries):
         meta.append({k: v for k, v in e.items() if k != "image"})
         if "image" in e:
             members.append((f"{i:06d}.img", bytes(e["image"])))
     members.append((_ENTRIES, json.dumps(meta, sort_keys=True).encode()))
-    fs.makedirs(root, exist_ok=True)
-    path = join(root, f"{start:09d}.tar")
+    fs.makedirs(folder, exist_ok=True)
+    path = join(folder, f"{start:09d}.tar")
     write_atomic(fs, path, build_tar(members))
-    return url_for(fs, path)
+    return path
 
 
-def read_part(path: str) -> list[dict]:
-    """The entries of one part, images put back."""
-    fs, p = fs_and_root(path)
-    with fs.open(p, "rb") as f:
+def read_part(dataset: str | DatasetHandle, path: str) -> list[dict]:
+    """The entries of one part (a path ``write_part`` returned), images put back."""
+    with as_handle(dataset).fs.open(path, "rb") as f:
         data = f.read()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -198,7 +199,7 @@ def read_part(path: str) -> list[dict]:
     return entries
 
 
-def seal_shard(dataset: str, shard_id: int, parts: list[str], keep_existing: bool = False,
+def seal_shard(dataset: str | DatasetHandle, shard_id: int, parts: list[str], keep_existing: bool = False,
                fingerprint: str | None = None) -> dict:
     """Write shard ``shard_id`` from its parts (in input order), then remove them; returns its stats.
 
@@ -206,19 +207,20 @@ def seal_shard(dataset: str, shard_id: int, parts: list[str], keep_existing: boo
     one still runs): every file of a shard is written to a temporary name and renamed, and the same
     inputs under the same configuration give the same bytes, so either writer's files are the shard.
     ``fingerprint`` is the run's configuration: when ``run.json`` says another one now (``--new-run``
-    since), this writer's rows are stale and nothing is written (``{"superseded": True}``).
+    since), this writer's rows are stale and nothing is written (``{"superseded": True}``): ``run.json``
+    is read now, not taken from the handle's run record, which is the driver's at the run's start.
     """
+    dataset = as_handle(dataset)
     if fingerprint is not None:
-        run = read_run(dataset) or {}
+        run = dataset.read_run() or {}
         if run.get("fingerprint") != fingerprint:
-            log.warning("shard %s not sealed: %s now belongs to another configuration", shard_name(shard_id), dataset)
+            log.warning("shard %s not sealed: %s now belongs to another configuration", shard_name(shard_id), dataset.uri)
             return {"shard": shard_name(shard_id), "superseded": True}
-    entries = [e for p in parts for e in read_part(p)]
+    entries = [e for p in parts for e in read_part(dataset, p)]
     stats = write_shard(dataset, shard_id, entries, keep_existing)
     if parts:
-        fs, folder = fs_and_root(parts[0].rsplit("/", 1)[0])
         try:
-            fs.rm(folder, recursive=True)
+            dataset.fs.rm(parts[0].rsplit("/", 1)[0], recursive=True)
         except FileNotFoundError:  # another writer of this run's parts removed them first
             pass
     return stats
