@@ -33,13 +33,13 @@ from datagen.synthetic import make_image
 from shards.dataset import tar_urls
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter
-from training.augment import augment
-from training.collate import Example, collate, normalize_pixels
-from training.data_config import AugmentConfig, StreamConfig
-from training.regions import reorganize_regions
-from training.stream import build_loader
-from training.stream_errors import ErrorPolicy
-from training.stream_stages import parse_samples, read_shards
+from training.data.augment import augment
+from training.data.collate import Example, collate, normalize_pixels
+from training.data.config import AugmentConfig, StreamConfig
+from training.data.errors import ErrorPolicy
+from training.data.stages import parse_samples, read_shards
+from training.data.stream import build_loader
+from training.layout.regions import reorganize_regions
 
 DESCRIPTIONS = [
     "a {p} on the left side of the picture, slightly tilted, with soft shadows below it",

@@ -5,7 +5,7 @@ configs/datagen/real.yaml, its models swapped for random-weight builds of their 
 (``datagen.real_size``), one model in memory at a time. Prints seconds per image per stage (model loads
 apart) and writes a run record to ``<output>/runs/`` that ``python -m datagen size --from`` reads.
 ``train``: one optimizer step of the regional adapter on SDXL base's real UNet/VAE/text encoders
-(``training.real_size``) at 512 px with gradient checkpointing, bf16 frozen weights.
+(``training.trainer.real_size``) at 512 px with gradient checkpointing, bf16 frozen weights.
 ``--tiny`` runs the same code on the tiny models (a seconds-long CPU smoke test).
 
     python benchmarks/real_size.py datagen --device cuda --output /tmp/rs
@@ -80,9 +80,9 @@ def run_train(args) -> dict:
     import torch
 
     from datagen.real_size import make_photos
-    from training.real_size import layout_batch, real_sdxl_components, train_step
-    from training.tiny import tiny_sdxl_components
-    from training.train_config import load_train_config
+    from training.model.tiny import tiny_sdxl_components
+    from training.trainer.config import load_train_config
+    from training.trainer.real_size import layout_batch, real_sdxl_components, train_step
 
     config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "sdxl512_8gpu.yaml", {
         "train.caption_dropout": 0.0, "train.layout_dropout": 0.0, "train.mixed_precision": args.dtype,

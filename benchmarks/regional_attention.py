@@ -34,10 +34,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.attention import RegionalCrossAttention, _build_plan, level_plan
-from training.casa import RegionalCrossAndSelfAttention, _build_self_plan, self_plan
-from training.encoding import N_TOKENS, slot_token_targets
-from training.regions import RegionLayout, reorganize_regions
+from training.layout.regions import RegionLayout, reorganize_regions
+from training.model.attention import RegionalCrossAttention, _build_plan, level_plan
+from training.model.casa import RegionalCrossAndSelfAttention, _build_self_plan, self_plan
+from training.model.encoding import N_TOKENS, slot_token_targets
 
 IMAGE = 512
 MAX_SLOTS = 30

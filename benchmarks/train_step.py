@@ -12,7 +12,7 @@ Same frozen UNet weights, same batch; a typical layout per sample (8 overlapping
   ``kv_floor_over_base`` bounds how close ``adapter_over_base`` can get to 1 on this configuration.
 
 Default (CPU, about a minute and a half): SDXL's real channel widths (320/640/1280, 64-dim heads) and 2048-wide
-text embeddings, one transformer layer per block (``training.tiny.benchmark_unet``), a 32x32 latent,
+text embeddings, one transformer layer per block (``training.model.tiny.benchmark_unet``), a 32x32 latent,
 text encoders of SDXL's widths (768 and 1280) with 2 layers each instead of 12 and 32; times are the
 process's CPU time on one thread (robust to other processes' load on a shared machine).
 ``--sdxl`` (on a GPU): the real SDXL UNet and text-encoder shapes with random weights at 512 px
@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from training.adapter import attach_regional_adapter, set_adapter_trainable
-from training.attention import RegionalCrossAttention, level_grid, level_plan
-from training.encoding import RegionTextEncoder, grounding_inputs
-from training.model_setup import make_optimizer
-from training.regions import reorganize_regions
-from training.tiny import benchmark_unet, tiny_tokenizers
-from training.train_config import OptimConfig
-from training.train_step import diffusion_loss
+from training.layout.regions import reorganize_regions
+from training.model.adapter import attach_regional_adapter, set_adapter_trainable
+from training.model.attention import RegionalCrossAttention, level_grid, level_plan
+from training.model.encoding import RegionTextEncoder, grounding_inputs
+from training.model.tiny import benchmark_unet, tiny_tokenizers
+from training.trainer.config import OptimConfig
+from training.trainer.model_setup import make_optimizer
+from training.trainer.step import diffusion_loss
 
 WORDS = (
     "a small red wooden chair with a curved back standing near the left wall of a bright room "

@@ -1,6 +1,6 @@
 """What datagen and evaluation both score with: the crop of a box, CLIP crop scores, SAM box prompts.
 
-The datagen stages (segment, describe, score, filter) and the evaluation (``training.metrics``) call
+The datagen stages (segment, describe, score, filter) and the evaluation (``training.evaluation.metrics``) call
 these, so a crop, a CLIP score or a SAM mask means the same on both sides. Pure box/mask geometry
 (a mask's tight box, IoU of box pairs) lives in ``shards.masks``.
 """

@@ -7,9 +7,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from training.encoding import RegionTextEncoder
-from training.regions import RegionLayout, reorganize_regions
-from training.tiny import TINY_WORDS, tiny_text_encoders, tiny_tokenizers
+from training.layout.regions import RegionLayout, reorganize_regions
+from training.model.encoding import RegionTextEncoder
+from training.model.tiny import TINY_WORDS, tiny_text_encoders, tiny_tokenizers
 
 
 @lru_cache(maxsize=1)
@@ -77,8 +77,8 @@ def random_objs(
 def tiny_sdxl_unet_inputs(seed: int = 0, n_objects: int = 8, size: int = 64) -> dict:
     """Tiny-SDXL UNet inputs for a CFG-sized batch: the empty layout and a random layout of ``n_objects``
     (four slots kept, so some regions are dropped), at ``size`` pixels (an 8x8 latent at 64)."""
-    from training.encoding import grounding_inputs
-    from training.regions import empty_layout
+    from training.layout.regions import empty_layout
+    from training.model.encoding import grounding_inputs
 
     gen = torch.Generator().manual_seed(seed)
     layout = random_layout(np.random.default_rng(seed), n_objects, size, size, max_slots=4)

@@ -8,8 +8,9 @@ import torch
 from _model_fixtures import random_layout, region_encoder, tiny_sdxl_unet_inputs
 from safetensors.torch import load_file
 
-from training import init_unet
-from training.adapter import (
+from training.layout.regions import empty_layout, reorganize_regions
+from training.model import init_adapter as init_unet
+from training.model.adapter import (
     AdapterConfig,
     adapter_parameters,
     adapter_state_dict,
@@ -20,9 +21,8 @@ from training.adapter import (
     set_implementation,
     transformer_blocks,
 )
-from training.encoding import grounding_inputs
-from training.regions import empty_layout, reorganize_regions
-from training.tiny import tiny_sdxl_pipeline, tiny_unet
+from training.model.encoding import grounding_inputs
+from training.model.tiny import tiny_sdxl_pipeline, tiny_unet
 
 SIZE = 64  # pixels: an 8x8 latent
 

@@ -6,8 +6,8 @@ import torch
 from _model_fixtures import random_layout, random_objs
 from diffusers.models.embeddings import get_fourier_embeds_from_boundingbox
 
-from training.attention import PositionNet, RegionalCrossAttention, level_grid
-from training.regions import empty_layout, reorganize_regions
+from training.layout.regions import empty_layout, reorganize_regions
+from training.model.attention import PositionNet, RegionalCrossAttention, level_grid
 
 DIM, CONTEXT, HEADS = 32, 24, 4
 

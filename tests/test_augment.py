@@ -1,4 +1,4 @@
-"""training.augment: geometry follows the pixels, flips swap left/right, visibility floor, K objects."""
+"""training.data.augment: geometry follows the pixels, flips swap left/right, visibility floor, K objects."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shards.masks import encode_mask, mask_to_box
-from training.augment import augment, plan_crop, swap_left_right, transform_boxes
-from training.data_config import AugmentConfig
+from training.data.augment import augment, plan_crop, swap_left_right, transform_boxes
+from training.data.config import AugmentConfig
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,8 +9,10 @@ import torch
 from _model_fixtures import random_layout, random_objs, region_encoder
 from safetensors.torch import load_file
 
-from training import init_unet
-from training.adapter import (
+from training.inference.pipeline import LayoutPipeline
+from training.layout.regions import empty_layout
+from training.model import init_adapter as init_unet
+from training.model.adapter import (
     AdapterConfig,
     adapter_config_of,
     adapter_parameters,
@@ -20,12 +22,10 @@ from training.adapter import (
     set_adapter_trainable,
     transformer_blocks,
 )
-from training.attention import _level_region_map
-from training.casa import RegionalCrossAndSelfAttention, _level_union
-from training.encoding import grounding_inputs
-from training.layout_pipeline import LayoutPipeline
-from training.regions import empty_layout
-from training.tiny import tiny_sdxl_pipeline, tiny_unet
+from training.model.attention import _level_region_map
+from training.model.casa import RegionalCrossAndSelfAttention, _level_union
+from training.model.encoding import grounding_inputs
+from training.model.tiny import tiny_sdxl_pipeline, tiny_unet
 
 DIM, CONTEXT, HEADS = 32, 24, 4
 SIZE = 64

@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import load_file
 from test_train import tiny_config, write_dataset
 
-from training import evaluate, generate
-from training import model_setup as M
-from training import train as T
-from training import train_step as S
-from training.adapter import adapter_config_of, transformer_blocks
-from training.casa import RegionalCrossAndSelfAttention
-from training.checkpoint import CheckpointError
-from training.stream import build_loader
-from training.train_config import ConfigError
+from training.data.stream import build_loader
+from training.evaluation import evaluate
+from training.inference import generate
+from training.model.adapter import adapter_config_of, transformer_blocks
+from training.model.casa import RegionalCrossAndSelfAttention
+from training.trainer import loop as T
+from training.trainer import model_setup as M
+from training.trainer import step as S
+from training.trainer.checkpoint import CheckpointError
+from training.trainer.config import ConfigError
 
 LAYOUTS = [
     {"id": "beach", "caption": "a beach", "boxes": [[0, 0, 32, 32], [16, 8, 64, 60]],

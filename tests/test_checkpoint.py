@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import tiny_config, write_dataset
 
-from training import train as T
-from training.checkpoint import (
+from training.trainer import loop as T
+from training.trainer.checkpoint import (
     MANIFEST,
     CheckpointError,
     read_resume_state,
@@ -78,7 +78,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_one_an
     trains step 2 as the uninterrupted run did; TensorBoard then holds each step once."""
     out = copy_run(run, tmp_path)
     flip(step(out, 2) / "adapter.safetensors")
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.trainer.checkpoint"):
         assert resolve_resume("latest", out) == step(out, 1)
     assert "step_0000002/adapter.safetensors: sha256 differs" in caplog.text
 
@@ -102,7 +102,7 @@ def test_truncated_optimizer_state_is_skipped_by_latest_and_named(run, tmp_path,
     out = copy_run(run, tmp_path)
     path = step(out, 2) / "optimizer.bin"
     path.write_bytes(path.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.trainer.checkpoint"):
         assert resolve_resume("latest", out) == step(out, 1)
     assert f"{path}: 100 bytes, manifest.json recorded" in caplog.text
 
@@ -110,7 +110,7 @@ def test_truncated_optimizer_state_is_skipped_by_latest_and_named(run, tmp_path,
 def test_a_checkpoint_without_manifest_is_incomplete_and_skipped(run, tmp_path, caplog):
     out = copy_run(run, tmp_path)
     (step(out, 2) / MANIFEST).unlink()  # the save stopped before its last write
-    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="training.trainer.checkpoint"):
         assert resolve_resume("latest", out) == step(out, 1)
     assert "manifest.json: missing (the checkpoint's save did not finish" in caplog.text
     shutil.rmtree(step(out, 1))

@@ -38,7 +38,7 @@ COMMANDS = [
     ("training.generate", "python -m training.generate"),
     ("training.evaluate", "python -m training.evaluate"),
     ("training.init_unet", "python -m training.init_unet"),
-    ("training.stream", "stream.py"),
+    ("training.data.stream", "stream.py"),
     ("datagen run", "python -m datagen run"),
     ("shards validate", "python -m shards validate"),
 ]
@@ -84,9 +84,10 @@ def test_an_argument_mistake_is_one_usage_error_before_any_model_library(argv, n
 def test_the_light_choices_equal_the_model_modules_constants():
     # evaluate and init_unet read their choices from config Literals so their parsers need no torch model
     # code; the modules that define the behaviour keep the authoritative tuples.
-    from training import evaluate, init_unet
-    from training.casa import MODEL_TYPES
-    from training.metrics import PROTOCOLS
+    from training.evaluation import evaluate
+    from training.evaluation.metrics import PROTOCOLS
+    from training.model import init_adapter as init_unet
+    from training.model.casa import MODEL_TYPES
 
     assert evaluate.PROTOCOL_CHOICES == PROTOCOLS == ("paper", "exact")
     assert init_unet.MODEL_TYPE_CHOICES == MODEL_TYPES == ("ca", "casa")

@@ -23,10 +23,11 @@ from shards.config import (
     load,
     read_yaml,
 )
-from training import data_config, train_config
-from training.evaluate import EvalConfig
-from training.generate import GenerateConfig
-from training.train_config import TrainConfig
+from training.data import config as data_config
+from training.evaluation.evaluate import EvalConfig
+from training.inference.generate import GenerateConfig
+from training.trainer import config as train_config
+from training.trainer.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_TRAIN = CONFIGS / "train" / "tiny.yaml"

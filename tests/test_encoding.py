@@ -5,8 +5,8 @@ import pytest
 import torch
 from _model_fixtures import region_encoder, text_encoders, tokenizers
 
-from training.collate import pad_layouts
-from training.encoding import (
+from training.layout.regions import empty_layout, pad_layouts, reorganize_regions
+from training.model.encoding import (
     NEG_BIAS,
     grounding_inputs,
     grounding_inputs_from_batch,
@@ -14,7 +14,6 @@ from training.encoding import (
     slot_token_targets,
     token_spans,
 )
-from training.regions import empty_layout, reorganize_regions
 
 BOS, EOS, SEP = 100, 101, 7
 

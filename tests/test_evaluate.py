@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from test_metrics import random_inception_weights
 
-from training import evaluate
-from training.metrics import mean_per_image, tiny_hf_clip
+from training.evaluation import evaluate
+from training.evaluation.metrics import mean_per_image, tiny_hf_clip
 
 LAYOUTS = [
     {"id": "a", "boxes": [[0, 0, 32, 32], [10.2, 3, 10.8, 20]], "labels": ["a red kite", "a thin pole"]},

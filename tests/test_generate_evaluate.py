@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training import evaluate, generate
-from training.layouts import layouts_from_dataset, read_layouts
+from training.evaluation import evaluate
+from training.inference import generate
+from training.layout.files import layouts_from_dataset, read_layouts
 
 LAYOUTS = [
     {"id": "beach", "caption": "a beach", "boxes": [[0, 0, 32, 32], [16, 8, 64, 60]],

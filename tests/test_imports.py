@@ -123,6 +123,52 @@ def test_imports_point_from_training_to_datagen_to_shards():
     assert wrong_direction(import_graph()) == []
 
 
+# training's packages, bottom up: a package may import its own modules and those of a lower rank, never a
+# sibling's (same rank) or a higher one. The entry points (``python -m training.train`` etc.) sit on top.
+TRAINING_RANK = {
+    "training.layout": 0,
+    "training.model": 1, "training.data": 1,
+    "training.inference": 2,
+    "training.evaluation": 3, "training.trainer": 3,
+    "training": 4,
+}
+
+
+def training_package(module: str) -> str:
+    parts = module.split(".")
+    pkg = ".".join(parts[:2])
+    return pkg if pkg in TRAINING_RANK else "training"
+
+
+def training_wrong_direction(graph: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every import between training's packages that does not point down."""
+    out = []
+    for a, targets in graph.items():
+        if not a.startswith("training"):
+            continue
+        for b in targets:
+            if not b.startswith("training"):
+                continue
+            pa, pb = training_package(a), training_package(b)
+            if pa != pb and TRAINING_RANK[pb] >= TRAINING_RANK[pa]:
+                out.append(f"{a} -> {b}")
+    return sorted(out)
+
+
+def test_training_packages_import_downward_only():
+    graph = import_graph()
+    packages = {training_package(m) for m in graph if m.startswith("training")}
+    assert packages == set(TRAINING_RANK)  # a new package gets a rank here
+    assert training_wrong_direction(graph) == []
+
+
+def test_training_folders_stay_small():
+    """The layout shows the architecture: no folder of training/ holds more than about twelve modules."""
+    for folder in [ROOT / "training", *(p for p in (ROOT / "training").iterdir() if p.is_dir())]:
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 12, (folder, len(modules))
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel
@@ -143,6 +189,10 @@ def test_the_checks_find_lazy_cycles_and_upward_imports(tmp_path):
         "training/t.py": "from datagen import b\nfrom shards.a import f\n",
     })
     graph = import_graph(tmp_path)
+    assert training_wrong_direction({"training.model.x": {"training.data.y", "training.layout.z"},
+                                     "training.trainer.t": {"training.model.x", "training.train"},
+                                     "training.layout.z": {"training.layout.w"}}) == [
+        "training.model.x -> training.data.y", "training.trainer.t -> training.train"]
     assert graph["datagen.b"] == {"shards.a", "datagen.c.d"}
     assert graph["datagen.c.d"] == {"datagen.b"}
     assert graph["training.t"] == {"datagen.b", "shards.a"}

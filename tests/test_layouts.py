@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from training.layouts import lenient_layout, load_layouts, read_layouts, validate_layout
+from training.layout.files import lenient_layout, load_layouts, read_layouts, validate_layout
 
 DEMO = {"bboxes": [[93, 355, 512, 510], [377, 0, 512, 137]], "labels": ["a sandy beach", "a palm tree"]}
 

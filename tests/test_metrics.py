@@ -11,7 +11,7 @@ from datagen.models import ModelSpec
 from datagen.scoring import crop_box, floor_box, pixel_box, sam_box_iou
 from shards.masks import box_iou_pairs
 from shards.masks import mask_to_box as mask_box
-from training.metrics import (
+from training.evaluation.metrics import (
     CropClipScorer,
     FidUnavailable,
     HfCropScorer,

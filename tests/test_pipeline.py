@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.adapter import adapter_state_dict, save_adapter
-from training.layout_pipeline import LayoutPipeline, active_layout_steps
-from training.tiny import tiny_sdxl_pipeline
+from training.inference.pipeline import LayoutPipeline, active_layout_steps
+from training.model.adapter import adapter_state_dict, save_adapter
+from training.model.tiny import tiny_sdxl_pipeline
 
 SIZE = dict(height=64, width=64)
 BOXES = [[0, 0, 32, 40], [16, 8, 64, 64]]
@@ -134,7 +134,7 @@ def test_loads_the_trainers_lora_and_it_changes_the_image(pipe, tmp_path):
     """A LoRA file written by the trainer (save_lora) loads into a fresh pipeline's UNet weight for weight,
     and with non-zero B it changes the generated image; a file of another UNet is refused by name."""
     pytest.importorskip("peft")
-    from training.lora import add_lora, is_lora_key, save_lora
+    from training.model.lora import add_lora, is_lora_key, save_lora
 
     source = tiny_sdxl_pipeline(0).unet
     add_lora(source, 4)

@@ -125,8 +125,8 @@ def test_real_preset_stages_at_real_size_and_their_run_record(tmp_path, capsys):
 @pytest.mark.real_size
 def test_adapter_train_step_on_real_sdxl_at_512(tmp_path):
     from datagen.real_size import make_photos
-    from training.real_size import SDXL_UNET, layout_batch, real_sdxl_components, train_step
-    from training.train_config import load_train_config
+    from training.trainer.config import load_train_config
+    from training.trainer.real_size import SDXL_UNET, layout_batch, real_sdxl_components, train_step
 
     config = load_train_config(ROOT / "configs" / "train" / "sdxl512_8gpu.yaml", {
         "train.caption_dropout": 0.0, "train.layout_dropout": 0.0, "train.mixed_precision": "bf16",

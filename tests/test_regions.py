@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from _model_fixtures import random_boxes, random_layout
 
-from training.regions import empty_layout, latent_grid, reorganize_regions
+from training.layout.regions import empty_layout, latent_grid, reorganize_regions
 
 B = -1  # dropped
 

@@ -15,17 +15,17 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
-from training import init_unet
-from training.adapter import (
+from training.model import init_adapter as init_unet
+from training.model.adapter import (
     AdapterConfig,
     adapter_parameters,
     attach_regional_adapter,
     is_adapter_key,
     load_adapter,
 )
-from training.lora import add_lora, is_lora_key, load_lora
-from training.release_checkpoint import read_checkpoint, resolve_peft_lora
-from training.tiny import tiny_sd15_unet, tiny_unet
+from training.model.lora import add_lora, is_lora_key, load_lora
+from training.model.release_checkpoint import read_checkpoint, resolve_peft_lora
+from training.model.tiny import tiny_sd15_unet, tiny_unet
 
 SIZE = 64  # pixels: an 8x8 latent
 RANK = 4
@@ -168,7 +168,10 @@ def test_release_lora_ema_copy_of_a_casa_model_loads(tmp_path):
     unet = _model("casa")
     report = load_adapter(unet, tmp_path / "last.ckpt", ema=True)
     assert report.unexpected == [] and report.missing == [] and report.lora > 0
-    torch.testing.assert_close(_forward(unet, inputs), reference, rtol=1e-5, atol=1e-5)
+    # the fusers' LoRA is merged into their weights (W + BA) where the release adds x@A@B apart: float32
+    # reassociation through casa's two attentions moves a few outputs by up to ~2e-5 (measured; how much
+    # depends on the CPU's kernels), against a > 1e-2 effect of the weights themselves
+    torch.testing.assert_close(_forward(unet, inputs), reference, rtol=1e-4, atol=1e-4)
     live = _model("casa")
     load_adapter(live, tmp_path / "last.ckpt")
     assert (_forward(live, inputs) - reference).abs().max() > 1e-3  # the live weights are other ones

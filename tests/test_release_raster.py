@@ -11,13 +11,13 @@ from PIL import Image
 
 from shards.reader import Sample
 from shards.schema import ObjectRecord, SampleRecord
-from training import generate
-from training import layout_pipeline as layout_pipeline_module
-from training.data_config import ConfigError, StreamConfig
-from training.examples import make_example
-from training.layout_pipeline import LayoutPipeline
-from training.regions import rasterize_boxes, reorganize_regions
-from training.tiny import tiny_sdxl_pipeline
+from training.data.config import ConfigError, StreamConfig
+from training.data.examples import make_example
+from training.inference import generate
+from training.inference import pipeline as layout_pipeline_module
+from training.inference.pipeline import LayoutPipeline
+from training.layout.regions import rasterize_boxes, reorganize_regions
+from training.model.tiny import tiny_sdxl_pipeline
 
 
 def cells(mask: np.ndarray) -> tuple[list[int], list[int]]:

@@ -41,7 +41,7 @@ from datagen.stages.decode import DecodeConfig, DecodeStage
 from datagen.synthetic import make_image_folder
 from shards import build_index, list_shards, validate_dataset
 from shards.__main__ import main as shards_main
-from training.stream import build_loader
+from training.data.stream import build_loader
 
 
 def _jpeg(value: int) -> bytes:
@@ -174,7 +174,7 @@ def test_the_stats_notebook_runs_on_an_s3_dataset(tmp_path, s3_bucket, monkeypat
 
 @pytest.mark.parametrize("override", ["output_dir=s3://bucket/run", "checkpoint.resume=s3://bucket/run/checkpoints/step_0000010"])
 def test_a_training_output_or_resume_uri_is_one_error_line_naming_the_field(override, tmp_path, capsys):
-    from training.train import main as train_main
+    from training.trainer.loop import main as train_main
 
     argv = ["--config", "configs/train/tiny.yaml", "--override", f"output_dir={tmp_path / 'out'}", "--override", override]
     assert train_main(argv) == 2

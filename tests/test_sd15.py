@@ -16,11 +16,12 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 from test_train import SIZE, tiny_config, write_dataset
 
-from training import evaluate, generate, init_unet
-from training import model_setup as M
-from training import train as T
-from training import train_step as S
-from training.adapter import (
+from training.evaluation import evaluate
+from training.inference import generate
+from training.inference.pipeline import LayoutPipeline
+from training.layout.regions import empty_layout
+from training.model import init_adapter as init_unet
+from training.model.adapter import (
     adapter_config_of,
     adapter_state_dict,
     attach_regional_adapter,
@@ -29,10 +30,8 @@ from training.adapter import (
     load_adapter,
     save_adapter,
 )
-from training.encoding import RegionTextEncoder, grounding_inputs
-from training.layout_pipeline import LayoutPipeline
-from training.regions import empty_layout
-from training.tiny import (
+from training.model.encoding import RegionTextEncoder, grounding_inputs
+from training.model.tiny import (
     SD15_TEXT_HIDDEN,
     tiny_sd15_pipeline,
     tiny_sd15_unet,
@@ -40,6 +39,9 @@ from training.tiny import (
     tiny_tokenizers,
     tiny_unet,
 )
+from training.trainer import loop as T
+from training.trainer import model_setup as M
+from training.trainer import step as S
 
 LAYOUTS = [
     {"id": "beach", "caption": "a beach", "boxes": [[0, 0, 32, 32], [16, 8, 64, 60]],
@@ -159,7 +161,7 @@ def test_sd15_pipeline_from_a_folder_matches_the_stock_pipeline_without_a_layout
 def sd15_parts(dataset):
     c = tiny_config(dataset, "unused", **{"data.batch_size": 2, "model.base": "tiny-sd15"})
     model = M.build_model(c, torch.device("cpu"))
-    from training.stream import build_loader
+    from training.data.stream import build_loader
 
     return c, next(iter(build_loader(c.data))), model
 
@@ -279,7 +281,7 @@ def test_train_cli_refuses_an_sdxl_adapter_for_an_sd15_base_before_writing(datas
 
 
 def test_the_sd15_preset_is_the_releases_recipe():
-    from training.train_config import TrainConfig
+    from training.trainer.config import TrainConfig
 
     c = TrainConfig.from_yaml("configs/train/sd15_512_8gpu.yaml")
     assert c.model.base == "runwayml/stable-diffusion-v1-5" and c.model.model_type == "ca"

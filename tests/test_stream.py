@@ -1,4 +1,4 @@
-"""training.stream: split, mixture, fixed-length epochs, error policy, determinism, exact resumption."""
+"""training.data.stream: split, mixture, fixed-length epochs, error policy, determinism, exact resumption."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from shards.masks import encode_mask
 from shards.reader import Sample
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter, build_tar
-from training.collate import normalize_pixels
-from training.data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
-from training.examples import pick_caption
-from training.stream import build_loader, merge_states
-from training.stream import main as stream_main
-from training.stream_errors import ErrorPolicy
-from training.stream_stages import filter_samples, keep_objects, mix, mixture_probabilities
+from training.data.collate import normalize_pixels
+from training.data.config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
+from training.data.errors import ErrorPolicy
+from training.data.examples import pick_caption
+from training.data.stages import filter_samples, keep_objects, mix, mixture_probabilities
+from training.data.stream import build_loader, merge_states
+from training.data.stream import main as stream_main
 
 W, H = 40, 32  # stored images; the stream crops 16x16
 
@@ -397,7 +397,7 @@ def test_fsspec_uri_dataset_streams_like_a_folder():
 
 def test_errors_are_logged_at_a_limited_rate(caplog):
     policy = ErrorPolicy(log_interval_s=3600.0, max_consecutive=100, where="w0: ")
-    with caplog.at_level("WARNING", logger="training.stream_errors"):
+    with caplog.at_level("WARNING", logger="training.data.errors"):
         for i in range(5):
             policy.error("bad_json", ValueError(f"sample {i}"))
         policy.error("corrupt_shard", OSError("truncated"))

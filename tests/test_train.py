@@ -28,17 +28,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from datagen.synthetic import make_image
 from shards import ObjectRecord, SampleRecord, ShardWriter
 from shards.draw import color
-from training import model_setup as M
-from training import train as T
-from training import train_step as S
-from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter, set_adapter_trainable
-from training.encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
-from training.layout_pipeline import LayoutPipeline
-from training.regions import empty_layout
-from training.stream import build_loader
-from training.tiny import tiny_sdxl_components, tiny_unet
-from training.train_config import ConfigError, TrainConfig
-from training.validation import generate_validation
+from training.data.stream import build_loader
+from training.inference.pipeline import LayoutPipeline
+from training.layout.regions import empty_layout
+from training.model.adapter import (
+    attach_regional_adapter,
+    is_adapter_key,
+    load_adapter,
+    set_adapter_trainable,
+)
+from training.model.encoding import RegionTextEncoder, grounding_inputs, grounding_inputs_from_batch
+from training.model.tiny import tiny_sdxl_components, tiny_unet
+from training.trainer import loop as T
+from training.trainer import model_setup as M
+from training.trainer import step as S
+from training.trainer.config import ConfigError, TrainConfig
+from training.trainer.validation import generate_validation
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # training and validation images; the tiny UNet's latent grid is 8x8

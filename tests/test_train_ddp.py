@@ -19,10 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import write_dataset
 
-from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter
-from training.checkpoint import verify_checkpoint
-from training.lora import is_lora_key, load_lora
-from training.tiny import tiny_unet
+from training.model.adapter import attach_regional_adapter, is_adapter_key, load_adapter
+from training.model.lora import is_lora_key, load_lora
+from training.model.tiny import tiny_unet
+from training.trainer.checkpoint import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,8 @@ WORKER = textwrap.dedent(
     import json, sys
     from accelerate import PartialState
     from safetensors.torch import save_file
-    from training.train import train
-    from training.train_config import TrainConfig
+    from training.trainer.loop import train
+    from training.trainer.config import TrainConfig
 
     out, overrides = sys.argv[1], json.loads(sys.argv[2])
     result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", overrides))

@@ -13,15 +13,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import SIZE, tiny_config, write_dataset
 
-from training import accelerator as A
-from training import model_setup as M
-from training import train as T
-from training.adapter import attach_regional_adapter, is_adapter_key, load_adapter, set_adapter_trainable
-from training.encoding import grounding_inputs, grounding_inputs_from_batch
-from training.lora import is_lora_key, load_lora
-from training.regions import empty_layout, reorganize_regions
-from training.tiny import tiny_unet
-from training.train_config import OptimConfig
+from training.layout.regions import empty_layout, reorganize_regions
+from training.model.adapter import (
+    attach_regional_adapter,
+    is_adapter_key,
+    load_adapter,
+    set_adapter_trainable,
+)
+from training.model.encoding import grounding_inputs, grounding_inputs_from_batch
+from training.model.lora import is_lora_key, load_lora
+from training.model.tiny import tiny_unet
+from training.trainer import accelerator as A
+from training.trainer import loop as T
+from training.trainer import model_setup as M
+from training.trainer.config import OptimConfig
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def dataset(tmp_path_factory) -> str:
 
 
 def _batch_of(layouts, max_slots: int, max_objs: int = 3) -> dict:
-    """The ``region_*`` fields of a collated batch holding these layouts (as ``training.collate`` lays them out)."""
+    """The ``region_*`` fields of a collated batch holding these layouts (as ``training.data.collate`` lays them out)."""
     n = len(layouts)
     h, w = layouts[0].grid_size
     batch = {
@@ -164,7 +169,7 @@ def test_lora_trains_with_the_adapter_is_saved_beside_it_reloads_and_resumes(dat
     diffusers' loader) to the same outputs; resuming from a checkpoint restores the LoRA and its EMA."""
     from diffusers import StableDiffusionXLPipeline
 
-    from training.tiny import tiny_sdxl_components
+    from training.model.tiny import tiny_sdxl_components
 
     initial: dict[str, torch.Tensor] = {}
     add_lora = M.add_lora
@@ -318,7 +323,7 @@ def test_fsdp_with_a_single_process_warns_and_trains_unwrapped(tmp_path, monkeyp
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # accelerate sets it for the process; restored after
     config = tiny_config("unused", tmp_path, **{"train.distributed": "fsdp"})
-    with caplog.at_level("WARNING", logger="training.accelerator"):
+    with caplog.at_level("WARNING", logger="training.trainer.accelerator"):
         accelerator = A.make_accelerator(config)
     assert accelerator.distributed_type == DistributedType.NO and not A.is_fsdp(accelerator)
     assert "train.distributed=fsdp with a single process" in caplog.text
@@ -327,7 +332,7 @@ def test_fsdp_with_a_single_process_warns_and_trains_unwrapped(tmp_path, monkeyp
 def test_fsdp_on_cpu_processes_is_refused_rather_than_run_as_ddp():
     from accelerate.utils import DistributedType
 
-    from training.train_config import ConfigError
+    from training.trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.distributed=fsdp: accelerate runs FSDP on GPUs only"):
         A.check_distributed("fsdp", DistributedType.MULTI_CPU)

@@ -62,8 +62,8 @@ def make_report(dataset: Path, out: Path) -> Path:
 
 def train(dataset: Path, out: Path, steps: int) -> Path:
     """A few training steps of the tiny regional-attention SDXL on the shards; returns the adapter path."""
-    from training.train import train as run_training
-    from training.train_config import load_train_config
+    from training.trainer.config import load_train_config
+    from training.trainer.loop import train as run_training
 
     cfg = load_train_config(
         REPO / "configs/train/tiny.yaml",
@@ -84,7 +84,7 @@ def train(dataset: Path, out: Path, steps: int) -> Path:
 
 def generate(adapter: Path, out: Path) -> Path:
     """One image from a layout with the trained tiny adapter, and its overlay."""
-    from training.generate import main as generate_main
+    from training.inference.generate import main as generate_main
 
     layouts = out / "layouts.jsonl"
     layout = {

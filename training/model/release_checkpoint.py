@@ -21,7 +21,7 @@ resolved here (:func:`resolve_peft_lora`), so every reader of a release checkpoi
 - a fuser's LoRA is merged into the fuser's weight (``W + (alpha / r) B A``, alpha = r in the release), so the
   adapter we write from it is a plain adapter;
 - the base attention's LoRA is kept, unmerged, as ``<module>.lora_{A,B}.default.weight``: the names of our own
-  LoRA (``training.lora``, adapter ``default``). ``training.adapter.load_adapter`` loads it into the UNet as
+  LoRA (``training.model.lora``, adapter ``default``). ``training.model.adapter.load_adapter`` loads it into the UNet as
   a LoRA (adding one of its rank), and ``python -m training.init_unet --adapter CKPT`` writes it as our
   diffusers LoRA file ``lora.safetensors`` beside the adapter (what ``--lora`` loads). Converted rather than
   merged into the base, because we never write the base UNet: merged, it would be lost on saving.
@@ -94,7 +94,7 @@ def select_unet_weights(
 
 
 def _is_adapter_module(module: str) -> bool:
-    # training.adapter.is_adapter_key's rule (that module imports this one)
+    # training.model.adapter.is_adapter_key's rule (that module imports this one)
     return module.startswith("position_net.") or ".fuser." in module
 
 

@@ -14,8 +14,8 @@ model, no diffusers file copied (docs/METHOD.md §4, §5)::
 Key names are the public release's (``position_net.linears.{0,2,4}``, ``position_net.null_text_feature``,
 ``<block>.fuser.attn.{to_q,to_k,to_v,to_out.0}``, ``<block>.fuser.null_text_feat``), so its checkpoints
 load by name; its ``unet.`` prefix and older ``null_positive_feature`` name are accepted too, and its raw
-trainer checkpoints (``training.release_checkpoint``). ``AdapterConfig.model_type`` picks the fuser: ``ca``
-or ``casa`` (``training.casa``); it is saved in the metadata, so loading builds the right one. Keys that do
+trainer checkpoints (``training.model.release_checkpoint``). ``AdapterConfig.model_type`` picks the fuser: ``ca``
+or ``casa`` (``training.model.casa``); it is saved in the metadata, so loading builds the right one. Keys that do
 not match the model are an error naming them (:func:`check_adapter_keys`), never dropped.
 The backbone (``sdxl`` or ``sd15``) is read from the UNet's config (:func:`backbone_of_unet`: SDXL's
 ``text_time`` addition embedding) and saved beside the model type; an adapter made for the other backbone
@@ -38,10 +38,10 @@ from diffusers.models.attention import BasicTransformerBlock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
-from training.casa import MODEL_TYPES, RegionalCrossAndSelfAttention
-from training.lora import is_lora_key, load_lora_state
-from training.release_checkpoint import read_checkpoint
+from training.model.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
+from training.model.casa import MODEL_TYPES, RegionalCrossAndSelfAttention
+from training.model.lora import is_lora_key, load_lora_state
+from training.model.release_checkpoint import read_checkpoint
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -114,7 +114,7 @@ def backbone_of_unet(unet_config: Mapping) -> str:
 
 def backbone_of_base(base: str, *, revision: str | None = None, subfolder: str | None = "unet") -> str:
     """The backbone of a base model (tiny name, hub id, pipeline or UNet folder), from its UNet config only."""
-    from training.tiny import TINY_BASES
+    from training.model.tiny import TINY_BASES
 
     if base in TINY_BASES:
         return TINY_BASES[base]
@@ -303,7 +303,7 @@ def load_adapter(
     Keys the model lacks are always an error naming them; with ``strict`` (the default) missing adapter
     keys are too, so no adapter weight is ever dropped or left fresh silently. ``ema``: a trainer
     checkpoint's EMA copy. A release checkpoint's base-attention LoRA loads as the UNet's LoRA
-    (``training.lora.load_lora_state``); the UNet's own LoRA layers are matched by their plain names.
+    (``training.model.lora.load_lora_state``); the UNet's own LoRA layers are matched by their plain names.
     """
     state = read_state_dict(source, ema=ema)
     lora = {k: state.pop(k) for k in [k for k in state if is_lora_key(k)]}

@@ -1,6 +1,6 @@
 """The trainer's model side: the base model's parts, what trains and in which dtype, the optimizer, the LR schedule, EMA.
 
-The backbone is the base model's (``training.adapter.backbone_of_base``: its UNet config): SDXL loads the
+The backbone is the base model's (``training.model.adapter.backbone_of_base``: its UNet config): SDXL loads the
 ``StableDiffusionXLPipeline``'s parts (two text encoders), SD1.5 the ``StableDiffusionPipeline``'s (one).
 Only the adapter (``unet.position_net`` and a ``fuser`` per transformer block, ``model.model_type``) and the
 optional LoRA train, in fp32 master weights; the VAE, the text encoders and the base UNet are frozen in
@@ -18,7 +18,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from .adapter import (
+from training.inference.pipeline import stock_pipeline, text_models
+from training.model.adapter import (
     AdapterConfig,
     adapter_config_of,
     attach_regional_adapter,
@@ -26,11 +27,10 @@ from .adapter import (
     load_adapter,
     set_adapter_trainable,
 )
-from .encoding import RegionTextEncoder
-from .layout_pipeline import stock_pipeline, text_models
-from .lora import add_lora
-from .train_config import ConfigError, EMAConfig, ModelConfig, OptimConfig, TrainConfig
-from .train_step import Frozen
+from training.model.encoding import RegionTextEncoder
+from training.model.lora import add_lora
+from training.trainer.config import ConfigError, EMAConfig, ModelConfig, OptimConfig, TrainConfig
+from training.trainer.step import Frozen
 
 __all__ = [
     "Model",
@@ -50,7 +50,7 @@ def load_components(cfg: ModelConfig) -> dict[str, Any]:
     SDXL (the UNet has the ``text_time`` addition embedding): ``StableDiffusionXLPipeline``'s keys; SD1.5:
     ``StableDiffusionPipeline``'s, without safety checker.
     """
-    from .tiny import TINY_BASES, tiny_components
+    from training.model.tiny import TINY_BASES, tiny_components
 
     if cfg.base in TINY_BASES:
         return tiny_components(cfg.base, cfg.tiny_seed)

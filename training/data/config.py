@@ -99,7 +99,7 @@ class RegionConfig:
     max_objs: PositiveInt = 30
     max_regions: PositiveInt = 120
     max_slots: PositiveInt = 30  # region tensors are padded (or cut) to this many slots
-    # Box-to-cell rule (training/regions.py): "cover" (default) or "release", the release's rule (box ends
+    # Box-to-cell rule (training/layout/regions.py): "cover" (default) or "release", the release's rule (box ends
     # rounded down, the last latent row/column never in a box), so a fine-tune of the release's weights sees the cells they saw.
     rasterize: Literal["cover", "release"] = "cover"
 
@@ -122,7 +122,7 @@ class StreamConfig:
     prefetch_factor: PositiveInt = 2
     pin_memory: bool = False
     # "float": batches hold pixel_values, float32 in [-1, 1], made in the loader's main process.
-    # "uint8": they hold pixels, uint8; the trainer calls training.collate.normalize_pixels on the device.
+    # "uint8": they hold pixels, uint8; the trainer calls training.data.collate.normalize_pixels on the device.
     pixel_format: Literal["float", "uint8"] = "float"
 
     def __post_init__(self) -> None:

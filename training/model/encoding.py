@@ -19,12 +19,12 @@ Usage::
     gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
     unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
 
-The empty layout (``training.regions.empty_layout``) has no live slot and every cell ``-1``: every pixel's
+The empty layout (``training.layout.regions.empty_layout``) has no live slot and every cell ``-1``: every pixel's
 fuser output is ``x + null_text_feat``, nothing attended (docs/METHOD.md §4). Layout dropout (classifier-free
 guidance training) is per sample: ``drop_layout`` (one bool per sample) turns those samples into exactly
 that, what inference feeds the negative branch, before anything is encoded.
 
-Layouts are padded once, by ``training.collate.pad_layouts`` (in the loader's workers during training);
+Layouts are padded once, by ``training.layout.regions.pad_layouts`` (in the loader's workers during training);
 ``grounding_inputs_from_batch`` reads the padded arrays as they are.
 
 The frozen encoders run once per distinct text: :class:`RegionTextEncoder` batches the texts it has not
@@ -43,8 +43,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from training.collate import pad_layouts
-from training.regions import SEPARATOR, RegionLayout
+from training.layout.regions import SEPARATOR, RegionLayout, pad_layouts
 
 __all__ = [
     "NEG_BIAS",
@@ -288,7 +287,7 @@ def grounding_inputs_from_batch(
     dtype: torch.dtype = torch.float32,
     drop_layout: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The ``gligen`` dict from the padded ``region_*`` fields of ``training.collate.collate``.
+    """The ``gligen`` dict from the padded ``region_*`` fields of ``training.data.collate.collate``.
 
     The fields are used as padded (segments are a prefix of each slot's ``K`` entries). Samples with
     ``drop_layout`` True become the empty layout (layout dropout): no live slot, every cell -1, and

@@ -30,10 +30,16 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.training_utils import EMAModel
 
-from .accelerator import is_fsdp
-from .stream import merge_states
-from .train_config import TrainConfig
-from .trainable import ema_weights, load_trainable_state, read_trainable, save_trainable, trainable_state
+from training.data.stream import merge_states
+from training.trainer.accelerator import is_fsdp
+from training.trainer.config import TrainConfig
+from training.trainer.trainable import (
+    ema_weights,
+    load_trainable_state,
+    read_trainable,
+    save_trainable,
+    trainable_state,
+)
 
 __all__ = [
     "MANIFEST",

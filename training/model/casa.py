@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.attention import RegionalCrossAttention, _level_region_map, _pick_tile, level_grid
+from training.model.attention import RegionalCrossAttention, _level_region_map, _pick_tile, level_grid
 
 __all__ = ["MODEL_TYPES", "RegionalCrossAndSelfAttention"]
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .collate import normalize_pixels
-from .encoding import RegionTextEncoder, grounding_inputs_from_batch
-from .stream import derive_seed
-from .train_config import TrainConfig
+from training.data.collate import normalize_pixels
+from training.data.stream import derive_seed
+from training.model.encoding import RegionTextEncoder, grounding_inputs_from_batch
+from training.trainer.config import TrainConfig
 
 __all__ = [
     "Frozen",

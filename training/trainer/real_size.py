@@ -1,6 +1,6 @@
 """SDXL base 1.0's real configuration with random weights, built offline, for real-size checks.
 
-The tiny parts (``training.tiny``) keep the code paths but hide shape, dtype and memory mistakes of the
+The tiny parts (``training.model.tiny``) keep the code paths but hide shape, dtype and memory mistakes of the
 real model. ``real_sdxl_components`` returns ``StableDiffusionXLPipeline``'s constructor keys with SDXL
 base's UNet (2.6 B), VAE, both text encoders (CLIP ViT-L and OpenCLIP bigG) and DDPM scheduler configs, and
 CLIP's real 49408-token BPE tokenizers written from open_clip's bundled vocabulary. Parameters are
@@ -123,13 +123,13 @@ def real_sdxl_components(
 
 
 def layout_batch(image, boxes, texts: list[str], caption: str, size: int = 512) -> dict:
-    """A one-sample training batch (``training.collate``'s fields) of ``image`` resized to ``size``²."""
+    """A one-sample training batch (``training.data.collate``'s fields) of ``image`` resized to ``size``²."""
     import numpy as np
     from PIL import Image
 
-    from .augment import Augmented
-    from .collate import Example, collate
-    from .regions import reorganize_regions
+    from training.data.augment import Augmented
+    from training.data.collate import Example, collate
+    from training.layout.regions import reorganize_regions
 
     h, w = image.shape[:2]
     pixels = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
@@ -153,8 +153,8 @@ def train_step(config, components: dict, batch: dict, device: str = "cpu") -> di
     import time
     from unittest import mock
 
-    from . import model_setup
-    from .train_step import diffusion_loss, sample_draws, sample_seeds, unet_inputs
+    from training.trainer import model_setup
+    from training.trainer.step import diffusion_loss, sample_draws, sample_seeds, unet_inputs
 
     dev = torch.device(device)
     with mock.patch.object(model_setup, "load_components", lambda cfg: components):

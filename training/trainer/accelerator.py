@@ -21,7 +21,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
-from .train_config import ConfigError, TrainConfig
+from training.trainer.config import ConfigError, TrainConfig
 
 __all__ = [
     "FSDP_WRAP",

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shards.masks import decode_mask
-
-from .data_config import AugmentConfig
+from training.data.config import AugmentConfig
 
 # Words before "left"/"right" that make it spatial: articles/possessives ("the left"), prepositions
 # ("to left"), positions ("upper right") and verbs of direction ("facing left").

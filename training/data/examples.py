@@ -14,11 +14,10 @@ from PIL import Image
 
 from shards.reader import Sample
 from shards.schema import ObjectRecord, SampleRecord
-
-from .augment import augment
-from .collate import Example
-from .data_config import DatasetSpec, StreamConfig
-from .regions import reorganize_regions
+from training.data.augment import augment
+from training.data.collate import Example
+from training.data.config import DatasetSpec, StreamConfig
+from training.layout.regions import reorganize_regions
 
 # What Pillow raises for bytes that are not a decodable image (the stream counts these as undecodable).
 DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)

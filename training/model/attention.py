@@ -1,7 +1,7 @@
 """Position net and regional cross-attention (docs/METHOD.md §3.5 and §4).
 
 ``PositionNet`` becomes ``unet.position_net``: diffusers' UNet calls it once per forward with the
-``gligen`` dict (see ``training.encoding.grounding_inputs``) and hands its output, ``objs``, to every
+``gligen`` dict (see ``training.model.encoding.grounding_inputs``) and hands its output, ``objs``, to every
 ``BasicTransformerBlock.fuser``. ``RegionalCrossAttention`` is that fuser: each pixel ``p`` of a block's
 hidden states attends to the 77 position-net tokens of its own region ``r(p)``::
 

@@ -1,7 +1,7 @@
 """Typed configuration of a training run: model, data stream, optimizer, schedule, EMA, checkpoints, logs.
 
 Frozen dataclasses, one comment per field. A preset is a YAML file whose top-level keys are the
-fields of :class:`TrainConfig`; ``data`` is a :class:`training.data_config.StreamConfig`::
+fields of :class:`TrainConfig`; ``data`` is a :class:`training.data.config.StreamConfig`::
 
     config = TrainConfig.from_yaml("configs/train/tiny.yaml", overrides=["optim.lr=1e-4"])
 
@@ -32,8 +32,8 @@ from shards.config import (
     build,
     load,
 )
-
-from .data_config import StreamConfig
+from training.data.config import StreamConfig
+from training.model.config import ModelConfig
 
 __all__ = [
     "CheckpointConfig",
@@ -50,25 +50,6 @@ __all__ = [
 ]
 
 Decay = Annotated[Float, Field(ge=0, lt=1)]  # Adam betas, EMA decay: 1 would never forget
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which SDXL to start from; only the adapter (and optional LoRA) trains."""
-
-    base: str = "tiny"  # "tiny" / "tiny-sd15" (random tiny SDXL / SD1.5, offline) or a hub id / local folder in diffusers layout; the backbone is read from its UNet config
-    revision: str | None = None  # hub revision of ``base``
-    vae: str | None = None  # a separate VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
-    vae_fp32: bool = (
-        False  # keep the VAE in fp32 (the stock SDXL VAE overflows in fp16; the fp16-fix does not)
-    )
-    adapter: str | None = None  # start from these adapter weights (safetensors) instead of zero-init
-    model_type: Literal["ca", "casa"] = "ca"  # fuser: regional cross-attention, or then regional self-attention too (training/casa.py)
-    lora_rank: NonNegativeInt = 0  # > 0: also train a LoRA of this rank on the base UNet's attention projections (peft)
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias (docs/METHOD.md §3.4)
-    region_cache_size: NonNegativeInt = 4096  # region-text encodings kept in the LRU cache per process
-    tiny_seed: NonNegativeInt = 0  # seed of the random tiny models (the same on every rank)
 
 
 @dataclass(frozen=True)
@@ -185,7 +166,7 @@ class ValidationConfig:
 class TrainConfig:
     """A whole training run."""
 
-    data: StreamConfig  # the training stream (training/data_config.py)
+    data: StreamConfig  # the training stream (training/data/config.py)
     output_dir: str = "runs/train"  # checkpoints/, adapter/, validation/ and logs/ go here
     seed: NonNegativeInt = 0  # model init (tiny), noise, timesteps, dropout; the stream has its own data.seed
     model: ModelConfig = field(default_factory=ModelConfig)

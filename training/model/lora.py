@@ -3,7 +3,7 @@
 The trainer's optional LoRA (``model.lora_rank``) follows diffusers' SDXL LoRA recipe; the files it writes
 (``lora.safetensors``, ``lora_ema.safetensors`` beside the adapter) load here for generation, or with
 ``StableDiffusionXLPipeline.load_lora_weights(folder, weight_name=...)``.
-A release checkpoint's base-attention LoRA (``training.release_checkpoint``) arrives with the same UNet key
+A release checkpoint's base-attention LoRA (``training.model.release_checkpoint``) arrives with the same UNet key
 names and loads through :func:`load_lora_state`; ``python -m training.init_unet --adapter CKPT`` writes it as
 such a file.
 """

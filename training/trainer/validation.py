@@ -16,12 +16,11 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from shards.draw import draw_layout
-
-from .accelerator import is_fsdp
-from .layout_pipeline import LayoutPipeline, stock_pipeline
-from .train_config import TrainConfig, ValidationLayout
-from .train_step import Frozen
-from .trainable import ema_weights
+from training.inference.pipeline import LayoutPipeline, stock_pipeline
+from training.trainer.accelerator import is_fsdp
+from training.trainer.config import TrainConfig, ValidationLayout
+from training.trainer.step import Frozen
+from training.trainer.trainable import ema_weights
 
 __all__ = ["generate_validation", "stream_validation_layouts", "validate"]
 

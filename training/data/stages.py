@@ -6,7 +6,7 @@ Each DataLoader worker runs (open_clip's ``get_wds_dataset``, as plain generator
     then:         mix -> enumerate -> skip (resume) -> examples (decode, augment, reorganize) -> batches
 
 ``worker_batches`` chains them for one worker; ``EpochStream`` (the DataLoader's dataset) runs it in
-each worker for the ``EpochPlan`` that ``training.stream`` (the loader and its resume state) made. The determinism, split and resumption rules are in that module's
+each worker for the ``EpochPlan`` that ``training.data.stream`` (the loader and its resume state) made. The determinism, split and resumption rules are in that module's
 docstring; the seeds here follow them: every generator is seeded by (seed, purpose, epoch, rank,
 worker, ...) through ``derive_seed``.
 """
@@ -25,11 +25,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.reader import RawSample, Sample, raw_samples, to_sample
 from shards.schema import SampleRecord, SchemaError
-
-from .collate import Example, collate
-from .data_config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
-from .examples import DECODE_ERRORS, SizeMismatch, make_example, object_text
-from .stream_errors import ErrorPolicy
+from training.data.collate import Example, collate
+from training.data.config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
+from training.data.errors import ErrorPolicy
+from training.data.examples import DECODE_ERRORS, SizeMismatch, make_example, object_text
 
 META = "__stream__"  # batch entry that carries the worker's position and counters to the main process
 

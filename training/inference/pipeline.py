@@ -25,7 +25,7 @@ Semantics:
 - ``rasterize``: the box-to-latent-cell rule of region reorganization, ``"cover"`` (default) or
   ``"release"`` (the release's rule, which its weights were trained with: bit-exact reproduction of its
   images, docs/METHOD.md §9); set once in the constructor or per call.
-- Bad input fails before any model runs with a ``ValueError`` (``training.layouts.validate_layout``).
+- Bad input fails before any model runs with a ``ValueError`` (``training.layout.files.validate_layout``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from training.adapter import (
+from training.layout.files import validate_layout, validate_size
+from training.layout.regions import RASTERIZE_RULES, Rasterize, empty_layout, reorganize_regions
+from training.model.adapter import (
     AdapterConfig,
     adapter_config_of,
     attach_regional_adapter,
@@ -48,10 +50,8 @@ from training.adapter import (
     backbone_of_unet,
     load_adapter,
 )
-from training.encoding import RegionTextEncoder, grounding_inputs
-from training.layouts import validate_layout, validate_size
-from training.lora import load_lora
-from training.regions import RASTERIZE_RULES, Rasterize, empty_layout, reorganize_regions
+from training.model.encoding import RegionTextEncoder, grounding_inputs
+from training.model.lora import load_lora
 
 log = logging.getLogger(__name__)
 

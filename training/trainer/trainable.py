@@ -16,9 +16,15 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from .accelerator import is_fsdp
-from .adapter import ADAPTER_FORMAT, AdapterConfig, check_adapter_keys, is_adapter_key, normalize_release_keys
-from .lora import is_lora_key, lora_model_state, save_lora
+from training.model.adapter import (
+    ADAPTER_FORMAT,
+    AdapterConfig,
+    check_adapter_keys,
+    is_adapter_key,
+    normalize_release_keys,
+)
+from training.model.lora import is_lora_key, lora_model_state, save_lora
+from training.trainer.accelerator import is_fsdp
 
 __all__ = [
     "ema_weights",

@@ -10,9 +10,9 @@ The trainer's side::
             state = loader.state_dict()                       # with the checkpoint (see merge_states)
         log(loader.counters())                                # errors by reason, filtered samples
 
-Each DataLoader worker runs the generator stages of ``training.stream_stages`` (read with
+Each DataLoader worker runs the generator stages of ``training.data.stages`` (read with
 ``shards.reader``, parse, filter, shuffle, mix, skip on resume, make examples with
-``training.examples``, batch); errors are counted by ``training.stream_errors.ErrorPolicy``. This
+``training.data.examples``, batch); errors are counted by ``training.data.errors.ErrorPolicy``. This
 module is the loader: it plans each epoch, runs the workers and keeps the resume state::
 
     per dataset:  worker_shard_passes -> read_shards -> parse_samples -> filter_samples -> shuffle
@@ -70,10 +70,9 @@ from torch.utils.data import DataLoader
 
 from shards.dataset import ShardInfo, list_shards, read_stats
 from shards.schema import json_sha256
-
-from .collate import normalize_pixels
-from .data_config import ConfigError, DatasetSpec, StreamConfig
-from .stream_stages import META, EpochPlan, EpochStream, derive_seed, mixture_probabilities
+from training.data.collate import normalize_pixels
+from training.data.config import ConfigError, DatasetSpec, StreamConfig
+from training.data.stages import META, EpochPlan, EpochStream, derive_seed, mixture_probabilities
 
 __all__ = ["StreamLoader", "build_loader", "complete_shards", "dataset_size", "derive_seed", "merge_states"]
 
@@ -333,7 +332,7 @@ def build_loader(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.stream CONFIG.yaml``: print a few batches of a stream and its counters."""
+    """``python -m training.data.stream CONFIG.yaml``: print a few batches of a stream and its counters."""
     import argparse
 
     ap = argparse.ArgumentParser(

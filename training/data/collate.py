@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import Augmented
-from .regions import BACKGROUND_BOX, RegionLayout
+from training.data.augment import Augmented
+from training.layout.regions import RegionLayout, pad_layouts
 
 
 @dataclass
@@ -52,48 +52,6 @@ class Example:
     key: str
     aug: Augmented
     layout: RegionLayout
-
-
-def _pad_layout(layout: RegionLayout, max_slots: int, max_objs: int) -> dict[str, np.ndarray]:
-    n = min(layout.n_slots, max_slots)
-    h, w = layout.grid_size
-    boxes = np.full((max_slots, max_objs, 4), BACKGROUND_BOX[0], dtype=np.float32)
-    weights = np.zeros((max_slots, max_objs), dtype=np.float32)
-    segments = np.zeros((max_slots, max_objs), dtype=bool)
-    union = np.zeros((max_slots, h, w), dtype=bool)
-    for s in range(n):
-        k = min(len(layout.boxes[s]), max_objs)
-        boxes[s, :k] = layout.boxes[s][:k]
-        weights[s, :k] = layout.weights[s][:k]
-        segments[s, :k] = True
-    union[:n] = layout.union_masks[:n]
-    region_map = layout.region_map.astype(np.int64)
-    region_map[region_map >= max_slots] = -1
-    slot_mask = np.arange(max_slots) < n
-    bg = layout.background_slot if layout.background_slot is not None and layout.background_slot < n else -1
-    return {
-        "region_map": region_map,
-        "slot_mask": slot_mask,
-        "background_slot": np.int64(bg),
-        "region_boxes": boxes,
-        "region_weights": weights,
-        "segment_mask": segments,
-        "region_union_masks": union,
-    }
-
-
-def pad_layouts(layouts: list[RegionLayout], max_slots: int, max_objs: int) -> dict:
-    """The ``region_*`` fields of a batch (table above): numpy arrays plus ``region_texts``.
-
-    The one place a layout is padded: ``training.encoding.grounding_inputs_from_batch`` consumes these
-    fixed-shape arrays as they are, in the main process, without rebuilding per-slot lists.
-    """
-    padded = [_pad_layout(layout, max_slots, max_objs) for layout in layouts]
-    fields: dict = {name: np.stack([p[name] for p in padded]) for name in padded[0]}
-    fields["region_texts"] = [
-        [layout.texts[s] if s < layout.n_slots else "" for s in range(max_slots)] for layout in layouts
-    ]
-    return fields
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,398 @@
+"""Generate images from layouts: ``python -m training.generate --layouts FILE --out DIR`` (or ``--from-shards DS``).
+
+Each layout (``training.layout.files``: JSON lines, one JSON object as the release's demos, or an array; or the
+samples of a dataset) becomes ``DIR/<id>.png``, its overlay with the layout drawn ``DIR/overlays/<id>.png``,
+and a line of ``DIR/layouts.jsonl`` (the layouts with every default resolved, ready for
+``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl``). With ``--refiner`` the refined
+image is ``DIR/<id>.png`` and the unrefined one ``DIR/unrefined/<id>.png``; with ``--from-shards`` the
+dataset's images, resized to the generated size, are ``DIR/reference/<id>.png`` (ground truth)::
+
+    # the paper's setting on a GPU (configs/eval/paper.yaml)
+    python -m training.generate --preset paper --adapter runs/x/adapter/adapter.safetensors \\
+        --ema runs/x/adapter/adapter_ema.safetensors --layouts demos.jsonl --out gen/
+    # a run with model.lora_rank also wrote runs/x/adapter/lora_ema.safetensors: add --lora with it
+    # offline, random tiny SDXL (tests, demo)
+    python -m training.generate --preset tiny --layouts demos.jsonl --out /tmp/gen
+    # the release's inference_on_dataset.py: a dataset's layouts, 25 steps, CFG 4.5, SDXL refiner 0.3
+    python -m training.generate --preset release --adapter A.safetensors --from-shards rccoco/ --out gen/
+
+``--set key=value`` overrides one field of the preset's ``generate`` section (``--set guidance_scale=7.5``,
+``--set rasterize=release`` for the release's box-to-cell rule, which ``--preset release`` sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field
+
+from shards.config import ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat, load
+from training.layout.files import (
+    LayoutRecord,
+    layouts_from_dataset,
+    load_layouts,
+    validate_size,
+    write_layouts,
+)
+
+# torch, diffusers (through training.inference.pipeline) and matplotlib are imported by the functions that
+# use them: diffusers' pipelines import bitsandbytes when it is installed (seconds, and a kernel warning),
+# so `--help`, a config mistake and the CLIs that share this module's helpers answer without them.
+if TYPE_CHECKING:
+    import torch
+
+    from training.inference.pipeline import LayoutPipeline
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GenerateConfig",
+    "PRESET_DIR",
+    "add_preset_arguments",
+    "config_from_args",
+    "generate",
+    "load_section",
+    "main",
+]
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What to load and how to sample (the ``generate`` section of a ``configs/eval`` preset)."""
+
+    base: str = "hotshotco/SDXL-512"  # SDXL or SD1.5 hub id / diffusers folder (backbone from its UNet); "tiny" / "tiny-sd15": random, offline
+    vae: str | None = None  # another VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
+    adapter: str | None = None  # adapter safetensors (ours) or the release's checkpoint; None: zero-init
+    ema: str | None = None  # EMA adapter weights, loaded over ``adapter``
+    lora: str | None = (
+        None  # the trainer's LoRA file (lora.safetensors / lora_ema.safetensors), if it trained one
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    tiny_seed: NonNegativeInt = 0  # seed of the random tiny models (base: tiny)
+    height: PositiveInt = 512  # output size when a layout line does not set it
+    width: PositiveInt = 512
+    num_inference_steps: PositiveInt = 50
+    guidance_scale: NonNegativeFloat = 5.0
+    scheduler: Literal["base", "ddim"] = "base"  # base: the base model's scheduler; ddim: DDIM (the release's SD1.5 sampling)
+    scheduled_sampling_beta: UnitFloat = 1.0  # layout active for the first ceil(beta * steps) steps
+    attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias
+    negative_prompt: str = ""  # encoded, as training encodes a dropped caption
+    seed: NonNegativeInt = 0  # image i uses seed + i unless its line sets "seed"
+    max_objects: PositiveInt = 30  # more objects in a layout is an error
+    max_slots: PositiveInt = 30  # region slots (the model's)
+    # Box-to-latent-cell rule: "cover" (default) or "release", the release's rule its weights were trained
+    # with (box ends rounded down, last latent row/column never in a box): bit-exact reproduction of its images (docs/METHOD.md §9).
+    rasterize: Literal["cover", "release"] = "cover"
+    lenient: bool = False  # the release's leniency: keep the first max_objects, clamp boxes, list prompts
+    refiner: str | None = None  # SDXL img2img refiner (hub id / folder, "tiny") run on each image; None: off
+    refiner_strength: Annotated[Float, Field(gt=0, le=1)] = 0.3  # img2img strength of the refiner (the release: 0.3)
+    refiner_steps: PositiveInt = 20  # refiner steps before strength (the release: 20)
+
+    def __post_init__(self) -> None:
+        validate_size(self.height, self.width)
+
+
+def load_section(
+    cls: type, preset: str | None, config: str | None, section: str, overrides: list[str]
+) -> Any:
+    """Build ``cls`` from one section of a preset (name in ``configs/eval`` or a YAML path) plus overrides."""
+    if preset and config:
+        raise ConfigError("give --preset or --config, not both")
+    path = Path(config) if config else PRESET_DIR / f"{preset}.yaml" if preset else None
+    if path is not None and not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset file {path} (presets: {known})")
+    return load(cls, path, overrides, section=section)
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--preset``, ``--config``, ``--tiny`` and ``--set``: where a CLI's ``section`` config comes from."""
+    parser.add_argument(
+        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in)"
+    )
+    parser.add_argument("--config", default=None, help=f"a preset YAML file (its '{section}' section)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+
+
+def config_from_args(cls: type, args: argparse.Namespace, section: str, overrides: list[str]) -> Any:
+    """The ``section`` config of a CLI's preset arguments, with ``overrides`` then ``--set`` applied."""
+    preset = "tiny" if args.tiny and not args.config else args.preset
+    return load_section(cls, preset, args.config, section, overrides + args.set)
+
+
+def run_cli(job: Callable[[], dict]) -> int:
+    """Run a CLI's job: its summary JSON (without the config) on stdout and 0, or one error line and 2."""
+    try:
+        summary = job()
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return 0
+
+
+def _device(cfg: GenerateConfig) -> torch.device:
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
+    """The layout pipeline of a config: tiny random SDXL, or the base model from the hub / a folder."""
+    import torch
+
+    from training.inference.pipeline import LayoutPipeline
+
+    device = _device(cfg)
+    limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots, "rasterize": cfg.rasterize}
+    from training.model.tiny import TINY_BASES, tiny_pipeline
+
+    if cfg.base in TINY_BASES:
+        sdxl = tiny_pipeline(cfg.base, cfg.tiny_seed).to(device)
+        pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, lora=cfg.lora, **limits)
+    else:
+        pipe = LayoutPipeline.from_pretrained(
+            cfg.base,
+            cfg.adapter,
+            cfg.ema,
+            lora=cfg.lora,
+            vae=cfg.vae,
+            dtype=getattr(torch, cfg.dtype),
+            device=device,
+            **limits,
+        )
+    if cfg.scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        pipe.pipe.scheduler = DDIMScheduler.from_config(pipe.pipe.scheduler.config)
+    pipe.sdxl.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_refiner(cfg: GenerateConfig) -> Any:
+    """The SDXL img2img refiner of a config (diffusers ``StableDiffusionXLImg2ImgPipeline``), or None.
+
+    ``"tiny"``: a random tiny SDXL (seed ``tiny_seed + 1``) as img2img, offline; otherwise a hub id or
+    folder such as ``stabilityai/stable-diffusion-xl-refiner-1.0``.
+    """
+    if cfg.refiner is None:
+        return None
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    if cfg.refiner == "tiny":
+        from training.model.tiny import tiny_sdxl_components
+
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            **tiny_sdxl_components(cfg.tiny_seed + 1), requires_aesthetics_score=False, add_watermarker=False
+        )
+    else:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            cfg.refiner, torch_dtype=getattr(torch, cfg.dtype), add_watermarker=False
+        )
+    refiner = refiner.to(_device(cfg))
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def _save_references(dataset: str, records: list[LayoutRecord], folder: Path) -> None:
+    """The dataset's images of ``records``, resized to the generated size: the ground truth to score against."""
+    from shards import iter_samples
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {r.id: r for r in records}
+    for sample in iter_samples(dataset):
+        record = by_id.pop(sample.record.key, None)
+        if record is not None:
+            sample.image().resize((record.width, record.height)).save(folder / f"{record.id}.png")
+        if not by_id:
+            break
+
+
+def generate(
+    cfg: GenerateConfig,
+    layouts: str | Path | None,
+    out: str | Path,
+    pipe: LayoutPipeline | None = None,
+    *,
+    from_shards: str | None = None,
+    limit: int | None = None,
+    skip_bad_layouts: bool = False,
+    refiner: Any = None,
+) -> dict:
+    """Generate every layout of a file (or of a dataset's samples) into ``out``; return a summary (also
+    written to ``out/generate.json``).
+
+    Every layout is checked before any model loads. ``skip_bad_layouts``: a bad layout is left out and
+    listed in the summary's ``skipped`` instead of stopping the run. ``refiner``: a loaded img2img
+    pipeline (default: ``load_refiner(cfg)``).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from shards.draw import draw_layout
+
+    if (layouts is None) == (from_shards is None):
+        raise ValueError("give a layouts file (--layouts) or a dataset (--from-shards), not both or neither")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    options = {
+        "max_objects": cfg.max_objects,
+        "lenient": cfg.lenient,
+        "skip_bad": skip_bad_layouts,
+    }
+    if from_shards is not None:
+        long_side = max(cfg.height, cfg.width)
+        records, skipped = layouts_from_dataset(from_shards, long_side, cfg.seed, limit=limit, **options)
+    else:
+        records, skipped = load_layouts(layouts, cfg.height, cfg.width, cfg.seed, **options)
+        records = records[:limit]
+    out = Path(out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    if from_shards is not None:
+        _save_references(from_shards, records, out / "reference")
+    pipe = pipe or load_pipeline(cfg)
+    refiner = refiner or load_refiner(cfg)
+    if refiner is not None:
+        (out / "unrefined").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    for record in tqdm(records, desc="generate", unit="image"):
+        image = pipe(
+            record.caption,
+            boxes=record.boxes,
+            labels=list(record.labels),
+            negative_prompt=cfg.negative_prompt,
+            height=record.height,
+            width=record.width,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            scheduled_sampling_beta=cfg.scheduled_sampling_beta,
+            attention_weight_scale=cfg.attention_weight_scale,
+            generator=torch.Generator().manual_seed(record.seed),
+        ).images[0]
+        if refiner is not None:
+            image.save(out / "unrefined" / f"{record.id}.png")
+            # As the release: the caption only (no negative prompt, no layout), on the decoded image.
+            image = refiner(
+                prompt=record.caption,
+                image=image,
+                strength=cfg.refiner_strength,
+                num_inference_steps=cfg.refiner_steps,
+                generator=torch.Generator().manual_seed(record.seed),
+            ).images[0]
+        image.save(out / f"{record.id}.png")
+        draw_layout(image, record.boxes, list(record.labels)).save(out / "overlays" / f"{record.id}.png")
+    write_layouts(records, out / "layouts.jsonl")
+    summary = {
+        "images": len(records),
+        "objects": int(sum(len(r.boxes) for r in records)),
+        "skipped": [dataclasses.asdict(s) for s in skipped],
+        "refined": refiner is not None,
+        "source": str(from_shards or layouts),
+        "reference": str(out / "reference") if from_shards is not None else None,
+        "seconds": round(time.perf_counter() - start, 3),
+        "out": str(out),
+        "config": dataclasses.asdict(cfg),
+    }
+    if skipped:
+        log.warning("%d bad layouts skipped (listed in %s)", len(skipped), out / "generate.json")
+    (out / "generate.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--layouts",
+        help="layouts file: JSON lines, one JSON object (the release's demos) or an array; boxes (or "
+        "bboxes), labels, optional caption/id/seed/height/width",
+    )
+    p.add_argument("--from-shards", metavar="DATASET", help="take layouts and captions from a dataset's samples")
+    p.add_argument("--limit", type=int, help="generate only the first N layouts / samples")
+    p.add_argument("--out", required=True, help="output folder")
+    add_preset_arguments(p, "generate")
+    p.add_argument("--base", help="SDXL or SD1.5 hub id or folder (or 'tiny', 'tiny-sd15')")
+    p.add_argument("--adapter", help="adapter weights (safetensors, ours or the release's)")
+    p.add_argument("--ema", help="EMA adapter weights, loaded over --adapter")
+    p.add_argument(
+        "--lora", help="the trainer's LoRA file when it trained one (use lora_ema.safetensors with --ema)"
+    )
+    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, dest="guidance_scale")
+    p.add_argument(
+        "--beta", type=float, dest="scheduled_sampling_beta", help="scheduled sampling beta in [0, 1]"
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        default=None,
+        help="the release's leniency: keep the first max_objects objects, clamp boxes to the image, "
+        "accept a list of prompts (each change logged as a warning)",
+    )
+    p.add_argument(
+        "--skip-bad-layouts",
+        action="store_true",
+        help="leave a bad layout out (listed in the summary) instead of stopping",
+    )
+    p.add_argument("--refiner", help="SDXL img2img refiner, e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
+    p.add_argument("--refiner-strength", type=float, dest="refiner_strength")
+    p.add_argument("--refiner-steps", type=int, dest="refiner_steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; prints the summary JSON."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = (
+        "base",
+        "adapter",
+        "ema",
+        "lora",
+        "num_inference_steps",
+        "guidance_scale",
+        "scheduled_sampling_beta",
+        "seed",
+        "device",
+        "lenient",
+        "refiner",
+        "refiner_strength",
+        "refiner_steps",
+    )
+    overrides = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
+    return run_cli(
+        lambda: generate(
+            config_from_args(GenerateConfig, args, "generate", overrides),
+            args.layouts,
+            args.out,
+            from_shards=args.from_shards,
+            limit=args.limit,
+            skip_bad_layouts=args.skip_bad_layouts,
+        )
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""What a layout is, below everything that uses one: region reorganization (boxes and descriptions ->
+non-overlapping region slots, padded to fixed shapes) and the layout files generation reads and evaluation
+scores against.
+
+May import: ``shards``. Nothing else of ``training``: the data stream and the model both build on it.
+"""
