@@ -36,6 +36,7 @@ from .paths import (
     url_for,
     write_atomic,
 )
+from .safe_json import loads as safe_loads
 from .schema import SCHEMA_VERSION, json_sha256
 
 log = logging.getLogger(__name__)
@@ -244,8 +245,8 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str, where: str) -> object:
     with fs.open(path, "rb") as f:
         data = f.read()
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, a huge integer, deep nesting
+        return safe_loads(data)
+    except ValueError as e:  # bad JSON, bad UTF-8, nested too deep, an integer too long (safe_json)
         raise DatasetError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 

@@ -122,6 +122,23 @@ def test_a_truncated_shard_is_redone_on_resume_and_the_counts_are_right(referenc
     assert validate_dataset(str(copy)) == []
 
 
+@pytest.mark.slow
+def test_a_stats_file_of_another_shape_is_named_and_its_shard_redone_on_resume(reference, tmp_path):
+    inputs, out, _, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stats = copy / "000002.stats.json"
+    recorded = json.loads(stats.read_text())
+    stats.write_text(json.dumps({**recorded, "samples": str(recorded["samples"])}))  # a string for a count
+    proc = datagen(inputs, copy)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "shards 5 (4 already complete, 1 damaged and redone, 1 written now)" in proc.stdout
+    assert (f"shard 000002 has a stats file but its stats file is unreadable ({stats}: field 'samples' must be a "
+            "count (an integer >= 0)") in proc.stderr
+    assert json.loads(stats.read_text()) == recorded
+    assert _files(copy, "*.tar") == _files(out, "*.tar") and _index_totals(copy) == _index_totals(out)
+
+
 FULL_DISK_DRIVER = """
 import errno, sys
 import ray

@@ -138,11 +138,16 @@ def test_run_json_of_another_shape_is_one_error_line_naming_file_and_field(shape
     assert not (out / "runs").exists()
 
 
-def test_run_json_that_is_not_json_names_the_file(tmp_path):
+@pytest.mark.parametrize("text", ['{"fingerprint": "ab", ', "[" * 100_000 + "]" * 100_000, "9" * 5000, b"\xff{}"])
+def test_run_json_that_is_not_json_or_beyond_limits_names_the_file(text, tmp_path):
     open_run(str(tmp_path), {"x": 1})
-    (tmp_path / "run.json").write_text('{"fingerprint": "ab", ')
-    with pytest.raises(DatasetError, match=rf"^{tmp_path / 'run.json'}: not valid JSON \(JSONDecodeError"):
+    (tmp_path / "run.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DatasetError, match=rf"^{tmp_path / 'run.json'}: not valid JSON \("):
         open_run(str(tmp_path), {"x": 1})
+    write_dataset(tmp_path, shard_id=0)
+    (tmp_path / "000000.stats.json").write_bytes((tmp_path / "run.json").read_bytes())
+    with pytest.raises(DatasetError, match=rf"^{tmp_path / '000000.stats.json'}: not valid JSON \("):
+        list(map(DatasetHandle.open(str(tmp_path)).read_stats, list_shards(str(tmp_path))))
 
 
 # --- a stats file of another shape --------------------------------------------------------------------
