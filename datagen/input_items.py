@@ -41,7 +41,7 @@ def table_failure(e: BaseException, path: str) -> str:
     text = (str(e).splitlines() or [""])[0][:200]
     if type(e).__name__ == "EmptyDataError":
         return f"empty {kind} (no header line naming its columns)"
-    return f"not a readable {kind} ({type(e).__name__}: {text})".replace(": )", ")")
+    return f"not a readable {kind} ({type(e).__name__}: {text.rstrip('.')})"
 
 
 @dataclass(frozen=True)
