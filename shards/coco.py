@@ -363,6 +363,8 @@ def _coco_sample(img: dict, key: str, source: str, caps_by_image: dict, anns_by_
     name = img["file_name"]
     if name.startswith("/") or ".." in Path(name).parts:
         raise ValueError(f"file_name {name!r} leaves the --images folder: not read")
+    if not Path(source).is_file():  # missing, or a named pipe that would block the conversion forever
+        raise FileNotFoundError(2, "no such file" if not Path(source).exists() else "not a regular file", source)
     data = Path(source).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides

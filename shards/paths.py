@@ -110,6 +110,9 @@ def open_sequential(url: str, mode: str = "rb"):
     fs, path = url_to_fs(str(url))
     if is_http(fs):
         return fs.open(path, mode, block_size=0)
+    if is_local(fs) and fs.info(path)["type"] != "file":  # a path follows symlinks to what they name
+        # A named pipe would block the reader forever, a device never end: neither is opened.
+        raise IsADirectoryError(21, "not a regular file (a folder, named pipe, socket or device)", str(url))
     return fs.open(path, mode)
 
 

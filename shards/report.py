@@ -106,10 +106,13 @@ def sample_gallery(dataset: str, n: int = 8, max_size: int = 384, left_out: dict
         rec = sample.record
         try:
             drawn = _jpeg(draw_sample(sample, max_size))
-        except ImageRefused as e:
-            log.warning("gallery of %s: %s", dataset, e)
-            left_out[f"{sample.url.rsplit('/', 1)[-1].split('.')[0]} key {rec.key}"] = str(e)
-            items.append(GalleryItem(f"{rec.key} (image refused)", None, (("#e15759", str(e)),)))
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's kinds of bad bytes; ImageRefused
+            why = str(e) if isinstance(e, ImageRefused) else f"{sample.url} key {rec.key!r}: image does not decode " \
+                                                             f"({type(e).__name__}: {e})"
+            log.warning("gallery of %s: %s", dataset, why)
+            left_out[f"{sample.url.rsplit('/', 1)[-1].split('.')[0]} key {rec.key}"] = why
+            title = "image refused" if isinstance(e, ImageRefused) else "image does not decode"
+            items.append(GalleryItem(f"{rec.key} ({title})", None, (("#e15759", why),)))
             continue
         lines = [("#444", f"caption: {rec.caption or rec.source_caption or '-'}")]
         lines += [

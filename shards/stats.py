@@ -62,6 +62,10 @@ OBJECT_COLUMNS = {
 # --- loading ---------------------------------------------------------------------------------------
 
 
+_ARROW_SCHEMA = pa.schema([(c, {"string": pa.string(), "Int64": pa.int64(), "Float64": pa.float64()}[t])
+                           for c, t in PARQUET_COLUMNS.items()])
+
+
 def _read_parquet(fs, path: str, shard: str) -> pa.Table | str:
     """The shard's parquet rows with a ``shard`` column, or why they cannot be read."""
     try:
@@ -72,6 +76,13 @@ def _read_parquet(fs, path: str, shard: str) -> pa.Table | str:
     missing = sorted(set(PARQUET_COLUMNS) - set(table.column_names))
     if missing:
         return f"parquet lacks columns {missing} (written by an older richlayout?)"
+    try:  # the writer's column types, so that shards concatenate (a column of another type is damage)
+        table = table.select(list(PARQUET_COLUMNS)).cast(_ARROW_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        return f"parquet columns are not of the writer's types: {type(e).__name__}: {e}"
+    unknown = set(table.column("status").drop_null().unique().to_pylist()) - set(STATUSES)
+    if unknown or table.column("status").null_count:
+        return f"parquet has rows whose status is not one of {list(STATUSES)}: {sorted(unknown)}"
     return table.append_column("shard", pa.array([shard] * table.num_rows, pa.string()))
 
 

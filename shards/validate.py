@@ -36,7 +36,7 @@ from .schema import (
     SchemaError,
     check_key,
 )
-from .writer import IMAGE_EXTS
+from .writer import IMAGE_EXTS, PARQUET_COLUMNS
 
 _HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a tar
 
@@ -205,6 +205,10 @@ def _check_parquet(shard: ShardInfo, keys: set[str], problems: list[Problem]) ->
         df = pd.read_parquet(io.BytesIO(_read_bytes(shard.parquet)))
     except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a bad file
         problems.append(Problem(shard.name, None, f"parquet unreadable: {e}"))
+        return None
+    missing = sorted(set(PARQUET_COLUMNS) - set(df.columns))
+    if missing:
+        problems.append(Problem(shard.name, None, f"parquet lacks columns {missing}"))
         return None
     dup = df.key[df.key.duplicated()].tolist()
     for k in dup:

@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shards.config import ConfigError, PositiveInt
-from shards.paths import open_sequential
+from shards.paths import is_local, open_sequential
 from shards.schema import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def _read_group(uri: str, items: list[dict], max_bytes: int) -> list[bytes | Dec
         return [DecodeError("no path or URL given") for _ in items]
     try:
         fs, path = url_to_fs(uri)
+        if is_local(fs) and fs.info(path)["type"] != "file":  # a list may name a pipe: never opened
+            return [DecodeError("not a regular file (a folder, named pipe, socket or device): not read") for _ in items]
         with fs.open(path, "rb") as f:
             if items[0].get("column"):
                 return _read_parquet_rows(f, items)
