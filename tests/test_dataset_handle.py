@@ -5,6 +5,7 @@ named by file and field (one ``error:`` line, exit 2; a damaged shard, redone by
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_a_pickled_handle_lists_and_reads_as_the_original(tmp_path, s3_bucket): 
         assert (back.uri, back.root, type(back.fs), back.run) == (uri, handle.root, type(handle.fs), handle.run)
         assert back.shards() == handle.shards() and back.read_stats(back.shards()[0])["samples"] == 5
         assert back.read_run() == handle.run == read_run(uri)
+        if uri.startswith("s3://"):  # opened without options: each worker's own credential chain applies
+            assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in pickle.dumps(handle)
 
 
 def test_a_listing_after_a_new_local_shard_appears_sees_it(tmp_path):
