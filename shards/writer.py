@@ -4,6 +4,9 @@
 A shard is buffered in memory and written on ``close()``: members are sorted by key and carry fixed
 metadata, so the same samples always give the same bytes, whatever order the workers produced them in.
 One Ray task writes one shard, so a shard (about a thousand images) fits in one worker's memory.
+
+Each sample's row in the parquet also says where its members lie in the tar (``OFFSET_COLUMNS``), so a
+reader can fetch one sample with one byte range (``shards.offsets``) instead of reading the tar.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import logging
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -56,6 +60,16 @@ PARQUET_COLUMNS = {
     "image_bytes": "Int64",
 }
 
+# Where a sample's members lie in the tar, in bytes from its start (null in rows without a sample). Not in
+# PARQUET_COLUMNS: shards written before these columns existed stay complete, and their readers scan the
+# tar's headers instead (docs/DESIGN.md, "The on-disk contract").
+OFFSET_COLUMNS = {
+    "tar_offset": "Int64",  # the sample's first member header: its members run from here, headers included
+    "image_offset": "Int64",  # the image's data (``image_bytes`` long)
+    "json_offset": "Int64",  # the JSON record's data
+    "json_bytes": "Int64",
+}
+
 
 @dataclass(frozen=True)
 class ShardStats:
@@ -95,6 +109,29 @@ def build_tar(members: list[tuple[str, bytes]]) -> bytes:
         for name, data in sorted(members, key=lambda m: m[0]):
             _tar_member(tar, name, data)
     return buf.getvalue()
+
+
+def member_offsets(fileobj) -> Iterator[tarfile.TarInfo]:
+    """The member headers of a seekable tar, each with ``offset`` (its first header block, a GNU long
+    name's included) and ``offset_data``; the data is skipped by seeking, never read. Raises tarfile's
+    errors (and OSError) at a damaged header, after the members before it."""
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        while (info := tar.next()) is not None:
+            tar.members = []  # nothing is extracted: the headers need not be remembered
+            yield info
+
+
+def _offset_rows(tar_bytes: bytes) -> dict[str, dict]:
+    """``OFFSET_COLUMNS`` per key of a tar this module built (names ``{key}.{ext}``)."""
+    rows: dict[str, dict] = {}
+    for info in member_offsets(io.BytesIO(tar_bytes)):
+        key, ext = info.name.split(".", 1)
+        row = rows.setdefault(key, {"tar_offset": info.offset})
+        if ext == "json":
+            row["json_offset"], row["json_bytes"] = info.offset_data, info.size
+        else:
+            row["image_offset"] = info.offset_data
+    return rows
 
 
 class ShardWriter:
@@ -172,11 +209,12 @@ class ShardWriter:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def table(self) -> pd.DataFrame:
-        """The parquet rows so far, sorted by key, with the fixed column types."""
-        rows = [self._rows[k] for k in sorted(self._rows)]
-        df = pd.DataFrame(rows, columns=list(PARQUET_COLUMNS))
-        return df.astype(PARQUET_COLUMNS)
+    def table(self, offsets: dict[str, dict] | None = None) -> pd.DataFrame:
+        """The parquet rows so far, sorted by key, with the fixed column types; with ``offsets`` (key ->
+        ``OFFSET_COLUMNS``, from the tar) the offset columns too."""
+        rows = [{**self._rows[k], **(offsets or {}).get(k, {})} for k in sorted(self._rows)]
+        columns = {**PARQUET_COLUMNS, **(OFFSET_COLUMNS if offsets is not None else {})}
+        return pd.DataFrame(rows, columns=list(columns)).astype(columns)
 
     def close(self) -> ShardStats:
         """Write tar, parquet, then stats (atomically, last). Returns the stats."""
@@ -191,7 +229,7 @@ class ShardWriter:
         # Tar and parquet are rewritten whole on a redo; only the stats file marks completion. Each file
         # is replaced atomically: a second writer of the same shard never leaves a half-written one.
         write_atomic(self.fs, join(self.root, f"{self.name}.tar"), tar_bytes)
-        df = self.table()
+        df = self.table(_offset_rows(tar_bytes))
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
         write_atomic(self.fs, join(self.root, f"{self.name}.parquet"), buf.getvalue())
