@@ -98,7 +98,7 @@ def not_a_file(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> str | Non
     except FileNotFoundError:
         return "a broken link (what it points to does not exist): not read"
     except OSError as e:
-        return f"cannot be inspected: {e.strerror or e}"
+        return f"cannot be inspected ({e.strerror or e}): not read"
     return None if kind == "file" else _NOT_A_FILE.get(kind, _NOT_A_FILE["other"])
 
 

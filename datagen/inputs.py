@@ -166,7 +166,8 @@ def _table_entries(
     cap = pick_column(df.columns, caption_column, CAPTION_COLUMNS, "caption", where)
     for i, value in enumerate(df[col].tolist()):
         value = cell_text(value)
-        caption = None if cap is None or df[cap].iloc[i] is None else str(df[cap].iloc[i])
+        raw = None if cap is None else df[cap].iloc[i]
+        caption = None if raw is None or (isinstance(raw, float) and raw != raw) else str(raw)  # NaN: none
         if not value:
             # An empty cell still is an input: it fails in decode with a clear reason instead of vanishing.
             yield Entry(f"{rel}#row{i}", f"row{i}", {"source": f"{where}#row{i}", "uri": "", "caption": caption, "meta": {}})
