@@ -1,9 +1,12 @@
-"""training.data.stream: split, mixture, fixed-length epochs, error policy, determinism, exact resumption."""
+"""training.data.stream: split, mixture, epochs, error policy, determinism, exact resumption.
+
+Exact epochs over uneven shards, resumes onto other world sizes and the index's byte ranges are in
+test_stream_epochs.py."""
 
 from __future__ import annotations
 
+import hashlib
 import io
-import itertools
 import json
 import tarfile
 from collections import Counter
@@ -16,14 +19,14 @@ import yaml
 from PIL import Image
 
 from shards.masks import encode_mask
-from shards.reader import Sample
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter, build_tar
 from training.data.collate import normalize_pixels
 from training.data.config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
 from training.data.errors import ErrorPolicy
 from training.data.examples import pick_caption
-from training.data.stages import filter_samples, keep_objects, mix, mixture_probabilities
+from training.data.index import filter_reason, keep_objects
+from training.data.plan import Plan, mixture_probabilities
 from training.data.stream import build_loader, merge_states
 from training.data.stream import main as stream_main
 
@@ -88,7 +91,6 @@ def config(paths, **kw) -> StreamConfig:
         "batch_size": 3,
         "num_workers": 0,
         "shuffle_buffer": 8,
-        "shuffle_initial": 4,
         "regions": {"max_objs": 4, "max_regions": 8, "max_slots": 6},
         **kw,
     }
@@ -139,14 +141,13 @@ def test_every_rank_yields_the_same_number_of_batches(tmp_path):
 
 
 def test_mixture_ratio_within_tolerance(tmp_path):
-    draws = Counter(
-        i
-        for i, _ in itertools.islice(
-            mix([itertools.repeat(0)] * 3, [1, 2, 1], np.random.default_rng(0)), 40000
-        )
-    )
+    # Three datasets of 2, 1 and 3 shards (5 samples each); a draw's dataset is its id's range.
+    plan = Plan([5] * 6, [2, 1, 3], seed=0, block=0, resampled=True, epoch_samples=20000, weights=[1, 2, 1])
+    ids, repeats = plan.sample_ids(3, np.arange(20000))
+    draws = Counter(np.searchsorted([10, 15], ids, side="right").tolist())
     for i, p in enumerate([0.25, 0.5, 0.25]):
-        assert abs(draws[i] / 40000 - p) < 0.01  # sd 0.0025
+        assert abs(draws[i] / 20000 - p) < 0.012  # sd 0.0035
+    assert not repeats.any() and len(set(ids.tolist())) == 30  # every sample drawn, uniformly within its dataset
     # End to end through filters, decode and batching: the paper's 1:2 COCO / synthetic mixture.
     write_dataset(tmp_path / "coco", [10, 10], prefix="c")
     write_dataset(tmp_path / "syn", [10, 10, 10], prefix="s", seed=1)
@@ -164,7 +165,9 @@ def test_mixture_ratio_within_tolerance(tmp_path):
 
 
 def corrupt_dataset(root: Path) -> list[str]:
-    """Shard 0 good; 1 garbage; 2 truncated inside its 3rd sample; 3 with one bad sample of each kind."""
+    """Shard 0 good; 1 garbage; 2 truncated inside its 3rd sample (both differ from their stats files); 3
+    a tar of another writer (stats resealed, no parquet: its headers are scanned) with one bad sample of
+    each kind. Returns the keys of the usable samples."""
     rng = np.random.default_rng(5)
     good = write_dataset(root, [6, 4, 5, 5], prefix="g")
     (root / "000001.tar").write_bytes(b"this is not a tar file" * 50)
@@ -184,32 +187,51 @@ def corrupt_dataset(root: Path) -> list[str]:
     members += [("small.jpg", jpeg(rng, 20, 20)), ("small.json", record("small", rng).to_json_bytes())]
     members += [("badjson.jpg", jpeg(rng)), ("badjson.json", b'{"key": "badjson"')]
     (root / "000003.tar").write_bytes(build_tar(members))
-    return [k for k in good if k.startswith(("g0x", "g2x0", "g2x1"))] + ["ok0", "ok1", "ok2"]
+    (root / "000003.parquet").unlink()
+    reseal(root / "000003.tar")
+    return [k for k in good if k.startswith("g0x")] + ["ok0", "ok1", "ok2"]
+
+
+def reseal(tar: Path) -> None:
+    """Record a rewritten tar's size and sha256 in its stats file, as if it had been written that way."""
+    stats = tar.with_name(tar.name.replace(".tar", ".stats.json"))
+    data = tar.read_bytes()
+    d = json.loads(stats.read_text())
+    stats.write_text(json.dumps({**d, "tar_bytes": len(data), "tar_sha256": hashlib.sha256(data).hexdigest()}))
 
 
 def test_corrupt_shard_and_bad_samples_are_counted_by_reason_and_skipped(tmp_path):
-    readable = corrupt_dataset(tmp_path)
-    cfg = config([tmp_path], batch_size=1, epoch_samples=len(readable))  # exactly one pass
-    loader = build_loader(cfg)
+    usable = corrupt_dataset(tmp_path)
+    loader = build_loader(config([tmp_path], batch_size=1))  # one pass: 11 samples pass the index
     keys = [k for batch in epoch_keys(loader) for k in batch]
-    assert sorted(keys) == sorted(readable)
-    assert loader.counters() == {
-        "error/corrupt_shard": 2,
-        "error/missing_member": 1,
-        "error/undecodable_image": 1,
-        "error/size_mismatch": 1,
-        "error/bad_json": 1,
+    # The two whose image fails (garbled, small) left their slots to substitutes drawn among the rest.
+    assert len(keys) == len(loader) == len(usable) + 2 and sorted(set(keys)) == sorted(usable)
+    counts = loader.counters()
+    assert counts == {
+        "error/corrupt_shard": 2,  # the index: shards 1 and 2, whose size differs from their stats
+        "error/missing_member": 1,  # the index: lonely.jpg
+        "error/bad_json": 1,  # the index: badjson.json
+        "error/undecodable_image": counts["error/undecodable_image"],  # garbled, and substitutes that drew it
+        "error/size_mismatch": counts["error/size_mismatch"],
+        "repeat/substitute": counts["error/undecodable_image"] + counts["error/size_mismatch"],
     }
+    assert min(counts["error/undecodable_image"], counts["error/size_mismatch"]) >= 1
 
 
 def test_a_run_of_failures_raises_instead_of_spinning(tmp_path):
-    readable = corrupt_dataset(tmp_path)
-    cfg = config([tmp_path], batch_size=1, epoch_samples=len(readable), max_consecutive_errors=2)
-    with pytest.raises(RuntimeError, match="failed in a row"):
+    rng = np.random.default_rng(0)
+    members = [m for i in range(4) for m in ((f"b{i}.jpg", b"not an image"), (f"b{i}.json", record(f"b{i}", rng).to_json_bytes()))]
+    write_dataset(tmp_path / "bad", [4])
+    (tmp_path / "bad" / "000000.tar").write_bytes(build_tar(members))
+    (tmp_path / "bad" / "000000.parquet").unlink()
+    reseal(tmp_path / "bad" / "000000.tar")
+    cfg = config([tmp_path / "bad"], batch_size=1, max_consecutive_errors=5)
+    with pytest.raises(RuntimeError, match="5 samples failed in a row"):
         list(build_loader(cfg))
-    cfg = config([tmp_path], batch_size=1, epoch_samples=4, filters={"min_objects": 5})
-    with pytest.raises(RuntimeError, match="gave no usable sample"):
-        list(build_loader(cfg))
+    write_dataset(tmp_path / "good", [4])
+    cfg = config([tmp_path / "good"], batch_size=1, filters={"min_objects": 5})
+    with pytest.raises(ConfigError, match=r"has no usable sample \(left out: \{'filtered/too_few_objects': 4\}\)"):
+        build_loader(cfg)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(even):
@@ -276,11 +298,13 @@ def test_state_of_every_rank_merges_and_a_mismatch_is_refused(even):
     for r in range(2):
         resumed = build_loader(cfg, rank=r, world_size=2, state=merged)
         assert resumed.batches == 3 and len(epoch_keys(resumed)) == len(resumed) - 3
-    other = build_loader(cfg, rank=0, world_size=1)
+    other = build_loader(config([root], seed=1), rank=0, world_size=1)
     with pytest.raises(ValueError, match="another config"):
         other.load_state_dict(merged)
     other.load_state_dict(merged, strict=False)
     assert (other.epoch, other.batches) == (1, 0)
+    with pytest.raises(ValueError, match=r"no entry for rank\(s\) 1 \(save merge_states of every rank\)"):
+        build_loader(cfg, rank=0, world_size=3).load_state_dict(loaders[0].state_dict())
 
 
 def test_config_from_yaml_shape_and_errors(even):
@@ -291,8 +315,9 @@ def test_config_from_yaml_shape_and_errors(even):
         StreamConfig.from_dict({**cfg.to_dict(), "shuffle": 3})
     with pytest.raises(ConfigError, match="resampled mode"):
         StreamConfig.from_dict({**cfg.to_dict(), "resampled": True, "epoch_samples": None})
-    with pytest.raises(ConfigError, match="8 shards for 16 workers"):
-        build_loader(config([root], num_workers=4), world_size=4)
+    with pytest.raises(ConfigError, match=r"^datasets\[1\]\.weight is 2\.0: mixture weights apply to resampled "):
+        config([root, root], weights=[1, 2])
+    assert config([root, root], weights=[1, 2], resampled=True, epoch_samples=8).datasets[1].weight == 2.0
 
 
 def test_batch_tensors_have_fixed_shapes_and_consistent_regions(even):
@@ -359,13 +384,10 @@ def test_json_filters_drop_objects_below_the_floors_then_samples_by_count():
     assert keep_objects(rec, f).objects == rec.objects[:1]
     assert keep_objects(rec, FilterConfig()) is rec
 
-    sample = Sample(record=rec, image_bytes=b"", image_ext="jpg", url="u")
-    policy = ErrorPolicy(60.0, 10)
-    kept = list(filter_samples([sample], f, policy))
-    assert [len(s.record.objects) for s in kept] == [1]
-    assert list(filter_samples([sample], FilterConfig(min_objects=5, min_clip_score=25.0), policy)) == []
-    assert list(filter_samples([sample], FilterConfig(max_objects=5), policy)) == []
-    assert policy.counts == {"filtered/too_few_objects": 1, "filtered/too_many_objects": 1}
+    assert filter_reason(keep_objects(rec, f), f) is None
+    f = FilterConfig(min_objects=5, min_clip_score=25.0)
+    assert filter_reason(keep_objects(rec, f), f) == "filtered/too_few_objects"
+    assert filter_reason(rec, FilterConfig(max_objects=5)) == "filtered/too_many_objects"
 
 
 def test_caption_is_one_of_the_coco_captions_drawn_with_the_generator():
@@ -423,7 +445,7 @@ def test_mixture_weights_must_be_finite_and_positive_and_errors_name_the_dataset
     with pytest.raises(ConfigError, match=r"^datasets\[1\]\.weight \(dataset 'syn'\) must be a finite number > 0, got inf$"):
         mixture_probabilities([1.0, float("inf")], ["coco", "syn"])
     with pytest.raises(ConfigError, match=r"^datasets\[0\]\.weight must be a finite number > 0, got 0$"):
-        next(mix([itertools.repeat(0)], [0], np.random.default_rng(0)))
+        Plan([1], [1], seed=0, block=0, resampled=True, epoch_samples=1, weights=[0])
     with pytest.raises(ConfigError, match=r"sum to inf"):
         mixture_probabilities([1e308, 1e308])
 
@@ -441,7 +463,7 @@ def test_a_malformed_state_is_refused_by_name(even):
     loader = build_loader(config([even[0]]))
     with pytest.raises(ValueError, match=r"stream state lacks \['ranks'\]"):
         loader.load_state_dict({k: v for k, v in loader.state_dict().items() if k != "ranks"})
-    with pytest.raises(ValueError, match="stream state version 'list', expected 1"):
+    with pytest.raises(ValueError, match="stream state version 'list', expected 2"):
         loader.load_state_dict([])
 
 
@@ -460,4 +482,4 @@ def test_cli_answers_a_mistake_with_one_error_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config([tmp_path / "few"], num_workers=1, filters={"min_objects": 5}).to_dict()))
     assert stream_main([str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {path}: ") and "gave no usable sample" in err and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: ") and "has no usable sample" in err and len(err.splitlines()) == 1

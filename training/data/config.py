@@ -12,6 +12,8 @@ The paper's recipe (docs/METHOD.md §6) as a preset::
          augment: {scale: [1.0, 1.1], min_visibility: 0.1, max_objects: 30}}
       - {path: data/synthetic, weight: 2,
          augment: {min_visibility: 0.3, max_objects: 20}}
+    resampled: true            # weights mix resampled streams; without, an epoch reads each dataset once
+    epoch_samples: 256000
     batch_size: 2
     num_workers: 4
 """
@@ -86,7 +88,7 @@ class DatasetSpec:
     """One dataset folder (local path or fsspec URI) and how to draw from it."""
 
     path: str  # dataset folder or URI; its complete shards (stats file present) are used
-    weight: PositiveFloat = 1.0  # relative share of this dataset in the mixture
+    weight: PositiveFloat = 1.0  # relative share of this dataset in a resampled stream's mixture (resampled only)
     filters: FilterConfig = field(default_factory=FilterConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     caption: Literal["caption", "source_caption"] = "caption"  # which field; falls back to the other
@@ -111,10 +113,13 @@ class StreamConfig:
     datasets: tuple[DatasetSpec, ...]
     batch_size: PositiveInt = 2  # per rank
     num_workers: NonNegativeInt = 2  # DataLoader workers per rank; 0 runs the stream in the main process
-    resampled: bool = False  # draw shards with replacement instead of splitting them by node and worker
-    epoch_samples: PositiveInt | None = None  # samples per epoch over all ranks; None: the datasets' sample count
-    shuffle_buffer: NonNegativeInt = 1000  # samples held per dataset and worker for shuffling (0: no shuffle)
-    shuffle_initial: NonNegativeInt = 100  # samples buffered before the first is emitted
+    # Draw each sample independently (datasets by weight) instead of reading every dataset once per epoch.
+    resampled: bool = False
+    # Samples per epoch over all ranks; None: one pass over every dataset, each usable sample exactly once.
+    epoch_samples: PositiveInt | None = None
+    # Without resampling: the pass's order is shuffled within consecutive blocks of this many samples (after
+    # the shard order is drawn); 0 or 1: shards in a drawn order, their samples in tar order.
+    shuffle_buffer: NonNegativeInt = 1000
     seed: NonNegativeInt = 0
     regions: RegionConfig = field(default_factory=RegionConfig)
     log_interval_s: NonNegativeFloat = 60.0  # at most one log line per error reason and worker in this interval
@@ -130,6 +135,13 @@ class StreamConfig:
             raise ConfigError("datasets must list at least one dataset")
         if self.resampled and self.epoch_samples is None:
             raise ConfigError("resampled mode has no natural epoch: set epoch_samples")
+        weighted = [i for i, d in enumerate(self.datasets) if d.weight != 1.0]
+        if weighted and not self.resampled:
+            i = weighted[0]
+            raise ConfigError(
+                f"datasets[{i}].weight is {self.datasets[i].weight}: mixture weights apply to resampled streams "
+                "only (set resampled: true and epoch_samples); without resampling an epoch reads every dataset once"
+            )
         sizes = {tuple(d.augment.size) for d in self.datasets}
         if len(sizes) > 1:
             raise ConfigError(f"every dataset must augment to the same size to batch together, got {sorted(sizes)}")

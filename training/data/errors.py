@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 class ErrorPolicy:
     """Counts skipped samples by reason, logs at a limited rate, and stops on a run of failures.
 
-    The counters are plain ``Counter`` keys: ``error/<reason>``, ``filtered/<reason>`` and
+    The counters are plain ``Counter`` keys: ``error/<reason>``, ``repeat/<why>`` and
     ``augment/flip_refused``; they travel to the main process with each batch.
     """
 
@@ -56,27 +55,18 @@ class ErrorPolicy:
                 "this is a bug or an unreadable dataset, not a few bad samples"
             ) from exn
 
-    def handler(self, reason: str, stop: bool = False) -> Callable[[Exception], bool]:
-        """A webdataset-style handler: count the exception under ``reason``, then continue or stop."""
-
-        def handle(exn: Exception) -> bool:
-            self.error(reason, exn)
-            return not stop
-
-        return handle
-
     def success(self) -> None:
         """A sample made it through: the run of failures is over."""
         self._consecutive = 0
 
     def mark(self) -> None:
-        """Start counting afresh for ``since_mark`` (after a resumed worker skipped its replay)."""
+        """Start counting afresh for ``since_mark`` (after each batch: a batch carries its own counts)."""
         self._mark = self.counts.copy()
 
     def since_mark(self) -> dict[str, int]:
         """Counts since ``mark``."""
         return dict(self.counts - self._mark)
 
-    def note(self, key: str) -> None:
-        """Count an event that is not an error (a filtered sample, a refused flip)."""
-        self.counts[key] += 1
+    def note(self, key: str, n: int = 1) -> None:
+        """Count an event that is not an error (a repeated sample, a refused flip)."""
+        self.counts[key] += n
