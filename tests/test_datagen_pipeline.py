@@ -104,39 +104,37 @@ def _index_totals(output: Path) -> dict:
     return json.loads((output / "index.json").read_text())["totals"]
 
 
+def _cut_a_tar_in_half(copy: Path) -> str:
+    tar = copy / "000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # next to its stats file
+    return "shard 000001 has a stats file but its tar holds"
+
+
+def _a_string_for_a_count_in_stats(copy: Path) -> str:
+    stats = copy / "000002.stats.json"
+    recorded = json.loads(stats.read_text())
+    stats.write_text(json.dumps({**recorded, "samples": str(recorded["samples"])}))  # valid JSON, another shape
+    return (f"shard 000002 has a stats file but its stats file is unreadable ({stats}: field 'samples' must be a "
+            "count (an integer >= 0)")
+
+
 @pytest.mark.slow
-def test_a_truncated_shard_is_redone_on_resume_and_the_counts_are_right(reference, tmp_path):
+@pytest.mark.parametrize("damage", [_cut_a_tar_in_half, _a_string_for_a_count_in_stats], ids=["tar", "stats"])
+def test_a_damaged_shard_is_named_and_redone_on_resume_and_the_counts_are_right(damage, reference, tmp_path):
     inputs, out, _, stdout = reference
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    tar = copy / "000001.tar"
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # cut in half next to its stats file
+    named = damage(copy)
     proc = datagen(inputs, copy)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert "shards 5 (4 already complete, 1 damaged and redone, 1 written now)" in proc.stdout
-    assert "shard 000001 has a stats file but its tar holds" in proc.stderr
+    assert named in proc.stderr
     assert _files(copy, "*.tar") == _files(out, "*.tar")  # redone byte for byte
+    assert _files(copy, "*.stats.json") == _files(out, "*.stats.json")
     assert _index_totals(copy) == _index_totals(out)
     samples = next(line for line in stdout.splitlines() if line.strip().startswith("samples"))
     assert samples in proc.stdout
     assert validate_dataset(str(copy)) == []
-
-
-@pytest.mark.slow
-def test_a_stats_file_of_another_shape_is_named_and_its_shard_redone_on_resume(reference, tmp_path):
-    inputs, out, _, _ = reference
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    stats = copy / "000002.stats.json"
-    recorded = json.loads(stats.read_text())
-    stats.write_text(json.dumps({**recorded, "samples": str(recorded["samples"])}))  # a string for a count
-    proc = datagen(inputs, copy)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert "shards 5 (4 already complete, 1 damaged and redone, 1 written now)" in proc.stdout
-    assert (f"shard 000002 has a stats file but its stats file is unreadable ({stats}: field 'samples' must be a "
-            "count (an integer >= 0)") in proc.stderr
-    assert json.loads(stats.read_text()) == recorded
-    assert _files(copy, "*.tar") == _files(out, "*.tar") and _index_totals(copy) == _index_totals(out)
 
 
 FULL_DISK_DRIVER = """
