@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -187,7 +188,7 @@ _EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # the formats a shard sto
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # JSON has no NaN; Python reads it
 
 
 def _shown(v: object) -> str:
@@ -368,7 +369,11 @@ def _coco_sample(img: dict, key: str, source: str, caps_by_image: dict, anns_by_
     data = Path(source).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-        with Image.open(io.BytesIO(data)) as im:
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # PIL's own limit, above ours: raised inside open()
+            raise ValueError(str(e)) from None
+        with im:
             w, h = im.size
             # The stored extension is the format's, whatever the file is called (a PNG named .jpg).
             ext = _EXTS.get(im.format)

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from .dataset import ShardInfo, list_shards, read_stats
-from .masks import decode_mask
+from .masks import decode_mask, rle_problem
 from .paths import fs_and_root, open_sequential
 from .schema import SampleRecord, SchemaError
 from .writer import IMAGE_EXTS
@@ -326,7 +326,12 @@ class Sample:
             raise ImageRefused(f"{where}: {e}") from None
 
     def masks(self) -> list[np.ndarray | None]:
-        """Each object's mask as a bool (H, W) array, None where the object has none."""
+        """Each object's mask as a bool (H, W) array, None where the object has none; ValueError naming
+        the object for an RLE pycocotools would decode to garbage (``masks.rle_problem``)."""
+        for i, o in enumerate(self.record.objects):
+            why = None if o.mask is None else rle_problem(o.mask)
+            if why:
+                raise ValueError(f"{self.url} key {self.record.key!r}: objects[{i}].mask: {why}")
         return [None if o.mask is None else decode_mask(o.mask) for o in self.record.objects]
 
 

@@ -107,11 +107,11 @@ def sample_gallery(dataset: str, n: int = 8, max_size: int = 384, left_out: dict
         try:
             drawn = _jpeg(draw_sample(sample, max_size))
         except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's kinds of bad bytes; ImageRefused
-            why = str(e) if isinstance(e, ImageRefused) else f"{sample.url} key {rec.key!r}: image does not decode " \
-                                                             f"({type(e).__name__}: {e})"
+            why = str(e) if isinstance(e, (ImageRefused, ValueError)) and str(e).startswith(sample.url) else \
+                f"{sample.url} key {rec.key!r}: cannot be drawn ({type(e).__name__}: {e})"
             log.warning("gallery of %s: %s", dataset, why)
             left_out[f"{sample.url.rsplit('/', 1)[-1].split('.')[0]} key {rec.key}"] = why
-            title = "image refused" if isinstance(e, ImageRefused) else "image does not decode"
+            title = "image refused" if isinstance(e, ImageRefused) else "cannot be drawn"
             items.append(GalleryItem(f"{rec.key} ({title})", None, (("#e15759", why),)))
             continue
         lines = [("#444", f"caption: {rec.caption or rec.source_caption or '-'}")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,7 +20,15 @@ from PIL import Image
 from .dataset import ShardInfo, check_stats, list_shards, read_stats
 from .masks import rle_problem
 from .paths import fs_and_root, open_sequential, url_for
-from .reader import HashingReader, RawSample, ShardReadError, TarProblem, raw_samples, tar_samples
+from .reader import (
+    MAX_IMAGE_PIXELS,
+    HashingReader,
+    RawSample,
+    ShardReadError,
+    TarProblem,
+    raw_samples,
+    tar_samples,
+)
 from .safe_json import loads as safe_loads
 from .schema import (
     META_CAPTIONS,
@@ -158,8 +167,17 @@ def _check_sample(shard: str, raw: RawSample, problems: list[Problem]) -> Sample
     _check_masks(shard, key, rec, problems)
     problems.extend(Problem(shard, key, why, f"{key}.json") for why in meta_problems(rec))
     try:
-        with Image.open(io.BytesIO(members[images[0]])) as im:
-            size = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(members[images[0]])) as im:
+                size = w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    problems.append(Problem(shard, key, f"image is {w}x{h} = {w * h} pixels, more than {MAX_IMAGE_PIXELS} "
+                                                        "(shards.reader.MAX_IMAGE_PIXELS): not decoded", f"{key}.{images[0]}"))
+                    return None
+                if im.format == "JPEG":  # an eighth of the pixels, every byte of the entropy-coded data still read
+                    im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                im.load()  # a file cut short opens (the header is whole) but does not decode
     except Exception as e:  # noqa: BLE001 — PIL raises many types for bad bytes (a bomb's header included)
         problems.append(Problem(shard, key, f"image does not decode: {e}", f"{key}.{images[0]}"))
         return None
@@ -291,7 +309,10 @@ def shard_problem(dataset: str, info: ShardInfo, verify: bool = False, stats: di
         if problem:
             return problem
     else:
-        actual = fs.size(tar)
+        try:
+            actual = fs.size(tar)
+        except OSError as e:  # a link to nowhere: listed, but not there
+            return f"its tar cannot be read ({e.strerror or e})"
         if actual != expected:
             return f"its tar holds {actual} bytes but its stats recorded {expected} (truncated or overwritten)"
     if verify:
