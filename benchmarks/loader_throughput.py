@@ -8,7 +8,9 @@ and the better run counts (this machine is shared). Target: full/raw >= 0.9 for 
 trainer should run it, uint8 pixels normalized on the device; float pixel_values (normalized in the
 loader's main process) are measured too.
 
-A second table times each stage in one process over the same samples, to say where the time goes.
+A second table times each stage in one process over the same samples, to say where the time goes:
+``index`` is what a loader does once before its first batch (each sample's byte range and JSON, read
+and filtered: ``training.data.index``), ``read_parse`` a sample's byte range read and parsed.
 
     python benchmarks/loader_throughput.py [--samples 384] [--workers 2] [--batch 8] [--short-side 512 768]
 """
@@ -31,13 +33,14 @@ from torch.utils.data import DataLoader
 
 from datagen.synthetic import make_image
 from shards.dataset import tar_urls
+from shards.reader import to_sample
 from shards.schema import ObjectRecord, SampleRecord
 from shards.writer import ShardWriter
 from training.data.augment import augment
 from training.data.collate import Example, collate, normalize_pixels
 from training.data.config import AugmentConfig, StreamConfig
-from training.data.errors import ErrorPolicy
-from training.data.stages import parse_samples, read_shards
+from training.data.index import build_index
+from training.data.stages import read_samples
 from training.data.stream import build_loader
 from training.layout.regions import reorganize_regions
 
@@ -94,7 +97,6 @@ def stream_config(root: Path, workers: int, batch: int, pixel_format: str) -> St
             "batch_size": batch,
             "num_workers": workers,
             "shuffle_buffer": 100,
-            "shuffle_initial": 20,
         }
     )
 
@@ -128,12 +130,14 @@ def timed(batches, count) -> tuple[float, int]:
 
 def stage_times(root: Path, cfg: StreamConfig, limit: int) -> dict[str, float]:
     """CPU milliseconds per sample of each stage, in this process (steadier than wall time here)."""
-    policy = ErrorPolicy(60.0, 10**9)
     clock = time.process_time
     t0 = clock()
-    samples = list(parse_samples(read_shards(tar_urls(str(root)), policy), policy))[:limit]
+    index = build_index(cfg, tempfile.mkdtemp)
+    t = {"index": (clock() - t0) / len(index.start)}
+    t0 = clock()
+    samples = [to_sample(raw) for raw in read_samples(index, np.arange(min(limit, len(index.start))))]
     n = len(samples)
-    t = {"read_parse": (clock() - t0) / n}
+    t["read_parse"] = (clock() - t0) / n
     t0 = clock()
     for s in samples:
         np.asarray(Image.open(io.BytesIO(s.image_bytes)).convert("RGB"))  # what webdataset's rgb8 does

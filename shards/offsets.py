@@ -44,7 +44,8 @@ _END = b"\0" * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker a span lacks
 _COPY_BLOCK = 1 << 20
 
 
-def _padded(n: np.ndarray) -> np.ndarray:
+def _padded(n):
+    """``n`` bytes (an int or an int64 array) rounded up to whole tar blocks."""
     return -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
@@ -108,6 +109,7 @@ def scan_spans(url: str) -> ShardSpans:
     groups: list[_Group] = []
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
+    skipping = None  # a key whose later copy is being left out, as the reader leaves it
     size = fs.size(path)
     try:
         with fs.open(path, "rb") as f:
@@ -121,16 +123,18 @@ def scan_spans(url: str) -> ShardSpans:
                     raise tarfile.ReadError(f"member {info.name!r} runs past the end of the file")
                 key, ext = split_name(info.name)
                 g = groups[-1] if groups else None
-                if g is None or g.key != key or ext in g.data:
+                if key == skipping or g is None or g.key != key or ext in g.data:
                     if key in seen:
-                        problems.append(("corrupt_shard", f"{url}: key {key!r} is stored twice: the later copy "
-                                                          "is not used"))
+                        skipping = key
+                        problems.append(("corrupt_shard", f"{url}: member {info.name!r}: key {key!r} is stored "
+                                                          "twice: this later copy is not used"))
                         continue
+                    skipping = None
                     seen.add(key)
                     g = _Group(key, info.offset)
                     groups.append(g)
                 g.data[ext] = (info.offset_data, info.size)
-                g.end = info.offset_data + int(_padded(np.int64(info.size)))
+                g.end = info.offset_data + _padded(info.size)
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         problems.append(("corrupt_shard", f"{url}: {type(e).__name__}: {e} (the samples before it are used)"))
     return _spans_from_groups(url, groups, problems)
