@@ -143,8 +143,9 @@ def test_from_coco_dataset_keeps_meta_that_appears_late(tmp_path):
     meta = {row["__key__"]: json.loads(row["json"]["meta"]) for row in rows}
     assert meta["coco000000000106"]["captions"] == ["a dog", "a pup"]
     assert [c["name"] for c in meta["coco000000000106"]["coco_crowd"]] == ["person"]
-    assert meta["coco000000000100"] == {"captions": [], "coco_category_ids": [18], "coco_crowd": [],
-                                        "coco_id": 100, "coco_supercategories": ["animal"]}  # fmt: skip
+    assert meta["coco000000000100"] == {"captions": [], "coco_annotation_ids": [10], "coco_category_ids": [18],
+                                        "coco_crowd": [], "coco_file_name": "0.jpg", "coco_id": 100,
+                                        "coco_supercategories": ["animal"]}  # fmt: skip
 
 
 def _release(tmp_path):
