@@ -15,12 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _model_fixtures import region_encoder, tiny_sdxl_unet_inputs
 from PIL import Image
 from safetensors.torch import load_file
 from test_train import write_dataset
 
-from training.model.adapter import attach_regional_adapter, is_adapter_key, load_adapter
-from training.model.lora import is_lora_key, load_lora
+from training.layout.regions import empty_layout
+from training.model.adapter import (
+    AdapterConfig,
+    attach_regional_adapter,
+    is_adapter_key,
+    load_adapter,
+    set_adapter_trainable,
+)
+from training.model.encoding import grounding_inputs
+from training.model.lora import add_lora, is_lora_key, load_lora
 from training.model.tiny import tiny_unet
 from training.trainer.checkpoint import verify_checkpoint
 
@@ -191,3 +200,46 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
     assert [r[1:] for r in fsdp.losses] == resumed.losses
     for name, state in _files(resumed.out).items():
         assert all(torch.equal(state[k], files[name][k]) for k in state), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every trainable weight in every backward (the model's zero path)
+
+
+@pytest.mark.parametrize("model_type", ["ca", "casa"])
+def test_a_batch_without_layouts_reaches_every_trainable_weight_and_leaves_the_output_bit_identical(
+    model_type,
+):
+    """Every layout dropped: no fuser attends and the position net's features reach nothing, yet every
+    adapter and LoRA weight gets a gradient (exactly 0 where only the zero path reaches it), and the UNet's
+    output has the bits of the empty layout's output without the zero path (computed under no_grad, where
+    the model adds nothing). A batch with a layout is bit-identical too."""
+    torch.manual_seed(0)
+    unet = attach_regional_adapter(tiny_unet(0), AdapterConfig(model_type=model_type))
+    params = set_adapter_trainable(unet) + add_lora(unet, 2)
+    with torch.no_grad():  # non-zero output projections, null features and LoRA: nothing vanishes by luck
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+    unet.train()
+    mixed = tiny_sdxl_unet_inputs()  # the empty layout and a random one
+    dropped = grounding_inputs([empty_layout(64, 64)] * 2, region_encoder(), max_slots=5)
+    grads = {}
+    for name, inputs in (
+        ("one layout kept", mixed),
+        ("every layout dropped", {**mixed, "cross_attention_kwargs": {"gligen": dropped}}),
+    ):
+        with torch.no_grad():
+            reference = unet(**inputs, return_dict=False)[0]
+        out = unet(**inputs, return_dict=False)[0]
+        assert torch.equal(out, reference), name
+        unet.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values()), (name, [n for n, g in grads.items() if g is None])
+    # With every layout dropped only the fusers' null features were used: every other adapter weight got
+    # an exact 0 (the zero path), the nulls and the LoRA a real gradient.
+    zero = [n for n in grads if is_adapter_key(n) and not n.endswith(".fuser.null_text_feat")]
+    assert zero and all(not grads[n].any() for n in zero)
+    assert all(grads[n].any() for n in grads if n.endswith(".fuser.null_text_feat"))
+    assert any(grads[n].any() for n in grads if is_lora_key(n))
+    assert model_type == "ca" or any(".fuser.self_attn." in n for n in zero)

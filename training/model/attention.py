@@ -22,6 +22,17 @@ Two implementations compute the same thing:
 The index plans depend only on the layout and the level, so the first fuser of a level builds its plan
 and stores it in ``objs`` for the other blocks of the same forward. ``benchmarks/regional_attention.py``
 measures both forms.
+
+Every trainable weight takes part in every backward. A level where no pixel has a region (the empty layout
+of layout dropout, regions dropped by the caps) skips the attention, and a micro-batch whose layouts were
+all dropped reaches no fuser's projections and no position-net weight: DDP and FSDP, whose collectives
+expect one gradient per parameter per backward, would then go out of step across ranks (gloo: "Received
+data size doesn't match expected size"). So in training (grad enabled) the skipped path multiplies its null
+feature by ``1 + z``, where ``z`` (:func:`exact_zero`) is 0 times the sum of the fuser's and the position
+net's weights: the output is bit-identical, and every weight gets an exact-zero gradient.
+
+Rows are gathered with :func:`gather_rows`, whose backward adds repeated rows in a fixed order, so a
+training step is bit-reproducible on CPU (``training/TRAINING.md``, "Exact resume").
 """
 
 from __future__ import annotations
@@ -38,8 +49,11 @@ from torch import nn
 __all__ = [
     "DEAD_MARGIN",
     "IMPLEMENTATIONS",
+    "ZERO_KEY",
     "PositionNet",
     "RegionalCrossAttention",
+    "exact_zero",
+    "gather_rows",
     "level_grid",
 ]
 
@@ -50,6 +64,31 @@ IMPLEMENTATIONS = ("packed", "naive")
 DEAD_MARGIN = 100.0
 _TILE_SIZES = (16, 32, 64, 128)
 _PLAN_KEY = "_regional_plans"  # where fusers memoize index plans inside objs
+ZERO_KEY = "_position_net_zero"  # the position net's exact_zero inside objs (training only)
+
+
+def exact_zero(module: nn.Module) -> torch.Tensor | None:
+    """0 that depends on every trainable parameter of ``module`` (an exact-zero gradient to each); None when
+    no gradient is being recorded or nothing of ``module`` trains.
+
+    0 x (a finite sum) is 0 and its gradient is 0 x 1 per element, so nothing changes numerically; a
+    weight that is infinite or NaN makes it NaN, as it would make the step anyway.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    terms = [p.sum() for p in module.parameters() if p.requires_grad]
+    return sum(terms[1:], terms[0]) * 0.0 if terms else None
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` (rows of dim 0) with a backward that sums repeated rows in a fixed order.
+
+    On CPU, indexing's backward (``index_put_`` with accumulate) adds repeated rows with parallel atomic adds
+    once it has more than one thread and 32768 values, so the last bits of the sum change from run to run;
+    ``index_select``'s backward (``index_add_``) adds them serially (and was faster here). On CUDA it is the
+    other way round: ``index_put_`` sorts the indices (deterministic), ``index_add_`` uses atomics.
+    """
+    return t.index_select(0, index) if t.device.type == "cpu" else t[index]
 
 
 class PositionNet(nn.Module):
@@ -101,7 +140,9 @@ class PositionNet(nn.Module):
         if len(live_index):
             live_feat = self.linears(feats.reshape(b * s * t, -1)[live_index])
             text_feat = text_feat.index_copy(0, live_index, live_feat)
-        return {**objs, "text_feat": text_feat.reshape(b, s, t, -1), "object_masks": object_masks}
+        out = {**objs, "text_feat": text_feat.reshape(b, s, t, -1), "object_masks": object_masks}
+        zero = exact_zero(self)  # for the fusers' skipped path: no fuser may attend to text_feat
+        return out if zero is None else {**out, ZERO_KEY: zero}
 
 
 def level_grid(latent_hw: tuple[int, int], n_pixels: int) -> tuple[int, int]:
@@ -241,6 +282,16 @@ class RegionalCrossAttention(nn.Module):
     def _null(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.null_text_feat.to(hidden_states.dtype)
 
+    def _skipped_null(self, hidden_states: torch.Tensor, objs: dict) -> torch.Tensor:
+        """The null feature of a level without regions; in training times ``1 + 0``, the 0 reaching every
+        weight of this fuser (a ``casa`` fuser's self-attention included) and of the position net."""
+        null, zero = self._null(hidden_states), exact_zero(self)
+        if zero is None:
+            return null
+        if ZERO_KEY in objs:
+            zero = zero + objs[ZERO_KEY]
+        return null * (1 + zero)  # 1 + (+-0) is exactly 1: the same bits as null
+
     def _forward_naive(self, x: torch.Tensor, objs: dict, grid: tuple[int, int]) -> torch.Tensor:
         """The release's formulation: x repeated per slot, full attention per slot, masked sum."""
         batch, n_pixels, dim = x.shape
@@ -258,14 +309,14 @@ class RegionalCrossAttention(nn.Module):
         """One query projection, one attention over each pixel's own region, one output projection."""
         batch, n_pixels, dim = x.shape
         plan = level_plan(objs, grid)
-        if not len(plan.tile_slot):  # every region of this level was dropped by the caps
-            return x + self._null(x)
+        if not len(plan.tile_slot):  # no region at this level: the empty layout, or dropped by the caps
+            return x + self._skipped_null(x, objs)
         attn = self.attn
         inner = attn.to_q.out_features
         heads, head_dim = attn.heads, inner // attn.heads
         n_tiles, width = len(plan.tile_slot), plan.key_table.shape[1]
 
-        query = attn.to_q(x).reshape(batch * n_pixels, inner)[plan.query_index]
+        query = gather_rows(attn.to_q(x).reshape(batch * n_pixels, inner), plan.query_index)
         query = query.view(n_tiles, plan.tile, heads, head_dim).transpose(1, 2)
         # Gathered in every call (a copy ~1/dim of the projection's cost) rather than shared across blocks,
         # so each block's graph stays self-contained under gradient checkpointing.
@@ -273,7 +324,7 @@ class RegionalCrossAttention(nn.Module):
         context = feats.reshape(-1, feats.shape[-1])[plan.live_index].to(x.dtype)
         key_rows = plan.key_table[plan.tile_slot].reshape(-1)
         key, value = (
-            F.linear(context, w.weight, w.bias)[key_rows]
+            gather_rows(F.linear(context, w.weight, w.bias), key_rows)
             .view(n_tiles, width, heads, head_dim)
             .transpose(1, 2)
             for w in (attn.to_k, attn.to_v)
@@ -281,6 +332,6 @@ class RegionalCrossAttention(nn.Module):
         bias = plan.key_bias[plan.tile_slot].to(x.dtype)[:, None, None, :]
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(n_tiles * plan.tile, inner)[plan.pixel_row]
+        out = gather_rows(out.transpose(1, 2).reshape(n_tiles * plan.tile, inner), plan.pixel_row)
         out = attn.to_out[0](out).view(batch, n_pixels, dim)
         return x + torch.where(plan.dropped.view(batch, n_pixels, 1), self._null(x), out)

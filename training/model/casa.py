@@ -31,7 +31,13 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.model.attention import RegionalCrossAttention, _level_region_map, _pick_tile, level_grid
+from training.model.attention import (
+    RegionalCrossAttention,
+    _level_region_map,
+    _pick_tile,
+    gather_rows,
+    level_grid,
+)
 
 __all__ = ["MODEL_TYPES", "RegionalCrossAndSelfAttention"]
 
@@ -145,7 +151,9 @@ class RegionalCrossAndSelfAttention(RegionalCrossAttention):
         if self.implementation == "naive":
             return hidden_states + self._self_naive(hidden_states, objs, grid)
         plan = self_plan(objs, grid)
-        if not plan.buckets:  # no live region at this level (the empty layout): nothing to add
+        if not plan.buckets:
+            # No pixel in a region at this level (the empty layout): nothing to add. The cross-attention
+            # skipped its attention for the same reason, and its exact zero reached self_attn's weights.
             return hidden_states
         if self.training and torch.is_grad_enabled():
             return hidden_states + checkpoint(self._self_packed, hidden_states, plan, use_reentrant=False)
@@ -174,9 +182,15 @@ class RegionalCrossAndSelfAttention(RegionalCrossAttention):
         rows = []
         for bucket in plan.buckets:
             n_tiles, width = bucket.key_index.shape
-            q = query[bucket.query_index].view(n_tiles, bucket.tile, heads, head_dim).transpose(1, 2)
+            q = (
+                gather_rows(query, bucket.query_index)
+                .view(n_tiles, bucket.tile, heads, head_dim)
+                .transpose(1, 2)
+            )
             k, v = (
-                t[bucket.key_index.reshape(-1)].view(n_tiles, width, heads, head_dim).transpose(1, 2)
+                gather_rows(t, bucket.key_index.reshape(-1))
+                .view(n_tiles, width, heads, head_dim)
+                .transpose(1, 2)
                 for t in (key, value)
             )
             bias = bucket.key_bias.to(x.dtype)[:, None, None, :]
