@@ -9,7 +9,8 @@ from PIL import Image
 
 from training.evaluation import evaluate
 from training.inference import generate
-from training.layout.files import layouts_from_dataset, read_layouts
+from training.layout.dataset import layouts_from_dataset
+from training.layout.files import read_layouts
 
 LAYOUTS = [
     {"id": "beach", "caption": "a beach", "boxes": [[0, 0, 32, 32], [16, 8, 64, 60]],
@@ -47,7 +48,8 @@ def test_generate_rejects_a_bad_layout_before_loading_models(tmp_path, capsys):
     assert f"error: {layouts}:1" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("protocol", ["paper", "exact"])
+def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, monkeypatch, capsys, protocol):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights anywhere
     images = tmp_path / "images"
     images.mkdir()
@@ -57,7 +59,7 @@ def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, mo
     reference.mkdir()
     out = tmp_path / "eval"
     argv = ["--tiny", "--images", str(images), "--layouts", str(generated / "layouts.jsonl"), "--out", str(out),
-            "--reference", str(reference)]  # fmt: skip
+            "--reference", str(reference), "--protocol", protocol]  # fmt: skip
     assert evaluate.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
 
@@ -66,15 +68,23 @@ def test_evaluate_counts_every_object_and_writes_reports(generated, tmp_path, mo
     beach = table[table["image"] == "beach"].iloc[0]
     assert [beach.x1, beach.y1, beach.x2, beach.y2, beach.image_width] == [0, 0, 64, 64, 128]
     street = table[table["image"] == "street"]
-    assert (street[["crop_clip", "sam_iou"]] == 0).all().all() and street["error"].str.startswith("missing image").all()
+    assert street["error"].str.startswith("missing image").all()
+    if protocol == "paper":  # the paper's evaluation skips an image it cannot find: out of every average
+        assert street[["crop_clip", "crop_pick", "sam_iou"]].isna().all().all()
+    else:  # every object counts: 0
+        assert (street[["crop_clip", "crop_pick", "sam_iou"]] == 0).all().all()
     assert table.loc[table["image"] != "street", "error"].isna().all()
 
     summary = json.loads((out / "summary.json").read_text())
-    assert printed["objects"] == summary["objects"] == 5
-    assert summary["protocol"] == "paper" and summary["skipped_objects"]["crop_clip"] == 0  # the default
+    assert printed["objects"] == summary["objects"] == 5 and summary["images_missing"] == 1
+    assert summary["protocol"] == protocol
+    assert summary["skipped_objects"]["crop_clip"] == (2 if protocol == "paper" else 0)
     assert summary["failed_objects"] == 2 and summary["failures_by_reason"] == {"missing image": 2}
-    per_image = table.groupby("image")["crop_clip"].mean().mean()
+    per_image = table.groupby("image")["crop_clip"].mean().mean()  # NaN groups drop out of pandas' mean
     assert summary["crop_clip"] == pytest.approx(per_image)
+    present = table[table["image"] != "street"].groupby("image")["sam_iou"].mean()
+    expected = present.mean() if protocol == "paper" else present.sum() / 3
+    assert summary["sam_iou"] == pytest.approx(expected)
     assert sum(b["objects"] for b in summary["by_size"].values()) == 5
     # Relative buckets (tiny preset: < 2% small, < 20% medium): 8x8 of 64x64 is 1.6%, the others larger.
     assert table.set_index(["image", "object"]).loc[("street", 0), "size"] == "small"
@@ -152,7 +162,7 @@ def test_generate_release_demo_file_and_bad_layouts(tmp_path, monkeypatch, capsy
     [
         ([], "error: give a layouts file (--layouts) or a dataset (--from-shards)"),
         (["--from-shards", "/nonexistent/ds"], "error: dataset '/nonexistent/ds' does not exist"),
-        (["--layouts", "/nonexistent.json"], "error: [Errno 2] No such file or directory"),
+        (["--layouts", "/nonexistent.json"], "error: /nonexistent.json: no such layouts file"),
         (["--layouts", "x.json", "--set", "refiner_strength=2"], "error: override refiner_strength=2: generate.refiner_strength: must be in (0, 1] (got 2)"),
     ],
 )

@@ -1,21 +1,20 @@
 """Score generated images against their layouts: ``python -m training.evaluate --images DIR --layouts FILE``.
 
 For each layout line (``training.layout.files``) the image ``DIR/<id>.png`` (or .jpg/.jpeg/.webp) is scored
-with CropCLIP, CropPickScore and SAMIoU (``training.evaluation.metrics``) under ``--protocol paper`` (the default: the
-paper's released evaluation code, comparable with its table) or ``--protocol exact`` (every object
-counted, pixel-edge boxes); FID against ``--reference`` when Inception weights are on the local disk.
-Writes into ``--out`` (default ``DIR/eval``):
+object by object (``training.evaluation.scoring``, ``training.evaluation.metrics``) and the set of images
+against a reference set (``training.evaluation.fid``). Writes into ``--out`` (default ``DIR/eval``):
 
-- ``objects.parquet`` (or ``.csv``): one row per object: image, object, label, box, size bucket,
-  ``crop_clip``, ``crop_pick``, ``sam_iou``, ``sam_score``, ``error`` (None unless the object could not
-  be scored; a crop the paper protocol skips has a NaN score and a "... skipped" error);
+- ``objects.parquet`` (or ``.csv``): one row per object: image, object, label, box, size bucket, one
+  column per metric, ``sam_score``, ``error`` (None unless the object could not be scored; a crop the
+  paper protocol skips has a NaN score and a "... skipped" error);
 - ``summary.json``: the protocol, the paper's averages (mean over each image's objects, then over
-  images), object counts, failures by reason, the breakdown by object size, FID or why it was skipped.
+  images), object counts, missing images, failures by reason, the breakdown by size, FID or why it was skipped.
 
-A missing image scores 0 for each of its objects and is reported. Boxes are in the pixels of the
-layout's ``height`` x ``width``; an image of another size has its boxes scaled to it. Examples::
+Boxes are in the pixels of the layout's ``height`` x ``width``; an image of another size has its boxes
+scaled to it. A folder holding none of the layouts' images is an error, not a table of zeros. Examples::
 
     python -m training.evaluate --preset paper --images gen/ --layouts gen/layouts.jsonl --reference coco_val/
+    python -m training.evaluate --preset release --images gen/ --layouts gen/layouts.jsonl   # gen/unrefined/
     python -m training.evaluate --preset tiny --images /tmp/gen --layouts /tmp/gen/layouts.jsonl
 """
 
@@ -26,11 +25,9 @@ import dataclasses
 import json
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args, get_type_hints
+from typing import Literal, get_args, get_type_hints
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,15 +36,12 @@ from tqdm import tqdm
 from datagen.models import ModelSpec
 from datagen.scoring import SAM_SCORE_THRESHOLD
 from shards.config import ConfigError, PositiveInt, UnitFloat
-from training.inference.generate import add_preset_arguments, config_from_args, run_cli
+from training.evaluation.scoring import METRICS, MISSING, Metric, Scorers, score_chunk, summarize
+from training.inference.presets import add_preset_arguments, config_from_args, run_cli
 from training.layout.files import LayoutRecord, read_layouts
 
 # training.evaluation.metrics (transformers, open_clip, torch-fidelity behind it) and pandas are imported by the
 # functions that score, so `--help` and a config mistake answer without them.
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from training.evaluation.metrics import HfCropScorer, SamIoUScorer
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +67,15 @@ class EvalConfig:
     """The ``evaluate`` section of a ``configs/eval`` preset."""
 
     protocol: Literal["paper", "exact"] = "paper"  # paper: the release's metric code; exact: ours
+    # the per-object metrics computed (a metric left out loads no model); FID runs when fid.reference is set
+    metrics: tuple[Metric, ...] = ("crop_clip", "crop_pick", "sam_iou")
+    # final: DIR/<id>.png; unrefined: DIR/unrefined/<id>.png, the images before generate's refiner (the
+    # paper's table scores those: the release's evaluation reads its *_non_refined.png files)
+    image_set: Literal["final", "unrefined"] = "final"
     # paper protocol: CropCLIP's transformers CLIP and CropPickScore's model / processor (hub id,
-    # local folder or "tiny"); pickscore None: no CropPickScore
+    # local folder or "tiny")
     paper_clip: str = "openai/clip-vit-base-patch32"
-    pickscore: str | None = "yuvalkirstain/PickScore_v1"
+    pickscore: str = "yuvalkirstain/PickScore_v1"
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     hf_device: str = "auto"  # where the transformers CLIP models run
     clip: ModelSpec = ModelSpec("clip", "ViT-B-32", weights="openai", dtype="float32")  # exact: CropCLIP
@@ -103,6 +102,9 @@ class EvalConfig:
             raise ConfigError(f"protocol must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}")
         if self.clip.kind != "clip" or self.sam.kind != "segmenter":
             raise ConfigError("evaluate.clip must be a 'clip' model spec and evaluate.sam a 'segmenter'")
+        if not self.metrics or len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError(f"metrics must name each of {list(METRICS)} at most once, and one at least",
+                              "metrics")  # fmt: skip
         lo, hi = self.relative_limits
         if not 0 < lo < hi < 1:
             raise ConfigError(f"relative_limits must satisfy 0 < a < b < 1, got {self.relative_limits}")
@@ -125,114 +127,44 @@ def _find_image(images: Path, record_id: str) -> Path | None:
     )
 
 
-def _load(images: Path, record: LayoutRecord) -> tuple[Image.Image | None, str | None]:
-    path = _find_image(images, record.id)
-    if path is None:
-        return None, f"missing image: no {record.id}{{{','.join(IMAGE_SUFFIXES)}}} in {images}"
+def _fid_state(cfg: FidConfig) -> tuple[dict | None, str | None]:
+    """The Inception weights FID will use, read once now (before any scoring), or why FID is skipped.
+
+    A file named by the user (``--inception-weights``) that cannot be read, or a ``--reference`` that is not
+    a folder, is an error naming it; without a reference FID is skipped, as without weights in the cache.
+    """
+    from training.evaluation.fid import FidUnavailable, find_inception_weights, load_inception_state
+
+    if cfg.reference is not None and not Path(cfg.reference).is_dir():
+        raise ValueError(f"--reference {cfg.reference}: not a folder of reference images")
+    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
+        raise ValueError(f"--inception-weights {cfg.inception_weights}: no such file")
+    if cfg.reference is None and cfg.inception_weights is None:
+        return None, "no reference folder (--reference)"
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB"), None
-    except (OSError, UnidentifiedImageError) as err:
-        return None, f"unreadable image {path}: {err}"
-
-
-def _rows(
-    record: LayoutRecord, image: Image.Image | None, image_error: str | None, metrics: Sequence[str]
-) -> list[dict]:
-    """The object rows of one image before scoring (boxes in the image's pixels)."""
-    boxes = record.boxes
-    size = (record.width, record.height)
-    if image is not None and image.size != size:
-        scale = np.array([image.width / record.width, image.height / record.height] * 2)
-        boxes = boxes * scale
-        size = image.size
-    rows = []
-    for j, (box, label) in enumerate(zip(boxes, record.labels, strict=True)):
-        rows.append(
-            {
-                "image": record.id,
-                "object": j,
-                "label": label,
-                "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
-                "image_width": size[0],
-                "image_height": size[1],
-                **dict.fromkeys(metrics, 0.0),
-                "sam_score": np.nan,
-                "error": image_error,
-            }
-        )  # fmt: skip
-    return rows
-
-
-@dataclass
-class Scorers:
-    """The crop scorers by column name (crop_clip, crop_pick) and the SAMIoU scorer."""
-
-    crops: dict[str, Callable]
-    sam: SamIoUScorer
-
-    @classmethod
-    def build(cls, cfg: EvalConfig) -> Scorers:
-        """The scorers of a config's protocol; CropPickScore only when ``cfg.pickscore`` is set."""
-        from training.evaluation.metrics import CropClipScorer, HfCropScorer, SamIoUScorer
-
-        hf = dict(protocol=cfg.protocol, device=cfg.hf_device, batch_size=cfg.clip_batch_size)
-
-        def load(key: str, model: str, processor: str | None, metric: str) -> HfCropScorer:
-            try:
-                return HfCropScorer(model, processor, metric=metric, **hf)
-            except OSError as err:  # not a folder, not in the cache offline, no such hub id
-                raise ValueError(f"evaluate.{key}: cannot load {model!r}: {err}".splitlines()[0]) from err
-
-        if cfg.protocol == "paper":
-            crops = {"crop_clip": load("paper_clip", cfg.paper_clip, None, "crop_clip")}
-        else:
-            crops = {"crop_clip": CropClipScorer(cfg.clip, cfg.clip_batch_size)}
-        if cfg.pickscore is not None:
-            crops["crop_pick"] = load("pickscore", cfg.pickscore, cfg.pickscore_processor, "crop_pick")
-        return cls(crops, SamIoUScorer(cfg.sam, cfg.sam_score_threshold, cfg.protocol))
-
-
-def _score_chunk(
-    chunk: list[tuple[LayoutRecord, Image.Image | None, str | None]], scorers: Scorers
-) -> list[dict]:
-    metrics = [*scorers.crops, "sam_iou"]
-    rows_per_image = [_rows(record, image, error, metrics) for record, image, error in chunk]
-    scored = [
-        (rows, image) for rows, (_, image, _) in zip(rows_per_image, chunk, strict=True) if image is not None
-    ]
-    if scored:
-        images = [image for _, image in scored]
-        boxes = [
-            np.array([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows]).reshape(-1, 4)
-            for rows, _ in scored
-        ]
-        labels = [[r["label"] for r in rows] for rows, _ in scored]
-        results = {name: scorer(images, boxes, labels) for name, scorer in scorers.crops.items()}
-        results["sam_iou"] = scorers.sam(images, boxes)
-        for k, (rows, _) in enumerate(scored):
-            for j, row in enumerate(rows):
-                errors = []
-                for name, per_image in results.items():
-                    row[name] = per_image[k].scores[j]
-                    errors.append(per_image[k].errors[j])
-                row["sam_score"] = results["sam_iou"][k].sam_scores[j]
-                row["error"] = "; ".join(e for e in errors if e) or None
-    return [row for rows in rows_per_image for row in rows]
-
-
-def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
-    """``{"fid": value, ...}`` or ``{"fid": None, "fid_skipped": reason}``."""
-    from training.evaluation.metrics import FidUnavailable, fid
-
+        path = find_inception_weights(cfg.inception_weights)
+    except FidUnavailable as err:  # no file in the torch hub cache: nothing was asked by name
+        return None, str(err)
+    try:
+        state = load_inception_state(path)
+    except FidUnavailable as err:
+        raise ValueError(f"--inception-weights: {err}") from None
     if cfg.reference is None:
-        return {"fid": None, "fid_skipped": "no reference folder (--reference)"}
-    if not Path(cfg.reference).is_dir():
-        return {"fid": None, "fid_skipped": f"reference folder {cfg.reference} does not exist"}
+        return None, "no reference folder (--reference)"
+    return state, None
+
+
+def _fid(cfg: FidConfig, state: dict | None, skipped: str | None, gen_paths: list[Path]) -> dict:
+    """``{"fid": value, ...}`` or ``{"fid": None, "fid_skipped": reason}``."""
+    from training.evaluation.fid import FidUnavailable, fid
+
+    if state is None:
+        if cfg.reference is not None:
+            log.warning("FID skipped: %s", skipped)
+        return {"fid": None, "fid_skipped": skipped}
     ref_paths = sorted(p for p in Path(cfg.reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    gen_paths = [p for p in (_find_image(images_dir, r.id) for r in records) if p is not None]
     try:
-        value = fid(gen_paths, ref_paths, cfg.inception_weights, cfg.device, cfg.batch_size, cfg.feature)
+        value = fid(gen_paths, ref_paths, None, cfg.device, cfg.batch_size, cfg.feature, state=state)
     except FidUnavailable as err:
         log.warning("%s", err)
         return {"fid": None, "fid_skipped": str(err)}
@@ -240,51 +172,60 @@ def _fid(cfg: FidConfig, images_dir: Path, records: list[LayoutRecord]) -> dict:
             "fid_feature": cfg.feature}  # fmt: skip
 
 
-def summarize(table: pd.DataFrame, n_images: int) -> dict:
-    """The summary: paper averages, counts, failures by reason, breakdown by size."""
-    from training.evaluation.metrics import mean_per_image
+def _image_folder(cfg: EvalConfig, images: Path, records: list[LayoutRecord]) -> tuple[Path, dict]:
+    """The folder scored (``image_set``) and each record's image file (None: missing); an error when the
+    folder holds none of them (an empty folder, another run's images, a typo)."""
+    folder = images / "unrefined" if cfg.image_set == "unrefined" else images
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder} is not a folder" + (
+            " (image_set unrefined: generate with a refiner writes it)" if cfg.image_set == "unrefined" else ""))  # fmt: skip
+    found = {r.id: _find_image(folder, r.id) for r in records}
+    if not any(found.values()):
+        held = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        ids = ", ".join(r.id for r in records[:3]) + (", ..." if len(records) > 3 else "")
+        raise ValueError(
+            f"--images {folder}: none of the {len(records)} layouts' images is there (looked for {ids} "
+            f"with {'/'.join(IMAGE_SUFFIXES)}; the folder holds {held} image files): nothing to score"
+        )
+    return folder, found
 
-    metrics = [m for m in ("crop_clip", "crop_pick", "sam_iou") if m in table]
-    failed = table[table["error"].notna()]
-    reasons = Counter(e.split(":")[0] for err in failed["error"] for e in err.split("; "))
-    by_size = {}
-    for bucket in ("small", "medium", "large"):
-        part = table[table["size"] == bucket]
-        by_size[bucket] = {"objects": len(part)} | {
-            m: float(part[m].mean()) if part[m].notna().any() else None for m in metrics
-        }
-    return {
-        # The paper's averages: each image's objects first, then the images (skipped objects left out).
-        **{m: mean_per_image(table, m) for m in metrics},
-        # Object-weighted means, for reference only: images with many objects weigh more.
-        "object_mean": {m: float(table[m].mean()) for m in metrics},
-        "images": n_images,
-        "images_with_objects": int(table["image"].nunique()),
-        "objects": len(table),
-        "failed_objects": len(failed),
-        # objects left out of an average (the paper protocol skips crops that fail), per metric
-        "skipped_objects": {m: int(table[m].isna().sum()) for m in metrics},
-        "failures_by_reason": dict(sorted(reasons.items())),
-        "by_size": by_size,  # means over the objects of each size bucket
-    }
+
+def _load(path: Path | None, folder: Path, record: LayoutRecord) -> tuple[Image.Image | None, str | None]:
+    """One record's image, or None and why (missing, unreadable)."""
+    if path is None:
+        return None, f"{MISSING}: no {record.id}{{{','.join(IMAGE_SUFFIXES)}}} in {folder}"
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB"), None
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        return None, f"unreadable image {path}: {err}"
 
 
 def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str | Path | None = None) -> dict:
-    """Score every object of every layout; write the table and summary into ``out``; return the summary."""
+    """Score every object of every layout; write the table and summary into ``out``; return the summary.
+
+    Everything a run needs is checked before any model loads: the layouts, the image folder (at least one
+    of the layouts' images must be there), the output folder and FID's reference and weights.
+    """
     import pandas as pd
 
     images = Path(images)
     if not images.is_dir():
-        raise FileNotFoundError(f"--images {images} is not a folder")
-    records = read_layouts(layouts, cfg.height, cfg.width)
+        raise ValueError(f"--images {images} is not a folder")
+    records = read_layouts(layouts, cfg.height, cfg.width, zero_area=cfg.protocol == "paper")
+    folder, found = _image_folder(cfg, images, records)
     out = Path(out) if out is not None else images / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    fid_state, fid_skipped = _fid_state(cfg.fid)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    fid_summary = _fid(cfg.fid, fid_state, fid_skipped, [p for p in found.values() if p is not None])
     scorers = Scorers.build(cfg)
     rows: list[dict] = []
     for first in tqdm(range(0, len(records), cfg.chunk_images), desc="evaluate", unit="chunk"):
-        chunk = [(r, *_load(images, r)) for r in records[first : first + cfg.chunk_images]]
-        rows += _score_chunk(chunk, scorers)
+        chunk = [(r, *_load(found[r.id], folder, r)) for r in records[first : first + cfg.chunk_images]]
+        rows += score_chunk(chunk, scorers)
     table = pd.DataFrame(rows)
     if table.empty:
         raise ValueError(f"{layouts}: no objects to score")
@@ -296,8 +237,8 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
         table.to_parquet(table_path, index=False)
     else:
         table.to_csv(table_path, index=False)
-    summary = {"protocol": cfg.protocol, **summarize(table, len(records))}
-    summary.update(_fid(cfg.fid, images, records))
+    summary = {"protocol": cfg.protocol, "image_folder": str(folder), **summarize(table, len(records))}
+    summary.update(fid_summary)
     summary.update(
         size_scheme=cfg.size_scheme,
         seconds=round(time.perf_counter() - start, 3),
@@ -305,15 +246,61 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
         config=dataclasses.asdict(cfg),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if summary["images_missing"]:
+        what = "left out of the averages" if cfg.protocol == "paper" else "scored 0"
+        log.warning("%d of %d images missing in %s: their objects are %s", summary["images_missing"],
+                    len(records), folder, what)  # fmt: skip
     if summary["failed_objects"]:
         log.warning("%d of %d objects could not be scored: %s", summary["failed_objects"],
                     summary["objects"], summary["failures_by_reason"])  # fmt: skip
     return summary
 
 
+HELP_METRICS = """\
+metrics (per object, then the mean over each image's objects, then over images):
+  crop_clip   CropCLIP: 100 x cosine of CLIP's embeddings of the object's crop and its label.
+              paper: transformers CLIP ViT-B/32 (evaluate.paper_clip); exact: open_clip ViT-B-32 (evaluate.clip)
+  crop_pick   CropPickScore: the same with PickScore (evaluate.pickscore, evaluate.pickscore_processor)
+  sam_iou     SAMIoU: IoU of the box with the box of SAM's mask prompted by it (evaluate.sam);
+              0 when SAM's score <= evaluate.sam_score_threshold (0.5) or the mask is empty
+  fid         FID of the images against --reference's (Inception v3, torch-fidelity's weights:
+              --inception-weights or the torch hub cache; never downloaded)
+
+protocols (--protocol):
+  paper  the paper's released evaluation code, comparable with its table: boxes cast to int (floor),
+         a crop that cannot be scored is skipped (NaN, out of the averages), a missing image is skipped,
+         a zero-area box is scored as there (its crops skipped, SAMIoU 0), mask boxes inclusive
+         (a mask exactly filling a 10 px box scores 0.81)
+  exact  every object counts: crops rounded outward, a crop or image that cannot be scored scores 0
+         (with its error), mask boxes in pixel edges (a mask filling its box scores 1)
+
+turning metrics on and off:
+  --metrics crop_clip,sam_iou            only these (the default: crop_clip,crop_pick,sam_iou);
+                                         also --set 'metrics=[crop_clip]' or `metrics:` in a preset
+  --reference DIR                        FID on (off without a reference folder)
+  --preset paper|release|tiny            paper and release compute all three and FID with --reference;
+                                         release scores IMAGES/unrefined (the paper's table scores the
+                                         images before the refiner: --set image_set=final for the refined)
+"""
+
+
+def _metrics(text: str) -> list[str]:
+    """``--metrics``'s comma-separated names, each one of METRICS."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: name metrics among {', '.join(METRICS)}, comma-separated")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=HELP_METRICS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", required=True, help="folder of generated images named <id>.png")
     p.add_argument("--layouts", required=True, help="the layouts file (JSON lines) the images were made from")
     p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval)")
@@ -322,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol", choices=PROTOCOL_CHOICES,
         help="paper: the paper's released metric code (default); exact: every object counted, pixel-edge boxes",
     )  # fmt: skip
-    p.add_argument("--reference", help="folder of reference images for FID")
+    p.add_argument(
+        "--metrics", type=_metrics, help=f"comma-separated per-object metrics to compute (of {', '.join(METRICS)})"
+    )
+    p.add_argument("--reference", help="folder of reference images for FID (turns FID on)")
     p.add_argument("--inception-weights", help="torch-fidelity's Inception weights (.pth) for FID")
     p.add_argument(
         "--format", choices=("parquet", "csv"), dest="table_format", help="per-object table format"
@@ -341,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             ("fid.reference", args.reference),
             ("fid.inception_weights", args.inception_weights),
             ("table_format", args.table_format),
+            ("metrics", args.metrics),
         )
         if value is not None
     ]

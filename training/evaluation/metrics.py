@@ -17,16 +17,16 @@ Both: a SAM score ``<= 0.5`` or an empty mask gives 0; each image is embedded on
 decoded together; mean over the objects of an image, then over images (:func:`mean_per_image`).
 The crop, CLIP and SAM code is shared with datagen (``datagen.scoring``). **FID** is torchmetrics'
 ``FrechetInceptionDistance`` (torch-fidelity's port of the TF Inception, comparable with published
-FIDs), its weights read from a local file (:func:`find_inception_weights`).
+FIDs), its weights read once from a local file (:func:`find_inception_weights`,
+:func:`load_inception_state`: ``weights_only=True``) and handed to torch-fidelity from memory.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -44,6 +44,13 @@ from datagen.scoring import (
     sam_box_iou,
     sam_box_masks,
 )
+from training.evaluation.fid import (
+    FidUnavailable,
+    fid,
+    find_inception_weights,
+    load_inception_state,
+    torch_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ __all__ = [
     "SamIoUScorer",
     "fid",
     "find_inception_weights",
+    "load_inception_state",
     "mean_per_image",
     "tiny_hf_clip",
 ]
@@ -63,9 +71,6 @@ __all__ = [
 Protocol = Literal["paper", "exact"]
 PROTOCOLS = ("paper", "exact")
 TINY = "tiny"  # an HF CLIP name that builds a tiny random CLIP offline (tests, the tiny preset)
-# torch-fidelity's Inception weights (the TF FID network, ported); the file its loader caches.
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
 @dataclass
@@ -75,13 +80,6 @@ class ObjectScores:
     scores: np.ndarray  # (N,) float64; a failed object scores 0 (exact) or NaN when skipped (paper)
     errors: list[str | None]
     sam_scores: np.ndarray | None = None  # (N,) SAM's predicted IoU, SAMIoU only (NaN where not run)
-
-
-def _device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def mean_per_image(table: pd.DataFrame, column: str, image_column: str = "image") -> float:
@@ -191,7 +189,7 @@ class HfCropScorer:
 
             self.model = CLIPModel.from_pretrained(model, revision=revision, dtype=DTYPES[dtype])
             self.processor = AutoProcessor.from_pretrained(processor or model)
-        self.model = self.model.to(_device(device)).eval().requires_grad_(False)
+        self.model = self.model.to(torch_device(device)).eval().requires_grad_(False)
         self.metric, self.protocol, self.batch_size = metric, protocol, max(1, batch_size)
 
     def _pixels(self, image: Image.Image, box: np.ndarray) -> torch.Tensor:
@@ -298,74 +296,3 @@ class SamIoUScorer:
             result.sam_scores[j] = score
             result.scores[j] = sam_box_iou(target, mask, score, self.score_threshold, inclusive=paper)
         return result
-
-
-# ---------------------------------------------------------------------------------------------------
-# FID
-
-
-class FidUnavailable(RuntimeError):
-    """FID cannot be computed here (no local Inception weights, too few images, torch-fidelity missing)."""
-
-
-def find_inception_weights(path: str | None) -> Path:
-    """torch-fidelity's Inception weights: ``path`` if given, else its file in the torch hub cache.
-
-    Never downloads. Raises :class:`FidUnavailable` with instructions when the file is missing.
-    """
-    candidate = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if candidate.is_file():
-        return candidate
-    raise FidUnavailable(
-        f"FID skipped: no Inception v3 weights at {candidate}. On a machine with internet, download "
-        f"{INCEPTION_URL} and pass its path with --inception-weights (or fid.inception_weights in the preset)."
-    )
-
-
-def _batches_by_size(paths: Iterable[Path], batch_size: int) -> Iterable[torch.Tensor]:
-    """``(B, 3, H, W)`` uint8 batches of consecutive images of one size (the metric resizes them itself)."""
-    batch: list[np.ndarray] = []
-    for path in paths:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-        if batch and (array.shape != batch[0].shape or len(batch) == batch_size):
-            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
-            batch = []
-        batch.append(array)
-    if batch:
-        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
-
-
-@torch.inference_mode()
-def fid(
-    generated: Sequence[Path],
-    reference: Sequence[Path],
-    weights: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    feature: int = 2048,
-) -> float:
-    """torchmetrics' ``FrechetInceptionDistance`` of two lists of image files (2048 features: the published FID).
-
-    The weights file must be a plain tensor state dict: it is first read with ``weights_only=True`` (our
-    rule), then torch-fidelity loads it again its own way.
-    """
-    path = find_inception_weights(str(weights) if weights else None)
-    if len(generated) < 2 or len(reference) < 2:
-        raise FidUnavailable(
-            f"FID needs at least 2 images on each side, got {len(generated)} and {len(reference)}"
-        )
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError as err:  # torchmetrics or torch-fidelity not installed
-        raise FidUnavailable(f"FID skipped: {err} (pip install torchmetrics torch-fidelity)") from err
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise FidUnavailable(f"FID skipped: {path} is not a plain Inception state dict: {err}") from err
-    metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(path))
-    metric = metric.to(_device(device))
-    for paths, real in ((reference, True), (generated, False)):
-        for batch in _batches_by_size(paths, batch_size):
-            metric.update(batch.to(metric.device), real=real)
-    return float(metric.compute())

@@ -26,23 +26,21 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from shards.config import ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFloat, load
-from training.layout.files import (
-    LayoutRecord,
-    layouts_from_dataset,
-    load_layouts,
-    validate_size,
-    write_layouts,
+from training.inference.config import GenerateConfig
+from training.inference.presets import (
+    PRESET_DIR,
+    add_preset_arguments,
+    config_from_args,
+    load_section,
+    one_line,
+    run_cli,
 )
+from training.layout.dataset import layouts_from_dataset, sample_fit
+from training.layout.files import LayoutRecord, load_layouts, write_layouts
 
 # torch, diffusers (through training.inference.pipeline) and matplotlib are imported by the functions that
 # use them: diffusers' pipelines import bitsandbytes when it is installed (seconds, and a kernel warning),
@@ -55,8 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GenerateConfig",
     "PRESET_DIR",
+    "GenerateConfig",
     "add_preset_arguments",
     "config_from_args",
     "generate",
@@ -64,96 +62,15 @@ __all__ = [
     "main",
 ]
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """What to load and how to sample (the ``generate`` section of a ``configs/eval`` preset)."""
-
-    base: str = "hotshotco/SDXL-512"  # SDXL or SD1.5 hub id / diffusers folder (backbone from its UNet); "tiny" / "tiny-sd15": random, offline
-    vae: str | None = None  # another VAE (hub id / folder), e.g. madebyollin/sdxl-vae-fp16-fix
-    adapter: str | None = None  # adapter safetensors (ours) or the release's checkpoint; None: zero-init
-    ema: str | None = None  # EMA adapter weights, loaded over ``adapter``
-    lora: str | None = (
-        None  # the trainer's LoRA file (lora.safetensors / lora_ema.safetensors), if it trained one
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    tiny_seed: NonNegativeInt = 0  # seed of the random tiny models (base: tiny)
-    height: PositiveInt = 512  # output size when a layout line does not set it
-    width: PositiveInt = 512
-    num_inference_steps: PositiveInt = 50
-    guidance_scale: NonNegativeFloat = 5.0
-    scheduler: Literal["base", "ddim"] = "base"  # base: the base model's scheduler; ddim: DDIM (the release's SD1.5 sampling)
-    scheduled_sampling_beta: UnitFloat = 1.0  # layout active for the first ceil(beta * steps) steps
-    attention_weight_scale: NonNegativeFloat = 1.0  # scale of the per-token region bias
-    negative_prompt: str = ""  # encoded, as training encodes a dropped caption
-    seed: NonNegativeInt = 0  # image i uses seed + i unless its line sets "seed"
-    max_objects: PositiveInt = 30  # more objects in a layout is an error
-    max_slots: PositiveInt = 30  # region slots (the model's)
-    # Box-to-latent-cell rule: "cover" (default) or "release", the release's rule its weights were trained
-    # with (box ends rounded down, last latent row/column never in a box): bit-exact reproduction of its images (docs/METHOD.md §9).
-    rasterize: Literal["cover", "release"] = "cover"
-    lenient: bool = False  # the release's leniency: keep the first max_objects, clamp boxes, list prompts
-    refiner: str | None = None  # SDXL img2img refiner (hub id / folder, "tiny") run on each image; None: off
-    refiner_strength: Annotated[Float, Field(gt=0, le=1)] = 0.3  # img2img strength of the refiner (the release: 0.3)
-    refiner_steps: PositiveInt = 20  # refiner steps before strength (the release: 20)
-
-    def __post_init__(self) -> None:
-        validate_size(self.height, self.width)
-
-
-def load_section(
-    cls: type, preset: str | None, config: str | None, section: str, overrides: list[str]
-) -> Any:
-    """Build ``cls`` from one section of a preset (name in ``configs/eval`` or a YAML path) plus overrides."""
-    if preset and config:
-        raise ConfigError("give --preset or --config, not both")
-    path = Path(config) if config else PRESET_DIR / f"{preset}.yaml" if preset else None
-    if path is not None and not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"no preset file {path} (presets: {known})")
-    return load(cls, path, overrides, section=section)
-
-
-def add_preset_arguments(parser: argparse.ArgumentParser, section: str) -> None:
-    """``--preset``, ``--config``, ``--tiny`` and ``--set``: where a CLI's ``section`` config comes from."""
-    parser.add_argument(
-        "--preset", default=None, help="a configs/eval preset: paper, tiny (default: built-in)"
-    )
-    parser.add_argument("--config", default=None, help=f"a preset YAML file (its '{section}' section)")
-    parser.add_argument(
-        "--tiny", action="store_true", help="shorthand for --preset tiny (offline, random weights)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-
-
-def config_from_args(cls: type, args: argparse.Namespace, section: str, overrides: list[str]) -> Any:
-    """The ``section`` config of a CLI's preset arguments, with ``overrides`` then ``--set`` applied."""
-    preset = "tiny" if args.tiny and not args.config else args.preset
-    return load_section(cls, preset, args.config, section, overrides + args.set)
-
-
-def run_cli(job: Callable[[], dict]) -> int:
-    """Run a CLI's job: its summary JSON (without the config) on stdout and 0, or one error line and 2."""
-    try:
-        summary = job()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
-    return 0
-
-
 def _device(cfg: GenerateConfig) -> torch.device:
     import torch
 
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: no CUDA device here (use --device cpu or auto)")
+    return device
 
 
 def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
@@ -170,16 +87,22 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
         sdxl = tiny_pipeline(cfg.base, cfg.tiny_seed).to(device)
         pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, lora=cfg.lora, **limits)
     else:
-        pipe = LayoutPipeline.from_pretrained(
-            cfg.base,
-            cfg.adapter,
-            cfg.ema,
-            lora=cfg.lora,
-            vae=cfg.vae,
-            dtype=getattr(torch, cfg.dtype),
-            device=device,
-            **limits,
-        )
+        try:
+            pipe = LayoutPipeline.from_pretrained(
+                cfg.base,
+                cfg.adapter,
+                cfg.ema,
+                lora=cfg.lora,
+                vae=cfg.vae,
+                dtype=getattr(torch, cfg.dtype),
+                device=device,
+                **limits,
+            )
+        except OSError as err:  # not a folder, not in the cache offline, no such hub id
+            raise ValueError(
+                f"generate.base {cfg.base!r} (vae {cfg.vae!r}): cannot load: {one_line(err)} (download it on a "
+                "machine with internet, or give a local folder with --base / --set vae=...)"
+            ) from None
     if cfg.scheduler == "ddim":
         from diffusers import DDIMScheduler
 
@@ -206,26 +129,53 @@ def load_refiner(cfg: GenerateConfig) -> Any:
             **tiny_sdxl_components(cfg.tiny_seed + 1), requires_aesthetics_score=False, add_watermarker=False
         )
     else:
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            cfg.refiner, torch_dtype=getattr(torch, cfg.dtype), add_watermarker=False
-        )
+        try:
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                cfg.refiner, torch_dtype=getattr(torch, cfg.dtype), add_watermarker=False
+            )
+        except OSError as err:
+            raise ValueError(f"generate.refiner {cfg.refiner!r}: cannot load: {one_line(err)}") from None
     refiner = refiner.to(_device(cfg))
     refiner.set_progress_bar_config(disable=True)
     return refiner
 
 
-def _save_references(dataset: str, records: list[LayoutRecord], folder: Path) -> None:
-    """The dataset's images of ``records``, resized to the generated size: the ground truth to score against."""
+def _save_references(dataset: str, records: list[LayoutRecord], folder: Path, cfg: GenerateConfig) -> None:
+    """The dataset's images of ``records`` under the run's fit: the ground truth to score against."""
     from shards import iter_samples
 
     folder.mkdir(parents=True, exist_ok=True)
     by_id = {r.id: r for r in records}
+    long_side = max(cfg.height, cfg.width)
     for sample in iter_samples(dataset):
         record = by_id.pop(sample.record.key, None)
         if record is not None:
-            sample.image().resize((record.width, record.height)).save(folder / f"{record.id}.png")
+            fit = sample_fit(sample.record.width, sample.record.height, long_side, cfg.dataset_fit)
+            fit.image(sample.image()).save(folder / f"{record.id}.png")
         if not by_id:
             break
+
+
+def _check_inputs(cfg: GenerateConfig, out: Path) -> None:
+    """Weight files and the output folder, checked before any layout is read or model loads."""
+    from training.model.init_adapter import check_adapter_file
+    from training.model.release_checkpoint import check_weights_file
+
+    _device(cfg)  # cuda asked for on a machine without it: refused before anything loads
+    for name in ("adapter", "ema"):
+        if getattr(cfg, name) is not None:
+            check_adapter_file(getattr(cfg, name), f"--{name}")
+    if cfg.lora is not None:
+        check_weights_file(cfg.lora, "--lora")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+
+
+def _guidance(cfg: GenerateConfig, pipe: LayoutPipeline) -> float:
+    """The run's guidance scale: ``sd15_guidance_scale`` on an SD1.5 base when set, else ``guidance_scale``."""
+    if pipe.backbone == "sd15" and cfg.sd15_guidance_scale is not None:
+        return cfg.sd15_guidance_scale
+    return cfg.guidance_scale
 
 
 def generate(
@@ -255,6 +205,8 @@ def generate(
         raise ValueError("give a layouts file (--layouts) or a dataset (--from-shards), not both or neither")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    out = Path(out)
+    _check_inputs(cfg, out)
     options = {
         "max_objects": cfg.max_objects,
         "lenient": cfg.lenient,
@@ -262,18 +214,20 @@ def generate(
     }
     if from_shards is not None:
         long_side = max(cfg.height, cfg.width)
-        records, skipped = layouts_from_dataset(from_shards, long_side, cfg.seed, limit=limit, **options)
+        records, skipped = layouts_from_dataset(
+            from_shards, long_side, cfg.seed, fit=cfg.dataset_fit, limit=limit, **options
+        )
     else:
         records, skipped = load_layouts(layouts, cfg.height, cfg.width, cfg.seed, **options)
         records = records[:limit]
-    out = Path(out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    if from_shards is not None:
-        _save_references(from_shards, records, out / "reference")
     pipe = pipe or load_pipeline(cfg)
     refiner = refiner or load_refiner(cfg)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)  # once the models loaded: nothing written before
+    if from_shards is not None:
+        _save_references(from_shards, records, out / "reference", cfg)
     if refiner is not None:
         (out / "unrefined").mkdir(exist_ok=True)
+    guidance = _guidance(cfg, pipe)
     start = time.perf_counter()
     for record in tqdm(records, desc="generate", unit="image"):
         image = pipe(
@@ -284,7 +238,7 @@ def generate(
             height=record.height,
             width=record.width,
             num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=guidance,
             scheduled_sampling_beta=cfg.scheduled_sampling_beta,
             attention_weight_scale=cfg.attention_weight_scale,
             generator=torch.Generator().manual_seed(record.seed),
@@ -305,7 +259,10 @@ def generate(
     summary = {
         "images": len(records),
         "objects": int(sum(len(r.boxes) for r in records)),
+        # objects of the sources left out (beyond max_objects, no area in the image or the fit), each logged
+        "objects_dropped": int(sum(r.dropped_objects for r in records)),
         "skipped": [dataclasses.asdict(s) for s in skipped],
+        "guidance_scale": guidance,
         "refined": refiner is not None,
         "source": str(from_shards or layouts),
         "reference": str(out / "reference") if from_shards is not None else None,
@@ -315,6 +272,9 @@ def generate(
     }
     if skipped:
         log.warning("%d bad layouts skipped (listed in %s)", len(skipped), out / "generate.json")
+    if summary["objects_dropped"]:
+        log.warning("%d objects left out of the layouts (counted in %s)", summary["objects_dropped"],
+                    out / "generate.json")  # fmt: skip
     (out / "generate.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -382,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "refiner_steps",
     )
     overrides = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
+    if args.guidance_scale is not None:  # a guidance given by hand is the run's, whatever the backbone
+        overrides.append("sd15_guidance_scale=null")
     return run_cli(
         lambda: generate(
             config_from_args(GenerateConfig, args, "generate", overrides),

@@ -24,7 +24,11 @@ Semantics:
   ``beta = 0`` never passes the layout, and no layout (``boxes=None`` or empty) is the base SDXL.
 - ``rasterize``: the box-to-latent-cell rule of region reorganization, ``"cover"`` (default) or
   ``"release"`` (the release's rule, which its weights were trained with: bit-exact reproduction of its
-  images, docs/METHOD.md §9); set once in the constructor or per call.
+  images, docs/METHOD.md §9); set once in the constructor or per call. A pipeline built with
+  ``rasterize="release"`` also follows the release's other layout rules: it splits a region's text only at
+  the token of ``";"`` alone (``training.model.encoding.separator_ids``), and a layout with more regions
+  than ``max_slots`` keeps the release's seeded draw of them (``training.layout.regions``; the seed is
+  the call's ``region_seed``, by default the generator's seed).
 - Bad input fails before any model runs with a ``ValueError`` (``training.layout.files.validate_layout``).
 """
 
@@ -45,6 +49,7 @@ from training.layout.regions import RASTERIZE_RULES, Rasterize, empty_layout, re
 from training.model.adapter import (
     AdapterConfig,
     adapter_config_of,
+    adapter_state_dict,
     attach_regional_adapter,
     backbone_of_base,
     backbone_of_unet,
@@ -110,7 +115,11 @@ class LayoutPipeline:
         self.max_slots = max_slots
         self.rasterize = _check_rasterize(rasterize)
         # Region texts are static per image: the encoder caches them, so repeated labels encode once.
-        self.region_encoder = RegionTextEncoder(*text_models(sdxl.components), cache_size=text_cache_size)
+        self.region_encoder = RegionTextEncoder(
+            *text_models(sdxl.components),
+            cache_size=text_cache_size,
+            separator="release" if self.rasterize == "release" else "any",
+        )
 
     @property
     def sdxl(self) -> BasePipeline:
@@ -153,6 +162,8 @@ class LayoutPipeline:
             load_adapter_weights(unet, ema)
         if adapter is None and ema is None:
             log.warning("no adapter weights given: the adapter is freshly initialised (an exact no-op)")
+        else:
+            _check_finite(unet, ema or adapter)
         if lora is not None:
             load_lora(unet, lora)
         return cls(sdxl, **kwargs)
@@ -219,6 +230,7 @@ class LayoutPipeline:
         cfg: bool,
         scale: float,
         rasterize: Rasterize,
+        seed: int,
     ) -> dict[str, torch.Tensor]:
         """The payload: ``rows`` copies of the layout, after as many empty layouts when CFG is on."""
         layout = reorganize_regions(
@@ -230,12 +242,14 @@ class LayoutPipeline:
             max_regions=self.max_regions,
             max_slots=self.max_slots,
             rasterize=rasterize,
+            seed=seed,
         )
         if layout.n_regions > layout.n_slots:
             log.warning(
-                "layout has %d regions; kept the %d largest (max_slots), the others get the null feature",
+                "layout has %d regions; kept %d (max_slots: %s), the others get the null feature",
                 layout.n_regions,
                 layout.n_slots,
+                f"the release's draw, seed {seed}" if rasterize == "release" else "the largest",
             )
         negative = [empty_layout(height, width)] * rows if cfg else []
         unet = self.sdxl.unet
@@ -262,13 +276,17 @@ class LayoutPipeline:
         attention_weight_scale: float = 1.0,
         generator: torch.Generator | None = None,
         rasterize: Rasterize | None = None,
+        region_seed: int | None = None,
         **sdxl_kwargs: Any,
     ) -> Any:
         """Generate one prompt with one layout; ``sdxl_kwargs`` go to the stock pipeline unchanged.
 
         Returns the stock pipeline's output (``.images``).
         ``boxes``: ``(N, 4)`` xyxy pixels of the output image; ``labels``: ``N`` descriptions.
-        ``rasterize``: this call's box-to-cell rule (default: the constructor's).
+        ``rasterize``: this call's box-to-cell rule (default: the constructor's). ``region_seed``: the
+        release's draw of regions beyond ``max_slots`` under ``"release"`` (default: the generator's seed, else 0).
+        ``negative_prompt=None``: the stock pipeline's own negative (SDXL: zero embeddings, as the release
+        without a negative prompt).
         """
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("prompt must be one string: the pipeline takes one layout per call")
@@ -290,8 +308,10 @@ class LayoutPipeline:
         if len(box_array) and scheduled_sampling_beta > 0:
             rows = sdxl_kwargs.get("num_images_per_prompt") or 1
             cfg = guidance_scale > 1 and self.sdxl.unet.config.time_cond_proj_dim is None  # as SDXL decides
+            if region_seed is None:
+                region_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else 0
             attention["gligen"] = self._gligen(
-                box_array, labels, height, width, rows, cfg, attention_weight_scale, rule
+                box_array, labels, height, width, rows, cfg, attention_weight_scale, rule, region_seed
             )
         user_callback = sdxl_kwargs.pop("callback_on_step_end", None)
         return self.sdxl(
@@ -306,6 +326,13 @@ class LayoutPipeline:
             callback_on_step_end=_layout_schedule(attention, scheduled_sampling_beta, user_callback),
             **sdxl_kwargs,
         )
+
+
+def _check_finite(unet: torch.nn.Module, source: str | Path) -> None:
+    """Adapter weights holding NaN or inf would make every image black: an error naming the file."""
+    bad = [k for k, v in adapter_state_dict(unet).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} adapter tensors hold NaN or inf, e.g. {bad[:3]}")
 
 
 def _check_rasterize(rasterize: object) -> Rasterize:

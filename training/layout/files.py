@@ -31,13 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
+from shards import safe_json
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_SIDE",
     "LayoutRecord",
     "SkippedLayout",
-    "layouts_from_dataset",
+    "check_unique",
+    "layout_record",
+    "MAX_SEED",
     "lenient_layout",
     "load_layouts",
     "read_layouts",
@@ -48,6 +52,7 @@ __all__ = [
 
 # Far above what SDXL generates (1024 px trained); a larger size is a units mistake (e.g. 800000x800000).
 MAX_SIDE = 4096
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; a seed plus its index must stay below
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KNOWN_KEYS = {"id", "caption", "prompt", "boxes", "bboxes", "labels", "height", "width", "seed"}
@@ -74,6 +79,17 @@ def _box_array(boxes: object) -> np.ndarray:
     return array
 
 
+def _json_numbers(value: object, what: str) -> None:
+    """Refuse JSON strings, booleans and nulls where numbers belong (numpy would read "4" and true as 4.0 and 1.0)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{what} must hold numbers only, got {v!r}")
+
+
 def _check_labels(labels: Sequence[str], n: int) -> list[str]:
     labels = list(labels)
     if len(labels) != n:
@@ -85,13 +101,21 @@ def _check_labels(labels: Sequence[str], n: int) -> list[str]:
 
 
 def validate_layout(
-    boxes: object, labels: Sequence[str], height: int, width: int, max_objects: int | None = None
+    boxes: object,
+    labels: Sequence[str],
+    height: int,
+    width: int,
+    max_objects: int | None = None,
+    *,
+    zero_area: bool = False,
 ) -> np.ndarray:
     """Check a layout against an image size; return the boxes as an ``(N, 4)`` float64 array.
 
     Raises ValueError naming the first problem: shape, box/label count, non-finite values, ``x2 <= x1`` or
     ``y2 <= y1``, a box outside ``[0, width] x [0, height]``, more than ``max_objects`` objects, a label
     that is not a string. Nothing is clipped or dropped silently (:func:`lenient_layout` does, with warnings).
+    ``zero_area``: accept ``x2 == x1`` / ``y2 == y1`` (the paper's evaluation scores such a box; it cannot
+    be generated).
     """
     validate_size(height, width)
     array = _box_array(boxes)
@@ -100,10 +124,14 @@ def validate_layout(
         raise ValueError(f"{len(array)} objects but the model takes at most {max_objects}")
     if not np.isfinite(array).all():
         raise ValueError(f"boxes {np.nonzero(~np.isfinite(array).all(1))[0].tolist()} contain NaN or inf")
-    empty = np.nonzero((array[:, 2] <= array[:, 0]) | (array[:, 3] <= array[:, 1]))[0]
+    if zero_area:
+        empty = np.nonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))[0]
+    else:
+        empty = np.nonzero((array[:, 2] <= array[:, 0]) | (array[:, 3] <= array[:, 1]))[0]
     if empty.size:
         i = int(empty[0])
-        raise ValueError(f"box {i} {array[i].tolist()} has x2 <= x1 or y2 <= y1 (expected [x1, y1, x2, y2])")
+        rule = "x2 < x1 or y2 < y1" if zero_area else "x2 <= x1 or y2 <= y1"
+        raise ValueError(f"box {i} {array[i].tolist()} has {rule} (expected [x1, y1, x2, y2])")
     outside = np.nonzero((array[:, :2] < 0).any(1) | (array[:, 2] > width) | (array[:, 3] > height))[0]
     if outside.size:
         i = int(outside[0])
@@ -148,6 +176,7 @@ class LayoutRecord:
     height: int
     width: int
     seed: int
+    dropped_objects: int = 0  # objects of the source left out (the model's limit, a crop), each logged
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict (the format :func:`read_layouts` reads)."""
@@ -181,6 +210,7 @@ def _record(
     max_objects: int | None,
     lenient: bool,
     default_id: str,
+    zero_area: bool = False,
 ) -> list[LayoutRecord]:
     """The records of one layout object (one, or one per prompt for a lenient list of prompts)."""
     if not isinstance(obj, dict):
@@ -208,35 +238,64 @@ def _record(
         raise ValueError(f"{where}: 'caption' must be a string (a list of prompts needs --lenient)")
     h, w = obj.get("height", height), obj.get("width", width)
     s = obj.get("seed", seed + index)
-    if not isinstance(s, int) or isinstance(s, bool):
-        raise ValueError(f"{where}: 'seed' must be an integer, got {s!r}")
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+        raise ValueError(f"{where}: 'seed' must be an integer in [0, 2**63), got {s!r}")
     boxes, labels = obj.get("boxes", obj.get("bboxes")), obj["labels"]
+    if not isinstance(labels, list):
+        raise ValueError(f"{where}: 'labels' must be a list of strings, got {type(labels).__name__}")
     try:
+        _json_numbers(boxes, "boxes")
         if lenient:
             limit = max_objects if max_objects is not None else len(labels)
             boxes, labels = lenient_layout(boxes, labels, h, w, limit, where)
         else:
-            boxes = validate_layout(boxes, labels, h, w, max_objects)
+            boxes = validate_layout(boxes, labels, h, w, max_objects, zero_area=zero_area)
     except (ValueError, TypeError) as err:
         hint = ""
         if "lies outside" in str(err) and "height" not in obj and "width" not in obj:
             # The release's demos carry no size: say which size was assumed and how to change it.
             hint = f" (the layout gives no size, so this run's default {w}x{h} applies: set height/width in it or --set height=512 --set width=512)"
         raise ValueError(f"{where}: {err}{hint}") from None
-    record = LayoutRecord(record_id, captions[0], boxes, tuple(labels), int(h), int(w), s)
+    dropped = len(obj["labels"]) - len(labels)  # lenient: beyond max_objects, or no area in the image
+    record = LayoutRecord(record_id, captions[0], boxes, tuple(labels), int(h), int(w), s, dropped)
     if len(captions) == 1:
         return [record]
     return [replace(record, id=f"{record_id}_p{j}", caption=c) for j, c in enumerate(captions)]
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; a file that cannot be read or is not UTF-8 text is a ValueError naming it."""
+    try:
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the JSON.
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such layouts file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a layouts file") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the layouts file: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}): a layouts file is JSON") from None
+
+
+def layout_record(obj: dict, where: str, index: int, seed: int, *, max_objects: int | None = None,
+                  lenient: bool = False) -> list[LayoutRecord]:
+    """The records of one layout mapping built in code (``training.layout.dataset``), checked as a file's line."""
+    return _record(obj, where, index, obj["height"], obj["width"], seed, max_objects, lenient, obj["id"])
+
+
 def _parse(path: Path) -> list[tuple[str, int, object]]:
-    """``(where, index, parsed object or JSONDecodeError)`` per record, whatever the file's format."""
-    text = path.read_text(encoding="utf-8")
+    """``(where, index, parsed object or JSONDecodeError)`` per record, whatever the file's format.
+
+    Parsed with ``shards.safe_json``: a file nested 100,000 deep or holding a 5,000-digit integer is bad
+    JSON naming its line, not a RecursionError.
+    """
+    text = _read_text(path)
     if not text.strip():
         raise ValueError(f"{path}: no layouts (the file is empty)")
     if path.suffix.lower() != ".jsonl":
         try:  # one (pretty-printed) object as the release's demo files, or an array of them
-            whole = json.loads(text)
+            whole = safe_json.loads(text)
         except json.JSONDecodeError:
             whole = None  # JSON lines, or broken: the line-by-line reading names the line
         if isinstance(whole, dict):
@@ -249,13 +308,14 @@ def _parse(path: Path) -> list[tuple[str, int, object]]:
     for line_no, line in enumerate(text.splitlines()):
         if line.strip():
             try:
-                entries.append((f"{path}:{line_no + 1}", line_no, json.loads(line)))
+                entries.append((f"{path}:{line_no + 1}", line_no, safe_json.loads(line)))
             except json.JSONDecodeError as err:
                 entries.append((f"{path}:{line_no + 1}", line_no, err))
     return entries
 
 
-def _check_unique(records: list[LayoutRecord], where: str) -> None:
+def check_unique(records: list[LayoutRecord], where: str) -> None:
+    """Each id names one image file: duplicates are a ValueError naming a few."""
     duplicates = sorted(i for i, n in Counter(r.id for r in records).items() if n > 1)
     if duplicates:
         raise ValueError(f"{where}: duplicate ids {duplicates[:5]} (each id names one image file)")
@@ -270,13 +330,14 @@ def load_layouts(
     max_objects: int | None = None,
     lenient: bool = False,
     skip_bad: bool = False,
+    zero_area: bool = False,
 ) -> tuple[list[LayoutRecord], list[SkippedLayout]]:
     """Read and validate every layout of a file; return the records and the layouts skipped.
 
     ``max_objects``: the model's limit (more is an error, or with ``lenient`` the first ones are kept).
     ``lenient``: the release's inference leniency (:func:`lenient_layout`, a list of prompts).
     ``skip_bad``: a bad layout is logged and returned as skipped instead of stopping the run; a file
-    with no good layout is still an error.
+    with no good layout is still an error. ``zero_area``: accept boxes without area (scoring only).
     """
     path = Path(path)
     entries = _parse(path)
@@ -288,7 +349,9 @@ def load_layouts(
         try:
             if isinstance(obj, json.JSONDecodeError):
                 raise ValueError(f"{where}: not JSON: {obj}")
-            records.extend(_record(obj, where, index, height, width, seed, max_objects, lenient, default_id))
+            records.extend(
+                _record(obj, where, index, height, width, seed, max_objects, lenient, default_id, zero_area)
+            )
         except ValueError as err:
             if not skip_bad:
                 raise
@@ -296,69 +359,19 @@ def load_layouts(
             skipped.append(SkippedLayout(where, n, str(err)))
     if not records:
         raise ValueError(f"{path}: no valid layout ({len(skipped)} skipped)")
-    _check_unique(records, str(path))
+    check_unique(records, str(path))
     return records, skipped
 
 
-def layouts_from_dataset(
-    dataset: str,
-    long_side: int = 512,
-    seed: int = 0,
-    *,
-    limit: int | None = None,
-    max_objects: int | None = None,
-    lenient: bool = False,
-    skip_bad: bool = False,
-) -> tuple[list[LayoutRecord], list[SkippedLayout]]:
-    """The layouts of a dataset's samples (``shards.iter_samples``), to generate them again and score
-    the result against the dataset.
-
-    Each sample keeps its aspect ratio: its long side becomes ``long_side`` and each side is rounded to a
-    multiple of 8 (the release instead white-pads to a square and crops the result back). Boxes scale with
-    the image; labels are the rich descriptions (the detector phrase when there is none); the caption is the
-    VLM caption, else the source caption. Ids are the sample keys; seeds ``seed + index``.
-    """
-    from shards import iter_samples
-
-    records: list[LayoutRecord] = []
-    skipped: list[SkippedLayout] = []
-    for index, sample in enumerate(iter_samples(dataset)):
-        if limit is not None and index >= limit:
-            break
-        rec = sample.record
-        scale = long_side / max(rec.width, rec.height)
-        w, h = (max(8, round(side * scale / 8) * 8) for side in (rec.width, rec.height))
-        boxes = np.array([o.box for o in rec.objects], dtype=np.float64).reshape(-1, 4)
-        sx, sy = w / rec.width, h / rec.height
-        boxes = np.clip(boxes * [sx, sy, sx, sy], 0, [w, h, w, h])
-        obj = {
-            "id": rec.key,
-            "caption": rec.caption or rec.source_caption or "",
-            "boxes": boxes.tolist(),
-            "labels": [o.description or o.phrase for o in rec.objects],
-            "height": h,
-            "width": w,
-        }
-        where = f"{dataset} key {rec.key!r}"
-        try:
-            records.extend(_record(obj, where, index, h, w, seed, max_objects, lenient, rec.key))
-        except ValueError as err:
-            if not skip_bad:
-                raise
-            log.warning("skipping layout %s", err)
-            skipped.append(SkippedLayout(where, index, str(err)))
-    if not records:
-        raise ValueError(f"{dataset}: no sample to take a layout from ({len(skipped)} skipped)")
-    _check_unique(records, dataset)
-    return records, skipped
-
-
-def read_layouts(path: str | Path, height: int = 512, width: int = 512, seed: int = 0) -> list[LayoutRecord]:
+def read_layouts(
+    path: str | Path, height: int = 512, width: int = 512, seed: int = 0, *, zero_area: bool = False
+) -> list[LayoutRecord]:
     """Read and validate a layouts file (any format above); the first bad layout raises, naming file and line.
 
-    ``height``/``width``/``seed`` are the defaults for records that do not set them.
+    ``height``/``width``/``seed`` are the defaults for records that do not set them; ``zero_area`` as
+    :func:`load_layouts`.
     """
-    return load_layouts(path, height, width, seed)[0]
+    return load_layouts(path, height, width, seed, zero_area=zero_area)[0]
 
 
 def write_layouts(records: Sequence[LayoutRecord], path: str | Path) -> Path:

@@ -56,6 +56,7 @@ __all__ = [
     "empty_layout",
     "latent_grid",
     "rasterize_boxes",
+    "release_region_choice",
     "reorganize_regions",
 ]
 
@@ -175,6 +176,21 @@ def _choose(candidates: np.ndarray, k: int, sizes: np.ndarray, rng: np.random.Ge
     return np.sort(candidates[np.argsort(-sizes[candidates], kind="stable")[:k]])
 
 
+def release_region_choice(rows: np.ndarray, max_regions: int, max_slots: int, seed: int) -> np.ndarray:
+    """The regions the release keeps (indices into ``rows``, the ``(n_regions, N)`` membership rows).
+
+    Its order is ``np.unique(rows, axis=0)``'s: lexicographic over the objects, False before True. It keeps
+    the first ``max_regions``, then draws ``max_slots`` of those without replacement with numpy's legacy
+    generator, seeded (``seed`` modulo 2**32, what ``np.random.seed`` takes).
+    """
+    order = np.lexsort(rows.T[::-1]) if rows.shape[1] else np.arange(len(rows))
+    order = order[:max_regions]
+    if len(order) <= max_slots:
+        return np.sort(order)
+    picked = np.random.RandomState(seed % 2**32).choice(len(order), max_slots, replace=False)
+    return np.sort(order[picked])
+
+
 def reorganize_regions(
     boxes: np.ndarray,
     texts: list[str],
@@ -187,10 +203,12 @@ def reorganize_regions(
     rng: np.random.Generator | None = None,
     downscale: int = 8,
     rasterize: Rasterize = "cover",
+    seed: int = 0,
 ) -> RegionLayout:
     """Split a layout into non-overlapping regions on the latent grid (rules in the module docstring).
 
-    ``rasterize``: ``"cover"`` (default) or ``"release"``, the release's box-to-cell rule.
+    ``rasterize``: ``"cover"`` (default) or ``"release"``, the release's box-to-cell rule. ``seed``: the
+    release's region draw when ``rasterize="release"``, no ``rng`` and more regions than the caps.
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.size == 0:
@@ -219,8 +237,11 @@ def reorganize_regions(
     is_bg = ~rows.any(axis=1)
     bg = np.nonzero(is_bg)[0]
     cap = min(max_regions, max_slots)
-    others = _choose(np.nonzero(~is_bg)[0], cap - len(bg), sizes, rng)
-    kept = np.sort(np.concatenate([bg, others]))
+    if rasterize == "release" and rng is None and n_regions > cap:
+        kept = release_region_choice(rows, max_regions, max_slots, seed)
+    else:
+        others = _choose(np.nonzero(~is_bg)[0], cap - len(bg), sizes, rng)
+        kept = np.sort(np.concatenate([bg, others]))
 
     slot_of_region = np.full(n_regions, -1, dtype=np.int32)
     slot_of_region[kept] = np.arange(len(kept), dtype=np.int32)
@@ -243,7 +264,7 @@ def reorganize_regions(
             union_masks[slot] = box_masks[ids].any(axis=0)
         slot_ids.append(keep_objs[ids].astype(np.int64))
 
-    bg_slot = int(slot_of_region[bg[0]]) if len(bg) else None
+    bg_slot = int(slot_of_region[bg[0]]) if len(bg) and slot_of_region[bg[0]] >= 0 else None
     return RegionLayout(
         height=height,
         width=width,

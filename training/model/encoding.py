@@ -83,8 +83,13 @@ class CacheStats:
     capacity: int  # maximum entries
 
 
-def separator_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Ids of every vocabulary token containing the separator character."""
+def separator_ids(tokenizer: PreTrainedTokenizerBase, rule: str = "any") -> frozenset[int]:
+    """Ids of every vocabulary token containing the separator character (``rule="release"``: the one id of
+    ``";"`` alone, as the release splits)."""
+    if rule == "release":
+        # The release splits at tokenizer(";")'s first id only, so a merged ".;" token (a description
+        # ending with a full stop) separates nothing there: the rest of the slot's text gets the first box.
+        return frozenset(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"][:1])
     # Not just the id of ";": byte-level BPE may merge it with punctuation ending the previous description
     # (e.g. ".;"). Descriptions have the separator removed, so any token holding one is a separator.
     return frozenset(i for tok, i in tokenizer.get_vocab().items() if SEPARATOR in tok)
@@ -112,8 +117,13 @@ def slot_token_targets(
     weights: np.ndarray,
     attention_weight_scale: float = 1.0,
     n_tokens: int = N_TOKENS,
+    renormalize: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token boxes ``(n_tokens, 4)`` and attention bias ``(n_tokens,)`` of one real slot."""
+    """Per-token boxes ``(n_tokens, 4)`` and attention bias ``(n_tokens,)`` of one real slot.
+
+    ``renormalize=False``: the weights as given, not rescaled to a max of 1 over the segments left (the
+    release's rule, which zips boxes and weights with the segments it finds).
+    """
     if len(spans) > len(boxes):
         raise ValueError(f"text has {len(spans)} segments but the slot has {len(boxes)} objects")
     token_boxes = np.full((n_tokens, 4), -1.0, dtype=np.float32)
@@ -122,7 +132,8 @@ def slot_token_targets(
     if not kept:
         return token_boxes, np.zeros(n_tokens, dtype=np.float32)
     kept_weights = np.asarray(weights, dtype=np.float64)[kept]
-    kept_weights = kept_weights / kept_weights.max()  # the max over the objects that remain is 1 again
+    if renormalize:
+        kept_weights = kept_weights / kept_weights.max()  # the max over the objects that remain is 1 again
     bias = np.full(n_tokens, NEG_BIAS, dtype=np.float32)
     for k, weight in zip(kept, kept_weights, strict=True):
         s, e = spans[k]
@@ -141,6 +152,7 @@ class RegionTextEncoder:
         *,
         cache_size: int = 1024,
         batch_size: int = 32,
+        separator: str = "any",
     ) -> None:
         if len(tokenizers) != len(text_encoders) or not tokenizers:
             raise ValueError("pass one tokenizer per text encoder (SDXL: two of each, SD1.5: one)")
@@ -152,7 +164,11 @@ class RegionTextEncoder:
         self.cache_size = cache_size
         self.batch_size = batch_size
         # Spans come from the first tokenizer; SDXL's two share one BPE vocabulary and differ only in padding.
-        self._sep_ids = separator_ids(tokenizers[0])
+        # separator="release": the release's split and weights (separator_ids, slot_token_targets).
+        if separator not in ("any", "release"):
+            raise ValueError(f"separator must be 'any' or 'release', got {separator!r}")
+        self.separator = separator
+        self._sep_ids = separator_ids(tokenizers[0], separator)
         self._cache: OrderedDict[str, EncodedText] = OrderedDict()
         self._hits = 0
         self._misses = 0
@@ -311,7 +327,8 @@ def grounding_inputs_from_batch(
     for b, s, enc in zip(rows, cols, encoded, strict=True):
         k = int(n_segments[b, s])
         token_boxes[b, s], bias[b, s] = slot_token_targets(
-            enc.spans, boxes[b, s, :k], weights[b, s, :k], attention_weight_scale
+            enc.spans, boxes[b, s, :k], weights[b, s, :k], attention_weight_scale,
+            renormalize=encoder.separator != "release",
         )
     text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
     if len(encoded):

@@ -11,7 +11,8 @@ Loads the base UNet (a hub id or a local pipeline / UNet folder), attaches ``une
 public release's by key name), and writes ``OUT/regional_adapter.safetensors`` plus ``OUT/init_report.json``
 with the missing and unexpected keys: base-UNet keys the checkpoint lacked or held in excess, and adapter
 keys left at their fresh initialisation. A base checkpoint that already holds adapter keys (the release's
-initialised UNet) has them loaded into the adapter instead of reported as unexpected.
+initialised UNet) has them loaded into the adapter instead of reported as unexpected. An ``--adapter`` file
+must hold every adapter key of the model: one it lacks is an error naming it (never left fresh silently).
 The base UNet itself is not copied: the trainer loads it from ``--base`` again (recorded in the report).
 A release trainer checkpoint with a LoRA (its ``lora_rank``): the fusers' LoRA is merged into the adapter,
 the base attention's is written as ``OUT/lora.safetensors`` (our diffusers LoRA file, for ``--lora``), and
@@ -31,6 +32,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
+
+from safetensors import SafetensorError
 
 from training.model.config import ModelConfig
 
@@ -71,6 +74,23 @@ def _adapter_tensors_in(folder: Path) -> dict:
     return found
 
 
+def check_adapter_file(path: str | Path, what: str = "--adapter") -> Path:
+    """An adapter file named by a user, checked before any model loads (``check_weights_file``, and for our
+    safetensors the config in its metadata); every failure is a ValueError naming the file."""
+    from training.model.release_checkpoint import check_weights_file
+
+    path = check_weights_file(path, what)
+    if path.suffix == ".safetensors":
+        from training.model.adapter import adapter_config_of
+
+        try:
+            adapter_config_of(path)
+        except (TypeError, ValueError, KeyError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"{what} {path}: its metadata does not describe an adapter ({reason})") from None
+    return path
+
+
 def initialise(
     base: str,
     out: str | Path,
@@ -96,6 +116,10 @@ def initialise(
     from training.model.tiny import TINY_BASES, tiny_components
 
     config = AdapterConfig(model_type=model_type)  # validates model_type before any model loads
+    if adapter:
+        check_adapter_file(adapter)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     if base in TINY_BASES:
         sub, info = None, {}
         unet = tiny_components(base)["unet"]
@@ -117,6 +141,11 @@ def initialise(
     # Not strict: adapter keys the sources lack stay fresh and are reported; keys the model lacks fail.
     report = load_adapter(unet, state, strict=False) if state else None
     fresh = report.missing if report else sorted(k for k in unet.state_dict() if is_adapter_key(k))
+    if adapter and fresh:
+        raise ValueError(
+            f"{adapter}: {len(fresh)} adapter keys of the {model_type} model are missing from it, e.g. "
+            f"{fresh[:3]} (a partial or damaged file; --model-type casa/ca must match the file)"
+        )
 
     out = Path(out)
     save_adapter(unet, out / ADAPTER_FILE)
@@ -175,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             model_type=args.model_type,
             ema=args.ema,
         )
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, SafetensorError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, also for hub errors
         return 2
     counts = {k: (len(v) if isinstance(v, list) else v) for k, v in summary.items()}

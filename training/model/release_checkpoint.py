@@ -5,7 +5,9 @@ Accepted, all as plain tensors (``torch.load(weights_only=True)``; no pickle of 
 - our adapter safetensors, and a whole-UNet safetensors (diffusers' ``diffusion_pytorch_model.safetensors``);
 - the release's extracted adapter (``misc_utils/extract_pn_and_fuser.py``: a ``.pth`` dict, ``unet.`` keys);
 - raw Lightning / DeepSpeed trainer files: ``{"state_dict": ...}`` or ``{"module": ...}``, keys under
-  ``_forward_module.`` and ``unet.`` (live weights) or ``ema_unet.module.`` (the EMA copy); ``ema`` chooses.
+  ``_forward_module.`` and ``unet.`` (live weights) or ``ema_unet.module.`` (the EMA copy); ``ema`` chooses;
+- the extract script's output of a checkpoint with an EMA copy: it replaces ``unet.`` in every key, so the
+  live weights are plain (``position_net.*``) and the EMA copy is ``ema_module.*``; ``ema`` chooses too.
 
 Keys of other trainer modules (``vae.``, ``text_encoder.``, ...) are not UNet weights: they are counted and
 logged, never loaded. The result is keyed as ``UNet2DConditionModel.state_dict()`` names them, with the
@@ -39,15 +41,23 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-__all__ = ["RELEASE_LORA_SCALE", "read_checkpoint", "resolve_peft_lora", "select_unet_weights"]
+__all__ = [
+    "RELEASE_LORA_SCALE",
+    "check_weights_file",
+    "read_checkpoint",
+    "resolve_peft_lora",
+    "select_unet_weights",
+]
 
 log = logging.getLogger(__name__)
 
 _WRAPPERS = ("state_dict", "module")  # Lightning's and DeepSpeed's top-level keys
 _LIVE = ("unet.",)
 _EMA = ("ema_unet.module.", "ema_unet.")  # longest first: the EMA wrapper may or may not keep .module
+_EXTRACTED_EMA = "ema_module."  # "ema_unet.module." after the extract script's replace("unet.", "")
 _EMA_COUNTER = "ema_unet.n_averaged"  # torch's AveragedModel's update count: not a UNet weight
 RELEASE_LORA_SCALE = 1.0  # alpha / r of a merged LoRA: the release's LoraConfig sets lora_alpha = r
 # peft's names of a wrapped Linear (one adapter, "default"): the base layer's tensors and the two factors.
@@ -74,9 +84,22 @@ def select_unet_weights(
         log.info("%s: ignored %d non-tensor entries (e.g. %s)", source, len(skipped), skipped[:3])
     has_live = any(k.startswith(_LIVE) for k in tensors)
     has_ema = any(k.startswith(_EMA) for k in tensors)
-    if ema and not has_ema:
-        raise ValueError(f"{source}: no EMA weights (no key starts with 'ema_unet.'); load the live weights")
-    if not (has_live or has_ema):  # plain UNet / adapter keys
+    extracted_ema = {k for k in tensors if k.startswith(_EXTRACTED_EMA)}
+    if ema and not (has_ema or extracted_ema):
+        raise ValueError(
+            f"{source}: no EMA weights (no key starts with 'ema_unet.' or 'ema_module.'); load the live weights"
+        )
+    if not (has_live or has_ema):  # plain UNet / adapter keys, and the extract script's EMA copy beside them
+        if extracted_ema:
+            if ema:
+                picked = {k.removeprefix(_EXTRACTED_EMA): v for k, v in tensors.items() if k in extracted_ema}
+            else:
+                picked = {k: v for k, v in tensors.items() if k not in extracted_ema}
+                log.info("%s: live weights loaded; its EMA copy (%d ema_module.* keys) is not (ema=True loads it)",
+                         source, len(extracted_ema))  # fmt: skip
+            if not picked:
+                raise ValueError(f"{source}: no {'EMA' if ema else 'live'} weights beside its ema_module.* keys")
+            tensors = picked
         return resolve_peft_lora({_renamed(k): v for k, v in tensors.items()}, source=source)
     prefixes = _EMA if ema else _LIVE
     out, others = {}, Counter()
@@ -162,11 +185,12 @@ def read_checkpoint(
     """UNet tensors from a mapping, a safetensors file or a torch checkpoint (see the module docstring)."""
     if isinstance(source, Mapping):
         return select_unet_weights(source, ema=ema)
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
+    path = check_weights_file(source, "checkpoint")
     if path.suffix == ".safetensors":
-        state: object = load_file(str(path))
+        try:
+            state: object = load_file(str(path))
+        except (SafetensorError, OSError) as err:  # a data section that does not match its header
+            raise ValueError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -177,3 +201,30 @@ def read_checkpoint(
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     return select_unet_weights(state, ema=ema, source=str(path))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_weights_file(path: str | Path, what: str = "weights") -> Path:
+    """A weights file named by a user, checked before any model loads; returns its path.
+
+    It must exist and be a file; a ``.safetensors`` file must have a header that parses (a garbage, empty
+    or truncated file is refused here) and hold at least one tensor. Every failure is a ValueError naming
+    the file. Torch files are read by :func:`read_checkpoint` (``weights_only``), which names them too.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path}: not a file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                n_keys = len(list(f.keys()))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{what} {path}: not a safetensors file ({_first_line(err)})") from None
+        if not n_keys:
+            raise ValueError(f"{what} {path}: holds no tensors")
+    return path
