@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from s3_fixture import s3_bucket, s3_server  # noqa: F401  (fixtures)
 from test_stream import config, fingerprint, jpeg, record, write_dataset
 
 import shards.offsets
@@ -378,6 +379,13 @@ def test_an_http_dataset_streams_each_sample_once_with_or_without_byte_ranges(tm
                for k in b["key"]]
     assert set(got) == set(keys) and len(got) == 12
     assert len(copies) == (0 if ranges else 3 * 2)  # without ranges each rank copies each tar once
+
+
+def test_an_s3_dataset_of_uneven_shards_streams_each_sample_once_over_ranks_and_workers(s3_bucket):  # noqa: F811
+    keys = write_dataset(f"{s3_bucket}/uneven", [7, 0, 5, 1])  # ShardWriter straight to S3
+    cfg = config([f"{s3_bucket}/uneven"], batch_size=2, num_workers=2)
+    got = [k for r in range(2) for b in build_loader(cfg, rank=r, world_size=2) for k in b["key"]]
+    assert set(got) == set(keys) and len(got) == 16  # 13 samples, 3 repeats
 
 
 def test_a_rank_reads_only_the_byte_ranges_of_its_samples(tmp_path, monkeypatch):
