@@ -133,6 +133,8 @@ def train(config: TrainConfig) -> TrainResult:
     device, is_main = accelerator.device, accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out}: exists and is not a folder")
 
     # The checkpoint to resume from and the stream first: a mistake in either stops the run before
     # anything is written or loaded.
