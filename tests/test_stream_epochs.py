@@ -4,21 +4,18 @@ the stream reads samples by (shards.offsets)."""
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import re
 import tarfile
 import tempfile
-import threading
 from collections import Counter
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hostile_fixture import QuietHandler, served
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from s3_fixture import s3_bucket, s3_server  # noqa: F401  (fixtures)
@@ -333,34 +330,20 @@ def test_an_older_tar_with_a_link_a_repeated_key_and_a_cut_is_scanned_as_the_rea
     assert raw.members == read[0].members
 
 
-@contextmanager
-def served(root: Path, ranges: bool):
-    """``root`` over HTTP on 127.0.0.1: with byte ranges (206 answers) or, like ``python -m http.server``, without."""
+class RangeHandler(QuietHandler):
+    """Answers ``Range: bytes=a-b`` with 206 and those bytes, as object stores and most servers do."""
 
-    class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send_head(self):
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
-            if not ranges or match is None:
-                return super().send_head()
-            path = self.translate_path(self.path)
-            data = Path(path).read_bytes()
-            start, end = int(match.group(1)), min(int(match.group(2)), len(data) - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-            self.send_header("Content-Length", str(end - start + 1))
-            self.end_headers()
-            return io.BytesIO(data[start : end + 1])
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    def send_head(self):
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if match is None:
+            return super().send_head()
+        data = Path(self.translate_path(self.path)).read_bytes()
+        start, end = int(match.group(1)), min(int(match.group(2)), len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        return io.BytesIO(data[start : end + 1])
 
 
 @pytest.mark.parametrize("ranges", [True, False])
@@ -374,7 +357,7 @@ def test_an_http_dataset_streams_each_sample_once_with_or_without_byte_ranges(tm
         return real_copy(url, folder, name)
 
     monkeypatch.setattr("training.data.index.local_copy", copy)
-    with served(tmp_path, ranges) as url:
+    with served(tmp_path, RangeHandler if ranges else QuietHandler) as url:
         got = [k for r in range(2) for b in build_loader(config([f"{url}/ds"], batch_size=2), rank=r, world_size=2)
                for k in b["key"]]
     assert set(got) == set(keys) and len(got) == 12
