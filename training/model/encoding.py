@@ -16,6 +16,7 @@ Usage::
 
     encoder = RegionTextEncoder((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), cache_size=4096)
     encoder = RegionTextEncoder((tokenizer,), (text_encoder,))                 # SD1.5
+    encoder = RegionTextEncoder((t5_tokenizer,), (t5,), n_tokens=128)          # MM-DiT: the backbone's T5, no BOS
     gligen = grounding_inputs(layouts, encoder, max_slots=30, dtype=unet.dtype)
     unet(latents, t, prompt_embeds, added_cond_kwargs=..., cross_attention_kwargs={"gligen": gligen})
 
@@ -69,7 +70,7 @@ N_TOKENS = 77
 class EncodedText:
     """One region text, encoded: both encoders' last hidden states and the segment spans."""
 
-    hidden: torch.Tensor  # (77, D): the encoders' last hidden states concatenated along features (one for SD1.5)
+    hidden: torch.Tensor  # (n_tokens, D): the encoders' last hidden states concatenated along features (one for SD1.5)
     spans: tuple[tuple[int, int], ...]  # [start, end) token range of each "; "-separated segment
 
 
@@ -96,11 +97,11 @@ def separator_ids(tokenizer: PreTrainedTokenizerBase, rule: str = "any") -> froz
 
 
 def token_spans(
-    input_ids: Sequence[int], bos_id: int, eos_id: int, sep_ids: frozenset[int]
+    input_ids: Sequence[int], bos_id: int | None, eos_id: int, sep_ids: frozenset[int]
 ) -> list[tuple[int, int]]:
-    """[start, end) of each segment: from after BOS, split at separators, to EOS (or the sequence end)."""
+    """[start, end) of each segment: from after BOS (T5 has none: from 0), split at separators, to EOS (or the end)."""
     ids = list(input_ids)
-    start = ids.index(bos_id) + 1
+    start = ids.index(bos_id) + 1 if bos_id is not None else 0
     end = ids.index(eos_id, start) if eos_id in ids[start:] else len(ids)
     spans = []
     for pos in range(start, end):
@@ -153,13 +154,16 @@ class RegionTextEncoder:
         cache_size: int = 1024,
         batch_size: int = 32,
         separator: str = "any",
+        n_tokens: int = N_TOKENS,
     ) -> None:
         if len(tokenizers) != len(text_encoders) or not tokenizers:
             raise ValueError("pass one tokenizer per text encoder (SDXL: two of each, SD1.5: one)")
         for tok in tokenizers:
-            if tok.model_max_length != N_TOKENS:
-                raise ValueError(f"tokenizer model_max_length is {tok.model_max_length}, expected {N_TOKENS}")
+            # CLIP's 77 (SDXL's pipeline overflows on a huge default); a T5 holds n_tokens or more.
+            if tok.model_max_length != N_TOKENS if n_tokens == N_TOKENS else tok.model_max_length < n_tokens:
+                raise ValueError(f"tokenizer model_max_length is {tok.model_max_length}, expected {n_tokens}")
         self.tokenizers = list(tokenizers)
+        self.n_tokens = n_tokens  # tokens per region text (CLIP: 77; the MM-DiT path's T5: more)
         self.text_encoders = list(text_encoders)
         self.cache_size = cache_size
         self.batch_size = batch_size
@@ -223,7 +227,7 @@ class RegionTextEncoder:
         hidden, ids = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True):
             inputs = tok(
-                texts, padding="max_length", max_length=N_TOKENS, truncation=True, return_tensors="pt"
+                texts, padding="max_length", max_length=self.n_tokens, truncation=True, return_tensors="pt"
             )
             ids = inputs["input_ids"] if ids is None else ids
             device = next(enc.parameters()).device
@@ -322,15 +326,16 @@ def grounding_inputs_from_batch(
         union = union & ~drop[:, None, None, None]
     rows, cols = np.nonzero(slot_mask)
     encoded = encoder.encode_texts([batch["region_texts"][b][s] for b, s in zip(rows, cols, strict=True)])
-    token_boxes = np.full((n, max_slots, N_TOKENS, 4), -1.0, dtype=np.float32)
-    bias = np.zeros((n, max_slots, N_TOKENS), dtype=np.float32)
+    n_tokens = encoder.n_tokens
+    token_boxes = np.full((n, max_slots, n_tokens, 4), -1.0, dtype=np.float32)
+    bias = np.zeros((n, max_slots, n_tokens), dtype=np.float32)
     for b, s, enc in zip(rows, cols, encoded, strict=True):
         k = int(n_segments[b, s])
         token_boxes[b, s], bias[b, s] = slot_token_targets(
             enc.spans, boxes[b, s, :k], weights[b, s, :k], attention_weight_scale,
-            renormalize=encoder.separator != "release",
+            renormalize=encoder.separator != "release", n_tokens=n_tokens,
         )
-    text = torch.zeros(n, max_slots, N_TOKENS, encoder.hidden_size, device=device, dtype=dtype)
+    text = torch.zeros(n, max_slots, n_tokens, encoder.hidden_size, device=device, dtype=dtype)
     if len(encoded):
         index = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device))
         text[index] = torch.stack([e.hidden for e in encoded]).to(device=device, dtype=dtype)
