@@ -128,8 +128,8 @@ def test_a_gpu_preset_on_a_cpu_only_ray_stops_at_once(images, tmp_path):
                            "pool 'describe' (stages describe) asks for 4 CPU, 1 GPU per actor; "
                            "pool 'score' (stages score, filter) asks for 2 CPU, 0.25 GPU per actor; "
                            "but its 1 node(s) have at most 2 CPU, 0 GPU."), line
-    # interpreter, imports and the local Ray's start take ~10 s on a quiet 2-core machine
-    assert seconds < 60, seconds
+    # interpreter, imports and the local Ray's start: 10-30 s on a 2-core machine, quiet to busy
+    assert seconds < 90, seconds  # the old behaviour never ended
 
 
 @pytest.fixture(scope="module")
