@@ -31,6 +31,8 @@ region_boxes               (B, S, K, 4) float32    normalized boxes per joined s
 region_weights             (B, S, K) float32       per segment weight, 0 padded
 segment_mask               (B, S, K) bool          True for a real segment
 region_union_masks         (B, S, h, w) bool       OR of the slot's boxes (whole grid: background)
+stream_position            (B, 2) int64            (epoch, position) in the stream's global order
+                                                   (added by training.data.stages, not by collate)
 =========================  ======================  =============================================
 """
 

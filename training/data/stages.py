@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.offsets import read_ranges, span_sample
@@ -140,6 +141,8 @@ def worker_batches(cfg: StreamConfig, index: StreamIndex, plan: Plan, seg: Segme
         raws = read_samples(index, ids)
         made = [examples.slot(int(i), raw, seg.epoch, int(p)) for i, raw, p in zip(ids, raws, positions, strict=True)]
         batch = collate(made, cfg.regions.max_slots, cfg.regions.max_objs)
+        # (epoch, position) of each sample: the same whatever the world size, for per-sample seeds.
+        batch["stream_position"] = torch.from_numpy(np.stack([np.full_like(positions, seg.epoch), positions], 1))
         batch[META] = {"batch": k, "counts": policy.since_mark()}
         policy.mark()
         yield batch
