@@ -35,10 +35,13 @@ def load_section(
     if path is not None and not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"no preset file {path} (presets: {known})")
-    if path is not None and read_yaml(path).get(section) is None:
-        sections = sorted(read_yaml(path))
-        raise ConfigError(f"{path}: no '{section}' section (it has {sections}): not a {section} preset")
-    return load(cls, path, overrides, section=section)
+    try:
+        if path is not None and read_yaml(path).get(section) is None:
+            sections = sorted(read_yaml(path))
+            raise ConfigError(f"{path}: no '{section}' section (it has {sections}): not a {section} preset")
+        return load(cls, path, overrides, section=section)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path or 'an override'}: YAML nested too deep") from None
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, section: str) -> None:

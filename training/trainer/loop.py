@@ -303,6 +303,8 @@ def _one_line(e: BaseException) -> str:
 
 def load_cli_config(path: str, overrides: list[str]) -> TrainConfig:
     """The config of a command line; every mistake raises ConfigError naming the file, override or field."""
+    if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO that would block open()
+        raise ConfigError(f"--config {path}: not a regular file")
     try:
         with open(path) as f:
             yaml.safe_load(f)
@@ -310,11 +312,15 @@ def load_cli_config(path: str, overrides: list[str]) -> TrainConfig:
         raise ConfigError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {_one_line(e)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: YAML nested too deep") from None
     for item in overrides:
         try:
             yaml.safe_load(item.partition("=")[2])
         except yaml.YAMLError as e:
             raise ConfigError(f"--override {item!r}: the value is not valid YAML: {_one_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"--override {item[:40]!r}...: the value is nested too deep") from None
     try:
         return TrainConfig.from_yaml(path, overrides)
     except ConfigError as e:
@@ -369,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(config)
     except (ConfigError, CheckpointError) as e:
+        return _fail(e, reports)
+    except OSError as e:  # a base model that cannot load (offline, no such folder), an unwritable output
         return _fail(e, reports)
     if reports:
         summary: dict[str, Any] = {

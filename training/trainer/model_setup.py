@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 
 from training.inference.pipeline import stock_pipeline, text_models
 from training.model.adapter import (
@@ -88,7 +89,7 @@ def adapter_config(cfg: ModelConfig) -> AdapterConfig:
     if cfg.adapter:
         try:
             made = adapter_config_of(cfg.adapter)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError, SafetensorError) as e:  # garbage file, bad metadata
             raise ConfigError(f"model.adapter {cfg.adapter}: cannot be read ({e})") from None
         if made.model_type != cfg.model_type:
             raise ConfigError(
