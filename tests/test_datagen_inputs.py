@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import shutil
@@ -391,6 +392,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_complete_shards(tmp_p
     monkeypatch.setattr(shards.writer.ShardWriter, "close", close)
     monkeypatch.setattr(pipeline, "execute", execute)
     monkeypatch.setattr(pipeline, "init_ray", lambda cfg: False)
+    monkeypatch.setattr(importlib.import_module("datagen.run"), "check_resources", lambda cfg: None)  # no Ray is started to ask
     args = ["run", "--config", str(CONFIGS / "tiny.yaml"), "--input", str(tmp_path / "in"), "--output", str(out),
             "--set", "inputs.samples_per_shard=2"]
     assert main(args) == 2
