@@ -235,8 +235,10 @@ def load_checkpoint(
     with _reading(folder / "adapter.safetensors"):
         load_trainable_state(accelerator, unet, read_trainable(folder), source=str(folder))
     path = optimizer_file(folder, is_fsdp(accelerator), accelerator.process_index)
+    # Read onto the CPU: load_state_dict moves each tensor to its parameter's device (a multi-process CPU
+    # run's device is "cpu:0", which torch.load cannot restore to).
     with _reading(path):
-        optimizer.load_state_dict(torch.load(path, map_location=accelerator.device, weights_only=True))
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     scaler = state.trainer.get("scaler")
     if scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
