@@ -18,6 +18,7 @@ import torch
 from _model_fixtures import region_encoder, tiny_sdxl_unet_inputs
 from PIL import Image
 from safetensors.torch import load_file
+from test_stream import write_dataset as write_uneven_dataset
 from test_train import write_dataset
 
 from training.layout.regions import empty_layout
@@ -32,6 +33,8 @@ from training.model.encoding import grounding_inputs
 from training.model.lora import add_lora, is_lora_key, load_lora
 from training.model.tiny import tiny_unet
 from training.trainer.checkpoint import verify_checkpoint
+from training.trainer.config import TrainConfig
+from training.trainer.step import sample_draws, sample_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +43,24 @@ WORKER = textwrap.dedent(
     import json, sys
     from accelerate import PartialState
     from safetensors.torch import save_file
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
     from training.trainer.loop import train
     from training.trainer.config import TrainConfig
 
+    # Before each optimizer step (synchronising micro-batches only): how many trainable tensors lack a
+    # gradient on this rank.
+    missing = []
+    register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: missing.append(
+            sum(p.grad is None for group in opt.param_groups for p in group["params"])
+        )
+    )
     out, overrides = sys.argv[1], json.loads(sys.argv[2])
     result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", overrides))
     rank = PartialState().process_index
     save_file(result.adapter_state, f"{out}/rank{rank}.safetensors")
     with open(f"{out}/losses{rank}.json", "w") as f:
-        json.dump(result.losses, f)
+        json.dump({"losses": result.losses, "missing_grads": missing}, f)
     """
 )
 
@@ -68,6 +80,7 @@ class Run:
     out: Path  # the run's output_dir
     weights: list[dict[str, torch.Tensor]]  # per rank: TrainResult.adapter_state
     losses: list[list[float]]  # per rank
+    missing_grads: list[list[int]]  # per rank, per optimizer step: trainable tensors without a gradient
 
 
 def launch(folder: Path, dataset: str, *overrides: str, cpu: bool = True) -> Run:
@@ -111,10 +124,12 @@ def launch(folder: Path, dataset: str, *overrides: str, cpu: bool = True) -> Run
     }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [json.loads((folder / f"losses{r}.json").read_text()) for r in (0, 1)]
     return Run(
         out=run,
         weights=[load_file(folder / f"rank{r}.safetensors") for r in (0, 1)],
-        losses=[json.loads((folder / f"losses{r}.json").read_text()) for r in (0, 1)],
+        losses=[log["losses"] for log in logs],
+        missing_grads=[log["missing_grads"] for log in logs],
     )
 
 
@@ -143,6 +158,85 @@ def test_two_processes_train_with_identical_weights_on_both_ranks(ddp):
     assert any(not torch.equal(w0[k], fresh[k]) for k in w0 if is_adapter_key(k))
     assert verify_checkpoint(folder) is None and (folder / "optimizer.bin").exists()
     assert not list(folder.glob("pytorch_model*")) and not list(folder.glob("*.pkl"))
+
+
+def test_a_two_process_run_resumes_from_its_checkpoint_as_if_it_never_stopped(tmp_path, dataset, ddp):
+    """Two processes resume the two-process run's step-1 checkpoint (the optimizer state read onto the CPU,
+    then moved): steps 2 and 3 give each rank the losses and the weights of the uninterrupted run, bit for bit."""
+    step1 = ddp.out / "checkpoints" / "step_0000001"
+    resumed = launch(tmp_path / "resumed", dataset, f"checkpoint.resume={step1}")
+    assert resumed.losses == [losses[1:] for losses in ddp.losses]
+    for ours, theirs in zip(resumed.weights, ddp.weights, strict=True):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for name, state in _files(resumed.out).items():
+        assert all(torch.equal(state[k], _files(ddp.out)[name][k]) for k in state), name
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> str:
+    """Shards of 7, 4 and 2 samples: an exact epoch over two ranks evens them out with one repeat."""
+    root = tmp_path_factory.mktemp("uneven")
+    write_uneven_dataset(root, [7, 4, 2])
+    return str(root)
+
+
+# Exact epochs over the uneven shards (not a resampled stream), caption dropout on, nothing else saved.
+DROPOUT = (
+    "data.resampled=false",
+    "data.epoch_samples=null",
+    "train.caption_dropout=0.5",
+    "validation.every_steps=null",
+    "checkpoint.every_steps=null",
+)
+
+
+def _ranks_disagree(layout_dropout: float, steps: int) -> list[int]:
+    """Optimizer steps whose synchronising micro-batch (batch 1, accumulation 2) has its layout dropped on
+    one rank only: the case that stopped DDP before every weight took part in every backward."""
+    config = TrainConfig.from_yaml(
+        "configs/train/tiny.yaml", ["train.caption_dropout=0.5", f"train.layout_dropout={layout_dropout}"]
+    )
+    dropped = [
+        [
+            sample_draws(sample_seeds(config, rank, m, 1), (4, 8, 8), config, 1000).drop_layout[0]
+            for m in range(2 * steps)
+        ]
+        for rank in (0, 1)
+    ]
+    return [s for s in range(steps) if dropped[0][2 * s + 1] != dropped[1][2 * s + 1]]
+
+
+def _train_with_dropped_layouts(folder: Path, dataset: str, layout_dropout: float, steps: int) -> None:
+    run = launch(
+        folder / "ddp",
+        dataset,
+        *DROPOUT,
+        f"train.layout_dropout={layout_dropout}",
+        f"train.max_steps={steps}",
+    )
+    assert [len(losses) for losses in run.losses] == [steps, steps]
+    # Every trainable tensor had a gradient on both ranks before every optimizer step ...
+    assert run.missing_grads == [[0] * steps] * 2
+    # ... so DDP all-reduced them all, and both ranks moved their weights identically.
+    w0, w1 = run.weights
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(np.isfinite(run.losses[r]).all() for r in (0, 1))
+
+
+def test_layout_dropout_on_one_rank_only_keeps_ddp_in_step(tmp_path, uneven):
+    """Layout dropout 0.5, 12 steps on uneven shards: five synchronising micro-batches, the first at step 2,
+    drop the layout on one rank only (before the zero path, the first of them aborted the run in gloo)."""
+    assert len(_ranks_disagree(0.5, 12)) == 5
+    _train_with_dropped_layouts(tmp_path, uneven, 0.5, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout_dropout", [0.5, 1.0])
+def test_forty_steps_of_layout_dropout_keep_ddp_in_step(tmp_path, uneven, layout_dropout):
+    """40 steps on uneven shards with layout dropout 0.5 (ranks disagree on many steps) and 1.0 (no fuser
+    ever attends, on either rank): every trainable tensor has a gradient on both ranks at every step."""
+    assert layout_dropout == 1.0 or len(_ranks_disagree(layout_dropout, 40)) >= 10
+    _train_with_dropped_layouts(tmp_path, uneven, layout_dropout, 40)
 
 
 def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
