@@ -155,7 +155,6 @@ def _disk_full(exc: BaseException) -> OSError | None:
 
 def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run: bool, retry_failed: bool,
          progress: bool | None, verify: bool) -> Summary:
-    from . import pipeline
 
     items = list_inputs(inputs, cfg.inputs.path_column, cfg.inputs.caption_column)
     # The keys digest identifies the inputs; how their location was spelled (relative path, trailing
@@ -164,7 +163,35 @@ def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run:
     extra = {"inputs": list(inputs), "packages": _versions(), "python": platform.python_version(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "resolved_config": to_dict(cfg)}
-    dataset = dataset.open_run(fingerprint_dict(cfg, described), extra, new_run=new_run)
+    ray_state = {"started": False, "checked": False}
+    try:
+        if new_run or dataset.read_run() is None:
+            # before run.json is written: a record made for a config no node can run would refuse the
+            # corrected config's run as "written by a different configuration"
+            _check_cluster(cfg, ray_state)
+        dataset = dataset.open_run(fingerprint_dict(cfg, described), extra, new_run=new_run)
+        return _plan_and_execute(cfg, items, dataset, retry_failed, verify, progress, ray_state)
+    finally:
+        if ray_state["started"]:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_cluster(cfg: DatagenConfig, ray_state: dict) -> None:
+    """Start (or join) Ray once and check every stage's worker fits on some node, once."""
+    from . import pipeline
+
+    if not ray_state["checked"]:
+        ray_state["started"] = pipeline.init_ray(cfg)
+        check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
+        ray_state["checked"] = True
+
+
+def _plan_and_execute(cfg: DatagenConfig, items: list, dataset: DatasetHandle, retry_failed: bool, verify: bool,
+                      progress: bool | None, ray_state: dict) -> Summary:
+    from . import pipeline
+
     jobs, skipped = plan_jobs(items, cfg, dataset, retry_failed, verify)
     summary = Summary(output=dataset.uri, inputs=len(items), shards_skipped=skipped,
                       shards_total=len(assign_shards(len(items), cfg.inputs.samples_per_shard)),
@@ -174,16 +201,9 @@ def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run:
     log.info("%d inputs in %d shards: %d complete, %d to write (%d inputs)", len(items), summary.shards_total,
              skipped, len(jobs), sum(len(j.items) for j in jobs))
     if jobs:
-        started = pipeline.init_ray(cfg)
-        try:
-            check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
-            result = pipeline.execute(jobs, cfg, dataset, progress=progress)
-            summary.resources = _cluster_resources()
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+        _check_cluster(cfg, ray_state)
+        result = pipeline.execute(jobs, cfg, dataset, progress=progress)
+        summary.resources = _cluster_resources()
         summary.processed = result.processed
         summary.shards_written = len(result.shards)
         summary.failures = result.failures

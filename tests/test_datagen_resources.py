@@ -170,6 +170,8 @@ def test_what_no_node_holds_is_one_error_line_and_exit_2(cpu_ray, images, tmp_pa
     [line] = _error_lines(capsys.readouterr().err)
     assert line.startswith("error: the Ray cluster cannot hold what this run asks for: " + expected), line
     assert line.endswith("or pass --wait-for-resources if an autoscaler adds such nodes")
+    # checked before run.json is written: the corrected config's run is not refused as another config's
+    assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_memory_beyond_every_node_is_refused(cpu_ray, images, tmp_path, capsys):
