@@ -104,6 +104,8 @@ class RegionConfig:
     # Box-to-cell rule (training/layout/regions.py): "cover" (default) or "release", the release's rule (box ends
     # rounded down, the last latent row/column never in a box), so a fine-tune of the release's weights sees the cells they saw.
     rasterize: Literal["cover", "release"] = "cover"
+    # Pixels per region-map cell: 8 for the UNets' latent grid, 16 for an MM-DiT's token grid (VAE 8 x patch 2).
+    downscale: Literal[8, 16] = 8
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,9 @@ class StreamConfig:
         sizes = {tuple(d.augment.size) for d in self.datasets}
         if len(sizes) > 1:
             raise ConfigError(f"every dataset must augment to the same size to batch together, got {sorted(sizes)}")
+        cell = self.regions.downscale
+        if any(side % cell for size in sizes for side in size):
+            raise ConfigError(f"augment.size {list(next(iter(sizes)))} must be multiples of regions.downscale {cell}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamConfig:

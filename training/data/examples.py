@@ -76,5 +76,6 @@ def make_example(sample: Sample, spec: DatasetSpec, cfg: StreamConfig, rng: np.r
         max_slots=r.max_slots,
         rng=rng,
         rasterize=r.rasterize,
+        downscale=r.downscale,
     )
     return Example(key=rec.key, aug=aug, layout=layout)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from training.inference import mmdit
 from training.layout.files import validate_layout, validate_size
 from training.layout.regions import RASTERIZE_RULES, Rasterize, empty_layout, reorganize_regions
 from training.model.adapter import (
@@ -57,6 +58,9 @@ from training.model.adapter import (
 )
 from training.model.encoding import RegionTextEncoder, grounding_inputs
 from training.model.lora import load_lora
+from training.model.mmdit.adapter import LAYOUT_KEY
+from training.model.mmdit.config import MMDIT_BACKBONES
+from training.model.mmdit.encoding import TOKEN_PX
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,10 @@ def stock_pipeline(components: dict[str, Any]) -> BasePipeline:
     """The stock diffusers pipeline of a components dict: SDXL with a second text encoder, else SD1.5.
 
     No watermarker (SDXL) and no safety checker (SD1.5): generated layouts are scored, not published.
+    A ``transformer`` makes it SD3's or FLUX.1's (``training.inference.mmdit``).
     """
+    if "transformer" in components:
+        return mmdit.mmdit_stock_pipeline(components)
     if components.get("text_encoder_2") is not None:
         return StableDiffusionXLPipeline(**components, add_watermarker=False)
     parts = {"safety_checker": None, "feature_extractor": None, **components}
@@ -104,21 +111,26 @@ class LayoutPipeline:
         text_cache_size: int = 1024,
         rasterize: Rasterize = "cover",
     ) -> None:
-        if getattr(sdxl.unet, "position_net", None) is None:
+        self.mmdit = mmdit.is_mmdit_pipeline(sdxl)
+        if getattr(mmdit.denoiser(sdxl), "position_net", None) is None:
             raise ValueError(
                 "the UNet has no regional adapter: use from_pretrained / from_sdxl, or attach one"
             )
         self.pipe = sdxl
-        self.backbone = backbone_of_unet(sdxl.unet.config)
+        self.backbone = (
+            sdxl.transformer.regional_adapter_config.backbone if self.mmdit else backbone_of_unet(sdxl.unet.config)
+        )
+        self.downscale = TOKEN_PX if self.mmdit else 8  # region cells: transformer tokens or latent pixels
         self.max_objects = max_objects
         self.max_regions = max_regions
         self.max_slots = max_slots
         self.rasterize = _check_rasterize(rasterize)
         # Region texts are static per image: the encoder caches them, so repeated labels encode once.
-        self.region_encoder = RegionTextEncoder(
-            *text_models(sdxl.components),
-            cache_size=text_cache_size,
-            separator="release" if self.rasterize == "release" else "any",
+        separator = "release" if self.rasterize == "release" else "any"
+        self.region_encoder = (
+            mmdit.mmdit_region_encoder(sdxl, text_cache_size, separator)
+            if self.mmdit
+            else RegionTextEncoder(*text_models(sdxl.components), cache_size=text_cache_size, separator=separator)
         )
 
     @property
@@ -147,6 +159,13 @@ class LayoutPipeline:
         ``lora``: the trainer's LoRA file of the base attention (``lora.safetensors`` or
         ``lora_ema.safetensors``, when it trained with ``model.lora_rank``), loaded into the UNet.
         """
+        if mmdit.is_mmdit_pipeline(sdxl):  # SD3 / FLUX.1: the adapter on the transformer
+            mmdit.attach_to_pipeline(sdxl, adapter, ema, adapter_config)
+            if adapter is not None or ema is not None:
+                _check_finite(sdxl.transformer, ema or adapter)
+            if lora is not None:
+                load_lora(sdxl.transformer, lora)
+            return cls(sdxl, **kwargs)
         unet = sdxl.unet
         if getattr(unet, "position_net", None) is None:
             source = adapter or ema
@@ -200,7 +219,9 @@ class LayoutPipeline:
         extra: dict[str, Any] = {}
         if vae is not None:
             extra["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-        if backbone == "sdxl":
+        if backbone in MMDIT_BACKBONES:
+            pipeline_class = mmdit.mmdit_pipeline_class(backbone)
+        elif backbone == "sdxl":
             extra["add_watermarker"] = False
             pipeline_class = StableDiffusionXLPipeline
         else:
@@ -243,6 +264,7 @@ class LayoutPipeline:
             max_slots=self.max_slots,
             rasterize=rasterize,
             seed=seed,
+            downscale=self.downscale,
         )
         if layout.n_regions > layout.n_slots:
             log.warning(
@@ -251,8 +273,8 @@ class LayoutPipeline:
                 layout.n_slots,
                 f"the release's draw, seed {seed}" if rasterize == "release" else "the largest",
             )
-        negative = [empty_layout(height, width)] * rows if cfg else []
-        unet = self.sdxl.unet
+        negative = [empty_layout(height, width, self.downscale)] * rows if cfg else []
+        unet = mmdit.denoiser(self.sdxl)
         return grounding_inputs(
             negative + [layout] * rows,
             self.region_encoder,
@@ -290,9 +312,12 @@ class LayoutPipeline:
         """
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("prompt must be one string: the pipeline takes one layout per call")
-        if "cross_attention_kwargs" in sdxl_kwargs:
-            raise ValueError("cross_attention_kwargs is set by the layout pipeline; pass boxes and labels")
+        kwarg, key = ("joint_attention_kwargs", LAYOUT_KEY) if self.mmdit else ("cross_attention_kwargs", "gligen")
+        if kwarg in sdxl_kwargs:
+            raise ValueError(f"{kwarg} is set by the layout pipeline; pass boxes and labels")
         validate_size(height, width)
+        if height % self.downscale or width % self.downscale:
+            raise ValueError(f"height and width must be multiples of {self.downscale}, got {height}x{width}")
         rule = self.rasterize if rasterize is None else _check_rasterize(rasterize)
         if not (isinstance(scheduled_sampling_beta, int | float) and 0.0 <= scheduled_sampling_beta <= 1.0):
             raise ValueError(f"scheduled_sampling_beta must be in [0, 1], got {scheduled_sampling_beta!r}")
@@ -307,12 +332,19 @@ class LayoutPipeline:
         attention: dict[str, Any] = {}
         if len(box_array) and scheduled_sampling_beta > 0:
             rows = sdxl_kwargs.get("num_images_per_prompt") or 1
-            cfg = guidance_scale > 1 and self.sdxl.unet.config.time_cond_proj_dim is None  # as SDXL decides
+            # FLUX: no negative rows; with true CFG a second call per step (mmdit.AlternatingLayout).
+            true_cfg = self.backbone == "flux" and sdxl_kwargs.get("true_cfg_scale", 1.0) > 1 and negative_prompt is not None
+            if self.mmdit:
+                cfg = true_cfg or (self.backbone == "sd3" and guidance_scale > 1)
+            else:
+                cfg = guidance_scale > 1 and self.sdxl.unet.config.time_cond_proj_dim is None  # as SDXL decides
             if region_seed is None:
                 region_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else 0
-            attention["gligen"] = self._gligen(
+            attention[key] = self._gligen(
                 box_array, labels, height, width, rows, cfg, attention_weight_scale, rule, region_seed
             )
+            if true_cfg:
+                attention[key] = mmdit.AlternatingLayout.of_rows(attention[key], rows)
         user_callback = sdxl_kwargs.pop("callback_on_step_end", None)
         return self.sdxl(
             prompt=prompt or "",
@@ -322,8 +354,8 @@ class LayoutPipeline:
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
-            cross_attention_kwargs=attention,
-            callback_on_step_end=_layout_schedule(attention, scheduled_sampling_beta, user_callback),
+            callback_on_step_end=_layout_schedule(attention, scheduled_sampling_beta, user_callback, key),
+            **{kwarg: attention},
             **sdxl_kwargs,
         )
 
@@ -342,14 +374,16 @@ def _check_rasterize(rasterize: object) -> Rasterize:
     return rasterize  # type: ignore[return-value]
 
 
-def _layout_schedule(attention: dict[str, Any], beta: float, user_callback: Callable | None) -> Callable:
+def _layout_schedule(
+    attention: dict[str, Any], beta: float, user_callback: Callable | None, key: str = "gligen"
+) -> Callable:
     """A step-end callback removing the layout after the first ``active_layout_steps(beta, T)`` steps."""
 
     def callback(pipe: BasePipeline, step: int, timestep: Any, tensors: dict) -> dict:
         # The pipeline holds this very dict as its cross_attention_kwargs and the UNet copies it before
         # use, so removing the key here drops the layout from the next step on.
-        if "gligen" in attention and step + 1 >= active_layout_steps(beta, pipe.num_timesteps):
-            del attention["gligen"]
+        if key in attention and step + 1 >= active_layout_steps(beta, pipe.num_timesteps):
+            del attention[key]
         return user_callback(pipe, step, timestep, tensors) if user_callback is not None else tensors
 
     return callback

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from training.model.attention import IMPLEMENTATIONS, PositionNet, RegionalCrossAttention
 from training.model.casa import MODEL_TYPES, RegionalCrossAndSelfAttention
 from training.model.lora import is_lora_key, load_lora_state
+from training.model.mmdit.config import MMDIT_BACKBONES, MMDiTAdapterConfig, mmdit_backbone_of_base
 from training.model.release_checkpoint import read_checkpoint
 
 __all__ = [
@@ -113,11 +114,15 @@ def backbone_of_unet(unet_config: Mapping) -> str:
 
 
 def backbone_of_base(base: str, *, revision: str | None = None, subfolder: str | None = "unet") -> str:
-    """The backbone of a base model (tiny name, hub id, pipeline or UNet folder), from its UNet config only."""
+    """The backbone of a base model (tiny name, hub id, pipeline or UNet folder), from its UNet config only
+    (an MM-DiT pipeline's ``sd3`` / ``flux`` from its ``model_index.json``)."""
     from training.model.tiny import TINY_BASES
 
     if base in TINY_BASES:
         return TINY_BASES[base]
+    mmdit = mmdit_backbone_of_base(base, revision=revision)
+    if mmdit is not None:
+        return mmdit
     return backbone_of_unet(UNet2DConditionModel.load_config(base, subfolder=subfolder, revision=revision))
 
 
@@ -208,15 +213,19 @@ def model_type_of_keys(keys: Iterator[str] | list[str]) -> str:
     return "casa" if any(".fuser.self_attn." in k for k in keys) else "ca"
 
 
-def adapter_config_of(path: str | Path, *, ema: bool = False) -> AdapterConfig:
-    """The ``AdapterConfig`` stored in our adapter's metadata; for other files, the model type of its keys."""
+def adapter_config_of(path: str | Path, *, ema: bool = False) -> AdapterConfig | MMDiTAdapterConfig:
+    """The ``AdapterConfig`` stored in our adapter's metadata (an MM-DiT adapter's ``MMDiTAdapterConfig``); for
+    other files, the model type of its keys."""
     path = Path(path)
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             keys = list(f.keys())
         if metadata.get("format") == ADAPTER_FORMAT and "config" in metadata:
-            return AdapterConfig(**json.loads(metadata["config"]))
+            fields = json.loads(metadata["config"])
+            if isinstance(fields, dict) and fields.get("backbone") in MMDIT_BACKBONES:
+                return MMDiTAdapterConfig.from_json(metadata["config"])
+            return AdapterConfig(**fields)
         return AdapterConfig(model_type=model_type_of_keys(keys))
     return AdapterConfig(model_type=model_type_of_keys(list(read_checkpoint(path, ema=ema))))
 

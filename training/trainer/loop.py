@@ -118,6 +118,7 @@ def train(config: TrainConfig) -> TrainResult:
         resolve_on_main,
         save_checkpoint,
     )
+    from training.trainer.flow import build_flow_model, flow_adapter_config, is_flow
     from training.trainer.model_setup import (
         adapter_config,
         build_model,
@@ -150,7 +151,8 @@ def train(config: TrainConfig) -> TrainResult:
             loader.load_state_dict(resumed.stream_state)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{resume_from / 'stream_state.json'}: {e}") from None
-    adapter_config(config.model)  # the adapter file's type and backbone against the config (cheap)
+    flow = is_flow(config)  # an SD3 / FLUX.1 base trains with flow matching (training/trainer/flow.py)
+    (flow_adapter_config if flow else adapter_config)(config.model)  # the adapter file against the config (cheap)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -159,8 +161,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     # Models: everything frozen in the compute dtype; the adapter (and LoRA) trainable, in fp32. The model
     # is prepared first, then the optimizer over the wrapped model's parameters (what FSDP requires).
-    model = build_model(config, device)
+    model = (build_flow_model if flow else build_model)(config, device)
     frozen, n_timesteps = model.frozen, model.n_timesteps
+    if flow:
+        sample_draws, unet_inputs, diffusion_loss = frozen.step_functions()
     unet = accelerator.prepare(model.unet)
     fsdp = is_fsdp(accelerator)
     if fsdp:
