@@ -50,12 +50,13 @@ SIZE = 64  # training and validation images; the tiny UNet's latent grid is 8x8
 GD = {"optim.betas": [0.0, 0.0], "optim.eps": 1.0e6, "optim.lr": 1.0e6, "optim.weight_decay": 0.0}
 
 
-def write_dataset(root, shards: int = 2, per_shard: int = 8, seed: int = 0) -> str:
-    """Synthetic shapes with ground-truth boxes, written as shards (96x80 stored, 2x the original size)."""
+def write_dataset(root, shards: int = 2, per_shard: int = 8, seed: int = 0, sizes: list[int] | None = None) -> str:
+    """Synthetic shapes with ground-truth boxes, written as shards (96x80 stored, 2x the original size);
+    ``sizes``: samples per shard (uneven shards), instead of ``shards`` x ``per_shard``."""
     rng = np.random.default_rng(seed)
-    for s in range(shards):
+    for s, n in enumerate(sizes or [per_shard] * shards):
         with ShardWriter(str(root), s) as w:
-            for i in range(per_shard):
+            for i in range(n):
                 img, objs = make_image(rng, 96, 80)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=90)

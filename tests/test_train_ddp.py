@@ -1,5 +1,5 @@
 """Two processes under ``accelerate launch``: DDP on CPU (gloo; different data per rank, identical weights
-after) and FSDP on two GPUs (the same training as DDP, exact resume; skipped without them)."""
+after). FSDP against DDP is in test_train_fsdp.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from _model_fixtures import region_encoder, tiny_sdxl_unet_inputs
-from PIL import Image
 from safetensors.torch import load_file
 from test_stream import write_dataset as write_uneven_dataset
 from test_train import write_dataset
@@ -26,11 +25,10 @@ from training.model.adapter import (
     AdapterConfig,
     attach_regional_adapter,
     is_adapter_key,
-    load_adapter,
     set_adapter_trainable,
 )
 from training.model.encoding import grounding_inputs
-from training.model.lora import add_lora, is_lora_key, load_lora
+from training.model.lora import add_lora, is_lora_key
 from training.model.tiny import tiny_unet
 from training.trainer.checkpoint import verify_checkpoint
 from training.trainer.config import TrainConfig
@@ -83,8 +81,8 @@ class Run:
     missing_grads: list[list[int]]  # per rank, per optimizer step: trainable tensors without a gradient
 
 
-def launch(folder: Path, dataset: str, *overrides: str, cpu: bool = True) -> Run:
-    """Train the tiny preset with two processes (CPU, or with ``cpu=False`` two GPUs) under ``accelerate launch``."""
+def launch(folder: Path, dataset: str, *overrides: str) -> Run:
+    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
     folder.mkdir(parents=True)
     script = folder / "worker.py"
     script.write_text(WORKER)
@@ -120,7 +118,7 @@ def launch(folder: Path, dataset: str, *overrides: str, cpu: bool = True) -> Run
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        **({"ACCELERATE_USE_CPU": "1"} if cpu else {}),
+        "ACCELERATE_USE_CPU": "1",
     }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -242,58 +240,6 @@ def test_forty_steps_of_layout_dropout_keep_ddp_in_step(tmp_path, uneven, layout
 def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     names = ("adapter.safetensors", "adapter_ema.safetensors", "lora.safetensors", "lora_ema.safetensors")
     return {name: load_file(run / "adapter" / name) for name in names}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    torch.cuda.device_count() < 2,
-    reason="accelerate runs FSDP on GPUs only (CPU processes would run DDP): needs 2 GPUs",
-)
-def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, dataset, ddp):
-    """FSDP (torch's, through accelerate, on two GPUs) on the same data: the weights (raw and EMA), losses and validation
-    images of DDP; a run resumed from its step-1 checkpoint ends bit-identical to the uninterrupted one."""
-    fsdp = launch(tmp_path / "fsdp", dataset, "train.distributed=fsdp", cpu=False)
-    w0, w1 = fsdp.weights
-    assert w0.keys() == w1.keys() == ddp.weights[0].keys()
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the full weights, gathered on every rank
-    fresh = attach_regional_adapter(tiny_unet(0)).state_dict()
-    moved = max((w0[k] - fresh[k]).abs().max() for k in w0 if k in fresh)
-    assert moved > 1e-4  # three steps (lr 5e-5, then 1e-4) moved the adapter ...
-    for k in w0:  # ... and FSDP moved it as DDP did (float rounding apart)
-        torch.testing.assert_close(w0[k], ddp.weights[0][k], rtol=0, atol=1e-6)
-    for ours, theirs in zip(fsdp.losses, ddp.losses, strict=True):
-        assert ours == pytest.approx(theirs, rel=1e-5)
-
-    # The saved files: the same as DDP's, and they load into a fresh UNet.
-    files, ddp_files = _files(fsdp.out), _files(ddp.out)
-    for name, state in files.items():
-        assert state.keys() == ddp_files[name].keys(), name
-        assert all(torch.allclose(state[k], ddp_files[name][k], atol=1e-6) for k in state), name
-    unet = attach_regional_adapter(tiny_unet(0))
-    assert load_adapter(unet, fsdp.out / "adapter" / "adapter.safetensors").loaded == len(
-        files["adapter.safetensors"]
-    )
-    load_lora(unet, fsdp.out / "adapter" / "lora.safetensors")
-    loaded = unet.state_dict()
-    assert all(torch.equal(loaded[k], w0[k]) for k in w0)
-
-    # Validation ran on both ranks through the sharded UNet: the images DDP's main rank generated.
-    for step in (2, STEPS):
-        name = f"validation/step_{step:07d}_0.png"
-        ours, theirs = (np.asarray(Image.open(r.out / name), dtype=np.float32) for r in (fsdp, ddp))
-        assert np.abs(ours - theirs).mean() < 0.5, name
-
-    # Checkpoints hold no frozen weights: the trainable files and one optimizer shard per rank.
-    step1 = fsdp.out / "checkpoints" / "step_0000001"
-    assert not list(step1.glob("pytorch_model*")) and not (step1 / "optimizer.bin").exists()
-    assert (step1 / "optimizer_shard_0.bin").exists() and (step1 / "optimizer_shard_1.bin").exists()
-    resumed = launch(
-        tmp_path / "resumed", dataset, "train.distributed=fsdp", f"checkpoint.resume={step1}", cpu=False
-    )
-    assert [len(r) for r in resumed.losses] == [STEPS - 1] * 2
-    assert [r[1:] for r in fsdp.losses] == resumed.losses
-    for name, state in _files(resumed.out).items():
-        assert all(torch.equal(state[k], files[name][k]) for k in state), name
 
 
 # ---------------------------------------------------------------------------------------------------

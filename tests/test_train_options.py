@@ -1,5 +1,5 @@
 """The trainer's options: per-sample layout dropout, LoRA on the base attention (peft), 8-bit AdamW
-(bitsandbytes). Tiny random SDXL parts on CPU, fp32. FSDP is in ``test_train_ddp.py`` (two processes)."""
+(bitsandbytes). Tiny random SDXL parts on CPU, fp32. FSDP is in ``test_train_fsdp.py``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from training.model.adapter import (
 from training.model.encoding import grounding_inputs, grounding_inputs_from_batch
 from training.model.lora import is_lora_key, load_lora
 from training.model.tiny import tiny_unet
-from training.trainer import accelerator as A
 from training.trainer import loop as T
 from training.trainer import model_setup as M
 from training.trainer.config import OptimConfig
@@ -312,29 +311,3 @@ def test_asking_for_8bit_adamw_without_bitsandbytes_fails_clearly(monkeypatch):
     ):
         M.make_optimizer(params, OptimConfig(adam_8bit=True))
     assert isinstance(M.make_optimizer(params, OptimConfig()), torch.optim.AdamW)  # plain AdamW needs none
-
-
-# ---------------------------------------------------------------------------------------------------
-# FSDP asked for with one process (two processes: tests/test_train_ddp.py)
-
-
-def test_fsdp_with_a_single_process_warns_and_trains_unwrapped(tmp_path, monkeypatch, caplog):
-    from accelerate.utils import DistributedType
-
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # accelerate sets it for the process; restored after
-    config = tiny_config("unused", tmp_path, **{"train.distributed": "fsdp"})
-    with caplog.at_level("WARNING", logger="training.trainer.accelerator"):
-        accelerator = A.make_accelerator(config)
-    assert accelerator.distributed_type == DistributedType.NO and not A.is_fsdp(accelerator)
-    assert "train.distributed=fsdp with a single process" in caplog.text
-
-
-def test_fsdp_on_cpu_processes_is_refused_rather_than_run_as_ddp():
-    from accelerate.utils import DistributedType
-
-    from training.trainer.config import ConfigError
-
-    with pytest.raises(ConfigError, match="train.distributed=fsdp: accelerate runs FSDP on GPUs only"):
-        A.check_distributed("fsdp", DistributedType.MULTI_CPU)
-    A.check_distributed("fsdp", DistributedType.FSDP)  # what accelerate gives on several GPUs
-    A.check_distributed("ddp", DistributedType.MULTI_CPU)

@@ -1,8 +1,8 @@
 """Resumable checkpoints: what a folder holds, its integrity manifest, saving, choosing one and resuming.
 
 ``checkpoints/step_NNNNNNN/`` holds the trainable weights raw and EMA (``adapter*.safetensors``, with LoRA
-``lora*.safetensors``), the optimizer state (``optimizer.bin``; under FSDP one ``optimizer_shard_<rank>.bin``
-per rank), every rank's stream position (``stream_state.json``), the step and what the run was
+``lora*.safetensors``), the optimizer state (``optimizer.bin``; under FSDP gathered whole, the same file as
+DDP's), every rank's stream position (``stream_state.json``), the step and what the run was
 (``trainer_state.json``) and, written last and atomically, ``manifest.json``: each file's size and sha256.
 A folder without a manifest is incomplete. On resume the manifest is checked: ``latest`` skips an
 incomplete or damaged checkpoint with a warning naming the file and falls back to the newest intact one;
@@ -31,8 +31,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.training_utils import EMAModel
 
 from training.data.stream import merge_states
-from training.trainer.accelerator import is_fsdp
 from training.trainer.config import TrainConfig
+from training.trainer.fsdp import gather_optimizer_state, shard_optimizer_state
 from training.trainer.trainable import (
     ema_weights,
     load_trainable_state,
@@ -71,11 +71,6 @@ class CheckpointError(ValueError):
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """``checkpoint.resume`` names a folder that is not a checkpoint."""
-
-
-def optimizer_file(folder: Path, sharded: bool, rank: int) -> Path:
-    """The optimizer state: one file, or under FSDP this rank's local shard (keyed by position)."""
-    return folder / (f"optimizer_shard_{rank}.bin" if sharded else "optimizer.bin")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,11 +229,12 @@ def load_checkpoint(
     folder = state.folder
     with _reading(folder / "adapter.safetensors"):
         load_trainable_state(accelerator, unet, read_trainable(folder), source=str(folder))
-    path = optimizer_file(folder, is_fsdp(accelerator), accelerator.process_index)
+    path = folder / "optimizer.bin"
     # Read onto the CPU: load_state_dict moves each tensor to its parameter's device (a multi-process CPU
     # run's device is "cpu:0", which torch.load cannot restore to).
     with _reading(path):
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, saved))  # FSDP: this rank's shards
     scaler = state.trainer.get("scaler")
     if scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
@@ -281,7 +277,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_NNNNNNN`` (see the module docstring), the manifest last; call on every rank."""
     out = Path(config.output_dir) / "checkpoints" / f"step_{step:07d}"
-    is_main, fsdp = accelerator.is_main_process, is_fsdp(accelerator)
+    is_main = accelerator.is_main_process
     stream_state = merge_states(gather_object([loader.state_dict()]))
     if is_main and out.exists():
         shutil.rmtree(out)  # an earlier run's folder for this step: its files must not mix with ours
@@ -289,10 +285,10 @@ def save_checkpoint(
     raw = trainable_state(accelerator, unet)
     with ema_weights(ema, params):
         ema_state = trainable_state(accelerator, unet) if ema is not None else None
-    if is_main or fsdp:
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(optimizer.state_dict(), optimizer_file(out, fsdp, accelerator.process_index))
+    optimizer_state = gather_optimizer_state(optimizer)  # a collective under FSDP
     if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(optimizer_state, out / "optimizer.bin")
         save_trainable(raw, out)
         if ema_state is not None:
             save_trainable(ema_state, out, "_ema")

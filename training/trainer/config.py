@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "EMAConfig",
+    "FSDPConfig",
     "LogConfig",
     "ModelConfig",
     "OptimConfig",
@@ -76,6 +77,16 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class FSDPConfig:
+    """FSDP2's precision (``train.distributed: fsdp``; training/trainer/fsdp.py): gathered and reduced dtypes."""
+
+    param_dtype: Literal["auto", "fp32", "bf16"] = (
+        "auto"  # the gathered weights' compute dtype and the frozen shards' storage; auto: train.mixed_precision's
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # the dtype trainable gradients are reduce-scattered in
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The loop: length, precision, accumulation, conditioning dropout, distribution."""
 
@@ -85,8 +96,9 @@ class TrainingConfig:
     caption_dropout: UnitFloat = 0.1  # per sample: the caption becomes "" (encoded as inference encodes "")
     layout_dropout: UnitFloat = 0.1  # per sample, independently: the layout becomes the empty layout
     distributed: Literal["ddp", "fsdp"] = (
-        "ddp"  # DDP replicates the UNet; FSDP (torch's FSDP1) shards it, frozen weights and optimizer state
+        "ddp"  # DDP replicates the UNet; FSDP (torch's FSDP2) shards it, frozen weights and optimizer state
     )
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used with distributed: fsdp only
     find_unused_parameters: bool = False  # DDP: needed only if some adapter parameter gets no gradient
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     noise_seed_offset: NonNegativeInt = 0  # changes the noise / timestep / dropout draws without changing data order

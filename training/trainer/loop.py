@@ -19,7 +19,7 @@ Launch (accelerate starts torchrun-style workers; the config is the single sourc
         --main_process_ip $MASTER_ADDR --main_process_port 29500 -m training.train \\
         --config configs/train/sdxl512_8gpu.yaml
 
-    # FSDP instead of DDP (GPUs only: shards the UNet, frozen weights included, and the optimizer state)
+    # FSDP2 instead of DDP (shards the UNet, frozen weights included, and the optimizer state; CPUs too)
     accelerate launch --multi_gpu --num_processes 8 -m training.train \\
         --config configs/train/sdxl512_8gpu.yaml --override train.distributed=fsdp
 
@@ -43,7 +43,7 @@ micro-conditioning from each sample's original size, crop offset and target size
 
 Options (``training/trainer/model_setup.py``): ``model.lora_rank`` adds a LoRA (peft, diffusers' SDXL recipe) on
 the base UNet's attention projections, trained with the adapter; ``optim.adam_8bit`` takes bitsandbytes'
-8-bit AdamW; ``train.distributed: fsdp`` wraps the UNet with torch's FSDP through accelerate.
+8-bit AdamW; ``train.distributed: fsdp`` shards the UNet with torch's FSDP2 (``training/trainer/fsdp.py``).
 
 Outputs in ``output_dir``: ``config.yaml``, ``checkpoints/step_NNNNNNN/`` (``training/trainer/checkpoint.py``:
 trainable weights raw and EMA, optimizer state, stream state, ``trainer_state.json`` and ``manifest.json``,
@@ -110,7 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     from training.data.stream import build_loader
-    from training.trainer.accelerator import check_fsdp_root, init_trackers, is_fsdp, make_accelerator
+    from training.trainer.accelerator import init_trackers, make_accelerator
     from training.trainer.checkpoint import (
         CheckpointError,
         load_checkpoint,
@@ -119,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
         save_checkpoint,
     )
     from training.trainer.flow import build_flow_model, flow_adapter_config, is_flow
+    from training.trainer.fsdp import shard_unet, uses_fsdp
     from training.trainer.model_setup import (
         adapter_config,
         build_model,
@@ -160,15 +161,13 @@ def train(config: TrainConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # Models: everything frozen in the compute dtype; the adapter (and LoRA) trainable, in fp32. The model
-    # is prepared first, then the optimizer over the wrapped model's parameters (what FSDP requires).
+    # is wrapped (DDP) or sharded (FSDP2, by us) first, then the optimizer over its (sharded) parameters.
     model = (build_flow_model if flow else build_model)(config, device)
     frozen, n_timesteps = model.frozen, model.n_timesteps
     if flow:
         sample_draws, unet_inputs, diffusion_loss = frozen.step_functions()
-    unet = accelerator.prepare(model.unet)
-    fsdp = is_fsdp(accelerator)
-    if fsdp:
-        check_fsdp_root(unet)
+    fsdp = uses_fsdp(config, world)
+    unet = shard_unet(model.unet, config, device, world) if fsdp else accelerator.prepare(model.unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = accelerator.prepare(make_optimizer(params, config.optim, sharded=fsdp))
     ema = make_ema(params, config.ema)
@@ -220,6 +219,8 @@ def train(config: TrainConfig) -> TrainResult:
             h, w = (int(x) // 8 for x in batch["target_size"][0])
             draws = sample_draws(seeds, (latent_channels, h, w), config, n_timesteps)
             with accelerator.accumulate(unet):
+                if fsdp:  # reduce-scatter on the synchronising micro-batch only, as DDP's no_sync does
+                    unet.set_requires_gradient_sync(accelerator.sync_gradients)
                 inputs = unet_inputs(batch, draws, frozen, device)
                 with accelerator.autocast():
                     loss = diffusion_loss(unet, inputs)
@@ -228,9 +229,8 @@ def train(config: TrainConfig) -> TrainResult:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(step, config)
                     limit = config.optim.max_grad_norm or float("inf")
-                    # Under FSDP the global norm needs every shard: accelerate hands the whole wrapped
-                    # model to FSDP's own clip_grad_norm_ (frozen parameters have no gradient).
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters() if fsdp else params, limit)
+                    # Under FSDP the norm of sharded gradients is a collective (a DTensor): every rank clips.
+                    grad_norm = accelerator.clip_grad_norm_(params, limit)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1

@@ -148,8 +148,8 @@ def build_model(config: TrainConfig, device: torch.device) -> Model:
     to_compute = (
         {"device": device} if weight_dtype == torch.float32 else {"device": device, "dtype": weight_dtype}
     )
-    # FSDP flattens parameters into one dtype per unit and casts them for compute itself (its mixed
-    # precision policy): the UNet stays fp32 there. Elsewhere the frozen weights take the compute dtype.
+    # FSDP2 stores the frozen shards in its own param dtype (training/trainer/fsdp.py): the UNet stays as
+    # loaded until it is sharded, never rounded through another dtype. Elsewhere frozen weights compute here.
     if config.train.distributed == "fsdp":
         unet.to(device=device)
     else:

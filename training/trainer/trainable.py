@@ -1,7 +1,7 @@
 """The trainable weights (adapter and optional LoRA): read from and into the live UNet, EMA swap, files.
 
-Under FSDP the full weights are gathered (and scattered back) with FSDP's full state-dict mode, so every
-function here that takes the accelerator is a collective there: call it on every rank.
+Under FSDP the trainable tensors are gathered whole (and cut back into shards) by ``training.trainer.fsdp``,
+so every function here that takes the UNet is a collective there: call it on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from training.model.adapter import (
     normalize_release_keys,
 )
 from training.model.lora import is_lora_key, lora_model_state, save_lora
-from training.trainer.accelerator import is_fsdp
+from training.trainer.fsdp import full_state, is_sharded, load_full_state
 
 __all__ = [
     "ema_weights",
@@ -43,41 +43,14 @@ def is_trainable_key(key: str) -> bool:
     return is_adapter_key(key) or is_lora_key(key)
 
 
-def _full_state_dict(unet: torch.nn.Module, rank0_only: bool):
-    """FSDP's full (unsharded, CPU-offloaded) state-dict mode for ``unet``'s state_dict / load_state_dict."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only)
-    return FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config)
-
-
 def trainable_state(accelerator: Accelerator, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full adapter (and LoRA) weights on CPU, on every rank; a collective under FSDP: call it on every rank."""
-    if is_fsdp(accelerator):
-        # Gathered unit by unit onto rank 0's CPU (the frozen weights too: FSDP1 state dicts come whole),
-        # then only the trainable part is sent to the other ranks.
-        with _full_state_dict(unet, rank0_only=True):
-            full = unet.state_dict()
-        box = [{k: v.detach().to(torch.float32, copy=True) for k, v in full.items() if is_trainable_key(k)}]
-        del full
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    state = accelerator.unwrap_model(unet).state_dict()
-    # copy=True: on CPU in fp32 .float().cpu() would alias the live parameters, which the EMA swap changes.
-    return {
-        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
-        for k, v in state.items()
-        if is_trainable_key(k)
-    }
+    return full_state(accelerator.unwrap_model(unet), is_trainable_key)
 
 
 def _model_keys(accelerator: Accelerator, unet: torch.nn.Module) -> set[str]:
-    """The live UNet's state-dict keys, without FSDP's wrapper prefixes (nothing is gathered)."""
-    if not is_fsdp(accelerator):
-        return set(accelerator.unwrap_model(unet).state_dict().keys())
-    names = [n for n, _ in unet.named_parameters()] + [n for n, _ in unet.named_buffers()]
-    return {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "") for n in names}
+    """The live UNet's state-dict keys (FSDP2 keeps the names; nothing is gathered)."""
+    return set(accelerator.unwrap_model(unet).state_dict().keys())
 
 
 def load_trainable_state(
@@ -89,14 +62,12 @@ def load_trainable_state(
     partial file) is an error naming them (``source``: the checkpoint folder), before anything is loaded.
     """
     check_adapter_keys(_model_keys(accelerator, unet), state.keys(), source=source)
-    if is_fsdp(accelerator):
-        # Every rank holds the (small) state; FSDP copies each rank's shard out of it.
-        with _full_state_dict(unet, rank0_only=False):
-            result = unet.load_state_dict(state, strict=False)
+    if is_sharded(unet):  # every rank holds the (small) state and copies its own shard out of it
+        unexpected = load_full_state(unet, state)
     else:
-        result = accelerator.unwrap_model(unet).load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"weights that are not the UNet's: {result.unexpected_keys[:3]}")
+        unexpected = accelerator.unwrap_model(unet).load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"weights that are not the UNet's: {unexpected[:3]}")
 
 
 @contextmanager

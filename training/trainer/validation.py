@@ -17,8 +17,8 @@ from PIL import Image
 
 from shards.draw import draw_layout
 from training.inference.pipeline import LayoutPipeline, stock_pipeline
-from training.trainer.accelerator import is_fsdp
 from training.trainer.config import TrainConfig, ValidationLayout
+from training.trainer.fsdp import is_sharded
 from training.trainer.step import Frozen
 from training.trainer.trainable import ema_weights
 
@@ -77,7 +77,7 @@ def validate(
     wrapped UNet (each forward gathers the shards from all ranks), with the main rank's layouts.
     """
     paths: list[Path] = []
-    fsdp = is_fsdp(accelerator)
+    fsdp = is_sharded(unet)
     if fsdp:
         box = [layouts]
         broadcast_object_list(box, from_process=0)
