@@ -137,8 +137,10 @@ def _fid_state(cfg: FidConfig) -> tuple[dict | None, str | None]:
 
     if cfg.reference is not None and not Path(cfg.reference).is_dir():
         raise ValueError(f"--reference {cfg.reference}: not a folder of reference images")
-    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
-        raise ValueError(f"--inception-weights {cfg.inception_weights}: no such file")
+    weights = Path(cfg.inception_weights) if cfg.inception_weights is not None else None
+    if weights is not None and not weights.is_file():
+        what = "not a regular file" if weights.exists() else "no such file"
+        raise ValueError(f"--inception-weights {weights}: {what}")
     if cfg.reference is None and cfg.inception_weights is None:
         return None, "no reference folder (--reference)"
     try:
@@ -151,7 +153,18 @@ def _fid_state(cfg: FidConfig) -> tuple[dict | None, str | None]:
         raise ValueError(f"--inception-weights: {err}") from None
     if cfg.reference is None:
         return None, "no reference folder (--reference)"
+    for path in _reference_images(cfg):  # headers only: a garbage or bomb file is named before any scoring
+        try:
+            Image.open(path).close()
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"--reference: cannot read image {path}: {err}") from None
     return state, None
+
+
+def _reference_images(cfg: FidConfig) -> list[Path]:
+    """The reference folder's images: regular files only (a FIFO named x.png would block the read)."""
+    folder = Path(cfg.reference)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _fid(cfg: FidConfig, state: dict | None, skipped: str | None, gen_paths: list[Path]) -> dict:
@@ -162,9 +175,12 @@ def _fid(cfg: FidConfig, state: dict | None, skipped: str | None, gen_paths: lis
         if cfg.reference is not None:
             log.warning("FID skipped: %s", skipped)
         return {"fid": None, "fid_skipped": skipped}
-    ref_paths = sorted(p for p in Path(cfg.reference).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    ref_paths = _reference_images(cfg)
     try:
         value = fid(gen_paths, ref_paths, None, cfg.device, cfg.batch_size, cfg.feature, state=state)
+    except ValueError as err:  # weights of another network, an unreadable image: named
+        prefix = "" if str(err).startswith("FID") else "--inception-weights: " if cfg.inception_weights else "FID: "
+        raise ValueError(f"{prefix}{err}") from None
     except FidUnavailable as err:
         log.warning("%s", err)
         return {"fid": None, "fid_skipped": str(err)}
@@ -198,7 +214,7 @@ def _load(path: Path | None, folder: Path, record: LayoutRecord) -> tuple[Image.
         with Image.open(path) as im:
             return im.convert("RGB"), None
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        return None, f"unreadable image {path}: {err}"
+        return None, f"unreadable image: {path}: {err}"
 
 
 def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str | Path | None = None) -> dict:
@@ -220,12 +236,14 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
     fid_state, fid_skipped = _fid_state(cfg.fid)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fid_summary = _fid(cfg.fid, fid_state, fid_skipped, [p for p in found.values() if p is not None])
     scorers = Scorers.build(cfg)
     rows: list[dict] = []
+    loaded: list[Path] = []  # the images FID compares: those that could be read
     for first in tqdm(range(0, len(records), cfg.chunk_images), desc="evaluate", unit="chunk"):
         chunk = [(r, *_load(found[r.id], folder, r)) for r in records[first : first + cfg.chunk_images]]
+        loaded += [found[r.id] for r, image, _ in chunk if image is not None]
         rows += score_chunk(chunk, scorers)
+    fid_summary = _fid(cfg.fid, fid_state, fid_skipped, loaded)
     table = pd.DataFrame(rows)
     if table.empty:
         raise ValueError(f"{layouts}: no objects to score")

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["INCEPTION_FILE", "FidUnavailable", "fid", "find_inception_weights", "load_inception_state", "torch_device"]
+__all__ = [
+    "INCEPTION_FILE",
+    "FidUnavailable",
+    "fid",
+    "find_inception_weights",
+    "load_inception_state",
+    "torch_device",
+]
 
 # torch-fidelity's Inception weights (the TF FID network, ported); the file its loader caches.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -91,9 +98,9 @@ def _fid_metric(state: dict[str, torch.Tensor], feature: int, source: object) ->
     buffer.seek(0)
     try:
         return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=buffer)
-    except RuntimeError as err:  # load_state_dict: missing / unexpected keys, wrong shapes
+    except RuntimeError as err:  # load_state_dict: missing / unexpected keys, wrong shapes: a wrong file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise FidUnavailable(f"{source} is not torch-fidelity's Inception weights: {reason}") from None
+        raise ValueError(f"{source} is not torch-fidelity's Inception weights: {reason}") from None
 
 
 @torch.inference_mode()
@@ -129,7 +136,7 @@ def fid(
             state = load_inception_state(path)
         except FidUnavailable as err:
             raise FidUnavailable(f"FID skipped: {err}") from None
-    metric = _fid_metric(state, feature, weights or "the Inception weights").to(torch_device(device))
+    metric = _fid_metric(state, feature, weights or "the Inception weights file").to(torch_device(device))
     for paths, real in ((reference, True), (generated, False)):
         for batch in _batches_by_size(paths, batch_size):
             metric.update(batch.to(metric.device), real=real)

@@ -53,6 +53,8 @@ __all__ = [
 # Far above what SDXL generates (1024 px trained); a larger size is a units mistake (e.g. 800000x800000).
 MAX_SIDE = 4096
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; a seed plus its index must stay below
+# 100,000 layouts of 30 objects are about 150 MB of JSON; a larger file is a mistake (an image, a dataset).
+MAX_FILE_BYTES = 256 * 2**20
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KNOWN_KEYS = {"id", "caption", "prompt", "boxes", "bboxes", "labels", "height", "width", "seed"}
@@ -85,7 +87,7 @@ def _json_numbers(value: object, what: str) -> None:
     while stack:
         v = stack.pop()
         if isinstance(v, list):
-            stack.extend(v)
+            stack.extend(reversed(v))  # in order: the error names the first bad value
         elif isinstance(v, bool) or not isinstance(v, int | float):
             raise ValueError(f"{what} must hold numbers only, got {v!r}")
 
@@ -265,13 +267,17 @@ def _record(
 
 def _read_text(path: Path) -> str:
     """The file's text; a file that cannot be read or is not UTF-8 text is a ValueError naming it."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a layouts file")
+    if path.exists() and not path.is_file():  # a FIFO or device: reading would block or never end
+        raise ValueError(f"{path}: not a regular file (a pipe or device), not a layouts file")
+    if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a layouts file holds ({MAX_FILE_BYTES})")
     try:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the JSON.
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such layouts file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a folder, not a layouts file") from None
     except OSError as err:
         raise ValueError(f"{path}: cannot read the layouts file: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
