@@ -20,8 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from docs_fixture import all_blocks, build_template, help_form, pilot_record, run_script
-from docs_fixture import block_env as make_env
+from docs_blocks import all_blocks, help_form, run_script
+from docs_blocks import block_env as make_env
+from docs_fixture import build_template, pilot_record
 from s3_fixture import s3_server, upload  # noqa: F401  (s3_server: a pytest fixture)
 
 # (regex as the docs write the placeholder, what fills it here, why) - every block, after its own subs
@@ -63,6 +64,7 @@ class Entry:
 
 OUT_PY = (r"(from-python \S+) out/", r"\1 out_python/", "two alternatives writing one out/: each its own folder")
 TINY_TRAIN = "configs/train/tiny.yaml"
+DEMO_DATA = "data.datasets=[{path: demo_out/dataset, augment: {size: [64, 64]}}]"  # the docs' tiny override
 BLOCKS = {
     ("README.md", "make demo"): Entry(
         "run", slow=True, setup="rm -rf demo_out",
@@ -112,7 +114,7 @@ BLOCKS = {
     ("training/GENERATE.md",
      "python -m shards from-release --labels labels/ --images images/ [--label-size 768] [--unpad] out/"): Entry(
         "run", subs=(OUT_PY,)),
-    ("training/GENERATE.md", "from training.inference.pipeline import LayoutPipeline"): Entry(
+    ("training/GENERATE.md", "import torch"): Entry(
         "run", slow=True,
         setup="python -c 'from training.model.tiny import tiny_sdxl_pipeline as p; p().save_pretrained(\"tiny_sdxl\")'\n"
               "python -m training.init_unet --base tiny --out init/ > /dev/null",
@@ -132,7 +134,8 @@ BLOCKS = {
         subs=((r"(--num_processes 2 -m training.train --config) \.\.\.",
                rf"\1 {TINY_TRAIN} --override output_dir=runs/ddp --override train.max_steps=2",
                "`...`: the tiny preset, 2 steps, its own output (a resume needs the same processes)"),
-              (r"--config \.\.\.", f"--config {TINY_TRAIN}", "`...`: the tiny preset (runs/tiny, trained above)"),
+              (r"--config \.\.\.", f"--config {TINY_TRAIN} --override '{DEMO_DATA}'",
+               "`...`: the run trained above (its config and overrides: a resume needs the same stream)"),
               (r"runs/x/checkpoints/step_0001000", "runs/tiny/checkpoints/step_0000008", "a checkpoint made above"))),
     ("training/TRAINING.md", "from training.trainer.loop import train"): Entry("run", slow=True),
     ("training/TRAINING.md",
@@ -293,6 +296,7 @@ def test_doc_block_runs(key, template, tmp_path, request):
     assert code == 0, f"{key[0]}:{block.line} failed (exit {code}); the script:\n{text}\n--- output (tail):\n{out[-6000:]}"
     if block.kind == "console" and entry.how == "run" and (shown := _json_object(block.doc_output)):
         printed = _json_object((work / "_docs_out_0.txt").read_text())
-        assert printed is not None and sorted(printed) == sorted(shown), (
-            f"{key[0]}:{block.line}: the transcript shows keys {sorted(shown)}, the command printed "
-            f"{sorted(printed or {})}")
+        # a sample of the output: the command may print more, never less than the docs show
+        assert printed is not None and set(shown) <= set(printed), (
+            f"{key[0]}:{block.line}: the transcript shows keys {sorted(set(shown) - set(printed or {}))} "
+            f"that the command no longer prints")
