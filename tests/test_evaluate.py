@@ -89,3 +89,14 @@ def test_a_model_folder_that_does_not_exist_is_one_error_line(setup, tmp_path, c
     code, captured = _run(setup, tmp_path / "x", capsys, "--set", f"paper_clip={tmp_path / 'nope'}")
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: evaluate.paper_clip: cannot load")
+
+
+def test_help_names_each_metric_what_each_protocol_computes_and_how_to_turn_each_on_or_off(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for words in ("crop_clip", "CropCLIP", "crop_pick", "CropPickScore", "sam_iou", "SAMIoU", "fid", "FID",
+                  "paper", "exact", "skipped", "scores 0", "--metrics crop_clip,sam_iou", "--reference DIR",
+                  "FID on", "image_set", "unrefined"):  # fmt: skip
+        assert words in text, words

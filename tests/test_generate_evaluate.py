@@ -170,3 +170,24 @@ def test_generate_cli_mistakes_are_one_error_line(tmp_path, capsys, argv, messag
     assert generate.main(["--tiny", "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_generate_from_shards_keeps_the_first_max_objects_with_a_warning_and_counts_the_rest(tmp_path, capsys, caplog):
+    import io
+
+    from shards import ObjectRecord, SampleRecord, ShardWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 120, 200)).save(buf, "PNG")
+    objects = tuple(ObjectRecord(box=(4 * i, 4 * i, 4 * i + 16, 4 * i + 16), phrase=f"thing {i}") for i in range(10))
+    with ShardWriter(str(tmp_path / "ds"), 0) as writer:
+        writer.add(SampleRecord(key="busy", width=64, height=64, original_width=64, original_height=64,
+                                caption="ten things", objects=objects), buf.getvalue(), "png")  # fmt: skip
+    out = tmp_path / "gen"
+    assert generate.main(["--tiny", "--from-shards", str(tmp_path / "ds"), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["objects"] == 8 and summary["objects_dropped"] == 2  # the tiny model takes at most 8
+    (record,) = read_layouts(out / "layouts.jsonl")
+    assert record.labels == tuple(f"thing {i}" for i in range(8))
+    assert "10 objects, kept the first 8" in caplog.text
+
