@@ -80,9 +80,8 @@ def _read_parquet(fs, path: str, shard: str) -> pa.Table | str:
         table = table.select(list(PARQUET_COLUMNS)).cast(_ARROW_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
         return f"parquet columns are not of the writer's types: {type(e).__name__}: {e}"
-    unknown = set(table.column("status").drop_null().unique().to_pylist()) - set(STATUSES)
-    if unknown or table.column("status").null_count:
-        return f"parquet has rows whose status is not one of {list(STATUSES)}: {sorted(unknown)}"
+    if unknown := set(table.column("status").unique().to_pylist()) - set(STATUSES):
+        return f"parquet has rows whose status is not one of {list(STATUSES)}: {sorted(map(str, unknown))}"
     return table.append_column("shard", pa.array([shard] * table.num_rows, pa.string()))
 
 
@@ -161,12 +160,10 @@ def load_objects(
 ) -> pd.DataFrame:
     """One row per object of at most ``max_samples`` samples (None: all), taken evenly from every shard.
 
-    Reads the JSON members through the shard reader, each shard checked against its stats file; a
-    capped read takes the first ``ceil(max_samples / shards)`` samples of each complete shard, so every
-    shard is represented (a shard read to its end is hashed, a capped one has its size checked). A shard
-    that cannot be read to its end (or to the cap), is missing its tar or differs from its stats is left
-    out whole and recorded in ``skipped`` (shard name -> reason); a sample that is not sound (bad JSON, a
-    member missing) is left out and recorded as ``"<shard> key <key>"`` -> reason.
+    Reads the JSON members with ``shards.reader.checked_samples`` (a shard read to its end is hashed, a
+    capped read has its size checked); a capped read takes the first ``ceil(max_samples / shards)``
+    samples of each complete shard. A shard that fails is left out whole and named in ``skipped``
+    (shard -> reason), a sample that is not sound as ``"<shard> key <key>"`` -> reason.
     """
     shards = [s for s in list_shards(dataset) if s.complete]
     per_shard = None if max_samples is None else math.ceil(max_samples / max(1, len(shards)))
@@ -176,7 +173,7 @@ def load_objects(
         limit = None if max_samples is None else min(per_shard, max_samples - taken)
         if limit == 0:
             break
-        shard_rows, bad, n = [], {}, 0
+        shard_rows, bad, n = [], {}, 0  # kept only if the shard reads to its end (or cap) and checks out
         try:
             for raw in islice(checked_samples(dataset, s), limit):
                 try:
