@@ -104,6 +104,28 @@ def test_a_named_pipe_given_as_the_input_is_one_error_line_exit_2(tmp_path, caps
                                "device, or a link to one): not read")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_datagen_run_over_a_folder_with_a_named_pipe_ends_with_a_row_for_it(tmp_path):
+    """The whole command, Ray and the tiny models included: every file is a sample or a counted row."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"img{i}.jpg").write_bytes(jpeg(96, 80, seed=i))
+    os.mkfifo(folder / "pipe.jpg")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "datagen", "run", "--config", TINY, "--input", str(folder),
+                           "--output", str(tmp_path / "out"), "--no-progress", "--set", "execution.num_cpus=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "out").glob("0*.parquet"))])
+    assert len(df) == 4 and "Traceback" not in proc.stderr
+    row = df[df.source == str(folder / "pipe.jpg")].iloc[0]
+    assert (row.status, row.error_stage, row.error) == ("failed", "decode", "not a regular file (a named pipe, "
+                                                        "socket or device, or a link to one): not read")
+
+
 # --- refused where it could work: a tar from a server without byte ranges ---------------------------
 
 
