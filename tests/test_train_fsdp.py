@@ -45,7 +45,7 @@ from training.trainer.trainable import is_trainable_key
 from training.trainer.validation import generate_validation
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, CHECKPOINT = 20, 10  # the resumed run starts from step 10's checkpoint
+STEPS, CHECKPOINT, VALIDATE = 20, 15, 10  # the resumed run starts from step 15's checkpoint
 SIZES = [7, 4, 2]  # samples per shard: uneven, and an epoch (13) is no multiple of the 4 a step takes
 # FSDP against DDP, absolute, on losses, gradient norms and weights (|w| <= ~2.3) after STEPS steps: the
 # reductions sum in another order (reduce-scatter of shards against DDP's all-reduce), and the optimizer is
@@ -83,7 +83,8 @@ def _free_port() -> int:
 
 
 def run_overrides(dataset: str, out: Path, *extra: str) -> list[str]:
-    """The tiny preset on the uneven shards, every dropout on, a checkpoint and validation at CHECKPOINT."""
+    """The tiny preset on the uneven shards, every dropout on, a checkpoint at CHECKPOINT, validation at
+    VALIDATE, both at the end."""
     return [
         f"output_dir={out}",
         f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64], max_objects: 4}}}}]",
@@ -97,7 +98,7 @@ def run_overrides(dataset: str, out: Path, *extra: str) -> list[str]:
         "train.caption_dropout=0.3",
         "model.lora_rank=2",
         "ema.update_after_step=0",
-        f"validation.every_steps={CHECKPOINT}",
+        f"validation.every_steps={VALIDATE}",
         f"validation.layouts=[{json.dumps(LAYOUT)}]",
         f"checkpoint.every_steps={CHECKPOINT}",
         "checkpoint.keep_last=null",
@@ -237,7 +238,7 @@ def test_fsdp_files_load_into_one_process_and_generate_the_validation_image(runs
     (image,) = generate_validation(pipe, list(config.validation.layouts), config)
     saved = Image.open(run / "validation" / f"step_{STEPS:07d}_0.png").convert("RGB")
     assert np.abs(np.asarray(saved, np.float32) - np.asarray(image.convert("RGB"), np.float32)).max() <= 1.0
-    for step in (CHECKPOINT, STEPS):  # and DDP's main rank made the same images, float rounding apart
+    for step in (VALIDATE, STEPS):  # and DDP's main rank made the same images, float rounding apart
         name = f"validation/step_{step:07d}_0.png"
         ours, theirs = (np.asarray(Image.open(folder / r / name), np.float32) for r in ("fsdp", "ddp"))
         assert np.abs(ours - theirs).mean() < 0.5, name
