@@ -1,5 +1,5 @@
 """Layout-fidelity metrics (CropCLIP, CropPickScore, SAMIoU, FID) and the ``evaluate`` job.
 
-May import: ``training.inference`` (the shared preset and CLI helpers of ``generate``), ``training.model``,
+May import: ``training.inference`` (the presets and CLI rule it shares with ``generate``: ``presets``), ``training.model``,
 ``training.layout``, ``shards``, ``datagen``. Never ``training.data`` or ``training.trainer``.
 """
