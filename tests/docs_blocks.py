@@ -101,7 +101,7 @@ def normalize(command: str) -> str:
     return " ".join("".join(out).split())
 
 
-def extract(path: Path) -> list[Block]:
+def extract(path: Path, root: Path = REPO) -> list[Block]:
     """The command blocks of one Markdown file: bash/sh/console/python fences, and text fences that are
     ``$ `` transcripts (the command they show is a command too)."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -127,7 +127,7 @@ def extract(path: Path) -> list[Block]:
             kind = "console"
         else:
             continue
-        block = Block(str(path.relative_to(REPO)), start + 1, kind, text)
+        block = Block(str(path.relative_to(root)), start + 1, kind, text)
         if block.commands and block.commands[0].strip():
             blocks.append(block)
     return blocks

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from docs_blocks import all_blocks, help_form, run_script
+from docs_blocks import all_blocks, extract, help_form, run_script
 from docs_blocks import block_env as make_env
 from docs_fixture import build_template, pilot_record
 from s3_fixture import s3_server, upload  # noqa: F401  (s3_server: a pytest fixture)
@@ -275,6 +275,28 @@ def test_every_placeholder_rule_fills_something():
                 assert help_form(c)  # every command has a --help form (ValueError names it otherwise)
     assert [p for p, _, _ in SUBS if not used[p]] == []
     assert [p for p, _ in HELP_RULES if not ruled[p]] == []
+
+
+def test_blocks_are_split_into_the_commands_the_docs_show(tmp_path):
+    (tmp_path / "x.md").write_text(
+        "```\nnot a command\n```\n"
+        "1. a step\n   ```bash\n   # a comment\n   python -m a --b 1 \\\n       --c 'x # y'   # why\n   ls\n   ```\n"
+        "```text\n$ python -m b --json\n{\n \"k\": 1\n}\n```\n```python\nimport os\nos.getcwd()\n```\n")
+    shell, console, python = extract(tmp_path / "x.md", tmp_path)
+    assert (shell.line, shell.kind, shell.key) == (5, "shell", "python -m a --b 1")
+    assert shell.commands == ["python -m a --b 1 --c 'x # y'   # why", "ls"]
+    assert (console.kind, console.commands, _json_object(console.doc_output)) == ("console", ["python -m b --json"], {"k": 1})
+    assert (python.kind, python.key, python.commands) == ("python", "import os", ["import os\nos.getcwd()"])
+    assert help_form(shell.commands[0]) == ["_help '--b --c' python -m a --b 1 --c 'x # y' --help"]
+
+
+def test_the_help_check_fails_on_a_flag_the_program_does_not_take(tmp_path):
+    lines = [*help_form("python -m datagen size --images 10 --hours 2"),
+             *help_form("python -m datagen size --images 10 --no-such-flag")]
+    code, out, _ = run_script(lines[0] + "\n", tmp_path, make_env({}), timeout=120)
+    assert code == 0, out
+    code, out, _ = run_script(lines[1] + "\n", tmp_path, make_env({}), timeout=120)
+    assert code == 1 and "DOCS: the docs pass --no-such-flag, which 'python -m datagen size" in out
 
 
 @pytest.mark.parametrize("key", _params())
