@@ -81,9 +81,12 @@ def load_pipeline(cfg: GenerateConfig) -> LayoutPipeline:
 
     device = _device(cfg)
     limits = {"max_objects": cfg.max_objects, "max_slots": cfg.max_slots, "rasterize": cfg.rasterize}
+    from training.model.mmdit.config import MMDIT_TINY_BASES
     from training.model.tiny import TINY_BASES, tiny_pipeline
 
-    if cfg.base in TINY_BASES:
+    if cfg.base in TINY_BASES or cfg.base in MMDIT_TINY_BASES:
+        if cfg.base in MMDIT_TINY_BASES:  # tiny SD3.5 / FLUX.1-dev (training.model.mmdit.tiny)
+            from training.model.mmdit.tiny import tiny_mmdit_pipeline as tiny_pipeline
         sdxl = tiny_pipeline(cfg.base, cfg.tiny_seed).to(device)
         pipe = LayoutPipeline.from_sdxl(sdxl, cfg.adapter, cfg.ema, lora=cfg.lora, **limits)
     else:
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="generate only the first N layouts / samples")
     p.add_argument("--out", required=True, help="output folder")
     add_preset_arguments(p, "generate")
-    p.add_argument("--base", help="SDXL or SD1.5 hub id or folder (or 'tiny', 'tiny-sd15')")
+    p.add_argument("--base", help="SDXL, SD1.5, SD3/SD3.5 or FLUX.1 hub id or folder (or 'tiny', 'tiny-sd15', 'tiny-sd3', 'tiny-flux')")
     p.add_argument("--adapter", help="adapter weights (safetensors, ours or the release's)")
     p.add_argument("--ema", help="EMA adapter weights, loaded over --adapter")
     p.add_argument(

@@ -24,7 +24,12 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from training.model.adapter import adapter_config_of
 from training.model.encoding import RegionTextEncoder
-from training.model.mmdit.adapter import attach_mmdit_adapter, is_mmdit, load_mmdit_adapter
+from training.model.mmdit.adapter import (
+    attach_mmdit_adapter,
+    backbone_of_transformer,
+    is_mmdit,
+    load_mmdit_adapter,
+)
 from training.model.mmdit.config import MMDiTAdapterConfig
 from training.model.mmdit.encoding import region_text_encoder
 
@@ -83,15 +88,15 @@ def attach_to_pipeline(
     if getattr(transformer, "position_net", None) is None:
         source = adapter or ema
         config = adapter_config
+        ours = backbone_of_transformer(transformer)
         if config is None and source is not None:
             config = adapter_config_of(source)
-            if not isinstance(config, MMDiTAdapterConfig):
-                ours = type(transformer).__name__
-                raise ValueError(f"{source}: a {config.backbone or 'UNet'} adapter does not fit this {ours} model")
-        if config is None:
-            from training.model.mmdit.adapter import backbone_of_transformer
-
-            config = MMDiTAdapterConfig(backbone=backbone_of_transformer(transformer))
+            if config.backbone != ours:  # one error naming both, before any key is compared
+                raise ValueError(
+                    f"{source}: a {config.backbone or 'UNet'} adapter does not fit this {ours} model "
+                    f"({type(transformer).__name__}): use the base model it was made for"
+                )
+        config = config or MMDiTAdapterConfig(backbone=ours)
         parts = region_text_encoder(pipe.components, config.backbone, config.region_encoder, config.region_tokens)
         attach_mmdit_adapter(transformer, config, parts.hidden_size)
     for source in (adapter, ema):

@@ -99,8 +99,12 @@ def initialise(
     adapter: str | None = None,
     model_type: str = "ca",
     ema: bool = False,
+    blocks: str = "all",
 ) -> dict:
-    """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report."""
+    """Load the base UNet, attach the adapter, load optional weights, write the adapter and a report.
+
+    An SD3 / FLUX.1 base: :func:`initialise_mmdit` (``blocks``: where its fusers sit).
+    """
     from diffusers import UNet2DConditionModel
 
     from training.model.adapter import (
@@ -113,8 +117,11 @@ def initialise(
         save_adapter,
     )
     from training.model.lora import save_lora
+    from training.model.mmdit.config import mmdit_backbone_of_base
     from training.model.tiny import TINY_BASES, tiny_components
 
+    if mmdit_backbone_of_base(base) is not None:  # SD3 / FLUX.1: the adapter on the transformer
+        return initialise_mmdit(base, out, adapter=adapter, model_type=model_type, blocks=blocks)
     config = AdapterConfig(model_type=model_type)  # validates model_type before any model loads
     if adapter:
         check_adapter_file(adapter)
@@ -172,16 +179,77 @@ def initialise(
     return summary
 
 
+def initialise_mmdit(
+    base: str, out: str | Path, *, adapter: str | None = None, model_type: str = "ca", blocks: str = "all"
+) -> dict:
+    """The adapter of an SD3 / FLUX.1 base, from its configs alone: the transformer is built on the meta device
+    (no weight loads), the adapter beside it on the CPU; ``adapter``: weights to load (ours, of this backbone)."""
+    import torch
+
+    from training.model.adapter import adapter_config_of, adapter_parameters, save_adapter
+    from training.model.mmdit.adapter import attach_mmdit_adapter, load_mmdit_adapter
+    from training.model.mmdit.config import MMDIT_TINY_BASES, MMDiTAdapterConfig, mmdit_backbone_of_base
+    from training.model.mmdit.encoding import region_text_dim, region_text_encoder
+
+    backbone = mmdit_backbone_of_base(base)
+    config = MMDiTAdapterConfig(backbone=backbone, model_type=model_type, blocks=blocks)
+    if adapter:
+        check_adapter_file(adapter)
+        made = adapter_config_of(adapter) if Path(adapter).suffix == ".safetensors" else None
+        if made is None or made.backbone != backbone:
+            what = made.backbone if made is not None and made.backbone else "UNet (release)"
+            raise ValueError(f"{adapter}: a {what} adapter does not fit the {backbone} base {base}")
+        if made.model_type != model_type:
+            raise ValueError(f"{adapter}: a {made.model_type} adapter, but --model-type is {model_type}")
+        config = made
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if base in MMDIT_TINY_BASES:
+        from training.model.mmdit.tiny import tiny_mmdit_components
+
+        parts = tiny_mmdit_components(base)
+        transformer = parts["transformer"]
+        text_dim = region_text_encoder(parts, backbone, config.region_encoder, config.region_tokens).hidden_size
+    else:
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+        cls = SD3Transformer2DModel if backbone == "sd3" else FluxTransformer2DModel
+        with torch.device("meta"):
+            transformer = cls.from_config(cls.load_config(base, subfolder="transformer"))
+        text_dim = region_text_dim(base, backbone, config.region_encoder)
+    attach_mmdit_adapter(transformer, config, text_dim, device="cpu")
+    report = load_mmdit_adapter(transformer, adapter) if adapter else None
+    out = Path(out)
+    save_adapter(transformer, out / ADAPTER_FILE)
+    n_base = sum(p.numel() for n, p in transformer.named_parameters() if ".fuser." not in n and not n.startswith("position_net."))
+    n_adapter = sum(p.numel() for _, p in adapter_parameters(transformer))
+    summary = {
+        "base": base,
+        "model_type": config.model_type,
+        "backbone": backbone,
+        "blocks": config.blocks,
+        "region_encoder": config.region_encoder,
+        "text_dim": text_dim,
+        "adapter_file": str(out / ADAPTER_FILE),
+        "adapter_keys_loaded": report.loaded if report else 0,
+        "adapter_parameters": n_adapter,
+        "base_parameters": n_base,
+    }
+    (out / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point (``python -m training.init_adapter``; ``training.init_unet`` is its alias)."""
     parser = argparse.ArgumentParser(
-        prog="python -m training.init_unet",
-        description="Attach the regional adapter to a base SDXL or SD1.5 UNet and save it.",
+        prog="python -m training.init_adapter",
+        description="Attach the regional adapter to a base SDXL or SD1.5 UNet, or an SD3 / FLUX.1 transformer, and save it.",
     )
     parser.add_argument(
         "--base",
         required=True,
-        help="hub id or local folder of the base SDXL / SD1.5 (or its UNet); tiny, tiny-sd15: random, offline",
+        help="hub id or local folder of the base SDXL / SD1.5 (or its UNet) / SD3 / FLUX.1; tiny, tiny-sd15, tiny-sd3, "
+        "tiny-flux: random, offline",
     )
     parser.add_argument("--out", required=True, help="output folder for the adapter and the report")
     parser.add_argument(
@@ -196,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         "--model-type", choices=MODEL_TYPE_CHOICES, default="ca", help="ca: cross-attention; casa: + self-attention"
     )
     parser.add_argument("--ema", action="store_true", help="from a trainer checkpoint, load its EMA weights")
+    parser.add_argument(
+        "--blocks", choices=("all", "joint", "every_other"), default="all",
+        help="SD3 / FLUX.1: fusers on every block, the joint (double-stream) ones, or every other",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -206,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter=args.adapter,
             model_type=args.model_type,
             ema=args.ema,
+            blocks=args.blocks,
         )
     except (ValueError, OSError, SafetensorError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, also for hub errors

@@ -96,12 +96,14 @@ def _host_dims(transformer: nn.Module) -> tuple[int, int, int]:
 
 
 def attach_mmdit_adapter(
-    transformer: nn.Module, config: MMDiTAdapterConfig, text_dim: int
+    transformer: nn.Module, config: MMDiTAdapterConfig, text_dim: int, *, device: torch.device | str | None = None
 ) -> nn.Module:
     """Set ``transformer.position_net`` and a zero-initialised ``fuser`` on each chosen block, with the hooks.
 
     ``text_dim``: features per region-text token of the region encoder (``region_text_encoder(...).hidden_size``).
     ``config.backbone`` naming the other backbone is an error naming both. Returns the transformer (in place).
+    ``device``: where the adapter lives (default: the transformer's; ``"cpu"`` beside a base on the meta
+    device initialises an adapter from the base's config alone, as ``init_adapter`` does).
     """
     backbone = backbone_of_transformer(transformer)
     if config.backbone != backbone:
@@ -121,7 +123,7 @@ def attach_mmdit_adapter(
     context_dim = config.context_dim or heads * head_dim
     config = replace(config, text_dim=text_dim, heads=heads, context_dim=context_dim)
     param = next(transformer.parameters())
-    place = {"device": param.device, "dtype": param.dtype}
+    place = {"device": device or param.device, "dtype": param.dtype}
     transformer.position_net = PositionNet(text_dim, context_dim, config.fourier_freqs, config.hidden_dim).to(**place)
     fuser_class = RegionalCrossAndSelfAttention if config.model_type == "casa" else RegionalCrossAttention
     sites = fuser_sites(transformer, config.blocks)

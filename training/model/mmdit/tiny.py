@@ -125,9 +125,9 @@ def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
         out_channels=16,
         num_layers=2,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=4,  # width 64 = the 64 outputs of a 2 x 2 x 16 patch: the output is not rank-limited
         joint_attention_dim=T5_HIDDEN,
-        caption_projection_dim=32,
+        caption_projection_dim=64,  # the transformer's width, as SD3's
         pooled_projection_dim=2 * PROJECTION_DIM,
         pos_embed_max_size=32,  # up to 32 x 32 tokens: 512 px
         dual_attention_layers=(0,),
@@ -144,7 +144,7 @@ def tiny_flux_transformer(seed: int = 0) -> FluxTransformer2DModel:
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=4,  # width 64 = the 64 packed channels of a token
         joint_attention_dim=T5_HIDDEN,
         pooled_projection_dim=TEXT_HIDDEN[0],
         guidance_embeds=True,
