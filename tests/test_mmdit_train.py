@@ -21,8 +21,8 @@ from training.model import init_adapter
 from training.model.mmdit.adapter import LAYOUT_KEY
 from training.model.mmdit.tiny import tiny_mmdit_components
 from training.trainer import loop as T
-from training.trainer.config import ConfigError, TrainConfig
-from training.trainer.flow import build_flow_model, flow_inputs, flow_loss
+from training.trainer.config import TrainConfig
+from training.trainer.flow import build_flow_model, flow_loss
 
 BASES = ("tiny-sd3", "tiny-flux")
 
