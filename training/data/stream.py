@@ -35,7 +35,9 @@ any world size, worker count and batch size (the remaining positions are split o
 counters of the old ranks go to the new rank 0 when the world size changed). With the same world size
 and batch size the batches are those of an uninterrupted run, bit for bit (a sample's augmentation is
 seeded by its position), given unchanged shard files and the same numpy / Pillow / torch versions; this
-holds too when the trainer stops iterating and iterates again in one process. With another config
+holds too when the trainer stops iterating and iterates again in one process. Each batch carries
+``stream_position`` ((epoch, position) per sample), for draws of the trainer's that should not depend
+on the world size either. With another config
 (``num_workers``, ``batch_size``, logging and prefetching aside) or another shard list
 ``load_state_dict`` raises, or with ``strict=False`` starts the next epoch. Not covered: a shard file
 rewritten in place under the same name (its byte ranges would point elsewhere; such a sample fails its
@@ -199,7 +201,8 @@ class StreamLoader:
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"stream state version {got!r}, expected {STATE_VERSION}")
+            why = " (per-worker positions, saved before the global order): resume with the code that saved it" if got == 1 else ""
+            raise ValueError(f"stream state version {got!r}, expected {STATE_VERSION}{why}")
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"stream state lacks {missing} (pass the loader's state_dict() or merge_states)")
