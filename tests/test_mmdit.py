@@ -223,3 +223,28 @@ def test_flux1_adapter_parameters_from_the_real_config_on_the_meta_device(model_
     adapter = sum(p.numel() for _, p in adapter_parameters(transformer))
     assert 11.8e9 < base < 12.0e9
     assert adapter / base == pytest.approx(share, abs=0.001) and adapter / base <= 0.15
+
+
+@pytest.mark.slow  # torch.compile of flex_attention for CPU: about half a minute
+def test_flex_attention_with_the_region_plans_block_mask_equals_the_packed_form():
+    from training.layout.regions import pad_layouts
+    from training.model.attention import RegionalCrossAttention
+    from training.model.mmdit.flex import flex_regional_cross_attention
+
+    layouts = [token_layout(*LAYOUT, SIZE, 128), token_layout([[0, 0, 128, 40]], ["a sky"], SIZE, 128),
+               empty_token_layout(SIZE, 128)]
+    batch = pad_layouts(layouts, 6, 4)
+    g = torch.Generator().manual_seed(0)
+    bias = torch.where(torch.rand(3, 6, 16, generator=g) < 0.5, -1000.0, -torch.rand(3, 6, 16, generator=g))
+    bias[:, :, 0] = 0.0  # a live token in every slot
+    objs = {"text_feat": torch.randn(3, 6, 16, 24, generator=g), "attention_bias": bias,
+            "region_map": torch.from_numpy(batch["region_map"]),
+            "object_masks": torch.from_numpy(batch["slot_mask"]).float()}
+    torch.manual_seed(0)
+    fuser = RegionalCrossAttention(32, 24, 4, 8)
+    for p in fuser.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 6 * 8, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(flex_regional_cross_attention(fuser, x, dict(objs)), fuser(x, dict(objs)),
+                                   rtol=1e-5, atol=1e-5)
