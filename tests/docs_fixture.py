@@ -5,8 +5,8 @@ two datasets (one from COCO, with a sample without objects), layouts, generated 
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -63,7 +63,7 @@ def _coco(root: Path, images: str, instances: str, captions: str, stuff: str | N
             {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 20, 20, 20], "iscrowd": 0, "area": 400,
              "segmentation": []},
             {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5], "iscrowd": 1, "area": 25,
-             "segmentation": {"size": [48, 64], "counts": [0, 5, 43, 5, 43, 5, 43, 5, 43, 5, 2880]}},
+             "segmentation": {"size": [48, 64], "counts": [0, 5, 43, 5, 43, 5, 43, 5, 43, 5, 2875]}},
         ],
     }
     files = {instances: inst, captions: {"annotations": [{"image_id": 1, "caption": "A cat and a dog."}]}}
@@ -105,6 +105,7 @@ def _generated(folder: Path) -> None:
 def build_template(root: Path) -> None:
     """The files every block's working folder starts with (copied per block; see test_docs_commands)."""
     from datagen.synthetic import make_image_folder
+    from shards import write_dataset
     from shards.__main__ import main as shards_main
 
     root.mkdir(parents=True)
@@ -117,14 +118,13 @@ def build_template(root: Path) -> None:
     (root / "my_data.py").write_text(MY_MODULE)
     _coco(root, "train2017", "instances_train2017.json", "captions_train2017.json", "stuff_train2017.json")
     _coco(root, "val2017", "annotations/instances_val2017.json", "annotations/captions_val2017.json", None)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert shards_main(["from-python", "my_module:make_items", "dataset"]) == 0
-        assert shards_main(["from-coco", "--instances", "instances_train2017.json", "--stuff", "stuff_train2017.json",
-                            "--captions", "captions_train2017.json", "--images", "train2017/", "coco_shards"]) == 0
-    finally:
-        os.chdir(cwd)
+    # loaded from its file, not through sys.path: the test process's imports stay as they were
+    spec = importlib.util.spec_from_file_location("docs_my_module", root / "my_module.py")
+    user_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_module)
+    assert write_dataset(user_module.make_items(), str(root / "dataset"))["failures"] == 0
+    coco = [f"--{name}={root / f'{name}_train2017.json'}" for name in ("instances", "stuff", "captions")]
+    assert shards_main(["from-coco", *coco, f"--images={root / 'train2017'}", str(root / "coco_shards")]) == 0
     (root / "layouts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in LAYOUTS))
     _generated(root / "tmp" / "gen")
 

@@ -140,7 +140,7 @@ BLOCKS = {
     ("training/TRAINING.md", "from training.trainer.loop import train"): Entry("run", slow=True),
     ("training/TRAINING.md",
      ".venv/bin/python -m pytest -q tests/test_train.py tests/test_train_options.py tests/test_train_ddp.py"): Entry(
-        "help", "the test suite itself (collected, not run) and a benchmark (minutes; --device cuda needs a GPU)"),
+        "help", slow=True, why="the test suite itself (collected, not run) and a benchmark (minutes; --device cuda needs a GPU)"),
 }
 
 
