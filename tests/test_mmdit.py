@@ -248,3 +248,24 @@ def test_flex_attention_with_the_region_plans_block_mask_equals_the_packed_form(
     with torch.no_grad():
         torch.testing.assert_close(flex_regional_cross_attention(fuser, x, dict(objs)), fuser(x, dict(objs)),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_flux_true_cfg_gives_the_second_call_the_empty_layout_and_scheduled_sampling_removes_it():
+    from training.inference.pipeline import LayoutPipeline
+    from training.model.mmdit.tiny import tiny_mmdit_pipeline
+
+    pipe = LayoutPipeline.from_sdxl(tiny_mmdit_pipeline("tiny-flux"), max_slots=8)
+    seen = []  # per position-net call: live slots (the box's region and the background; 0: the empty layout)
+    pipe.pipe.transformer.position_net.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(int(kwargs["object_masks"].sum())), with_kwargs=True)
+    calls = []
+    pipe.pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(len(seen)))
+    kw = {"boxes": [[0, 0, 32, 48]], "labels": ["a red dog"], "height": 64, "width": 64, "num_inference_steps": 4,
+          "generator": torch.Generator().manual_seed(0)}
+    pipe("a dog", true_cfg_scale=2.0, scheduled_sampling_beta=0.5, **kw)
+    # 4 steps x 2 calls; the layout for the first ceil(0.5 * 4) = 2 steps: prompt call with it, negative empty.
+    assert len(calls) == 8 and seen == [2, 0, 2, 0]
+    seen.clear()
+    calls.clear()
+    pipe("a dog", **kw)  # FLUX-dev's distilled guidance: one call per step, no negative branch
+    assert len(calls) == 4 and seen == [2] * 4

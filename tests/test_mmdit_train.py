@@ -33,22 +33,20 @@ def dataset(tmp_path_factory) -> str:
 
 
 def flow_config(base: str, dataset: str, out, **overrides) -> TrainConfig:
-    backbone = base.removeprefix("tiny-")
+    """The tiny_sd3 / tiny_flux preset on the test shards: one sample per step, quiet, nothing but what asked."""
     items = {
         "output_dir": str(out),
         "data.datasets": [{"path": dataset, "augment": {"size": [64, 64], "max_objects": 4}}],
-        "data.regions": {"max_objs": 4, "max_regions": 8, "max_slots": 6, "downscale": 16},
         "data.batch_size": 1,
-        "data.epoch_samples": 12,
         "train.gradient_accumulation_steps": 1,
-        "optim.warmup_steps": 0,
         "log.tensorboard": False,
         "checkpoint.every_steps": None,
         "checkpoint.resume": None,
         "validation.every_steps": None,
         **overrides,
     }
-    return TrainConfig.from_yaml(f"configs/train/tiny_{backbone}.yaml", [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    preset = f"configs/train/tiny_{base.removeprefix('tiny-')}.yaml"
+    return TrainConfig.from_yaml(preset, [f"{k}={json.dumps(v)}" for k, v in items.items()])
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -187,3 +185,16 @@ def test_init_adapter_for_every_backbone_and_from_configs_alone(tmp_path, capsys
     assert init_adapter.main(["--base", "tiny-sd3", "--out", str(tmp_path / "y"), "--adapter", flux]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a flux adapter does not fit the sd3 base tiny-sd3" in err[0]
+
+
+def test_the_real_presets_follow_the_papers_recipe_on_the_token_grid():
+    for name, base, per_gpu in (("sd35_1024_8gpu", "stabilityai/stable-diffusion-3.5-medium", 2),
+                                ("flux1_1024_8gpu", "black-forest-labs/FLUX.1-dev", 1)):
+        c = TrainConfig.from_yaml(f"configs/train/{name}.yaml")
+        assert c.model.base == base and c.data.batch_size == per_gpu
+        assert c.data.batch_size * c.train.gradient_accumulation_steps * 8 == 256
+        assert (c.optim.lr, c.optim.weight_decay, c.ema.decay) == (1e-5, 1e-5, 0.99)
+        assert c.data.regions.downscale == 16 and {d.augment.size for d in c.data.datasets} == {(1024, 1024)}
+        assert c.model.mmdit.region_encoder == "t5" and c.model.gradient_checkpointing
+        assert TrainConfig.from_dict(c.to_dict()) == c
+    assert TrainConfig.from_yaml("configs/train/flux1_1024_8gpu.yaml").model.mmdit.guidance == 3.5

@@ -46,6 +46,7 @@ from training.model.tiny import (
     _text_config,
     _vocab_and_merges,
     tiny_tokenizers,
+    tiny_vae,
 )
 
 __all__ = [
@@ -95,24 +96,14 @@ def tiny_t5(seed: int = 0) -> T5EncoderModel:
 
 
 def tiny_mmdit_vae(backbone: str, seed: int = 0) -> AutoencoderKL:
-    """A 16-channel ``AutoencoderKL`` with the factor 8 and the backbone's own scaling and shift factors."""
-    torch.manual_seed(seed)
+    """The tiny SDXL VAE's shape (factor 8) with 16 latent channels and the backbone's scaling and shift."""
     scaling, shift = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}[backbone]
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    # Without the config's private keys: its "_use_default_values" would reset the fields set here.
+    config = {k: v for k, v in tiny_vae(seed).config.items() if not k.startswith("_")}
+    config.update(latent_channels=16, scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+                  use_post_quant_conv=False)  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoencoderKL.from_config(config).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0) -> SD3Transformer2DModel:
