@@ -38,6 +38,7 @@ COMMANDS = [
     ("training.generate", "python -m training.generate"),
     ("training.evaluate", "python -m training.evaluate"),
     ("training.init_unet", "python -m training.init_unet"),
+    ("training.init_adapter", "python -m training.init_adapter"),
     ("training.data.stream", "stream.py"),
     ("datagen run", "python -m datagen run"),
     ("shards validate", "python -m shards validate"),

@@ -3,4 +3,4 @@
 from training.model.init_adapter import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m training.init_unet"))

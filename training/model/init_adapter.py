@@ -239,10 +239,10 @@ def initialise_mmdit(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.init_adapter") -> int:
     """Command-line entry point (``python -m training.init_adapter``; ``training.init_unet`` is its alias)."""
     parser = argparse.ArgumentParser(
-        prog="python -m training.init_adapter",
+        prog=prog,
         description="Attach the regional adapter to a base SDXL or SD1.5 UNet, or an SD3 / FLUX.1 transformer, and save it.",
     )
     parser.add_argument(
