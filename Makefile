@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 
-.PHONY: all install demo test test-slow test-real-size bench lint clean
+.PHONY: all install demo test test-slow test-soak test-real-size bench lint clean
 
 all: install
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+# Two CPU processes, 200 steps, SIGKILLed and resumed twice, every epoch's samples accounted for
+# (tests/test_soak.py). Minutes; in neither the default nor the slow run.
+test-soak: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m soak tests/test_soak.py
 
 # Real model configurations (GroundingDINO-T, SAM ViT-H, CLIP ViT-L-14, Qwen2.5-VL widths, SDXL) with
 # random weights through the real preset on CPU: catches what tiny configs hide. Not in CI's run.
