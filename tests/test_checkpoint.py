@@ -148,8 +148,8 @@ def test_malformed_manifest_or_trainer_state_name_the_file(run, tmp_path, datase
         read_resume_state(step(out, 1), config, 1)
 
 
-def test_cli_refuses_a_damaged_checkpoint_by_name_and_a_resume_with_another_batch_size(
-    run, tmp_path, dataset, capsys
+def test_cli_refuses_a_damaged_checkpoint_by_name_and_resumes_with_another_batch_size(
+    run, tmp_path, dataset, capsys, caplog
 ):
     out = copy_run(run, tmp_path)
     argv = [
@@ -168,12 +168,19 @@ def test_cli_refuses_a_damaged_checkpoint_by_name_and_a_resume_with_another_batc
     assert err.count("\n") == 1 and err.startswith("error: checkpoint.resume=")
     assert "step_0000002/adapter.safetensors: sha256 differs" in err
 
-    assert T.main([*argv, "--override", "data.batch_size=2", "--resume", str(step(out, 1))]) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        f"error: {step(out, 1) / 'trainer_state.json'}: saved with data.batch_size=1, this run has "
-        "data.batch_size=2; resume with the same, or train into a new output_dir\n"
-    )
+    # The stream's state is one position in its global order: another batch size goes on from it.
+    config = tiny_config(dataset, out, **{**COMMON, "train.max_steps": 3, "data.batch_size": 2,
+                                          "checkpoint.resume": str(step(out, 1))})
+    with caplog.at_level(logging.WARNING):
+        T.train(config)
+    assert (f"{step(out, 1) / 'trainer_state.json'}: saved with data.batch_size=1, this run has "
+            "data.batch_size=2: the stream goes on from the same position") in caplog.text
+    saved = json.loads((step(out, 1) / "stream_state.json").read_text())
+    final = json.loads((step(out, 3) / "stream_state.json").read_text())
+    assert (saved["batch_size"], final["batch_size"]) == (1, 2)
+    epoch = config.data.epoch_samples
+    # steps 2 and 3 at 2 samples each (one process, no accumulation) after step 1's position
+    assert final["epoch"] * epoch + final["position"] == saved["epoch"] * epoch + saved["position"] + 2 * 2
 
 
 def test_an_unreadable_file_that_its_manifest_vouches_for_is_named_in_one_error_line(

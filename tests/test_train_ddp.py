@@ -81,13 +81,9 @@ class Run:
     missing_grads: list[list[int]]  # per rank, per optimizer step: trainable tensors without a gradient
 
 
-def launch(folder: Path, dataset: str, *overrides: str) -> Run:
-    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
-    folder.mkdir(parents=True)
-    script = folder / "worker.py"
-    script.write_text(WORKER)
-    run = folder / "run"
-    overrides = [
+def run_overrides(run: Path, dataset: str, *overrides: str) -> list[str]:
+    """The tiny preset's overrides of these runs (output folder ``run``), then ``overrides``."""
+    return [
         f"output_dir={run}",
         f"data.datasets=[{{path: {dataset}, augment: {{size: [64, 64], max_objects: 4}}}}]",
         "data.regions={max_objs: 4, max_regions: 8, max_slots: 6}",
@@ -105,6 +101,15 @@ def launch(folder: Path, dataset: str, *overrides: str) -> Run:
         "log.tensorboard=false",
         *overrides,
     ]
+
+
+def launch(folder: Path, dataset: str, *overrides: str) -> Run:
+    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
+    folder.mkdir(parents=True)
+    script = folder / "worker.py"
+    script.write_text(WORKER)
+    run = folder / "run"
+    overrides = run_overrides(run, dataset, *overrides)
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -283,3 +288,20 @@ def test_a_batch_without_layouts_reaches_every_trainable_weight_and_leaves_the_o
     assert all(grads[n].any() for n in grads if n.endswith(".fuser.null_text_feat"))
     assert any(grads[n].any() for n in grads if is_lora_key(n))
     assert model_type == "ca" or any(".fuser.self_attn." in n for n in zero)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_where_the_global_order_stood(tmp_path, dataset, ddp):
+    """Fewer processes after a stop: the stream's one global position is re-split over the new ranks, so
+    one process goes on from the sample where the two stood (2 per step: 1 process x batch 1 x accumulation 2,
+    after 4 per step on two)."""
+    from training.trainer.loop import train
+
+    step1 = ddp.out / "checkpoints" / "step_0000001"
+    run = tmp_path / "one"
+    train(TrainConfig.from_yaml("configs/train/tiny.yaml",
+                                run_overrides(run, dataset, f"checkpoint.resume={step1}")))
+    saved = json.loads((step1 / "stream_state.json").read_text())
+    final = json.loads((run / "checkpoints" / f"step_{STEPS:07d}" / "stream_state.json").read_text())
+    assert (saved["world_size"], final["world_size"]) == (2, 1)
+    epoch = 8  # data.epoch_samples
+    assert final["epoch"] * epoch + final["position"] == saved["epoch"] * epoch + saved["position"] + 2 * (STEPS - 1)

@@ -201,19 +201,24 @@ def _read_json(path: Path) -> Any:
 
 
 def read_resume_state(folder: Path, config: TrainConfig, world_size: int) -> ResumeState:
-    """The step and stream position of ``folder``; refuses one from another batch size or world size."""
+    """The step and stream position of ``folder``, on this run's world size and batch size.
+
+    The stream's state is one position in the global sample order, the same on every rank, so a run
+    saved on N processes with batch size B continues on M processes with batch size C exactly where that
+    order stood (``training.data.stream``: the position is re-split over the new ranks). The optimizer step
+    counter, and with it the LR schedule, goes on from ``step``; each step then sees M x C x accumulation
+    samples. The per-sample draws (noise, timestep, dropout) are seeded by rank and sample count, so after
+    such a change they are fresh draws, not the ones the old topology would have made.
+    """
     trainer = _read_json(folder / TRAINER_STATE)
     path = folder / TRAINER_STATE
     with _reading(path):
         step = int(trainer["step"])
-    # The stream's position maps onto the same batch size and number of processes only.
     for field, now in (("data.batch_size", config.data.batch_size), ("world_size", world_size)):
         saved = trainer.get(field)
         if saved is not None and saved != now:
-            raise CheckpointError(
-                f"{path}: saved with {field}={saved}, this run has {field}={now}; "
-                "resume with the same, or train into a new output_dir"
-            )
+            log.warning("%s: saved with %s=%s, this run has %s=%s: the stream goes on from the same position in "
+                        "its global order, re-split over this run's processes and batches", path, field, saved, field, now)
     return ResumeState(folder, step, _read_json(folder / STREAM_STATE), trainer)
 
 
