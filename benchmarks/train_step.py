@@ -9,7 +9,15 @@ Same frozen UNet weights, same batch; a typical layout per sample (8 overlapping
 - region-text encoding of the batch's layouts with an empty cache vs a warm one;
 - the floor: the fusers' K and V projections of the live region tokens alone (forward and backward,
   the tokens each fuser needs at its level, its own weights). Every exact form of the model pays it, so
-  ``kv_floor_over_base`` bounds how close ``adapter_over_base`` can get to 1 on this configuration.
+  ``kv_floor_over_base`` bounds how close ``adapter_over_base`` can get to 1 on this configuration;
+- every layout dropped (layout dropout's empty layout on the whole batch): forward and backward with the
+  model's zero path (every adapter weight gets an exact-zero gradient, so DDP and FSDP stay in step) vs
+  without it (``zero_path_over_without``), and what the zero path adds alone: ``exact_zero`` of every fuser
+  and the position net, forward and backward (``zero_path_alone_over_dropped_step``);
+- DDP's two ways to survive such a batch, in a one-process gloo group, forward, backward and AdamW: the zero
+  path with ``find_unused_parameters=False`` (what the trainer does) vs no zero path with
+  ``find_unused_parameters=True`` (DDP walks the autograd graph after every forward to find the unused
+  parameters), on the dropped batch and on the typical one (``find_unused_over_zero_path_*``).
 
 Default (CPU, about a minute and a half): SDXL's real channel widths (320/640/1280, 64-dim heads) and 2048-wide
 text embeddings, one transformer layer per block (``training.model.tiny.benchmark_unet``), a 32x32 latent,
@@ -28,9 +36,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import os
+import socket
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -38,7 +50,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from training.layout.regions import reorganize_regions
+from training.layout.regions import empty_layout, reorganize_regions
+from training.model import attention
 from training.model.adapter import attach_regional_adapter, set_adapter_trainable
 from training.model.attention import RegionalCrossAttention, level_grid, level_plan
 from training.model.encoding import RegionTextEncoder, grounding_inputs
@@ -108,13 +121,18 @@ def paired(fa, fb, repeats: int, device: torch.device) -> tuple[float, float, fl
     Alternating, and taking the ratio within each pair, keeps load from other processes on a shared
     machine from landing on one side of the comparison only.
     """
-    fa(), fb()
-    ta, tb = [], []
+    return paired_clocks(lambda: _clock(fa, device), lambda: _clock(fb, device), repeats)
+
+
+def paired_clocks(ta, tb, repeats: int) -> tuple[float, float, float]:
+    """``paired`` for callables that return their own seconds (to leave a set-up out of the time)."""
+    ta(), tb()
+    sa, sb = [], []
     for _ in range(repeats):
-        ta.append(_clock(fa, device))
-        tb.append(_clock(fb, device))
-    ratio = statistics.median(b / a for a, b in zip(ta, tb, strict=True))
-    return statistics.median(ta), statistics.median(tb), ratio
+        sa.append(ta())
+        sb.append(tb())
+    ratio = statistics.median(b / a for a, b in zip(sa, sb, strict=True))
+    return statistics.median(sa), statistics.median(sb), ratio
 
 
 def kv_projection_floor(unet, gligen: dict, inputs: dict, latent_hw: tuple[int, int]):
@@ -141,7 +159,9 @@ def kv_projection_floor(unet, gligen: dict, inputs: dict, latent_hw: tuple[int, 
     for fuser, n_pixels in levels:
         plan = level_plan(objs, level_grid(latent_hw, n_pixels))
         live[n_pixels] = len(plan.live_index)
-        context = torch.randn(len(plan.live_index), objs["text_feat"].shape[-1], device=inputs["sample"].device)
+        context = torch.randn(
+            len(plan.live_index), objs["text_feat"].shape[-1], device=inputs["sample"].device
+        )
         work.append((fuser.attn, context.to(fuser.attn.to_k.weight.dtype).requires_grad_(True)))
 
     def run():
@@ -151,6 +171,29 @@ def kv_projection_floor(unet, gligen: dict, inputs: dict, latent_hw: tuple[int, 
             del grads
 
     return run, live
+
+
+@contextlib.contextmanager
+def without_zero_path():
+    """The model as it was before the zero path: a level without regions adds its null feature only."""
+    with mock.patch.object(attention, "exact_zero", lambda module: None):
+        yield
+
+
+@contextlib.contextmanager
+def one_process_group(device: torch.device):
+    """A one-process process group on 127.0.0.1 (gloo on CPU, nccl on a GPU), for DDP's reducer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # gloo opens its connections on the interface of the host's name unless told: keep them on loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -220,6 +263,53 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    dropped = grounding_inputs(
+        [empty_layout(latent * 8, latent * 8)] * b, encoder, device=device, dtype=dtype
+    )  # every layout dropped: what layout dropout gives a whole batch
+
+    def dropped_step():  # forward and backward only: without the zero path AdamW would skip weights
+        with autocast:
+            loss = diffusion_loss(unet, {**base_inputs, "cross_attention_kwargs": {"gligen": dropped}})
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        optimizer.zero_grad(set_to_none=True)
+
+    def dropped_step_without_zero_path():
+        with without_zero_path(), autocast:
+            loss = diffusion_loss(unet, {**base_inputs, "cross_attention_kwargs": {"gligen": dropped}})
+        loss.backward()
+        assert any(p.grad is None for p in params)
+        optimizer.zero_grad(set_to_none=True)
+
+    zeroed = [m for m in unet.modules() if isinstance(m, (RegionalCrossAttention, attention.PositionNet))]
+
+    def zero_path_alone():  # the sums over the weights and their zero gradients, as a dropped step adds
+        sum(attention.exact_zero(m) for m in zeroed).backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    def ddp_step(gligen, find_unused: bool):
+        """A DDP step's seconds: the zero path, or find_unused_parameters without it."""
+
+        def timed() -> float:
+            # A wrapper per call, left out of the time: two reducers on one module's parameters would both
+            # take its gradient hooks. The previous call's wrapper (and its reducer's hooks) goes first.
+            from torch.nn.parallel import DistributedDataParallel
+
+            gc.collect()
+            model = DistributedDataParallel(unet, find_unused_parameters=find_unused)
+            inputs = {**base_inputs, "cross_attention_kwargs": {"gligen": gligen}}
+
+            def run():
+                with without_zero_path() if find_unused else contextlib.nullcontext(), autocast:
+                    loss = diffusion_loss(model, inputs)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            return _clock(run, device)
+
+        return timed
+
     def encode_uncached():
         encoder.clear_cache()
         grounding_inputs(layouts, encoder, device=device, dtype=dtype)
@@ -228,6 +318,19 @@ def main(argv: list[str] | None = None) -> dict:
         grounding_inputs(layouts, encoder, device=device, dtype=dtype)
 
     t_base, t_adapter, adapter_over_base = paired(base_step, adapter_step, args.repeats, device)
+    t_without, t_zero, zero_over_without = paired(
+        dropped_step_without_zero_path, dropped_step, args.repeats, device
+    )
+    _, t_zero_alone, zero_alone_over_dropped = paired(
+        dropped_step_without_zero_path, zero_path_alone, args.repeats, device
+    )
+    with one_process_group(device):
+        t_ddp_drop, t_find_drop, find_over_zero_drop = paired_clocks(
+            ddp_step(dropped, False), ddp_step(dropped, True), args.repeats
+        )
+        t_ddp, t_find, find_over_zero = paired_clocks(
+            ddp_step(gligen, False), ddp_step(gligen, True), args.repeats
+        )
     t_uncached, t_cached, _ = paired(encode_uncached, encode_cached, args.repeats, device)
     kv_floor, live = kv_projection_floor(unet, gligen, base_inputs, (latent, latent))
     _, t_kv, kv_over_base = paired(base_step, kv_floor, args.repeats, device)
@@ -239,6 +342,13 @@ def main(argv: list[str] | None = None) -> dict:
         (f"region texts, empty cache ({texts} texts)", t_uncached),
         ("region texts, warm cache", t_cached),
         (f"floor: fusers' K/V of live tokens ({'/'.join(map(str, live.values()))})", t_kv),
+        ("layouts dropped, no zero path (fwd + bwd)", t_without),
+        ("layouts dropped, zero path (fwd + bwd)", t_zero),
+        ("the zero path alone (fwd + bwd)", t_zero_alone),
+        ("DDP, layouts dropped: zero path", t_ddp_drop),
+        ("DDP, layouts dropped: find_unused_parameters", t_find_drop),
+        ("DDP, typical layouts: zero path", t_ddp),
+        ("DDP, typical layouts: find_unused_parameters", t_find),
     ]
     shape = "SDXL" if args.sdxl else "SDXL widths, 1 layer/block"
     print(f"{shape}, latent {latent}x{latent}, batch {b}, {device.type}, {dtype}; base {n_base / 1e6:.0f} M "
@@ -259,6 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_samples_per_s": round(b / t_adapter, 3),
         "kv_floor_ms": round(1000 * t_kv, 1),
         "kv_floor_over_base": round(kv_over_base, 3),
+        "zero_path_over_without": round(zero_over_without, 4),
+        "zero_path_alone_ms": round(1000 * t_zero_alone, 1),
+        "zero_path_alone_over_dropped_step": round(zero_alone_over_dropped, 4),
+        "find_unused_over_zero_path_dropped": round(find_over_zero_drop, 4),
+        "find_unused_over_zero_path_typical": round(find_over_zero, 4),
     }
     result = {"benchmark": "train_step", "figures": figures, "targets": {"adapter_over_base": 1.5}}
     print(json.dumps(result))
