@@ -38,7 +38,7 @@ def flex_regional_cross_attention(fuser: RegionalCrossAttention, x: torch.Tensor
     grid = level_grid(tuple(objs["region_map"].shape[-2:]), n_tokens)
     plan = level_plan(objs, grid)
     if not len(plan.tile_slot):
-        return x + fuser._null(x)
+        return x + fuser._skipped_null(x, objs)  # every weight in every backward, as the packed form
     attn = fuser.attn
     inner = attn.to_q.out_features
     heads, head_dim = attn.heads, inner // attn.heads
