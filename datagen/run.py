@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import logging
+import os
 import platform
 import time
 from collections import Counter
@@ -143,13 +144,21 @@ def run(
 
 def _disk_full(exc: BaseException) -> OSError | None:
     """The ENOSPC OSError behind ``exc``: itself, in its cause chain, or inside a Ray task error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    seen, chain, stack = set(), [], [exc]
+    while stack:
+        exc = stack.pop()
+        if id(exc) in seen:
+            continue
         seen.add(id(exc))
+        chain.append(exc)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return exc
         cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the remote exception here
-        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+        stack.extend([c for c in (cause, exc.__cause__, exc.__context__) if isinstance(c, BaseException)])
+    # Ray Data re-raises a task's failure from its executor with the remote chain only as text (a full
+    # disk in the pack stage's part writer, measured on a real tmpfs): recognise it by its errno's text.
+    if any(f"[Errno {errno.ENOSPC}]" in str(e) for e in chain):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return None
 
 

@@ -259,3 +259,41 @@ def test_a_model_stage_failing_on_every_row_stops_the_run(tmp_path):
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "stage 'tag' failed on all" in proc.stderr and "the run stops here" in proc.stderr
     assert not any(s.complete for s in list_shards(str(tmp_path / "out")))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real file system that fills up: a tmpfs mounted by the test (root only), unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_error_line_and_freeing_space_resumes_to_the_same_shards(reference, small_tmpfs):
+    """No injected error: the output lives on a tmpfs sized to hold part of the dataset. The run stops with
+    one line naming the complete shards; after the disk grows, the same command finishes the dataset with the
+    undisturbed run's shards, byte for byte."""
+    inputs, ref, _, _ = reference
+    total = sum(p.stat().st_size for p in ref.iterdir() if p.is_file())
+    subprocess.run(["mount", "-o", f"remount,size={total // 3}", str(small_tmpfs)], check=True)
+    out = small_tmpfs / "ds"
+    proc = datagen(inputs, out)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on the device of "), errors
+    complete = [s.name for s in list_shards(str(out)) if s.complete]
+    assert f"the {len(complete)} complete shard(s) are safe" in errors[0]
+    for name in complete:  # what the stopped run calls complete is the undisturbed run's shard
+        assert (out / f"{name}.tar").read_bytes() == (ref / f"{name}.tar").read_bytes(), name
+
+    subprocess.run(["mount", "-o", f"remount,size={4 * total}", str(small_tmpfs)], check=True)
+    proc = datagen(inputs, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _files(out, "*.tar") == _files(ref, "*.tar")
+    assert _files(out, "*.stats.json") == _files(ref, "*.stats.json")

@@ -87,21 +87,21 @@ BLOCKS = {
         "run", setup="cp -r dataset out"),
     ("datagen/CLUSTER.md", "source .venv/bin/activate"): Entry(
         "help", "a Ray cluster of several machines (ray start on each, an SSH tunnel to the head)", s3=True),
-    ("datagen/CLUSTER.md", "ray up cluster.yaml"): Entry("help", "a Ray cluster of GPU nodes", s3=True),
+    ("datagen/CLUSTER.md", "ray up cluster.yaml"): Entry("help", "a Ray cluster of GPU nodes", s3=True, slow=True),
     ("datagen/CLUSTER.md", "python -m datagen plan --config configs/datagen/real.yaml --input ... --output ..."): Entry(
         "run", subs=((r"--input \.\.\. --output \.\.\.", "--input images/ --output out/", "a run's input and output"),)),
     ("datagen/CLUSTER.md",
      "python -m datagen run --config configs/datagen/real.yaml --input 's3://bucket/cc3m/00000.tar'"): Entry(
-        "help", "real models on GPUs", s3=True),
+        "help", "real models on GPUs", s3=True, slow=True),
     ("datagen/CLUSTER.md", "python -m datagen size --from s3://bucket/cc3m-pilot --images 3300000 --hours 24"): Entry(
         "run", s3=True),
     ("datagen/CLUSTER.md",
      "python -c \"from datagen.synthetic import make_image_folder as m; m('/tmp/sz/in1k', 1000, seed=5)\""): Entry(
         "run", slow=True, subs=((r"1000, seed=5", "8, seed=5", "small data: 8 images, not 1000"),)),
-    ("datagen/CLUSTER.md", "python -m datagen size --config configs/datagen/real.yaml"): Entry("run"),
+    ("datagen/CLUSTER.md", "python -m datagen size --config configs/datagen/real.yaml"): Entry("run", slow=True),
     ("datagen/CLUSTER.md", "export AWS_ENDPOINT_URL=https://minio.internal:9000 AWS_DEFAULT_REGION=us-east-1"): Entry(
-        "run", s3=True),
-    ("docs/RELEASE.md", "python -m shards from-coco --instances annotations/instances_val2017.json"): Entry("run"),
+        "run", s3=True, slow=True),
+    ("docs/RELEASE.md", "python -m shards from-coco --instances annotations/instances_val2017.json"): Entry("run", slow=True),
     ("training/GENERATE.md", "python -m training.generate --preset paper --layouts layouts.jsonl --out gen/"): Entry(
         "run", slow=True),
     ("training/GENERATE.md",
@@ -110,7 +110,7 @@ BLOCKS = {
                                "\"height\": 64, \"width\": 64}' >> layouts.jsonl  # the transcript's bad third layout"),
     ("training/GENERATE.md",
      "python -m training.generate --preset release --adapter A.safetensors --ema A_ema.safetensors"): Entry(
-        "help", "hub weights (SDXL-512, the refiner, CLIP, PickScore, SAM ViT-H) on a GPU"),
+        "help", "hub weights (SDXL-512, the refiner, CLIP, PickScore, SAM ViT-H) on a GPU", slow=True),
     ("training/GENERATE.md",
      "python -m shards from-release --labels labels/ --images images/ [--label-size 768] [--unpad] out/"): Entry(
         "run", subs=(OUT_PY,)),

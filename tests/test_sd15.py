@@ -256,6 +256,7 @@ def test_an_sdxl_tokenizer_pair_still_builds_the_sdxl_pipeline():
     assert pipe.region_encoder.tokenizers[0].get_vocab() == tiny_tokenizers()[0].get_vocab()
 
 
+@pytest.mark.slow  # two processes on SDXL run in make test (test_train_ddp); SD1.5's in make test-slow
 def test_two_processes_train_the_sd15_adapter(dataset, tmp_path):
     """DDP on CPU (gloo) under ``accelerate launch``, as tests/test_train_ddp.py (about 12 s here)."""
     from test_train_ddp import STEPS, launch

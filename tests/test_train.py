@@ -245,6 +245,7 @@ def test_region_texts_are_encoded_once_then_served_from_the_cache(tiny_parts):
     assert after.misses == mid.misses and after.hits > mid.hits  # the second step encodes nothing
 
 
+@pytest.mark.slow  # ~45 s on a quiet 2-core machine; make test keeps the SD1.5 overfit and resume checks
 def test_overfitting_one_batch_cuts_the_loss_by_a_quarter_in_30_steps(tiny_parts):
     """Fixed batch, noise and timesteps; only the adapter trains; the loss falls below 0.75x its start."""
     c, batch, frozen = tiny_parts
