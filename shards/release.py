@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import safe_json
 from .dataset import open_run
 from .masks import decode_mask, encode_mask, mask_to_box
 from .schema import ObjectRecord, SampleRecord
@@ -69,7 +70,7 @@ def _meta_padding(image_path: Path, side: int) -> tuple[int, int, int, int] | No
     computed as the release's ``remove_padded_border`` does; None without that file."""
     meta_path = image_path.with_suffix(".json")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = safe_json.loads(meta_path.read_text(encoding="utf-8"))
         ow, oh = int(meta["original_width"]), int(meta["original_height"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -163,7 +164,7 @@ def _scale(label: dict, width: int, height: int, label_size: int | None) -> floa
 def _convert(label_path: Path, image_path: Path, key: str, label_size: int | None, unpad: bool):
     """A label and its image as (record, image bytes, ext)."""
     try:
-        label = json.loads(label_path.read_text(encoding="utf-8"))
+        label = safe_json.loads(label_path.read_text(encoding="utf-8"))  # a user's file: bounded nesting
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not JSON: {err}") from None
     if not isinstance(label, dict):

@@ -215,3 +215,15 @@ def test_torch_tensors_are_accepted_as_the_release_returns_them(tmp_path):
     (sample,) = iter_samples(str(tmp_path / "ds"))
     assert [o.box for o in sample.record.objects] == [(4, 2, 20, 10), (0, 12, 32, 24)]
     assert np.array_equal(sample.masks()[0], item["masks"][0] > 0.5)
+
+
+def test_from_release_counts_a_label_nested_too_deep_as_a_failure_and_goes_on(tmp_path):
+    """A label nested 100,000 deep is a failure row (shards.safe_json), not a RecursionError ending the run."""
+    labels, images = tmp_path / "labels", tmp_path / "images"
+    labels.mkdir()
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "deep.jpg")
+    (labels / "label_deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert shards_main(["from-release", "--labels", str(labels), "--images", str(images), str(tmp_path / "out")]) == 0
+    rows = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "out").glob("*.parquet"))])
+    assert list(rows["status"]) == ["failed"] and "nested deeper than 64 levels" in rows["error"].iloc[0]
