@@ -172,33 +172,42 @@ def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run:
     extra = {"inputs": list(inputs), "packages": _versions(), "python": platform.python_version(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "resolved_config": to_dict(cfg)}
-    ray_state = {"started": False, "checked": False}
+    cluster = _Cluster()
     try:
         if new_run or dataset.read_run() is None:
             # before run.json is written: a record made for a config no node can run would refuse the
             # corrected config's run as "written by a different configuration"
-            _check_cluster(cfg, ray_state)
+            cluster.ready(cfg)
         dataset = dataset.open_run(fingerprint_dict(cfg, described), extra, new_run=new_run)
-        return _plan_and_execute(cfg, items, dataset, retry_failed, verify, progress, ray_state)
+        return _plan_and_execute(cfg, items, dataset, retry_failed, verify, progress, cluster)
     finally:
-        if ray_state["started"]:
+        cluster.close()
+
+
+class _Cluster:
+    """Ray for one run: started (or joined) once, every stage's worker checked to fit some node once."""
+
+    def __init__(self) -> None:
+        self.checked = False
+        self.started = False  # this run started Ray, so it shuts it down
+
+    def ready(self, cfg: DatagenConfig) -> None:
+        from . import pipeline
+
+        if not self.checked:
+            self.started = pipeline.init_ray(cfg)
+            check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
+            self.checked = True
+
+    def close(self) -> None:
+        if self.started:
             import ray
 
             ray.shutdown()
 
 
-def _check_cluster(cfg: DatagenConfig, ray_state: dict) -> None:
-    """Start (or join) Ray once and check every stage's worker fits on some node, once."""
-    from . import pipeline
-
-    if not ray_state["checked"]:
-        ray_state["started"] = pipeline.init_ray(cfg)
-        check_resources(cfg)  # a worker no node can hold: one error now, not an endless wait
-        ray_state["checked"] = True
-
-
 def _plan_and_execute(cfg: DatagenConfig, items: list, dataset: DatasetHandle, retry_failed: bool, verify: bool,
-                      progress: bool | None, ray_state: dict) -> Summary:
+                      progress: bool | None, cluster: _Cluster) -> Summary:
     from . import pipeline
 
     jobs, skipped = plan_jobs(items, cfg, dataset, retry_failed, verify)
@@ -210,7 +219,7 @@ def _plan_and_execute(cfg: DatagenConfig, items: list, dataset: DatasetHandle, r
     log.info("%d inputs in %d shards: %d complete, %d to write (%d inputs)", len(items), summary.shards_total,
              skipped, len(jobs), sum(len(j.items) for j in jobs))
     if jobs:
-        _check_cluster(cfg, ray_state)
+        cluster.ready(cfg)
         result = pipeline.execute(jobs, cfg, dataset, progress=progress)
         summary.resources = _cluster_resources()
         summary.processed = result.processed
