@@ -1,4 +1,4 @@
-"""``python -m shards {validate,info,index,to-coco,from-coco,report} ...``: the dataset command line.
+"""``python -m shards {validate,info,index,to-coco,from-coco,from-release,from-layoutsam,to-layoutsam,from-python,report} ...``: the dataset command line.
 
 A user's mistake (a dataset or file that is not there, an output folder missing, bad COCO input)
 ends as one ``error: ...`` line on stderr and exit code 2; problems found in the data exit 1.
@@ -131,6 +131,39 @@ def _from_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_layoutsam(args: argparse.Namespace) -> int:
+    from .layoutsam import from_layoutsam
+
+    try:
+        n = from_layoutsam(args.src, args.out, args.images, shard_size=args.shard_size)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    resumed = f" ({n['resumed_shards']} kept from an earlier run)" if n["resumed_shards"] else ""
+    print(f"wrote {args.out}: {n['samples']} samples, {n['failures']} failures, {n['shards']} shards{resumed}")
+    for tar, why in n["image_problems"].items():
+        print(f"--images: {tar} could not be read to its end: {why}", file=sys.stderr)
+    return 0
+
+
+def _to_layoutsam(args: argparse.Namespace) -> int:
+    from .layoutsam import to_layoutsam
+
+    try:
+        n = to_layoutsam(require_shards(args.dataset), args.out)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    print(f"wrote {args.out}: {n['rows']} rows in {n['files']} parquet files")
+    for name, why in n["skipped_shards"].items():
+        print(f"shard {name} left out: {why}", file=sys.stderr)
+    for where in n["bad_samples"]:
+        print(f"sample left out: {where}", file=sys.stderr)
+    if n["skipped_shards"] or n["bad_samples"]:
+        print(f"error: {len(n['skipped_shards'])} shard(s) and {len(n['bad_samples'])} sample(s) could not be read "
+              f"and are not in {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _from_python(args: argparse.Namespace) -> int:
     from .user_dataset import load_callable, write_dataset
 
@@ -189,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     r.add_argument("out", help="output dataset folder")
     r.set_defaults(fn=_from_release)
+    fl = sub.add_parser("from-layoutsam", help="convert LayoutSAM / LayoutSAM-Eval parquet (or a datasets save) into shards")
+    fl.add_argument("src", help="a parquet file, or a folder or fsspec URI of LayoutSAM's parquet files or a datasets save_to_disk")
+    fl.add_argument("out", help="output dataset folder (a rerun resumes it)")
+    fl.add_argument("--images", help="images for rows without embedded ones (the training split): a folder "
+                    "(folder/file_name), or SA-1B's .tar files (one, or a folder of them), local or fsspec")
+    fl.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
+    fl.set_defaults(fn=_from_layoutsam)
+    tl = sub.add_parser("to-layoutsam", help="export a dataset as LayoutSAM parquet (datasets loads it, CreatiLayout's loader parses it)")
+    tl.add_argument("dataset")
+    tl.add_argument("out", help="output folder for train-NNNNN-of-NNNNN.parquet")
+    tl.set_defaults(fn=_to_layoutsam)
     u = sub.add_parser("from-python", help="write the items of your own Python dataset (the release's form) as shards")
     u.add_argument("function", help="module:function or file.py:function returning an iterable or map-style dataset")
     u.add_argument("out", help="output dataset folder")
