@@ -86,9 +86,10 @@ def test_the_light_choices_equal_the_model_modules_constants():
     # evaluate and init_unet read their choices from config Literals so their parsers need no torch model
     # code; the modules that define the behaviour keep the authoritative tuples.
     from training.evaluation import evaluate
+    from training.evaluation.layoutsam import LAYOUTSAM
     from training.evaluation.metrics import PROTOCOLS
     from training.model import init_adapter as init_unet
     from training.model.casa import MODEL_TYPES
 
-    assert evaluate.PROTOCOL_CHOICES == PROTOCOLS == ("paper", "exact")
+    assert evaluate.PROTOCOL_CHOICES == (*PROTOCOLS, LAYOUTSAM) == ("paper", "exact", "layoutsam")
     assert init_unet.MODEL_TYPE_CHOICES == MODEL_TYPES == ("ca", "casa")

@@ -33,12 +33,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from datagen.models import ModelSpec
+from datagen.models import TINY_KINDS, ModelSpec
 from datagen.scoring import SAM_SCORE_THRESHOLD
 from shards.config import ConfigError, PositiveInt, UnitFloat
+from training.evaluation.layoutsam import LAYOUTSAM, LayoutSamConfig
 from training.evaluation.scoring import METRICS, MISSING, Metric, Scorers, score_chunk, summarize
 from training.inference.presets import add_preset_arguments, config_from_args, run_cli
 from training.layout.files import LayoutRecord, read_layouts
+from training.layout.layoutsam import is_layoutsam, read_layoutsam
 
 # training.evaluation.metrics (transformers, open_clip, torch-fidelity behind it) and pandas are imported by the
 # functions that score, so `--help` and a config mistake answer without them.
@@ -66,7 +68,8 @@ class FidConfig:
 class EvalConfig:
     """The ``evaluate`` section of a ``configs/eval`` preset."""
 
-    protocol: Literal["paper", "exact"] = "paper"  # paper: the release's metric code; exact: ours
+    # paper: the release's metric code; exact: ours; layoutsam: LayoutSAM-Eval's VLM questions (its section)
+    protocol: Literal["paper", "exact", "layoutsam"] = "paper"
     # the per-object metrics computed (a metric left out loads no model); FID runs when fid.reference is set
     metrics: tuple[Metric, ...] = ("crop_clip", "crop_pick", "sam_iou")
     # final: DIR/<id>.png; unrefined: DIR/unrefined/<id>.png, the images before generate's refiner (the
@@ -96,12 +99,15 @@ class EvalConfig:
     height: PositiveInt = 512  # the size layout boxes refer to when a line does not say
     width: PositiveInt = 512
     fid: FidConfig = field(default_factory=FidConfig)
+    layoutsam: LayoutSamConfig = field(default_factory=LayoutSamConfig)  # protocol layoutsam only
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
             raise ConfigError(f"protocol must be one of {PROTOCOL_CHOICES}, got {self.protocol!r}")
         if self.clip.kind != "clip" or self.sam.kind != "segmenter":
             raise ConfigError("evaluate.clip must be a 'clip' model spec and evaluate.sam a 'segmenter'")
+        if self.layoutsam.vlm.kind != "vlm":
+            raise ConfigError("evaluate.layoutsam.vlm must be a 'vlm' model spec", "layoutsam.vlm")
         if not self.metrics or len(set(self.metrics)) != len(self.metrics):
             raise ConfigError(f"metrics must name each of {list(METRICS)} at most once, and one at least",
                               "metrics")  # fmt: skip
@@ -111,7 +117,7 @@ class EvalConfig:
 
 
 # The --protocol choices, read from the config's field so the parser needs no training.evaluation.metrics (whose
-# PROTOCOLS it equals: tests/test_cli_help.py checks).
+# PROTOCOLS it equals, and LAYOUTSAM: tests/test_cli_help.py checks).
 PROTOCOL_CHOICES = get_args(get_type_hints(EvalConfig)["protocol"])
 
 
@@ -228,6 +234,8 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
     images = Path(images)
     if not images.is_dir():
         raise ValueError(f"--images {images} is not a folder")
+    if cfg.protocol == LAYOUTSAM:
+        return _evaluate_layoutsam(cfg, images, layouts, out)
     records = read_layouts(layouts, cfg.height, cfg.width, zero_area=cfg.protocol == "paper")
     folder, found = _image_folder(cfg, images, records)
     out = Path(out) if out is not None else images / "eval"
@@ -274,6 +282,21 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
     return summary
 
 
+def _evaluate_layoutsam(cfg: EvalConfig, images: Path, layouts: str | Path, out: str | Path | None) -> dict:
+    """The LayoutSAM-Eval protocol (``training.evaluation.layoutsam``) on the benchmark's parquet rows."""
+    from training.evaluation.layoutsam import evaluate_layoutsam
+
+    if not is_layoutsam(layouts):
+        raise ValueError(f"--layouts {layouts}: the layoutsam protocol reads the LayoutSAM-Eval parquet (a .parquet "
+                         "file or a folder of them): its region and detailed captions are the questions")  # fmt: skip
+    rows, _ = read_layoutsam(layouts)
+    folder, found = _image_folder(cfg, images, rows)  # type: ignore[arg-type]  # rows have ids
+    out = Path(out) if out is not None else images / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    return evaluate_layoutsam(cfg, rows, found, out, lambda path, row: _load(path, folder, row))
+
+
 HELP_METRICS = """\
 metrics (per object, then the mean over each image's objects, then over images):
   crop_clip   CropCLIP: 100 x cosine of CLIP's embeddings of the object's crop and its label.
@@ -291,6 +314,8 @@ protocols (--protocol):
          (a mask exactly filling a 10 px box scores 0.81)
   exact  every object counts: crops rounded outward, a crop or image that cannot be scored scores 0
          (with its error), mask boxes in pixel edges (a mask filling its box scores 1)
+  layoutsam  LayoutSAM-Eval (--layouts its parquet; images --resolution square): a VLM (--vlm) asked per
+         box if the region is present, then if colour, texture and shape match; box-weighted means
 
 turning metrics on and off:
   --metrics crop_clip,sam_iou            only these (the default: crop_clip,crop_pick,sam_iou);
@@ -335,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format", choices=("parquet", "csv"), dest="table_format", help="per-object table format"
     )
+    p.add_argument("--resolution", type=int, help="layoutsam: the generated images' side (default 512)")
+    p.add_argument("--vlm", help="layoutsam: the VLM, a hub id or folder (or tiny-qwen2.5-vl, offline)")
+    p.add_argument("--vlm-engine", choices=("transformers", "minicpm"), help="layoutsam: how the VLM runs")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="layoutsam with --vlm-engine minicpm only: run the model repository's code")  # fmt: skip
     return p
 
 
@@ -350,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             ("fid.inception_weights", args.inception_weights),
             ("table_format", args.table_format),
             ("metrics", args.metrics),
+            ("layoutsam.resolution", args.resolution),
+            ("layoutsam.vlm.name", args.vlm),
+            ("layoutsam.vlm.backend", None if args.vlm is None else "tiny" if args.vlm in TINY_KINDS else "hf"),
+            ("layoutsam.engine", args.vlm_engine),
+            ("layoutsam.trust_remote_code", args.trust_remote_code),
         )
         if value is not None
     ]

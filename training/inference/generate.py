@@ -1,7 +1,8 @@
 """Generate images from layouts: ``python -m training.generate --layouts FILE --out DIR`` (or ``--from-shards DS``).
 
-Each layout (``training.layout.files``: JSON lines, one JSON object as the release's demos, or an array; or the
-samples of a dataset) becomes ``DIR/<id>.png``, its overlay with the layout drawn ``DIR/overlays/<id>.png``,
+Each layout (``training.layout.files``: JSON lines, one JSON object as the release's demos, or an array;
+LayoutSAM(-Eval) parquet rows, ``training.layout.layoutsam``; or the samples of a dataset) becomes
+``DIR/<id>.png``, its overlay with the layout drawn ``DIR/overlays/<id>.png``,
 and a line of ``DIR/layouts.jsonl`` (the layouts with every default resolved, ready for
 ``python -m training.evaluate --images DIR --layouts DIR/layouts.jsonl``). With ``--refiner`` the refined
 image is ``DIR/<id>.png`` and the unrefined one ``DIR/unrefined/<id>.png``; with ``--from-shards`` the
@@ -41,6 +42,7 @@ from training.inference.presets import (
 )
 from training.layout.dataset import layouts_from_dataset, sample_fit
 from training.layout.files import LayoutRecord, load_layouts, write_layouts
+from training.layout.layoutsam import is_layoutsam, layoutsam_records
 
 # torch, diffusers (through training.inference.pipeline) and matplotlib are imported by the functions that
 # use them: diffusers' pipelines import bitsandbytes when it is installed (seconds, and a kernel warning),
@@ -221,7 +223,8 @@ def generate(
             from_shards, long_side, cfg.seed, fit=cfg.dataset_fit, limit=limit, **options
         )
     else:
-        records, skipped = load_layouts(layouts, cfg.height, cfg.width, cfg.seed, **options)
+        load = layoutsam_records if is_layoutsam(layouts) else load_layouts  # LayoutSAM(-Eval) parquet
+        records, skipped = load(layouts, cfg.height, cfg.width, cfg.seed, **options)
         records = records[:limit]
     pipe = pipe or load_pipeline(cfg)
     refiner = refiner or load_refiner(cfg)
@@ -288,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layouts",
         help="layouts file: JSON lines, one JSON object (the release's demos) or an array; boxes (or "
-        "bboxes), labels, optional caption/id/seed/height/width",
+        "bboxes), labels, optional caption/id/seed/height/width; or LayoutSAM(-Eval) parquet (a .parquet "
+        "file or a folder of them: one image per row, DIR/<file_name stem>.png)",
     )
     p.add_argument("--from-shards", metavar="DATASET", help="take layouts and captions from a dataset's samples")
     p.add_argument("--limit", type=int, help="generate only the first N layouts / samples")
