@@ -90,7 +90,12 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         ),
         "clip": ModelSpec("clip", "ViT-L-14", weights="openai"),
     },
-    "tiny": {kind: ModelSpec(kind, name, backend="tiny") for name, kind in TINY_KINDS.items()},
+    # Named, not derived from TINY_FACTORIES: that registry holds other tiny models of the same kinds.
+    "tiny": {
+        kind: ModelSpec(kind, name, backend="tiny")
+        for kind, name in (("vlm", "tiny-qwen2.5-vl"), ("detector", "tiny-grounding-dino"),
+                           ("segmenter", "tiny-sam"), ("clip", "tiny-clip"))
+    },
 }
 
 

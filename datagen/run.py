@@ -27,6 +27,7 @@ from .config import DatagenConfig, fingerprint_dict, to_dict
 from .inputs import assign_shards, inputs_digest, list_inputs
 from .measurement import run_record, save_run_record
 from .plan import open_output, plan_jobs
+from .provenance import provenance
 from .resources import check_resources
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _run(cfg: DatagenConfig, inputs: list[str], dataset: DatasetHandle, new_run:
     described = {"count": len(items), "keys_sha256": inputs_digest(items)}
     extra = {"inputs": list(inputs), "packages": _versions(), "python": platform.python_version(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "resolved_config": to_dict(cfg)}
+             "resolved_config": to_dict(cfg), "provenance": provenance(cfg)}
     cluster = _Cluster()
     try:
         if new_run or dataset.read_run() is None:

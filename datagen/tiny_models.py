@@ -91,16 +91,10 @@ def _byte_bpe(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, s
     return vocab, merges
 
 
-def tiny_vlm():
-    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) with its processor, 2 layers, width 32."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2Tokenizer,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen_tokenizer():
+    """A byte-level BPE ``Qwen2Tokenizer`` over ``WORDS`` with Qwen's special tokens after them, left padding
+    (decoder-only batched generation). Qwen2.5-VL and Qwen3-VL share the tokenizer class and special tokens."""
+    from transformers import Qwen2Tokenizer
 
     vocab, merges = _byte_bpe(WORDS)
     for tok in VLM_SPECIAL_TOKENS:
@@ -112,7 +106,21 @@ def tiny_vlm():
         pad_token="<|endoftext|>",
         additional_special_tokens=list(VLM_SPECIAL_TOKENS[1:]),
     )
-    tokenizer.padding_side = "left"  # decoder-only batched generation
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_vlm():
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) with its processor, 2 layers, width 32."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = qwen_tokenizer()
     image_processor = Qwen2VLImageProcessor(
         min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
     )
@@ -125,7 +133,7 @@ def tiny_vlm():
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in VLM_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -272,9 +280,17 @@ def tiny_clip():
     return model.eval(), ClipProcessor(preprocess, open_clip.SimpleTokenizer(context_length=77))
 
 
+def tiny_qwen3_vl():
+    """Qwen3-VL (``Qwen3VLForConditionalGeneration``) with its processor (``datagen.tiny_vlm3``)."""
+    from .tiny_vlm3 import tiny_qwen3_vl as build  # that module imports this one
+
+    return build()
+
+
 # The tiny backend's models by name (``ModelSpec(backend="tiny", name=...)``): (kind, factory).
 TINY_FACTORIES: dict[str, tuple[str, Callable]] = {
     "tiny-qwen2.5-vl": ("vlm", tiny_vlm),
+    "tiny-qwen3-vl": ("vlm", tiny_qwen3_vl),
     "tiny-grounding-dino": ("detector", tiny_grounding_dino),
     "tiny-sam": ("segmenter", tiny_sam),
     "tiny-clip": ("clip", tiny_clip),

@@ -28,6 +28,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from . import provenance
     from .dataset import list_shards, read_run, read_stats
     from .validate import shard_problem
 
@@ -49,7 +50,7 @@ def _info(args: argparse.Namespace) -> int:
             totals[k] += st[k]
         for stage, n in st["failures_by_stage"].items():
             by_stage[stage] = by_stage.get(stage, 0) + n
-    run = read_run(args.dataset) or {}
+    run = read_run(args.dataset)
     info = {
         "dataset": args.dataset,
         "shards": len(shards),
@@ -59,13 +60,16 @@ def _info(args: argparse.Namespace) -> int:
         **totals,
         "inputs": totals["samples"] + totals["failures"] + totals["filtered"],
         "not_kept_by_stage": by_stage,
-        "fingerprint": run.get("fingerprint"),
+        "fingerprint": (run or {}).get("fingerprint"),
+        "models": provenance.fields_of(run),  # record field -> the model that made it, or "unknown"
     }
     if args.json:
         print(json.dumps(info, indent=1))
     else:
         for k, v in info.items():
-            print(f"{k:>18}: {v}")
+            lines = provenance.summary_lines(run) if k == "models" else [v]
+            for n, line in enumerate(lines):
+                print(f"{k:>18}: {line}" if n == 0 else f"{'':>20}{line}")
     for name, why in damaged.items():
         print(f"shard {name}: {why}", file=sys.stderr)
     return 1 if damaged else 0

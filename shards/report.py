@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import stats
+from . import provenance, stats
 from .cli import require_output_file, require_shards, run_command
 from .draw import color_hex, draw_sample
 
@@ -182,6 +182,24 @@ def gallery_html(items: Sequence[GalleryItem], css_class: str = "gallery") -> st
     return f'<div class="{css_class}">' + "".join(cards) + "</div>"
 
 
+# --- provenance ------------------------------------------------------------------------------------
+
+
+def provenance_table(datasets: Sequence[DatasetTables]) -> pd.DataFrame:
+    """Which model made each record field (``shards.provenance.FIELDS``), one column per dataset:
+    ``unknown`` for a dataset whose ``run.json`` records no models, the reason when it cannot be read."""
+    from .dataset import DatasetError, read_run
+
+    columns = {}
+    for d in datasets:
+        try:
+            made = {f: provenance.describe(m) for f, m in provenance.fields_of(read_run(d.path)).items()}
+        except (DatasetError, OSError) as e:  # the figures still come from the shards
+            made = dict.fromkeys(provenance.FIELDS, f"{provenance.UNKNOWN} (run.json unreadable: {e})")
+        columns[d.name] = pd.Series(made, dtype=object)
+    return pd.DataFrame(columns).rename_axis("field")
+
+
 # --- the page --------------------------------------------------------------------------------------
 
 _CSS = """
@@ -238,6 +256,10 @@ def render_html(datasets: Sequence[DatasetTables], gallery: int = 8) -> str:
         '<p class="muted">Counts come from every parquet row; text, box and score statistics from the '
         "objects of the samples measured (a capped read of the JSON members). An object's text is its "
         "description, or its phrase when it has none.</p></section>",
+        '<section id="models"><h2>Models</h2>',
+        table_html(provenance_table(datasets), text_columns=[d.name for d in datasets]),
+        '<p class="muted">The model that made each field of the records, from each dataset\'s run.json '
+        "(unknown: written before datagen recorded its models, or not made by datagen).</p></section>",
     ]
     for fig_id, (heading, make) in FIGURES.items():
         log.info("figure %s", fig_id)

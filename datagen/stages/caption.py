@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from shards.config import PositiveInt
 
-from ..models import ModelSpec, default_spec, load_model
+from ..models import ModelSpec, default_spec
 from . import Batch, as_image, run_rows
-from .vlm import ask, clean_text
+from .vlm import ask, clean_text, load_chat_vlm
 
 STAGE = "caption"
 DEFAULT_PROMPT = (
@@ -35,7 +35,7 @@ class CaptionStage:
 
     def __init__(self, config: CaptionConfig) -> None:
         self.config = config
-        self.model, self.processor = load_model(config.model)
+        self.model, self.processor = load_chat_vlm(config.model)
 
     def __call__(self, batch: Batch) -> Batch:
         def caption(rows: list[int]) -> dict[str, list]:

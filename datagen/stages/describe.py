@@ -16,10 +16,10 @@ from PIL import Image
 
 from shards.config import NonNegativeInt, PositiveFloat, PositiveInt
 
-from ..models import ModelSpec, default_spec, load_model
+from ..models import ModelSpec, default_spec
 from ..scoring import crop_box
 from . import Batch, as_image, as_objects, run_rows
-from .vlm import ask, clean_text
+from .vlm import ask, clean_text, load_chat_vlm
 
 STAGE = "describe"
 # The paper's instruction (its public datagen script), verbatim.
@@ -52,7 +52,7 @@ class DescribeStage:
 
     def __init__(self, config: DescribeConfig) -> None:
         self.config = config
-        self.model, self.processor = load_model(config.model)
+        self.model, self.processor = load_chat_vlm(config.model)
 
     def __call__(self, batch: Batch) -> Batch:
         cfg = self.config

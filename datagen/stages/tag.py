@@ -18,9 +18,9 @@ import numpy as np
 
 from shards.config import PositiveInt
 
-from ..models import ModelSpec, default_spec, load_model
+from ..models import ModelSpec, default_spec
 from . import Batch, as_image, run_rows
-from .vlm import ask
+from .vlm import ask, load_chat_vlm
 
 STAGE = "tag"
 DEFAULT_PROMPT = (
@@ -83,7 +83,7 @@ class VlmTagger:
 
     def __init__(self, config: TagConfig) -> None:
         self.config = config
-        self.model, self.processor = load_model(config.model)
+        self.model, self.processor = load_chat_vlm(config.model)
 
     def __call__(self, images: Sequence[np.ndarray], captions: Sequence[str | None]) -> list[list[str]]:
         answers = ask(self.model, self.processor, images, self.config)

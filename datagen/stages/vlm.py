@@ -4,6 +4,13 @@ One user turn per item (the image, then the prompt) through the processor's chat
 sorted by image area so each ``generate`` call batches images of similar size (less padding), with
 left padding as decoder-only generation needs, greedy decoding, and only the new tokens decoded.
 This is the ``transformers`` engine; ``vlm_vllm`` sends the same turns (``to_pil`` images, greedy) to vLLM.
+
+Nothing here knows a model family: the prompt text, the image placeholders and the assistant turn are
+the processor's chat template's, and the model's extra inputs (Qwen2.5-VL's ``image_grid_thw``,
+Qwen3-VL's ``mm_token_type_ids``, ...) go to ``generate`` as the processor returns them. So any chat
+VLM that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load natively (no remote code) and whose
+processor has a chat template runs here: Qwen2.5-VL, Qwen3-VL, LLaVA, ... (``load_chat_vlm``
+refuses a processor without a template).
 """
 
 from __future__ import annotations
@@ -14,6 +21,22 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+
+def load_chat_vlm(spec) -> tuple:
+    """``(model, processor)`` of a VLM stage's ``ModelSpec`` (``datagen.models.load_model``), refused
+    with a ValueError naming the model when its processor cannot render a chat turn."""
+    from ..models import load_model
+
+    model, processor = load_model(spec)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "apply_chat_template"):
+        raise ValueError(f"VLM {spec.name!r}: its processor ({type(processor).__name__}) has no tokenizer or "
+                         "cannot apply a chat template; the VLM stages need a chat model's processor")
+    if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
+        raise ValueError(f"VLM {spec.name!r}: its processor has no chat template (chat_template.jinja or "
+                         "chat_template.json in the model folder); the VLM stages build every prompt with it")
+    return model, processor
 
 
 def generate(

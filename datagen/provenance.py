@@ -1,0 +1,79 @@
+"""The provenance of a run: which model (name, revision, dtype, backend, engine) makes each record field.
+
+Derived from the configuration alone (the stages' ``ModelSpec``s, the VLM engine, the pools' GPUs), and
+written into ``run.json`` by ``datagen.run`` (the form and its reader: ``shards.provenance``). Each stage
+says which fields it makes: a stage config may define ``made_fields() -> tuple[str, ...]`` (e.g. a
+ground engine that also segments); otherwise ``STAGE_FIELDS`` holds the stage's fields. Stages run in
+order, so a later stage that rewrites a field is its maker; the segment stage makes no mask when an
+earlier stage already made them (it has nothing left to do then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shards.provenance import FIELDS, VERSION
+
+from .models import ModelSpec
+
+_MASKS = ("objects.mask", "objects.mask_score", "objects.mask_box")
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "tag": ("tags",),
+    "caption": ("caption",),
+    "ground": ("objects.box", "objects.phrase", "objects.detector_score"),
+    "segment": _MASKS,
+    "describe": ("objects.description",),
+    "score": ("objects.clip_score",),
+    "filter": (),  # drops objects and samples, writes no field
+}
+# The library that runs a kind of model when its stage names no engine of its own.
+_DEFAULT_ENGINE = {"vlm": "transformers", "detector": "transformers", "segmenter": "segment-anything",
+                   "clip": "open_clip"}
+
+
+def made_fields(name: str, stage_cfg: Any) -> tuple[str, ...]:
+    """The record fields stage ``name`` writes with this config."""
+    own = getattr(stage_cfg, "made_fields", None)
+    fields = tuple(own()) if callable(own) else STAGE_FIELDS.get(name, ())
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"stage {name!r} says it makes {unknown}, which are not record fields {FIELDS}")
+    return fields
+
+
+def provenance(cfg) -> dict:
+    """``run.json``'s ``provenance`` for a ``DatagenConfig``: field -> its maker (see ``shards.provenance``)."""
+    fields: dict[str, dict] = {}
+    for name in cfg.stage_names:
+        stage_cfg = cfg.stages[name]
+        made = made_fields(name, stage_cfg)
+        if name == "segment" and any(f in fields for f in _MASKS):
+            made = ()
+        maker = _maker(cfg, name, stage_cfg)
+        for f in made:
+            fields[f] = maker
+    return {"version": VERSION, "fields": {f: fields[f] for f in FIELDS if f in fields}}
+
+
+def _maker(cfg, name: str, stage_cfg: Any) -> dict:
+    spec = getattr(stage_cfg, "model", None)
+    method = getattr(stage_cfg, "method", None)
+    if not isinstance(spec, ModelSpec) or (name == "tag" and method != "vlm"):
+        return {"stage": name, "model": None, "method": method or name}
+    on_vllm = name in cfg.vllm_stages()
+    engine = "vllm" if on_vllm else getattr(stage_cfg, "engine", None) or _DEFAULT_ENGINE[spec.kind]
+    return {"stage": name, "model": spec.name, "revision": spec.revision, "dtype": _dtype(cfg, name, spec, on_vllm),
+            "backend": spec.backend, "engine": engine, "weights": spec.weights}
+
+
+def _dtype(cfg, stage: str, spec: ModelSpec, on_vllm: bool) -> str:
+    """The dtype the model runs in: the spec's, or "auto" resolved where the run decides it."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    if on_vllm:
+        return "auto (the checkpoint's, vLLM)"
+    if spec.device != "auto":
+        return "bfloat16" if spec.device.startswith("cuda") else "float32"
+    # device "auto" is CUDA exactly when the stage's actors hold a GPU (Ray hides GPUs from the others).
+    gpus = next((p.num_gpus for p in cfg.pools.values() if stage in p.stages), 0.0)
+    return "bfloat16" if gpus > 0 else "float32"
