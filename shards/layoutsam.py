@@ -16,7 +16,7 @@ another size than the row's but the same aspect ratio (within 1%: a resized SA-1
 boxes scaled to it (``original_width/height`` keep the row's size); another aspect ratio fails the row.
 Shards are consecutive runs of ``shard_size`` rows, so a rerun resumes: complete shards are skipped.
 
-Out: one parquet per complete shard, LayoutSAM's columns and types with the ``datasets`` features in the
+Out: one parquet per complete shard that holds samples (``train-NNNNNN.parquet``), LayoutSAM's columns and types with the ``datasets`` features in the
 schema metadata, so ``load_dataset("parquet", ...)`` decodes ``image`` as a PIL image. Boxes are pixels of
 the stored image; a missing description is written as the phrase.
 """
@@ -24,6 +24,7 @@ the stored image; a missing description is written as the phrase.
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .dataset import build_index, list_shards, open_run, read_stats
@@ -60,6 +61,7 @@ _ASPECT_TOLERANCE = 0.01  # a resized copy keeps the aspect ratio within roundin
 _BOX_TOLERANCE = 1.0  # pixels a box may pass the image edge by (rounding); it is clipped
 _EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # LayoutSAM-Eval's columns, in its order and with its types (its dataset card's features).
 LAYOUTSAM_SCHEMA = pa.schema([
@@ -88,7 +90,8 @@ def parse_literal(text: object, column: str) -> object:
             return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
         shown = text if len(text) <= 60 else text[:57] + "..."
-        raise ValueError(f"{column} is not a Python literal ({type(e).__name__}: {e}): {shown!r}") from None
+        why = _ADDRESS.sub("", str(e))  # "<ast.Call object at 0x7f...>": the same message on every run
+        raise ValueError(f"{column} is not a Python literal ({type(e).__name__}: {why}): {shown!r}") from None
 
 
 def _is_number(v: object) -> bool:
@@ -150,6 +153,8 @@ def _image(data: bytes) -> tuple[bytes, str, int, int]:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ValueError(str(e)) from None
+        except UnidentifiedImageError:  # its message names a BytesIO's address
+            raise OSError(f"{len(data)} bytes that Pillow cannot identify as an image") from None
         with im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
@@ -301,45 +306,56 @@ def layoutsam_row(record: SampleRecord, image: bytes, ext: str, position: int) -
 
 
 def to_layoutsam(dataset: str, out: str, row_group_size: int = 100) -> dict:
-    """Write each complete shard of ``dataset`` as ``out/train-NNNNN-of-NNNNN.parquet`` (LayoutSAM's columns);
-    returns counts. A shard is written to a temporary name and renamed once its tar checked out against its
-    stats file (``checked_samples``); one that did not is left out (``skipped_shards``: name -> why), a
-    sample that does not read is left out and named (``bad_samples``). ValueError when ``out`` already
-    holds parquet files (a previous export's would mix with this one's)."""
+    """Write each complete shard of ``dataset`` that holds samples as ``out/train-NNNNNN.parquet`` (its shard's
+    name; LayoutSAM's columns); returns counts. A shard is written to a temporary name and renamed once its
+    tar checked out against its stats file (``checked_samples``); one that did not is left out
+    (``skipped_shards``: name -> why), a sample that does not read is left out and named (``bad_samples``).
+    A shard without samples gives no file: ``datasets`` cannot read a parquet file without rows. ValueError
+    when ``out`` already holds parquet files (a previous export's would mix with this one's)."""
     fs, root = fs_and_root(out)
     if fs.exists(root) and any(p.endswith(".parquet") for p in fs.find(root)):
         raise ValueError(f"{out}: already holds parquet files; give a new or empty folder")
     fs.makedirs(root, exist_ok=True)
-    shards = [s for s in list_shards(dataset) if s.complete]
+    shards = list_shards(dataset)
     skipped: dict[str, str] = {}
     bad: list[str] = []
-    rows = 0
-    for n, shard in enumerate(tqdm(shards, desc="to-layoutsam", unit="shard", disable=len(shards) < 10)):
-        path = join(root, f"train-{n:05d}-of-{len(shards):05d}.parquet")
-        tmp = join(root, f".{n:05d}.parquet.partial")
-        written = 0
+    rows, files = 0, 0
+    for shard in tqdm([s for s in shards if s.complete], desc="to-layoutsam", unit="shard", disable=len(shards) < 10):
+        tmp = join(root, f".{shard.name}.parquet.partial")
         try:
-            with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, LAYOUTSAM_SCHEMA) as pw:
-                batch: list[dict] = []
-                for raw in checked_samples(dataset, shard):
-                    try:
-                        s = to_sample(raw)
-                    except (KeyError, SchemaError) as e:
-                        bad.append(f"{shard.name} {raw.key}: {e}")
-                        continue
-                    batch.append(layoutsam_row(s.record, s.image_bytes, s.image_ext, rows + written))
-                    written += 1
-                    if len(batch) == row_group_size:
-                        pw.write_table(pa.Table.from_pylist(batch, schema=LAYOUTSAM_SCHEMA))
-                        batch = []
-                if batch or not written:  # an empty shard still gives a file with the schema
-                    pw.write_table(pa.Table.from_pylist(batch, schema=LAYOUTSAM_SCHEMA))
+            written = _write_shard(dataset, shard, fs, tmp, rows, row_group_size, bad)
         except ShardReadError as e:
             skipped[shard.name] = str(e)
-            fs.rm(tmp)
             log.warning("to-layoutsam: shard %s left out: %s", shard.name, e)
-            continue
-        fs.mv(tmp, path)
-        rows += written
-    return {"rows": rows, "files": len(shards) - len(skipped), "skipped_shards": skipped, "bad_samples": bad,
-            "incomplete_shards": [s.name for s in list_shards(dataset) if not s.complete]}  # fmt: skip
+            written = 0
+        if written:
+            fs.mv(tmp, join(root, f"train-{shard.name}.parquet"))
+            rows, files = rows + written, files + 1
+        elif fs.exists(tmp):
+            fs.rm(tmp)
+    return {"rows": rows, "files": files, "skipped_shards": skipped, "bad_samples": bad,
+            "incomplete_shards": [s.name for s in shards if not s.complete]}  # fmt: skip
+
+
+def _write_shard(dataset: str, shard, fs, path: str, position: int, row_group_size: int, bad: list[str]) -> int:
+    """The shard's samples as LayoutSAM rows in ``path`` (only once there is one); how many."""
+    batch: list[dict] = []
+    written = 0
+    with contextlib.ExitStack() as stack:
+        pw = None
+        for raw in checked_samples(dataset, shard):
+            try:
+                s = to_sample(raw)
+            except (KeyError, SchemaError) as e:
+                bad.append(f"{shard.name} {raw.key}: {e}")
+                continue
+            batch.append(layoutsam_row(s.record, s.image_bytes, s.image_ext, position + written))
+            written += 1
+            if len(batch) == row_group_size:
+                pw = pw or stack.enter_context(pq.ParquetWriter(stack.enter_context(fs.open(path, "wb")), LAYOUTSAM_SCHEMA))
+                pw.write_table(pa.Table.from_pylist(batch, schema=LAYOUTSAM_SCHEMA))
+                batch = []
+        if batch:
+            pw = pw or stack.enter_context(pq.ParquetWriter(stack.enter_context(fs.open(path, "wb")), LAYOUTSAM_SCHEMA))
+            pw.write_table(pa.Table.from_pylist(batch, schema=LAYOUTSAM_SCHEMA))
+    return written
