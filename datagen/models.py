@@ -30,6 +30,7 @@ KINDS = ("vlm", "detector", "segmenter", "clip")
 BACKENDS = ("hf", "tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_HUB_PREFIX = "hf-hub:"  # SAM weights given as hf-hub:<org>/<repo>/<path in repo>
+SAM_REGISTRY = ("default", "vit_h", "vit_l", "vit_b")  # segment-anything's model keys (they need weights)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelSpec:
     """One model of the pipeline: what to load and where to run it."""
 
     kind: str  # one of KINDS: "vlm" | "detector" | "segmenter" | "clip"
-    name: str  # hub id or local folder (vlm, detector); SAM registry key (vit_h/vit_l/vit_b);
+    name: str  # hub id or local folder (vlm, detector, SAM 2.1 segmenter); SAM registry key (vit_h/vit_l/vit_b);
     #            open_clip architecture or "local-dir:<folder>" (clip); a TINY_FACTORIES key (tiny)
     revision: str | None = None  # hub revision (branch, tag or commit) for hub downloads; None: main
     weights: str | None = None  # SAM checkpoint (local path or hf-hub:<org>/<repo>/<file>);
@@ -56,8 +57,8 @@ class ModelSpec:
         if self.backend == "tiny" and TINY_KINDS.get(self.name) != self.kind:
             known = sorted(n for n, k in TINY_KINDS.items() if k == self.kind)
             raise ValueError(f"no tiny {self.kind} named {self.name!r}; tiny {self.kind} models: {known}")
-        if self.backend == "hf" and self.kind == "segmenter" and not self.weights:
-            raise ValueError(f"ModelSpec {self.name!r}: a segmenter needs weights (a SAM checkpoint)")
+        if self.backend == "hf" and self.kind == "segmenter" and self.name in SAM_REGISTRY and not self.weights:
+            raise ValueError(f"ModelSpec {self.name!r}: a segment-anything model needs weights (a SAM checkpoint)")
 
     def resolved_device(self) -> torch.device:
         """The device this spec runs on, with "auto" resolved on this machine."""
@@ -95,6 +96,20 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
         kind: ModelSpec(kind, name, backend="tiny")
         for kind, name in (("vlm", "tiny-qwen2.5-vl"), ("detector", "tiny-grounding-dino"),
                            ("segmenter", "tiny-sam"), ("clip", "tiny-clip"))
+    },
+    # The 2026 labelling models (configs/datagen/sam3.yaml): Qwen3-VL for tag, caption and describe; SAM 3
+    # grounds and segments (the ground stage's detector: its objects come masked); SAM 2.1 is the box-prompted
+    # segmenter for configs that pair it with a detector; CLIP ViT-L/14 as in "real".
+    "sam3": {
+        "vlm": ModelSpec("vlm", "Qwen/Qwen3-VL-8B-Instruct"),
+        "detector": ModelSpec("detector", "facebook/sam3"),
+        "segmenter": ModelSpec("segmenter", "facebook/sam2.1-hiera-large"),
+        "clip": ModelSpec("clip", "ViT-L-14", weights="openai"),
+    },
+    "tiny_sam3": {
+        kind: ModelSpec(kind, name, backend="tiny")
+        for kind, name in (("vlm", "tiny-qwen3-vl"), ("detector", "tiny-sam3"), ("segmenter", "tiny-sam2"),
+                           ("clip", "tiny-clip"))
     },
 }
 
@@ -138,7 +153,10 @@ def _load_cached(spec: ModelSpec) -> tuple[Any, Any]:
     model, processor = loader(spec)
     # SAM's prompt encoder takes pixel coordinates, which bfloat16 rounds to 8 px near 1024: its weights
     # stay float32 and the segment stage runs the image encoder under autocast to the spec's dtype.
-    dtype = torch.float32 if spec.kind == "segmenter" else spec.resolved_dtype()
+    # SAM 3 alike: its boxes come out normalised (bfloat16 steps are ~4 px of 1024); its vision encoder
+    # runs under autocast (stages/ground_sam3.py).
+    sam = spec.kind == "segmenter" or getattr(getattr(model, "config", None), "model_type", None) == "sam3"
+    dtype = torch.float32 if sam else spec.resolved_dtype()
     model = model.to(device=spec.resolved_device(), dtype=dtype).eval()
     model.requires_grad_(False)
     return model, processor
@@ -163,13 +181,43 @@ def _load_hf_vlm(spec: ModelSpec) -> tuple[Any, Any]:
 def _load_hf_detector(spec: ModelSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+    if _model_type(spec) == "sam3":  # not a zero-shot detector class: it masks as it grounds
+        return _load_hf_sam3(spec)
     model = AutoModelForZeroShotObjectDetection.from_pretrained(
         spec.name, revision=spec.revision, dtype=spec.resolved_dtype(), device_map=str(spec.resolved_device())
     )
     return model, AutoProcessor.from_pretrained(spec.name, revision=spec.revision)
 
 
+def _model_type(spec: ModelSpec) -> str | None:
+    """The ``model_type`` of a hub id's or folder's config.json (read from the HF cache once fetched)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(spec.name, revision=spec.revision), "model_type", None)
+
+
+def _load_hf_sam3(spec: ModelSpec) -> tuple[Any, Any]:
+    """SAM 3 (``Sam3Model``, e.g. facebook/sam3): the ground stage's ground-and-segment engine."""
+    from transformers import Sam3Model, Sam3Processor
+
+    model = Sam3Model.from_pretrained(spec.name, revision=spec.revision, device_map=str(spec.resolved_device()))
+    return model, Sam3Processor.from_pretrained(spec.name, revision=spec.revision)
+
+
+def _load_hf_sam2(spec: ModelSpec) -> tuple[Any, Any]:
+    """SAM 2.1 (``Sam2Model``, e.g. facebook/sam2.1-hiera-large): a box-prompted segmenter."""
+    from transformers import Sam2Model, Sam2Processor
+
+    if _model_type(spec) != "sam2":
+        raise ValueError(f"segmenter {spec.name!r} is not a SAM 2 model (config model_type 'sam2'); a segment-"
+                         f"anything checkpoint is named by its registry key {SAM_REGISTRY} with weights=<file>")
+    model = Sam2Model.from_pretrained(spec.name, revision=spec.revision, device_map=str(spec.resolved_device()))
+    return model, Sam2Processor.from_pretrained(spec.name, revision=spec.revision)
+
+
 def _load_hf_segmenter(spec: ModelSpec) -> tuple[Any, Any]:
+    if not spec.weights:  # a hub id or folder: transformers' SAM 2.1
+        return _load_hf_sam2(spec)
     from segment_anything import sam_model_registry
     from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -237,8 +285,12 @@ def prefetch(specs: list[ModelSpec]) -> None:
             from huggingface_hub import snapshot_download
 
             snapshot_download(spec.name, revision=spec.revision)
-        elif spec.kind == "segmenter":
+        elif spec.kind == "segmenter" and spec.weights:
             _resolve_file(spec.weights, spec.revision)
+        elif spec.kind == "segmenter" and not Path(spec.name).is_dir():
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(spec.name, revision=spec.revision)
         elif spec.kind == "clip" and spec.weights:
             import open_clip
             from open_clip.pretrained import get_pretrained_cfg

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from .tiny_sam import SAM_FACTORIES  # SAM 3 and SAM 2.1 (it imports this module lazily)
+
 SEED = 0
 
 # Words the tiny tokenizers know as whole tokens, so random generations decode to word-like text.
@@ -294,4 +296,5 @@ TINY_FACTORIES: dict[str, tuple[str, Callable]] = {
     "tiny-grounding-dino": ("detector", tiny_grounding_dino),
     "tiny-sam": ("segmenter", tiny_sam),
     "tiny-clip": ("clip", tiny_clip),
+    **SAM_FACTORIES,
 }

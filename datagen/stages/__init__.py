@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shards import OBJECT_FIELDS, STATUS_FAILED, STATUS_OK
+from shards import OBJECT_FIELDS, STATUS_FAILED, STATUS_OK, encode_mask, mask_to_box
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +149,10 @@ def new_object(box: Sequence[float], phrase: str, detector_score: float) -> dict
     obj = dict.fromkeys(OBJECT_FIELDS)
     obj.update(box=[float(v) for v in box], phrase=phrase, detector_score=float(detector_score))
     return obj
+
+
+def with_mask(obj: Mapping, mask: np.ndarray, score: float) -> dict:
+    """``obj`` with its mask fields set from an (H, W) bool mask at the stored image's size: ``mask``
+    (COCO RLE), ``mask_score`` and ``mask_box`` (the mask's tight box; None when the mask is empty)."""
+    box = mask_to_box(mask)
+    return {**obj, "mask": encode_mask(mask), "mask_score": float(score), "mask_box": None if box is None else list(box)}

@@ -8,6 +8,7 @@ several tags together). Then, as in the paper: box threshold 0.25, text threshol
 NMS at IoU 0.5; and beyond it: min/max box size, same-phrase near-duplicate removal, a cap on objects.
 Images are batched through the detector; tags that overflow the text length go to a second prompt.
 ``engine: groundingdino-py`` runs IDEA's original code instead (``ground_gdino``, its own environment).
+A SAM 3 model (``facebook/sam3``) grounds and segments in one (``ground_sam3``): its objects come masked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shards.config import NonNegativeFloat, PositiveInt, UnitFloat
 
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, new_object, run_rows
+from .ground_sam3 import Sam3Grounder, is_sam3
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class GroundStage:
 
     def __init__(self, config: GroundConfig) -> None:
         self.config = config
+        self.sam3: Sam3Grounder | None = None  # the ground-and-segment engine, when the model is SAM 3
         if config.engine == "groundingdino-py":
             from .ground_gdino import load_gdino  # needs transformers<5: imported only when chosen
 
@@ -66,6 +69,9 @@ class GroundStage:
             self.tokenizer, max_text_len = self.model.tokenizer, self.model.max_text_len
         else:
             self.model, self.processor = load_model(config.model)
+            if is_sam3(self.model):  # SAM 3 grounds and segments each phrase itself: no prompt packing
+                self.sam3 = Sam3Grounder(self.model, self.processor, config)
+                return
             self.tokenizer, max_text_len = self.processor.tokenizer, self.model.config.max_text_len
         # Tokens available to the tags: the model's text length less [CLS] and [SEP].
         self.token_budget = int(max_text_len) - 2
@@ -80,6 +86,8 @@ class GroundStage:
 
     def detect(self, images: Sequence[np.ndarray], tags: Sequence[list[str]]) -> list[list[dict]]:
         """Objects for each image given its tags, batched over (image, prompt) pairs."""
+        if self.sam3 is not None:
+            return self.sam3.detect(images, tags)
         pairs = [(r, chunk) for r, t in enumerate(tags) for chunk in self.pack_prompts(t)]
         found: list[list[tuple]] = [[] for _ in images]
         step = max(1, self.config.forward_batch_size)

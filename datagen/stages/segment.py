@@ -6,10 +6,17 @@ and each image's boxes go through ``SamPredictor.predict_torch`` in one call on 
 embedding. Fills each object's ``mask`` (COCO RLE at the stored image's size), ``mask_score`` (SAM's
 predicted IoU) and ``mask_box`` (the mask's tight box, None when empty). ``mask_agreement`` compares
 that box with the prompt box; the filter stage holds the floor on it.
+
+A hub id or folder as the model (no ``weights``), e.g. ``facebook/sam2.1-hiera-large``, runs SAM 2.1
+(``segment_sam2``). Objects that arrive masked (SAM 3 grounds and segments in one, ``ground_sam3``) are
+passed on as they are; ``model: null`` loads no segmenter at all and fails a row whose object has no
+mask. The stage counts both kinds of object (``counts``: the run record's ``stages.segment.counts``).
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,13 +24,15 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from shards import encode_mask, mask_to_box
 from shards.config import PositiveInt
 from shards.masks import box_iou_pairs
 
 from ..models import ModelSpec, default_spec, load_model
 from ..scoring import sam_box_masks, set_sam_embedding
-from . import Batch, as_image, as_objects, run_rows
+from . import Batch, as_image, as_objects, ok_rows, run_rows, with_mask
+from .segment_sam2 import Sam2Segmenter, is_sam2
+
+log = logging.getLogger(__name__)
 
 STAGE = "segment"
 
@@ -32,7 +41,8 @@ STAGE = "segment"
 class SegmentConfig:
     """How SAM is batched."""
 
-    model: ModelSpec = field(default_factory=lambda: default_spec("segmenter"))
+    model: ModelSpec | None = field(default_factory=lambda: default_spec("segmenter"))  # None: no segmenter,
+    #   every object must arrive masked (a SAM 3 ground stage)
     encoder_batch_size: PositiveInt = 4  # images per image-encoder forward (ViT-H at 1024 px is heavy)
     max_boxes_per_call: PositiveInt = 64  # box prompts per mask-decoder call
     batch_size: PositiveInt = 8  # rows per Ray batch (a hint for the pipeline)
@@ -43,20 +53,50 @@ class SegmentStage:
 
     def __init__(self, config: SegmentConfig) -> None:
         self.config = config
-        self.sam, self.transform = load_model(config.model)  # float32 weights (see datagen.models)
+        self.counts: Counter = Counter()  # objects "segmented" here and "premasked" upstream, this process
+        self.said_premasked = False
+        self.sam2: Sam2Segmenter | None = None
+        if config.model is None:
+            return
+        model, processor = load_model(config.model)  # float32 weights (see datagen.models)
+        if is_sam2(model):
+            self.sam2 = Sam2Segmenter(model, processor, config)
+            return
+        self.sam, self.transform = model, processor
         self.encoder_dtype = config.model.resolved_dtype()
         self.predictor = SamPredictor(self.sam)
 
     def __call__(self, batch: Batch) -> Batch:
         def segment(rows: list[int]) -> dict[str, list]:
             objects = [as_objects(batch["objects"][i]) for i in rows]
-            todo = [k for k, objs in enumerate(objects) if objs]
+            todo = {k: [j for j, o in enumerate(objs) if o["mask"] is None] for k, objs in enumerate(objects)}
+            todo = {k: js for k, js in todo.items() if js}
+            if todo and self.config.model is None:
+                k, js = next(iter(todo.items()))
+                raise ValueError(f"object {objects[k][js[0]]['phrase']!r} has no mask and stages.segment.model is "
+                                 "null (no segmenter): give the segment stage a model, or ground with SAM 3")
             images = [as_image(batch["image"][rows[k]]) for k in todo]
-            for k, image, embedding in zip(todo, images, self.embed(images), strict=True):
-                objects[k] = self.masks(image, embedding, objects[k])
+            done = self.segment_images(images, [[objects[k][j] for j in js] for k, js in todo.items()])
+            for (k, js), masked in zip(todo.items(), done, strict=True):
+                for j, obj in zip(js, masked, strict=True):
+                    objects[k][j] = obj
             return {"objects": objects}
 
-        return run_rows(batch, STAGE, segment, ("objects",))
+        before = {i: [o.get("mask") is not None for o in batch["objects"][i] or ()] for i in ok_rows(batch)}
+        out = run_rows(batch, STAGE, segment, ("objects",))
+        kept = [i for i in ok_rows(out) if i in before]
+        self.counts.update(premasked=sum(sum(before[i]) for i in kept),
+                           segmented=sum(len(before[i]) - sum(before[i]) for i in kept))
+        if self.counts["premasked"] and not self.said_premasked:
+            self.said_premasked = True  # once per process; the counts go to the run record
+            log.info("segment: objects arrive masked (a ground-and-segment engine such as SAM 3): passed on as they are")
+        return out
+
+    def segment_images(self, images: Sequence[np.ndarray], objects: Sequence[list[dict]]) -> list[list[dict]]:
+        """``objects[k]`` of ``images[k]`` with their masks: SAM 2.1 or segment-anything's SAM."""
+        if self.sam2 is not None:
+            return self.sam2.segment(images, objects)
+        return [self.masks(im, emb, objs) for im, emb, objs in zip(images, self.embed(images), objects, strict=True)]
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -84,18 +124,7 @@ class SegmentStage:
         boxes = np.array([o["box"] for o in objects], dtype=np.float32)
         masks, scores = sam_box_masks(self.predictor, boxes, self.config.max_boxes_per_call)
         self.predictor.reset_image()
-        out = []
-        for obj, mask, score in zip(objects, masks, scores, strict=True):
-            mask_box = mask_to_box(mask)
-            out.append(
-                {
-                    **obj,
-                    "mask": encode_mask(mask),
-                    "mask_score": float(score),
-                    "mask_box": None if mask_box is None else list(mask_box),
-                }
-            )
-        return out
+        return [with_mask(obj, mask, score) for obj, mask, score in zip(objects, masks, scores, strict=True)]
 
 
 def mask_agreement(
