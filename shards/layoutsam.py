@@ -76,22 +76,29 @@ _HF_FEATURES = {"image": {"_type": "Image"}, **{
 LAYOUTSAM_SCHEMA = LAYOUTSAM_SCHEMA.with_metadata({"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})})
 
 
-def parse_literal(text: object, column: str) -> object:
-    """The value of a Python-literal string; ValueError naming ``column`` for anything else (null, too
-    long, not a literal: ``literal_eval`` builds no object but literals, and Python's parser refuses more
-    than 200 nested brackets)."""
+def parse_literal(text: object, column: str) -> list:
+    """The list a Python-literal string holds (a list already parsed, as a variant of the dataset may store
+    it, as it is); ValueError naming ``column`` for anything else: null, longer than ``MAX_LITERAL_CHARS``,
+    not a literal (``literal_eval`` builds nothing but literals, and Python's parser refuses more than 200
+    nested brackets), not a list."""
+    if isinstance(text, list | tuple):
+        return list(text)
     if not isinstance(text, str):
         raise ValueError(f"{column} must be a string holding a Python list, got {type(text).__name__}")
     if len(text) > MAX_LITERAL_CHARS:
         raise ValueError(f"{column} is {len(text)} characters long, more than {MAX_LITERAL_CHARS}: not parsed")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SyntaxWarning)  # an invalid escape in a caption is still text
-            return ast.literal_eval(text)
+            warnings.simplefilter("ignore", SyntaxWarning)  # an invalid escape in a caption (Python 3.12+)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the same before 3.12
+            value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
         shown = text if len(text) <= 60 else text[:57] + "..."
-        why = _ADDRESS.sub("", str(e))  # "<ast.Call object at 0x7f...>": the same message on every run
-        raise ValueError(f"{column} is not a Python literal ({type(e).__name__}: {why}): {shown!r}") from None
+        why = _ADDRESS.sub("", " ".join(str(e).split()))  # "<ast.Call object at 0x7f...>": the same on every run
+        raise ValueError(f"{column} is not a Python literal ({type(e).__name__}: {why[:200]}): {shown!r}") from None
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{column} must hold a list, got {type(value).__name__}")
+    return list(value)
 
 
 def _is_number(v: object) -> bool:
@@ -100,16 +107,14 @@ def _is_number(v: object) -> bool:
 
 def _boxes(text: object) -> list[list[float]]:
     value = parse_literal(text, "bbox_list")
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(b, list | tuple) and len(b) == 4 and all(map(_is_number, b)) for b in value
-    ):
+    if not all(isinstance(b, list | tuple) and len(b) == 4 and all(map(_is_number, b)) for b in value):
         raise ValueError(f"bbox_list must be a list of [x1, y1, x2, y2] number lists, got {str(value)[:80]!r}")
     return [[float(v) for v in b] for b in value]
 
 
 def _strings(text: object, column: str) -> list[str]:
     value = parse_literal(text, column)
-    if not isinstance(value, list | tuple) or not all(isinstance(s, str) for s in value):
+    if not all(isinstance(s, str) for s in value):
         raise ValueError(f"{column} must be a list of strings, got {str(value)[:80]!r}")
     return list(value)
 

@@ -11,6 +11,7 @@ import ast
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import datasets
@@ -340,7 +341,11 @@ def test_source_mistakes_are_one_error_line(tmp_path, capsys):
 def test_parse_literal_reads_literals_only():
     assert parse_literal("[[1, 2.5, 3, 4]]", "bbox_list") == [[1, 2.5, 3, 4]]
     assert parse_literal("['it\\'s', \"a \\\\d\"]", "c") == ["it's", "a \\d"]
-    for text in ("open('x')", "[1, 2] + [3]", None, b"[1]", "[" * 1000):
+    assert parse_literal(("a", "b"), "c") == ["a", "b"]  # a column stored already parsed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an invalid escape warns in Python's parser: text all the same
+        assert parse_literal(r"['a \d']", "c") == ["a \\d"]
+    for text in ("open('x')", "[1, 2] + [3]", None, b"[1]", "[" * 1000, "{'a': 1}", "7"):
         with pytest.raises(ValueError, match="column"):
             parse_literal(text, "column")
 
