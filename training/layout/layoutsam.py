@@ -5,7 +5,8 @@ CreatiLayout's benchmark (``HuiZhang0812/LayoutSAM-eval``, Apache-2.0) is parque
 ``image`` (not read here: we score generated images), ``image_id``, ``width``, ``height``,
 ``global_caption``, ``bbox_list``, ``region_captions``, ``detail_region_captions`` (the last three Python
 literals held as strings: xyxy pixel boxes of the ``width`` x ``height`` image, and one text per box) and
-``file_name``. A path is one parquet file or a folder of them (read in name order), streamed in batches.
+``file_name``. A path is one parquet file or a folder of them (or a ``datasets`` save), streamed in batches
+by ``shards.layoutsam_io``; the literals are parsed, bounded, by ``shards.layoutsam.parse_literal``.
 
 As the benchmark's loader: ``int(width)``, ``int(height)``, each box coordinate ``round(x / width, 3)``
 (y by the height); its generation scripts give the model the *detailed* region captions as the region texts
@@ -16,7 +17,6 @@ record id: ``DIR/<stem>.png``). A row that does not parse is an error naming fil
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +24,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from shards.layoutsam import parse_literal
+from shards.layoutsam_io import iter_rows, source_files
+from shards.paths import url_for
 from training.layout.files import LayoutRecord, SkippedLayout, check_unique, layout_record
 
 __all__ = [
@@ -31,14 +34,11 @@ __all__ = [
     "LayoutSamRow",
     "is_layoutsam",
     "layoutsam_records",
-    "parse_literal",
     "read_layoutsam",
 ]
 
 COLUMNS = ("image_id", "width", "height", "global_caption", "bbox_list", "region_captions",
            "detail_region_captions", "file_name")  # fmt: skip
-# The benchmark's longest literal is a few kB; a megabyte is a mistake (or an attack on the parser).
-MAX_LITERAL_CHARS = 2**20
 BATCH_ROWS = 1024  # rows per parquet batch: the file is streamed, never held whole
 
 
@@ -60,30 +60,9 @@ class LayoutSamRow:
 
 
 def is_layoutsam(path: str | Path) -> bool:
-    """Whether a ``--layouts`` path is LayoutSAM parquet: a ``.parquet`` file or a folder."""
+    """Whether a ``--layouts`` path is LayoutSAM data: a ``.parquet`` / ``.arrow`` file or a folder."""
     path = Path(path)
-    return path.suffix.lower() == ".parquet" or path.is_dir()
-
-
-def parse_literal(text: object, column: str) -> list:
-    """A Python-literal list held in a string column (``ast.literal_eval``, never ``eval``), bounded.
-
-    A list column (an already-parsed variant of the dataset) is taken as it is. Longer than
-    ``MAX_LITERAL_CHARS``, nested past the parser's limit, not a literal or not a list: ValueError.
-    """
-    if isinstance(text, list | tuple):
-        return list(text)
-    if not isinstance(text, str):
-        raise ValueError(f"{column}: expected a string holding a list, got {type(text).__name__}")
-    if len(text) > MAX_LITERAL_CHARS:
-        raise ValueError(f"{column}: {len(text)} characters, more than {MAX_LITERAL_CHARS}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
-        raise ValueError(f"{column}: not a Python literal: {' '.join(str(err).split())[:200]}") from None
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"{column}: expected a list, got {type(value).__name__}")
-    return list(value)
+    return path.suffix.lower() in (".parquet", ".arrow") or path.is_dir()
 
 
 def _number(v: object) -> bool:
@@ -140,38 +119,16 @@ def _row(raw: dict, where: str, index: int) -> LayoutSamRow:
         raise ValueError(f"{where}: {err}") from None
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".parquet" and p.is_file())
-        if not files:
-            raise ValueError(f"{path}: a folder without .parquet files (LayoutSAM layouts are parquet)")
-        return files
-    if not path.is_file():
-        raise ValueError(f"{path}: no such parquet file" if not path.exists() else f"{path}: not a regular file")
-    return [path]
-
-
-def _raw_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """``(where, raw row)`` of every file, streamed; the ``image`` column is never read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for file in _files(path):
-        try:
-            reader = pq.ParquetFile(file)
-        except (pa.ArrowException, OSError) as err:
-            raise ValueError(f"{file}: not a readable parquet file: {' '.join(str(err).split())}") from None
-        missing = [c for c in COLUMNS if c not in reader.schema_arrow.names]
+def _raw_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """``(where, raw row)`` of every file, streamed by ``shards.layoutsam_io`` (parquet, or a ``datasets``
+    save's Arrow files); the ``image`` column is never read."""
+    fs, files = source_files(str(path))
+    for file in files:
+        missing = [c for c in COLUMNS if c not in file.columns]
         if missing:
-            raise ValueError(f"{file}: no column {missing} (LayoutSAM columns: {', '.join(COLUMNS)})")
-        n = 0
-        try:
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
-                for raw in batch.to_pylist():
-                    yield f"{file}[row {n}]", raw
-                    n += 1
-        except pa.ArrowException as err:
-            raise ValueError(f"{file}: cannot read row {n} on: {' '.join(str(err).split())}") from None
+            raise ValueError(f"{url_for(fs, file.path)}: no column {missing} (LayoutSAM columns: {', '.join(COLUMNS)})")
+    for _, file, row, raw in iter_rows(fs, files, list(COLUMNS), batch_size=BATCH_ROWS):
+        yield f"{url_for(fs, file.path)}[row {row}]", raw
 
 
 def read_layoutsam(path: str | Path, *, skip_bad: bool = False) -> tuple[list[LayoutSamRow], list[SkippedLayout]]:
@@ -180,7 +137,7 @@ def read_layoutsam(path: str | Path, *, skip_bad: bool = False) -> tuple[list[La
     names one image), is an error."""
     rows: list[LayoutSamRow] = []
     skipped: list[SkippedLayout] = []
-    for n, (where, raw) in enumerate(_raw_rows(Path(path))):
+    for n, (where, raw) in enumerate(_raw_rows(path)):
         try:
             rows.append(_row(raw, where, n))
         except ValueError as err:
