@@ -62,6 +62,32 @@ class Entry:
     env: dict = field(default_factory=dict)
 
 
+# Two LayoutSAM rows as its parquet (images embedded), the same as the training split's (no image column),
+# and SA-1B's tar of their images.
+LAYOUTSAM_SETUP = """python - <<'EOF'
+import io, pathlib, tarfile
+import pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+from shards.layoutsam import LAYOUTSAM_SCHEMA
+rows, sa1b = [], io.BytesIO()
+with tarfile.open(fileobj=sa1b, mode="w") as tar:
+    for i in range(2):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (40 * i, 90, 160)).save(buf, "JPEG")
+        info = tarfile.TarInfo(f"sa_{i}.jpg")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+        rows.append({"image": {"bytes": buf.getvalue(), "path": f"sa_{i}.jpg"}, "image_id": i,
+                     "global_caption": "a blue wall", "detail_region_captions": "['a pale blue square patch']",
+                     "region_captions": "['patch']", "bbox_list": "[[8, 8, 40, 40]]", "width": 64, "height": 48,
+                     "file_name": f"sa_{i}.jpg"})
+for folder, table in (("LayoutSAM-eval", pa.Table.from_pylist(rows, schema=LAYOUTSAM_SCHEMA)),
+                      ("LayoutSAM/train", pa.Table.from_pylist(rows, schema=LAYOUTSAM_SCHEMA).drop(["image"]))):
+    pathlib.Path(folder).mkdir(parents=True)
+    pq.write_table(table, f"{folder}/part-0.parquet")
+pathlib.Path("SA-1B").mkdir()
+pathlib.Path("SA-1B/sa_000000.tar").write_bytes(sa1b.getvalue())
+EOF"""
 OUT_PY = (r"(from-python \S+) out/", r"\1 out_python/", "two alternatives writing one out/: each its own folder")
 TINY_TRAIN = "configs/train/tiny.yaml"
 DEMO_DATA = "data.datasets=[{path: demo_out/dataset, augment: {size: [64, 64]}}]"  # the docs' tiny override
@@ -83,6 +109,8 @@ BLOCKS = {
         "run", slow=True),
     ("README.md", "python -m training.generate --preset paper --layouts layouts.jsonl --out gen/"): Entry(
         "help", "hub weights (SDXL-512, the refiner, CLIP, PickScore, SAM ViT-H) on a GPU"),
+    ("README.md", "python -m shards from-layoutsam LayoutSAM-eval/ layoutsam_eval/"): Entry(
+        "run", setup=LAYOUTSAM_SETUP),
     ("README.md", "python -m shards report out/ coco_shards/ --out report.html"): Entry(
         "run", setup="cp -r dataset out"),
     ("datagen/CLUSTER.md", "source .venv/bin/activate"): Entry(
