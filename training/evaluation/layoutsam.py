@@ -258,11 +258,10 @@ def build_answerer(cfg: LayoutSamConfig) -> tuple[Answerer, str]:
         return MiniCpmAnswerer.load(cfg), cfg.vlm.name
     if cfg.trust_remote_code:
         raise ValueError("layoutsam.trust_remote_code is only for engine minicpm (a native VLM needs no remote code)")
-    from datagen.models import load_model
-    from datagen.stages.vlm import generate
+    from datagen.stages.vlm import generate, load_chat_vlm
 
     try:
-        model, processor = load_model(cfg.vlm)
+        model, processor = load_chat_vlm(cfg.vlm)  # refuses a processor without a chat template
     except OSError as err:  # not a folder, not in the cache offline, no such hub id
         raise ValueError(f"layoutsam.vlm {cfg.vlm.name!r}: cannot load: {' '.join(str(err).split())}") from None
 

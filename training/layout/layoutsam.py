@@ -17,6 +17,7 @@ record id: ``DIR/<stem>.png``). A row that does not parse is an error naming fil
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from shards.layoutsam import parse_literal
 from shards.layoutsam_io import iter_rows, source_files
 from shards.paths import url_for
 from training.layout.files import LayoutRecord, SkippedLayout, check_unique, layout_record
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COLUMNS",
@@ -143,6 +146,7 @@ def read_layoutsam(path: str | Path, *, skip_bad: bool = False) -> tuple[list[La
         except ValueError as err:
             if not skip_bad:
                 raise
+            log.warning("skipping LayoutSAM row %s", err)
             skipped.append(SkippedLayout(where, n, str(err)))
     if not rows:
         raise ValueError(f"{path}: no valid LayoutSAM row ({len(skipped)} skipped)")
@@ -179,6 +183,7 @@ def layoutsam_records(
         except ValueError as err:
             if not skip_bad:
                 raise
+            log.warning("skipping layout %s", err)
             skipped.append(SkippedLayout(row.where, row.index, str(err)))
     if not records:
         raise ValueError(f"{path}: no valid layout ({len(skipped)} skipped)")
