@@ -61,12 +61,12 @@ WORKER = textwrap.dedent(
     from training.trainer.loop import train
     from training.trainer.config import TrainConfig
 
-    out, runs, ports = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    out, preset, runs, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
     for i, (name, overrides) in enumerate(runs.items()):
         if i:  # train() ends by destroying the process group: the next run meets on a port of its own
             os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
             os.environ["MASTER_PORT"] = str(ports[i])
-        result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", overrides))
+        result = train(TrainConfig.from_yaml(preset, overrides))
         rank = AcceleratorState().process_index
         save_file(result.adapter_state, f"{out}/{name}_{rank}.safetensors")
         with open(f"{out}/{name}_{rank}.json", "w") as f:
@@ -108,16 +108,16 @@ def run_overrides(dataset: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def launch(folder: Path, runs: dict[str, list[str]]) -> dict[str, dict]:
-    """Run each of ``runs`` (name: overrides) in turn in two torchrun processes on CPU (gloo); per run and
-    rank the trainable weights and losses it returned."""
+def launch(folder: Path, runs: dict[str, list[str]], preset: str = "configs/train/tiny.yaml") -> dict[str, dict]:
+    """Run each of ``runs`` (name: overrides of ``preset``) in turn in two torchrun processes on CPU (gloo);
+    per run and rank the trainable weights and losses it returned."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "worker.py"
     script.write_text(WORKER)
     ports = [_free_port() for _ in runs]
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(ports[0]),
-           str(script), str(folder), json.dumps(runs), json.dumps(ports)]  # fmt: skip
+           str(script), str(folder), preset, json.dumps(runs), json.dumps(ports)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1"}  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

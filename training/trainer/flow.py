@@ -237,8 +237,6 @@ def flow_loss(transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Ten
 
 def build_flow_model(config: TrainConfig, device: torch.device) -> Model:
     """Load the parts, attach the adapter (and LoRA), freeze the rest and place everything on ``device``."""
-    if config.train.distributed == "fsdp":
-        raise ConfigError("train.distributed: fsdp does not shard MM-DiT blocks yet: use ddp")
     weight_dtype = weight_dtype_of(config)
     m = config.model
     adapter = flow_adapter_config(m)
@@ -262,7 +260,9 @@ def build_flow_model(config: TrainConfig, device: torch.device) -> Model:
     if m.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     place = {"device": device} if weight_dtype == torch.float32 else {"device": device, "dtype": weight_dtype}
-    transformer.to(**place)
+    # FSDP2 stores the frozen shards in its own param dtype (training/trainer/fsdp.py): as the UNet's, the
+    # transformer stays as loaded until it is sharded.
+    transformer.to(**({"device": device} if config.train.distributed == "fsdp" else place))
     for p in params:
         p.data = p.data.float()  # fp32 master weights; autocast computes in weight_dtype
     transformer.train()

@@ -1,6 +1,8 @@
-"""FSDP for the trainer: torch's FSDP2 (``fully_shard``) applied to the UNet by us, the same code on GPUs and CPUs.
+"""FSDP for the trainer: torch's FSDP2 (``fully_shard``) applied to the UNet or the MM-DiT transformer by us, the
+same code on GPUs and CPUs.
 
-``train.distributed: fsdp`` with several processes shards the UNet instead of replicating it (DDP). accelerate
+``train.distributed: fsdp`` with several processes shards the UNet (or the SD3 / FLUX.1 transformer; "the
+UNet" below stands for either) instead of replicating it (DDP). accelerate
 still starts the processes and gives precision and accumulation, but the UNet never goes through
 ``accelerator.prepare`` (which would wrap it in DDP, or in accelerate's FSDP1 plugin on GPUs only):
 :func:`shard_unet` calls ``fully_shard`` on it, so NCCL on GPUs and gloo on CPUs run one code path.
@@ -8,8 +10,9 @@ still starts the processes and gives precision and accumulation, but the UNet ne
 What is sharded, one FSDP unit (one all-gather, one reduce-scatter) each: every ``BasicTransformerBlock``
 (its frozen attention and feed-forward, its trainable ``fuser`` and LoRA together: FSDP2 keeps
 ``requires_grad`` per parameter inside a unit and reduces only the gradients that exist), every
-``ResnetBlock2D`` (frozen), then the root (what is left: convolutions, time embedding, norms and the
-trainable ``position_net``). Each parameter is split along dim 0 over the ranks (a ``DTensor``); the
+``ResnetBlock2D`` (frozen); on an MM-DiT every ``JointTransformerBlock`` (SD3), ``FluxTransformerBlock`` and
+``FluxSingleTransformerBlock`` (FLUX.1), each with its fuser and LoRA; then the root (what is left:
+convolutions or patch embedding, time embedding, norms and the trainable ``position_net``). Each parameter is split along dim 0 over the ranks (a ``DTensor``); the
 optimizer and the EMA hold this rank's part only. The VAE and the text encoders are frozen and replicated.
 
 Why the choices:
@@ -19,7 +22,9 @@ Why the choices:
   and need no gradient, and on a rank whose micro-batch dropped every layout its fuser may not read the
   features, so its reduce-scatter would move to the end of the backward (two ranks deadlocked). A
   pre-hook makes the hidden states entering each trainable unit require a gradient (one extra
-  input-gradient through the first block). The ``position_net`` is off the chain for the same reason:
+  input-gradient through the first block). The UNet's blocks get them as their first argument, the
+  MM-DiT's as the keyword ``hidden_states`` (positional again under gradient checkpointing): the hook
+  takes either. The ``position_net`` is off the chain for the same reason:
   it stays in the root unit, whose all-gather opens the backward and whose reduce-scatter closes it.
 - ``reshard_after_forward=True`` on every unit, the root too: a forward without backward (validation) must
   leave no gathered copy behind, or the next training forward would reuse it after the EMA swap wrote
@@ -30,6 +35,10 @@ Why the choices:
 - Precision (``train.fsdp``): frozen shards are stored, and every unit computes, in ``param_dtype``
   (``auto``: ``train.mixed_precision``'s dtype); trainable shards stay fp32 master weights; gradients are
   reduce-scattered in ``reduce_dtype``. fp16 is refused (accelerate's loss scaler is not FSDP2-aware).
+  An MM-DiT's root does not cast its inputs to ``param_dtype`` (its blocks do): the flow timestep is a float
+  (SD3: ``1000 sigma``), and bf16 would round it to a multiple of 4 above 512 before the sinusoidal
+  embedding (999 and 998 both to 1000), which DDP under autocast never does; the root's layers run under
+  the trainer's autocast, so an MM-DiT under FSDP refuses a bf16 ``param_dtype`` without bf16 autocast.
 - Checkpoints hold full tensors: :func:`full_state` gathers the trainable tensors (a collective, the
   same key order on every rank) and :func:`gather_optimizer_state` the optimizer's, so an FSDP checkpoint
   is the same files as a DDP one (and resumes under either); :func:`load_full_state` and
@@ -41,13 +50,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from training.model.mmdit.adapter import is_mmdit
 from training.trainer.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -65,7 +77,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # One FSDP unit per module of these classes (see the module docstring); the root takes the rest.
-FSDP_UNITS = (BasicTransformerBlock, ResnetBlock2D)
+FSDP_UNITS = (BasicTransformerBlock, ResnetBlock2D, JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)
+_HIDDEN = "hidden_states"  # the keyword the MM-DiT transformers pass each block's image stream under
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -109,14 +122,23 @@ def shard_unet(unet: torch.nn.Module, config: TrainConfig, device: torch.device,
 
     f, mixed = config.train.fsdp, config.train.mixed_precision
     param_dtype = _DTYPES[mixed if f.param_dtype == "auto" else f.param_dtype]
+    mmdit = is_mmdit(unet)
+    if mmdit and param_dtype not in (torch.float32, _DTYPES[mixed]):
+        raise ConfigError(
+            f"train.fsdp.param_dtype={f.param_dtype} with train.mixed_precision={mixed}: an MM-DiT's root runs "
+            "its frozen layers under the trainer's autocast (its float timestep must not be rounded), "
+            "set train.fsdp.param_dtype=auto"
+        )
     for p in unet.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(param_dtype)  # frozen shards stored as they compute
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[f.reduce_dtype])
+    root_policy = replace(policy, cast_forward_inputs=False) if mmdit else policy
     mesh = init_device_mesh(device.type, (world_size,))
     units = [m for m in unet.modules() if isinstance(m, FSDP_UNITS)]
-    for module in [*units, unet]:  # bottom-up: the root's unit takes what no block took
+    for module in units:  # bottom-up: the root's unit takes what no block took
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(unet, mesh=mesh, mp_policy=root_policy, reshard_after_forward=True)
     for module in units:
         if any(p.requires_grad for p in module.parameters()):
             # prepend: before FSDP's own pre-hook, which wraps the inputs that require a gradient.
@@ -130,11 +152,20 @@ def shard_unet(unet: torch.nn.Module, config: TrainConfig, device: torch.device,
 
 
 def _on_the_chain(module, args, kwargs):
-    """Make a unit's hidden-state input (its first argument) require a gradient (see the module docstring)."""
-    if torch.is_grad_enabled() and args and torch.is_tensor(args[0]) and not args[0].requires_grad:
-        if args[0].is_floating_point():
+    """Make a unit's hidden-state input (its first argument, or the keyword ``hidden_states``) require a
+    gradient (see the module docstring)."""
+    if not torch.is_grad_enabled():
+        return None
+    if args:
+        if _needs_grad(args[0]):
             return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+    elif _needs_grad(kwargs.get(_HIDDEN)):
+        return args, {**kwargs, _HIDDEN: kwargs[_HIDDEN].detach().requires_grad_()}
     return None
+
+
+def _needs_grad(x: object) -> bool:
+    return torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def validate(
         layouts = box[0]
     if (accelerator.is_main_process or fsdp) and layouts:
         sdxl = frozen.pipe
-        if fsdp:
+        if fsdp and "unet" in sdxl.components:  # an MM-DiT pipeline holds the transformer sharded in place
             # A pipeline of the same parts around the wrapped UNet (each forward gathers the shards).
             sdxl = stock_pipeline({**frozen.pipe.components, "unet": unet})
             sdxl.set_progress_bar_config(disable=True)
