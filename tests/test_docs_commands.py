@@ -157,6 +157,11 @@ BLOCKS = {
         Entry("run", slow=True),
     ("training/GENERATE.md", "python -m training.evaluate --tiny --images /tmp/gen --layouts /tmp/gen/layouts.jsonl"):
         Entry("run", slow=True),
+    ("training/GENERATE.md",
+     "python -m training.generate --preset paper --adapter A.safetensors --layouts LayoutSAM-eval/ --out gen_sam/"):
+        Entry("run", slow=True, setup=LAYOUTSAM_SETUP),
+    ("training/GENERATE.md", "python -m venv .venv-minicpm"): Entry(
+        "skip", "a transformers 4 venv and MiniCPM-V 2.6's remote-code weights from the hub (16 GB, a GPU)"),
     ("training/TRAINING.md", f"python -m training.train --config {TINY_TRAIN}"): Entry(
         "run", slow=True,
         subs=((r"(--num_processes 2 -m training.train --config) \.\.\.",
