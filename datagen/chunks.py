@@ -145,8 +145,12 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
     """Run ``stage`` on the ok rows of a chunk in batches of ``batch_size``; time it.
 
     Rows that are not ok skip the stage (they get None in its new columns), so model batches are
-    full of real work and their composition is a pure function of the chunk's content.
+    full of real work and their composition is a pure function of the chunk's content. A stage with a
+    ``counts`` Counter (its own tallies, e.g. the segment stage's objects that arrived masked) has what
+    this chunk added to it recorded in the chunk's ``counts``, for the run record.
     """
+    counts = getattr(stage, "counts", None)
+    before = dict(counts or {})
     cols = chunk["columns"]
     n = len(cols["key"])
     ok = [i for i in range(n) if cols["status"][i] == STATUS_OK]
@@ -171,7 +175,10 @@ def run_stage_on_chunk(stage: Callable, name: str, chunk: dict, batch_size: int)
     names = list(cols) + [k for r in results.values() for k in r if k not in cols]
     names = list(dict.fromkeys(names))
     merged = {k: [_cell(results.get(i), cols, k, i) for i in range(n)] for k in names}
-    return {**chunk, "columns": merged, "busy": {**chunk.get("busy", {}), name: [len(ok), busy]}}
+    out = {**chunk, "columns": merged, "busy": {**chunk.get("busy", {}), name: [len(ok), busy]}}
+    if counts is not None:
+        out["counts"] = {**chunk.get("counts", {}), name: {k: v - before.get(k, 0) for k, v in counts.items()}}
+    return out
 
 
 def _cell(result: dict | None, cols: dict, name: str, i: int):
@@ -201,6 +208,7 @@ def pack_chunk(chunk: dict, config: WriteConfig) -> dict:
         "start": chunk["start"],
         "entries": entries,
         "busy": busy,
+        "counts": chunk.get("counts", {}),
         "nodes": chunk.get("nodes", []),
     }
 
@@ -228,7 +236,7 @@ def chunk_summary(packed: dict) -> dict:
             failures[k] = failures.get(k, 0) + 1
     return {"shard": packed["shard"], "start": packed["start"], "rows": len(packed["entries"]),
             "statuses": statuses, "failures": [[*k, n] for k, n in failures.items()], "objects": objects,
-            "busy": packed["busy"], "nodes": packed["nodes"]}
+            "busy": packed["busy"], "counts": packed.get("counts", {}), "nodes": packed["nodes"]}
 
 
 class FailFast:

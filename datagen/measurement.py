@@ -283,6 +283,8 @@ def run_record(summary, cfg) -> dict:
 
     ``stages``: per stage the rows it processed and its busy seconds summed over its workers, so
     rows / busy_seconds is the images/s of one worker (an actor of its pool, or a CPU task) while busy.
+    A stage that keeps tallies of its own (``counts``: the segment stage's objects that arrived masked and
+    those it segmented) has them there too.
     ``pools`` and ``cpu_tasks`` give each worker's GPUs and CPUs from the resolved configuration, and
     ``objects_per_image`` the objects kept per ok sample (describe and score work per object).
     A pool's ``engine`` says how it ran: ``"actors"`` (an actor pool of its stages' models, measured
@@ -299,6 +301,8 @@ def run_record(summary, cfg) -> dict:
             "pool": pool_of.get(stage),
             "batch_size": cfg.batch_size(stage) if stage in cfg.stages else cfg.execution.chunk_size,
         }
+        if stage in summary.counts:  # the stage's own tallies, e.g. segment: objects that arrived masked
+            stages[stage]["counts"] = dict(summary.counts[stage])
     ex = cfg.execution
     ok = summary.statuses.get(STATUS_OK, 0)
     models = {}

@@ -81,6 +81,7 @@ class RunResult:
     objects: int = 0
     shards: list[dict] = field(default_factory=list)  # stats of each shard written
     busy: dict[str, StageTime] = field(default_factory=dict)  # stage -> busy time
+    counts: dict[str, Counter] = field(default_factory=dict)  # stage -> its own tallies (chunks.run_stage_on_chunk)
     nodes: set = field(default_factory=set)  # Ray node ids that decoded or ran model stages
     startup_seconds: float | None = None  # until the first chunk came out (actor start-up, model loads)
     startup_rows: int = 0  # the rows of that first chunk
@@ -334,6 +335,8 @@ def execute(
                 t = result.busy.setdefault(stage, StageTime())
                 t.rows += int(n)
                 t.seconds += float(seconds)
+            for stage, tally in summary.get("counts", {}).items():
+                result.counts.setdefault(stage, Counter()).update(tally)
             result.statuses.update(summary["statuses"])
             result.objects += summary["objects"]
             for stage, why, _, n in summary["failures"]:

@@ -50,6 +50,7 @@ class Summary:
     totals: dict = field(default_factory=dict)  # dataset-wide samples/failures/filtered/objects (index.json)
     failures: Counter = field(default_factory=Counter)  # (stage, reason) -> count, this run
     busy: dict = field(default_factory=dict)  # stage -> (rows, seconds), this run
+    counts: dict = field(default_factory=dict)  # stage -> {tally: n}, this run (e.g. segment: objects that arrived masked)
     wall_seconds: float = 0.0
     nodes: int = 0  # Ray nodes that decoded or ran model stages this run
     statuses: Counter = field(default_factory=Counter)  # ok/failed/filtered -> count, this run
@@ -85,6 +86,8 @@ class Summary:
                 per = rows / seconds if seconds > 0 else float("inf")
                 frac = seconds / self.wall_seconds if self.wall_seconds else 0.0
                 lines.append(f"  {stage:<10}{rows:>8}{seconds:>10.2f}{per:>14.2f}{frac:>11.2f}")
+        for stage, tally in self.counts.items():
+            lines.append(f"  {stage}: " + ", ".join(f"{n} {what}" for what, n in sorted(tally.items())))
         if self.vllm_stages:
             lines.append(f"  {', '.join(self.vllm_stages)}: on vLLM, no busy time measured (Ray dashboard, Data view); "
                          "python -m datagen size needs their rates with --rates")
@@ -227,6 +230,7 @@ def _plan_and_execute(cfg: DatagenConfig, items: list, dataset: DatasetHandle, r
         summary.shards_written = len(result.shards)
         summary.failures = result.failures
         summary.busy = {k: (v.rows, v.seconds) for k, v in result.busy.items()}
+        summary.counts = {k: dict(v) for k, v in result.counts.items()}
         summary.wall_seconds = result.wall_seconds
         summary.nodes = len(result.nodes)
         summary.statuses = result.statuses

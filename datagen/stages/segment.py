@@ -94,6 +94,8 @@ class SegmentStage:
 
     def segment_images(self, images: Sequence[np.ndarray], objects: Sequence[list[dict]]) -> list[list[dict]]:
         """``objects[k]`` of ``images[k]`` with their masks: SAM 2.1 or segment-anything's SAM."""
+        if not images:
+            return []
         if self.sam2 is not None:
             return self.sam2.segment(images, objects)
         return [self.masks(im, emb, objs) for im, emb, objs in zip(images, self.embed(images), objects, strict=True)]
