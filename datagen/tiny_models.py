@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .tiny_detectors import DETECTOR_FACTORIES  # MM GroundingDINO, OWLv2, Florence-2 (imports this lazily)
 from .tiny_sam import SAM_FACTORIES  # SAM 3 and SAM 2.1 (it imports this module lazily)
 
 SEED = 0
@@ -297,4 +298,5 @@ TINY_FACTORIES: dict[str, tuple[str, Callable]] = {
     "tiny-sam": ("segmenter", tiny_sam),
     "tiny-clip": ("clip", tiny_clip),
     **SAM_FACTORIES,
+    **DETECTOR_FACTORIES,
 }

@@ -144,10 +144,12 @@ def as_objects(value: Any) -> list[dict]:
     return objects
 
 
-def new_object(box: Sequence[float], phrase: str, detector_score: float) -> dict:
-    """An object dict with every ObjectRecord field, as the ground stage creates it."""
+def new_object(box: Sequence[float], phrase: str, detector_score: float | None) -> dict:
+    """An object dict with every ObjectRecord field, as the ground stage creates it (``detector_score``
+    None: a detector without scores, Florence-2; the shards store NaN)."""
     obj = dict.fromkeys(OBJECT_FIELDS)
-    obj.update(box=[float(v) for v in box], phrase=phrase, detector_score=float(detector_score))
+    score = None if detector_score is None else float(detector_score)
+    obj.update(box=[float(v) for v in box], phrase=phrase, detector_score=score)
     return obj
 
 

@@ -9,13 +9,18 @@ NMS at IoU 0.5; and beyond it: min/max box size, same-phrase near-duplicate remo
 Images are batched through the detector; tags that overflow the text length go to a second prompt.
 ``engine: groundingdino-py`` runs IDEA's original code instead (``ground_gdino``, its own environment).
 A SAM 3 model (``facebook/sam3``) grounds and segments in one (``ground_sam3``): its objects come masked.
+The engine follows the loaded model's ``config.model_type``, so a preset names only the model:
+"grounding-dino" and "mm-grounding-dino" (MM GroundingDINO, same processor and outputs) run here, "owlv2"
+in ``ground_owl`` (a query per tag) and "florence2" in ``ground_florence`` (generated boxes, no scores).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,14 +45,16 @@ class GroundConfig:
     model: ModelSpec = field(default_factory=lambda: default_spec("detector"))
     engine: str = "transformers"  # "transformers" (GroundingDinoForObjectDetection) or "groundingdino-py"
     #                               (the original code, transformers<5 only: see ground_gdino)
-    box_threshold: UnitFloat = 0.25  # a box's best tag score must exceed this (the paper's value)
-    text_threshold: UnitFloat = 0.2  # a tag counts only when one of its tokens exceeds this (the paper's)
+    box_threshold: UnitFloat = 0.25  # a box's best tag score must exceed this (the paper's; Florence-2: none)
+    text_threshold: UnitFloat = 0.2  # a tag counts only when one of its tokens exceeds this (the paper's;
+    #                                  GroundingDINO-like models only: OWLv2 and Florence-2 score no tokens)
     nms_iou: UnitFloat = 0.5  # class-agnostic NMS IoU (the paper's value)
     min_box_side: NonNegativeFloat = 8.0  # px of the stored image; narrower or shorter boxes are dropped
     max_box_area: UnitFloat = 0.95  # fraction of the image; larger boxes (the whole frame) are dropped
     dedupe_containment: UnitFloat | None = 0.9  # drop a box this much inside a better box of the same phrase
     max_objects: PositiveInt = 30  # best-scoring boxes kept per image
-    image_size: PositiveInt | None = None  # detector input shortest edge in px; None: the processor's (800)
+    image_size: PositiveInt | None = None  # detector input shortest edge in px (OWLv2: the square's side;
+    #                                        Florence-2: ignored); None: the processor's (800)
     forward_batch_size: PositiveInt = 8  # (image, prompt) pairs per detector forward
     batch_size: PositiveInt = 8  # rows per Ray batch (a hint for the pipeline)
 
@@ -62,6 +69,7 @@ class GroundStage:
     def __init__(self, config: GroundConfig) -> None:
         self.config = config
         self.sam3: Sam3Grounder | None = None  # the ground-and-segment engine, when the model is SAM 3
+        self.other: Any = None  # OWLv2's or Florence-2's detector (other_detector), which batch their own way
         if config.engine == "groundingdino-py":
             from .ground_gdino import load_gdino  # needs transformers<5: imported only when chosen
 
@@ -71,6 +79,9 @@ class GroundStage:
             self.model, self.processor = load_model(config.model)
             if is_sam3(self.model):  # SAM 3 grounds and segments each phrase itself: no prompt packing
                 self.sam3 = Sam3Grounder(self.model, self.processor, config)
+                return
+            self.other = other_detector(self.model, self.processor, config)  # OWLv2, Florence-2
+            if self.other is not None:
                 return
             self.tokenizer, max_text_len = self.processor.tokenizer, self.model.config.max_text_len
         # Tokens available to the tags: the model's text length less [CLS] and [SEP].
@@ -88,6 +99,8 @@ class GroundStage:
         """Objects for each image given its tags, batched over (image, prompt) pairs."""
         if self.sam3 is not None:
             return self.sam3.detect(images, tags)
+        if self.other is not None:
+            return self.other.detect(images, tags)
         pairs = [(r, chunk) for r, t in enumerate(tags) for chunk in self.pack_prompts(t)]
         found: list[list[tuple]] = [[] for _ in images]
         step = max(1, self.config.forward_batch_size)
@@ -96,7 +109,7 @@ class GroundStage:
             detections = self._forward([images[r] for r, _ in chunk], [p for _, p in chunk])
             for (r, _), dets in zip(chunk, detections, strict=True):
                 found[r].extend(dets)
-        return [self._select(images[r], dets) for r, dets in enumerate(found)]
+        return [select_objects(images[r], dets, self.config) for r, dets in enumerate(found)]
 
     def pack_prompts(self, tags: list[str]) -> list[list[str]]:
         """Tags grouped greedily into prompts that fit the detector's text length."""
@@ -160,15 +173,38 @@ class GroundStage:
         out = self.model(**inputs)
         return out.logits, out.pred_boxes
 
-    def _select(self, image: np.ndarray, dets: list[tuple]) -> list[dict]:
-        if not dets:
-            return []
-        h, w = image.shape[:2]
-        boxes = clip_boxes_to_image(torch.stack([d[0] for d in dets]), (h, w))
-        scores = torch.tensor([d[1] for d in dets], dtype=torch.float32)
-        phrases = [d[2] for d in dets]
-        keep = select_boxes(boxes, scores, phrases, w, h, self.config)
-        return [new_object(boxes[i].tolist(), phrases[i], float(scores[i])) for i in keep]
+
+GDINO_TYPES = ("grounding-dino", "mm-grounding-dino")  # model types GroundStage runs itself
+OTHER_TYPES = {"owlv2": ("ground_owl", "OwlDetector"), "florence2": ("ground_florence", "FlorenceDetector")}
+
+
+def other_detector(model: Any, processor: Any, config: GroundConfig) -> Any:
+    """The detector of a model that is not GroundingDINO-like (by ``config.model_type``), else None."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in GDINO_TYPES:
+        return None
+    if model_type not in OTHER_TYPES:
+        known = [*GDINO_TYPES, *OTHER_TYPES]
+        raise ValueError(f"ground model {config.model.name!r} is a {model_type!r} model; ground runs {known}")
+    module, name = OTHER_TYPES[model_type]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)(model, processor, config)
+
+
+def select_objects(image: np.ndarray, dets: Sequence[tuple], cfg: GroundConfig) -> list[dict]:
+    """The objects kept of one image's ``(box xyxy px, score, phrase)`` detections: boxes clipped to the
+    image, then ``select_boxes``. A detector without scores (Florence-2) gives None for every score and
+    its detections in rank order: they are ranked so, and their objects keep no score."""
+    if not dets:
+        return []
+    h, w = image.shape[:2]
+    boxes = torch.stack([torch.as_tensor(d[0], dtype=torch.float32) for d in dets])
+    boxes = clip_boxes_to_image(boxes, (h, w))
+    unscored = dets[0][1] is None
+    ranks = -torch.arange(len(dets), dtype=torch.float32)
+    scores = ranks if unscored else torch.tensor([d[1] for d in dets], dtype=torch.float32)
+    phrases = [d[2] for d in dets]
+    keep = select_boxes(boxes, scores, phrases, w, h, cfg)
+    return [new_object(boxes[i].tolist(), phrases[i], None if unscored else float(scores[i])) for i in keep]
 
 
 def clean_tags(tags) -> list[str]:
