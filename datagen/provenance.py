@@ -2,14 +2,16 @@
 
 Derived from the configuration alone (the stages' ``ModelSpec``s, the VLM engine, the pools' GPUs), and
 written into ``run.json`` by ``datagen.run`` (the form and its reader: ``shards.provenance``). Each stage
-says which fields it makes: a stage config may define ``made_fields() -> tuple[str, ...]`` (e.g. a
-ground engine that also segments); otherwise ``STAGE_FIELDS`` holds the stage's fields. Stages run in
-order, so a later stage that rewrites a field is its maker; the segment stage makes no mask when an
-earlier stage already made them (it has nothing left to do then).
+says which fields it makes: a stage config may define ``made_fields() -> tuple[str, ...]``; otherwise
+``STAGE_FIELDS`` holds the stage's fields, and a ground stage whose model is SAM 3 (it grounds and
+segments in one) makes the masks too. Stages run in order, so a later stage that rewrites a field is its
+maker; the segment stage makes no mask when an earlier stage already made them (it passes them on).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from shards.provenance import FIELDS, VERSION
@@ -26,6 +28,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "score": ("objects.clip_score",),
     "filter": (),  # drops objects and samples, writes no field
 }
+# Model types whose ground stage also makes the masks (``config.json``'s model_type; stages/ground.py).
+MASKING_GROUNDERS = ("sam3",)
 # The library that runs a kind of model when its stage names no engine of its own.
 _DEFAULT_ENGINE = {"vlm": "transformers", "detector": "transformers", "segmenter": "segment-anything",
                    "clip": "open_clip"}
@@ -35,6 +39,9 @@ def made_fields(name: str, stage_cfg: Any) -> tuple[str, ...]:
     """The record fields stage ``name`` writes with this config."""
     own = getattr(stage_cfg, "made_fields", None)
     fields = tuple(own()) if callable(own) else STAGE_FIELDS.get(name, ())
+    spec = getattr(stage_cfg, "model", None)
+    if not callable(own) and name == "ground" and spec is not None and model_type(spec) in MASKING_GROUNDERS:
+        fields += _MASKS
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise ValueError(f"stage {name!r} says it makes {unknown}, which are not record fields {FIELDS}")
@@ -77,3 +84,27 @@ def _dtype(cfg, stage: str, spec: ModelSpec, on_vllm: bool) -> str:
     # device "auto" is CUDA exactly when the stage's actors hold a GPU (Ray hides GPUs from the others).
     gpus = next((p.num_gpus for p in cfg.pools.values() if stage in p.stages), 0.0)
     return "bfloat16" if gpus > 0 else "float32"
+
+
+def model_type(spec: ModelSpec) -> str | None:
+    """``config.json``'s model_type of a spec, without loading or downloading anything: from a local
+    folder or the Hugging Face cache (hub ids), from the registry name of a tiny build (``tiny-<type>``,
+    e.g. tiny-sam3); None when it cannot be told here."""
+    if spec.backend == "tiny":
+        return spec.name.removeprefix("tiny-") if spec.name.startswith("tiny-") else None
+    path = Path(spec.name) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec.name, "config.json", revision=spec.revision)
+        except Exception:  # noqa: BLE001 - not a hub id (a SAM registry key, an open_clip name): unknown
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        value = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

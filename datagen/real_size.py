@@ -21,6 +21,7 @@ import torch
 from . import models as _models
 from . import tiny_models
 from .models import ModelSpec
+from .tiny_vlm3 import real_qwen3_vl
 
 VLM_TEXT_LAYERS = 2  # of Qwen2.5-VL-7B's 28: the widths (and so every shape) stay real
 QWEN_IDS = {  # Qwen2.5-VL's special tokens at the ids of its real tokenizer
@@ -200,13 +201,21 @@ FACTORIES: dict[str, tuple[str, Callable, torch.dtype]] = {
 }
 
 
-def register(device: str = "cpu", dtypes: dict[str, torch.dtype] | None = None) -> dict[str, ModelSpec]:
+# Other real-size builds, not in the real preset: name -> (kind, factory(device, dtype), dtype on a GPU).
+OTHER_FACTORIES: dict[str, tuple[str, Callable, torch.dtype]] = {
+    "real-size-qwen3-vl-8b": ("vlm", real_qwen3_vl, torch.bfloat16),  # the sam3 preset's VLM
+}
+
+
+def register(device: str = "cpu", dtypes: dict[str, torch.dtype] | None = None,
+             factories: dict[str, tuple[str, Callable, torch.dtype]] | None = None) -> dict[str, ModelSpec]:
     """Add the real-size builds to the tiny backend (built on ``device``); their specs by kind.
 
     ``dtypes`` (kind -> dtype) overrides the real preset's dtypes, e.g. float32 VLMs on a CPU without bf16.
+    ``factories``: the builds to add (default ``FACTORIES``, the real preset's; or e.g. ``OTHER_FACTORIES``).
     """
     specs = {}
-    for name, (kind, factory, dtype) in FACTORIES.items():
+    for name, (kind, factory, dtype) in (FACTORIES if factories is None else factories).items():
         dtype = (dtypes or {}).get(kind, dtype)
         tiny_models.TINY_FACTORIES[name] = (kind, partial(factory, device, dtype))
         _models.TINY_KINDS[name] = kind

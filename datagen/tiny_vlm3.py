@@ -20,14 +20,14 @@ from . import tiny_models
 # system turn; a content part is an image when its type says so or it carries an image / image_url
 # field (the OpenAI form vLLM's chat preprocessing passes), then the text parts.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string %}{{ message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif 'text' in part %}{{ part['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}<|im_end|>\n{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 PATCH = 16  # Qwen3-VL's vision patch side (Qwen2.5-VL: 14)
 
@@ -116,12 +116,12 @@ def tiny_qwen3_vl():
     return _finish(model, ids), processor
 
 
-def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, text_layers: int = 2):
-    """Qwen3-VL-8B-Instruct's configuration (vision tower whole, ``text_layers`` of its 36 text layers)
-    with the hub processor's settings and the real tokenizer's special-token ids."""
+def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Qwen3-VL-8B-Instruct's configuration (vision tower whole, ``real_size.VLM_TEXT_LAYERS`` of its 36
+    text layers, as for Qwen2.5-VL-7B) with the hub processor's settings and the real special-token ids."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from .real_size import QWEN_IDS, _building, _qwen_tokenizer
+    from .real_size import QWEN_IDS, VLM_TEXT_LAYERS, _building, _qwen_tokenizer
 
     tokenizer = _qwen_tokenizer()
     # preprocessor_config.json: size {shortest_edge: 65536, longest_edge: 16777216} pixels
@@ -132,7 +132,7 @@ def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, text
             vocab_size=151936,
             hidden_size=4096,
             intermediate_size=12288,
-            num_hidden_layers=text_layers,
+            num_hidden_layers=VLM_TEXT_LAYERS,
             num_attention_heads=32,
             num_key_value_heads=8,
             head_dim=128,
