@@ -38,9 +38,10 @@ test-soak: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m soak tests/test_soak.py
 
 # Real model configurations (GroundingDINO-T, SAM ViT-H, CLIP ViT-L-14, Qwen2.5-VL widths, SDXL) with
-# random weights through the real preset on CPU: catches what tiny configs hide. Not in CI's run.
+# random weights through the real preset on CPU: catches what tiny configs hide; the engines' own
+# real-size tests (tests/test_engines_*.py: Qwen3-VL, SAM 3, SAM 2.1, the detectors) too. Not in CI's run.
 test-real-size: $(STAMP)
-	$(BIN)/python -m pytest -q -m real_size tests/test_real_size.py
+	$(BIN)/python -m pytest -q -m real_size tests/test_real_size.py tests/test_engines_*.py
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -32,7 +32,9 @@ A VLM pool's ``actors`` .. ``max_actors`` is its number of engine replicas (Ray 
 them); its ``num_gpus`` must equal ``tensor_parallel_size`` (times ``engine_kwargs.pipeline_parallel_size``
 when set: vLLM takes whole GPUs), so ``plan`` counts the GPUs right; its ``num_cpus`` is unused
 (``vlm.vllm.cpu_stage_cpus`` sizes the CPU-side workers). The model is the stages' ``model`` (hub id or local folder, its ``revision`` and
-``dtype``), or ``vlm.vllm.model_source`` (e.g. an ``s3://`` copy) when set. Every node must reach the
+``dtype``), or ``vlm.vllm.model_source`` (e.g. an ``s3://`` copy) when set: any chat VLM that vLLM
+runs natively (Qwen2.5-VL, Qwen3-VL, ...; no remote code), its prompt rendered by the model's own chat
+template as on the transformers engine. Every node must reach the
 weights (HF cache, ``HF_HOME``; the ``HF_*`` variables are forwarded), and so must the driver: building
 the processor reads the model's config and tokenizer there.
 
@@ -172,7 +174,7 @@ def processor_config(vllm: VllmConfig, model, pool) -> Any:
         "tensor_parallel_size": vllm.tensor_parallel_size,
         "gpu_memory_utilization": vllm.gpu_memory_utilization,
         "max_model_len": vllm.max_model_len,
-        "dtype": model.dtype,  # "auto": the checkpoint's (bfloat16 for Qwen2.5-VL), as on CUDA with transformers
+        "dtype": model.dtype,  # "auto": the checkpoint's (bfloat16 for Qwen2.5-VL and Qwen3-VL), as on CUDA with transformers
         "limit_mm_per_prompt": {"image": 1},
     }
     if vllm.max_num_seqs is not None:
