@@ -322,3 +322,12 @@ def _score_with_the_tiny_vlm(parquet, gen, out, capsys):
     expected = vlm_generate(model, processor, [image[16:48, 16:48]], [ls.presence_question("a car")],
                             max_new_tokens=4, batch_size=1)  # fmt: skip
     assert car.answer_spatial == expected[0]
+
+
+def test_the_protocol_needs_the_benchmarks_parquet(tmp_path, capsys):
+    layouts = tmp_path / "layouts.jsonl"
+    layouts.write_text(json.dumps({"id": "sa_a", "boxes": [[0, 0, 8, 8]], "labels": ["a"]}) + "\n")
+    (tmp_path / "gen").mkdir()
+    argv = ["--tiny", "--protocol", "layoutsam", "--images", str(tmp_path / "gen"), "--layouts", str(layouts)]
+    assert evaluate.main(argv) == 2
+    assert "the layoutsam protocol reads the LayoutSAM-Eval parquet" in capsys.readouterr().err

@@ -10,6 +10,8 @@ against a reference set (``training.evaluation.fid``). Writes into ``--out`` (de
 - ``summary.json``: the protocol, the paper's averages (mean over each image's objects, then over
   images), object counts, missing images, failures by reason, the breakdown by size, FID or why it was skipped.
 
+``--protocol layoutsam`` scores LayoutSAM-Eval instead (``training.evaluation.layoutsam``; ``--layouts`` its parquet).
+
 Boxes are in the pixels of the layout's ``height`` x ``width``; an image of another size has its boxes
 scaled to it. A folder holding none of the layouts' images is an error, not a table of zeros. Examples::
 
@@ -40,7 +42,6 @@ from training.evaluation.layoutsam import LAYOUTSAM, LayoutSamConfig
 from training.evaluation.scoring import METRICS, MISSING, Metric, Scorers, score_chunk, summarize
 from training.inference.presets import add_preset_arguments, config_from_args, run_cli
 from training.layout.files import LayoutRecord, read_layouts
-from training.layout.layoutsam import is_layoutsam, read_layoutsam
 
 # training.evaluation.metrics (transformers, open_clip, torch-fidelity behind it) and pandas are imported by the
 # functions that score, so `--help` and a config mistake answer without them.
@@ -212,6 +213,14 @@ def _image_folder(cfg: EvalConfig, images: Path, records: list[LayoutRecord]) ->
     return folder, found
 
 
+def _out_folder(images: Path, out: str | Path | None) -> Path:
+    """``--out`` (default ``IMAGES/eval``), refused when it exists and is not a folder."""
+    out = Path(out) if out is not None else images / "eval"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    return out
+
+
 def _load(path: Path | None, folder: Path, record: LayoutRecord) -> tuple[Image.Image | None, str | None]:
     """One record's image, or None and why (missing, unreadable)."""
     if path is None:
@@ -238,9 +247,7 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
         return _evaluate_layoutsam(cfg, images, layouts, out)
     records = read_layouts(layouts, cfg.height, cfg.width, zero_area=cfg.protocol == "paper")
     folder, found = _image_folder(cfg, images, records)
-    out = Path(out) if out is not None else images / "eval"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    out = _out_folder(images, out)
     fid_state, fid_skipped = _fid_state(cfg.fid)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -284,17 +291,11 @@ def evaluate(cfg: EvalConfig, images: str | Path, layouts: str | Path, out: str 
 
 def _evaluate_layoutsam(cfg: EvalConfig, images: Path, layouts: str | Path, out: str | Path | None) -> dict:
     """The LayoutSAM-Eval protocol (``training.evaluation.layoutsam``) on the benchmark's parquet rows."""
-    from training.evaluation.layoutsam import evaluate_layoutsam
+    from training.evaluation.layoutsam import benchmark_rows, evaluate_layoutsam
 
-    if not is_layoutsam(layouts):
-        raise ValueError(f"--layouts {layouts}: the layoutsam protocol reads the LayoutSAM-Eval parquet (a .parquet "
-                         "file or a folder of them): its region and detailed captions are the questions")  # fmt: skip
-    rows, _ = read_layoutsam(layouts)
+    rows = benchmark_rows(layouts)
     folder, found = _image_folder(cfg, images, rows)  # type: ignore[arg-type]  # rows have ids
-    out = Path(out) if out is not None else images / "eval"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    return evaluate_layoutsam(cfg, rows, found, out, lambda path, row: _load(path, folder, row))
+    return evaluate_layoutsam(cfg, rows, found, _out_folder(images, out), lambda path, r: _load(path, folder, r))
 
 
 HELP_METRICS = """\

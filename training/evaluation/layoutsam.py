@@ -37,7 +37,7 @@ import numpy as np
 
 from datagen.models import ModelSpec
 from shards.config import PositiveInt
-from training.layout.layoutsam import LayoutSamRow
+from training.layout.layoutsam import LayoutSamRow, is_layoutsam, read_layoutsam
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ __all__ = [
     "LayoutSamConfig",
     "Question",
     "attribute_question",
+    "benchmark_rows",
     "box_weighted",
     "check_sizes",
     "crop_box",
@@ -128,6 +129,14 @@ def _crop(image: Any, box: tuple[int, int, int, int]) -> np.ndarray:
     if box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"crop {list(box)} has no pixels")
     return np.asarray(image.crop(box))
+
+
+def benchmark_rows(layouts: str | Path) -> list[LayoutSamRow]:
+    """The LayoutSAM-Eval rows of ``--layouts`` (its parquet: the questions need both captions of each box)."""
+    if not is_layoutsam(layouts):
+        raise ValueError(f"--layouts {layouts}: the layoutsam protocol reads the LayoutSAM-Eval parquet (a .parquet "
+                         "file or a folder of them): its region and detailed captions are the questions")  # fmt: skip
+    return read_layoutsam(layouts)[0]
 
 
 def check_sizes(found: dict[str, Path | None], resolution: int) -> None:
