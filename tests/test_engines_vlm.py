@@ -391,7 +391,7 @@ def test_datasets_of_two_model_sets_mix_in_one_training_stream(tmp_path, capsys)
     assert {f: m for f, m in made["qwen25"].items() if f not in vlm_fields} == \
         {f: m for f, m in made["qwen3"].items() if f not in vlm_fields}  # same detector, segmenter, CLIP
 
-    keys = {name: {s.key for s in iter_samples(str(tmp_path / name))} for name in ("qwen25", "qwen3")}
+    keys = {name: {s.record.key for s in iter_samples(str(tmp_path / name))} for name in ("qwen25", "qwen3")}
     assert all(k.startswith("a_") for k in keys["qwen25"]) and all(k.startswith("b_") for k in keys["qwen3"])
     augment = {"size": [64, 64], "min_visibility": 0.0, "max_objects": 4}
     cfg = StreamConfig.from_dict({
