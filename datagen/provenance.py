@@ -3,8 +3,9 @@
 Derived from the configuration alone (the stages' ``ModelSpec``s, the VLM engine, the pools' GPUs), and
 written into ``run.json`` by ``datagen.run`` (the form and its reader: ``shards.provenance``). Each stage
 says which fields it makes: a stage config may define ``made_fields() -> tuple[str, ...]``; otherwise
-``STAGE_FIELDS`` holds the stage's fields, and a ground stage whose model is SAM 3 (it grounds and
-segments in one) makes the masks too. Stages run in order, so a later stage that rewrites a field is its
+``STAGE_FIELDS`` holds the stage's fields, and the ground stage makes the masks too when its model is
+SAM 3 (it grounds and segments in one) or the segment stage has no model (``segment: {model: null}``:
+every object must arrive masked). Stages run in order, so a later stage that rewrites a field is its
 maker; the segment stage makes no mask when an earlier stage already made them (it passes them on).
 """
 
@@ -35,13 +36,17 @@ _DEFAULT_ENGINE = {"vlm": "transformers", "detector": "transformers", "segmenter
                    "clip": "open_clip"}
 
 
-def made_fields(name: str, stage_cfg: Any) -> tuple[str, ...]:
-    """The record fields stage ``name`` writes with this config."""
+def made_fields(name: str, stage_cfg: Any, masked_upstream: bool = False) -> tuple[str, ...]:
+    """The record fields stage ``name`` writes with this config (``masked_upstream``: for the ground
+    stage, whether the run's segment stage expects every object masked already)."""
     own = getattr(stage_cfg, "made_fields", None)
     fields = tuple(own()) if callable(own) else STAGE_FIELDS.get(name, ())
     spec = getattr(stage_cfg, "model", None)
-    if not callable(own) and name == "ground" and spec is not None and model_type(spec) in MASKING_GROUNDERS:
+    if not callable(own) and name == "ground" and spec is not None and (
+            masked_upstream or model_type(spec) in MASKING_GROUNDERS):
         fields += _MASKS
+    if not callable(own) and name == "segment" and spec is None:
+        fields = ()  # no segmenter: it only checks that the objects arrived masked
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise ValueError(f"stage {name!r} says it makes {unknown}, which are not record fields {FIELDS}")
@@ -51,9 +56,11 @@ def made_fields(name: str, stage_cfg: Any) -> tuple[str, ...]:
 def provenance(cfg) -> dict:
     """``run.json``'s ``provenance`` for a ``DatagenConfig``: field -> its maker (see ``shards.provenance``)."""
     fields: dict[str, dict] = {}
+    segment = cfg.stages.get("segment")
+    masked_upstream = segment is not None and getattr(segment, "model", ...) is None
     for name in cfg.stage_names:
         stage_cfg = cfg.stages[name]
-        made = made_fields(name, stage_cfg)
+        made = made_fields(name, stage_cfg, masked_upstream)
         if name == "segment" and any(f in fields for f in _MASKS):
             made = ()
         maker = _maker(cfg, name, stage_cfg)
@@ -69,6 +76,8 @@ def _maker(cfg, name: str, stage_cfg: Any) -> dict:
         return {"stage": name, "model": None, "method": method or name}
     on_vllm = name in cfg.vllm_stages()
     engine = "vllm" if on_vllm else getattr(stage_cfg, "engine", None) or _DEFAULT_ENGINE[spec.kind]
+    if spec.kind == "segmenter" and ((spec.backend == "hf" and not spec.weights) or model_type(spec) == "sam2"):
+        engine = "transformers"  # SAM 2.1 (Sam2Model) by hub id or folder; segment-anything needs its weights file
     return {"stage": name, "model": spec.name, "revision": spec.revision, "dtype": _dtype(cfg, name, spec, on_vllm),
             "backend": spec.backend, "engine": engine, "weights": spec.weights}
 

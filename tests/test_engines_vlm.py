@@ -264,6 +264,15 @@ def test_provenance_of_the_tiny_preset_and_of_other_model_sets(tmp_path):
     assert made["objects.mask"]["model"] == made["objects.mask_box"]["model"] == str(folder)
     assert list(made) == ["tags", "objects.box", "objects.phrase", "objects.detector_score", "objects.mask",
                           "objects.mask_score", "objects.mask_box"]
+    # the presets of issue 23: SAM 3 grounds and masks (segment has no model), Qwen3-VL asks
+    for preset, vlm, ground in (("sam3", "Qwen/Qwen3-VL-8B-Instruct", "facebook/sam3"),
+                                ("tiny_sam3", "tiny-qwen3-vl", "tiny-sam3")):
+        made = provenance(load_config(ROOT / "configs" / "datagen" / f"{preset}.yaml"))["fields"]
+        assert {made[f]["model"] for f in ("tags", "caption", "objects.description")} == {vlm}
+        assert {(made[f]["stage"], made[f]["model"]) for f in shards_provenance.FIELDS[2:8]} == {("ground", ground)}
+    sam2 = provenance(load_config(TINY_YAML, {"stages": {"segment": {"model": {
+        "kind": "segmenter", "name": "facebook/sam2.1-hiera-large"}}}}))["fields"]["objects.mask"]
+    assert (sam2["stage"], sam2["model"], sam2["engine"]) == ("segment", "facebook/sam2.1-hiera-large", "transformers")
     # without segment or score stages those fields are absent: "not made by this run"
     partial = build_config({"models": "tiny", "pools": {"p": {"stages": ["tag", "caption"]}}})
     assert list(provenance(partial)["fields"]) == ["tags", "caption"]
