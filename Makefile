@@ -26,8 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m training.demo --out demo_out
 
+# Two pytest-xdist workers (a 2-core machine; TEST_WORKERS=N for more cores), one test file each at a
+# time (tests/conftest.py groups them, the heavy files first): module fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
