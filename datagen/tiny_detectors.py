@@ -7,11 +7,16 @@ use, built from small configs with seeded weights like ``datagen.tiny_models`` (
 GroundingDINO, CLIP's real BPE (open_clip ships it) for OWLv2, a byte-level BPE over ``WORDS`` plus
 Florence-2's 1000 location tokens for Florence-2. Their outputs are meaningless; a random Florence-2
 rarely writes a well-formed box, so tests that need its boxes feed it answers.
+
+The same three at their real sizes with random weights (``real_detectors``, for ``datagen.real_size``):
+MM GroundingDINO-T, OWLv2 B/16 at 960 px and Florence-2-large, with the real processors' settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 # Florence-2's task tokens besides the 1000 location bins (its tokenizer adds them after BART's vocabulary).
 FLORENCE_TOKENS = ("<od>", "</od>", "<ocr>", "</ocr>", "<poly>", "</poly>", "<sep>", "<ground>", "<obj>")
@@ -71,8 +76,11 @@ def tiny_owlv2():
     return model.eval(), processor
 
 
-def florence_tokenizer():
-    """A BART byte-level BPE over ``WORDS`` with Florence-2's tokens: ``<image>``, locations, task tokens."""
+def florence_tokenizer(regular_ids: int = 0):
+    """A BART byte-level BPE over ``WORDS`` with Florence-2's tokens: ``<image>``, locations, task tokens.
+
+    ``regular_ids``: fill BART's regular ids up to this many with filler words (50265 for the real
+    vocabulary, so Florence-2's own tokens land where the real tokenizer has them: 50265 onwards)."""
     from transformers import BartTokenizer
 
     from .tiny_models import WORDS, _byte_bpe
@@ -81,6 +89,7 @@ def florence_tokenizer():
     vocab = {t: i for i, t in enumerate(("<s>", "<pad>", "</s>", "<unk>"))}  # BART's ids 0-3
     for token in words:
         vocab.setdefault(token, len(vocab))
+    vocab.update({f"\u0120w{i}": i for i in range(len(vocab), regular_ids)})
     tokenizer = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"})
     tokenizer.add_tokens([f"<loc_{i}>" for i in range(FLORENCE_LOCATIONS)] + list(FLORENCE_TOKENS))
     return tokenizer
@@ -119,6 +128,84 @@ def tiny_florence2():
     with _seeded():
         model = Florence2ForConditionalGeneration(config)
     return model.eval(), processor
+
+
+# ------------------------------------------------------------------ real sizes, random weights
+
+
+def real_mm_grounding_dino(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """mm_grounding_dino_tiny_o365v1_goldg_v3det: ``MMGroundingDinoConfig``'s defaults (Swin-T, BERT-base)."""
+    from transformers import (
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        MMGroundingDinoConfig,
+        MMGroundingDinoForObjectDetection,
+    )
+
+    from .real_size import _bert_tokenizer, _building
+
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(), tokenizer=_bert_tokenizer()
+    )
+    with _building(device, dtype):
+        model = MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(disable_custom_kernels=True))
+    return model.eval(), processor
+
+
+def real_owlv2(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """owlv2-base-patch16-ensemble: ViT-B/16 at 960 px (3600 boxes an image), CLIP's text tower and BPE."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from .real_size import _building
+
+    tokenizer = clip_bpe_tokenizer(pad_token="!", model_max_length=16)
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(), tokenizer=tokenizer)  # 960 x 960
+    with _building(device, dtype):
+        model = Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960, "patch_size": 16}))
+    return model.eval(), processor
+
+
+def real_florence2_large(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Florence-2-large (florence-community): DaViT-L at 768 px (577 image tokens), BART-large 12 + 12 layers."""
+    from transformers import (
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    from .real_size import _building
+
+    tokenizer = florence_tokenizer(regular_ids=50265)
+    image_processor = CLIPImageProcessor(
+        size={"height": 768, "width": 768}, do_center_crop=False, crop_size={"height": 768, "width": 768},
+        resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=577,
+    )  # fmt: skip
+    processor = Florence2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, post_processor_config=FLORENCE_POST_PROCESSOR
+    )
+    config = Florence2Config(
+        # the converted checkpoints' vocabulary: len(tokenizer) padded to a multiple of 64
+        text_config=dict(model_type="bart", vocab_size=-(-len(tokenizer) // 64) * 64, d_model=1024,
+                         encoder_layers=12, decoder_layers=12, encoder_attention_heads=16, decoder_attention_heads=16,
+                         encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024, bos_token_id=0,
+                         pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0),
+        vision_config=dict(depths=[1, 1, 9, 1], embed_dim=[256, 512, 1024, 2048], num_heads=[8, 16, 32, 64],
+                           num_groups=[8, 16, 32, 64], window_size=12, projection_dim=1024),
+        image_token_id=tokenizer.image_token_id,
+    )  # fmt: skip
+    with _building(device, dtype):
+        model = Florence2ForConditionalGeneration(config)
+    return model.eval(), processor
+
+
+def real_detectors():
+    """``datagen.real_size`` builds of these detectors: name -> (kind, factory(device, dtype), dtype on a GPU)."""
+    return {
+        "real-size-mm-grounding-dino-tiny": ("detector", real_mm_grounding_dino, torch.float32),
+        "real-size-owlv2-base-patch16": ("detector", real_owlv2, torch.float32),
+        "real-size-florence2-large": ("detector", real_florence2_large, torch.float32),
+    }
 
 
 # Registered in ``datagen.tiny_models.TINY_FACTORIES``: name -> (kind, factory).

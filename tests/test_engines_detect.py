@@ -8,6 +8,7 @@ hub loader on saved folders, and datagen runs through the CLI that ``shards vali
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from datagen.models import ModelSpec, load_model
+from datagen.real_size import free_models
 from datagen.stages import OBJECT_FIELDS, StageError
 from datagen.stages import ground_florence as florence_mod
 from datagen.stages.filter import FilterConfig, FilterStage
@@ -337,3 +339,56 @@ def test_a_tiny_datagen_run_on_the_other_detectors(tmp_path, name):
         assert objects and all(0.05 < o["detector_score"] <= 1 for o in objects)
     else:  # a random Florence-2 writes no well-formed box: the run is valid, its images left without objects
         assert all(math.isnan(o["detector_score"]) for o in objects)
+
+
+# ---------------------------------------------------------------- real sizes, random weights
+
+
+@pytest.mark.real_size
+def test_detectors_at_real_size_on_the_two_photos(tmp_path, monkeypatch, capsys):
+    """GroundingDINO-T (the real preset's), MM GroundingDINO-T, OWLv2 B/16 and Florence-2-large built at their
+    real configurations, each run as the real preset's ground stage on the same two photos and the caption's
+    phrases; seconds per image on this CPU. Florence-2 decodes 12 tokens a tag (a phrase and two boxes):
+    random weights never stop early."""
+    import time
+
+    from datagen.config import load_config
+    from datagen.real_size import FACTORIES, make_photos, register, run_stages
+    from datagen.stages.tag import TagConfig, caption_phrases
+    from datagen.tiny_detectors import real_detectors
+
+    monkeypatch.setattr(florence_mod, "MAX_NEW_TOKENS", 12)
+    cfg = load_config(ROOT / "configs" / "datagen" / "real.yaml")
+    photos = make_photos(tmp_path / "photos")
+    batch, _ = run_stages(photos, {"decode": cfg.decode})
+    images = [np.asarray(im) for im in batch["image"]]
+    tags = [caption_phrases(c, TagConfig().max_tags, TagConfig().max_words) for c in photos["caption"]]
+    assert tags[0] and tags[0] == tags[1]
+    builds = {"real-size-grounding-dino-tiny": FACTORIES["real-size-grounding-dino-tiny"], **real_detectors()}
+    params = {"real-size-grounding-dino-tiny": (1.6e8, 1.9e8), "real-size-mm-grounding-dino-tiny": (1.6e8, 1.9e8),
+              "real-size-owlv2-base-patch16": (1.4e8, 1.7e8), "real-size-florence2-large": (7.5e8, 8.0e8)}  # fmt: skip
+    seconds = {}
+    for name, build in builds.items():
+        spec = register("cpu", factories={name: build})["detector"]
+        stage = GroundStage(dataclasses.replace(cfg.stages["ground"], model=spec, max_objects=4))
+        assert params[name][0] < sum(p.numel() for p in stage.model.parameters()) < params[name][1], name
+        t0 = time.perf_counter()
+        found = stage.detect(images, tags)
+        seconds[name] = (time.perf_counter() - t0) / len(images)
+        for objs, image, row_tags in zip(found, images, tags, strict=True):
+            h, w = image.shape[:2]
+            for o in objs:
+                x1, y1, x2, y2 = o["box"]
+                assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h and o["phrase"] in row_tags
+                assert o["detector_score"] is None if "florence" in name else 0 <= o["detector_score"] <= 1
+        del stage
+        free_models()
+    base = seconds["real-size-grounding-dino-tiny"]
+    with capsys.disabled():
+        print(
+            f"\nground stage at real size on CPU, {len(tags[0])} tags ({', '.join(tags[0])}): s/image (x GDINO-T)"
+        )
+        for name, s in seconds.items():
+            print(f"  {name:34s} {s:8.2f}  ({s / base:.2f})")
+        print(json.dumps({"benchmark": "real_size_detectors_cpu",
+                          "figures": {f"{n}_s_per_image": round(s, 3) for n, s in seconds.items()}}))  # fmt: skip
