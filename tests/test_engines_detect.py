@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_datagen_stages import _batch, _image  # the ground tests' images and batches
 
 from datagen.models import ModelSpec, load_model
 from datagen.real_size import free_models
@@ -40,22 +41,6 @@ THRESHOLDS = {"tiny-mm-grounding-dino": {"box_threshold": 0.05, "text_threshold"
 
 def _spec(name: str) -> ModelSpec:
     return ModelSpec("detector", name, backend="tiny")
-
-
-def _image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _batch(images: list, tags: list, failed: tuple[int, ...] = ()) -> dict:
-    n = len(images)
-    return {
-        "key": [f"k{i}" for i in range(n)],
-        "image": images,
-        "tags": tags,
-        "status": ["failed" if i in failed else "ok" for i in range(n)],
-        "error_stage": ["decode" if i in failed else None for i in range(n)],
-        "error": ["DecodeError: truncated" if i in failed else None for i in range(n)],
-    }
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +102,7 @@ def test_output_contract(stages, name, monkeypatch):
         monkeypatch.setattr(stage.other.model, "generate", _fed_generate(stage.processor))
     images = [_image(96, 128, 1), _image(120, 64, 2), _image(64, 64, 3), _image(64, 64, 4), np.zeros((8, 8))]
     tags = [["dog", "red car"], ["tree"], [], ["cup"], ["cup"]]
-    out = stage(_batch(images, tags, failed=(3,)))
+    out = stage(_batch(images, failed=(3,), tags=tags))
     # One row per input: the upstream failure passes through, the bad image fails alone.
     assert out["status"] == ["ok", "ok", "ok", "failed", "failed"]
     assert out["error_stage"] == [None, None, None, "decode", "ground"]
@@ -140,7 +125,7 @@ def test_output_contract(stages, name, monkeypatch):
         assert scores == sorted(scores, reverse=True)
     assert found > 0  # boxes came back: the assertions above ran
     with pytest.raises(StageError, match="stage 'ground' failed on all 2 ok rows"):
-        stage(_batch([np.zeros((4, 4)), np.zeros((5, 5))], [["dog"]] * 2))
+        stage(_batch([np.zeros((4, 4)), np.zeros((5, 5))], tags=[["dog"]] * 2))
 
 
 def test_florence_boxes_are_its_bins_in_stored_pixels_ranked_by_place(stages, monkeypatch):
@@ -170,7 +155,7 @@ def test_florence_boxes_are_its_bins_in_stored_pixels_ranked_by_place(stages, mo
 def test_objects_without_scores_pass_the_filter_and_store_nan(stages, monkeypatch):
     stage = stages["tiny-florence2"]
     monkeypatch.setattr(stage.other.model, "generate", _fed_generate(stage.processor))
-    batch = stage(_batch([_image(96, 128, 1)], [["dog"]]))
+    batch = stage(_batch([_image(96, 128, 1)], tags=[["dog"]]))
     batch = FilterStage(FilterConfig(min_clip_score=None, min_mask_agreement=None, min_detector_score=0.3))(
         batch
     )
