@@ -6,11 +6,17 @@ configs/datagen/real.yaml, its models swapped for random-weight builds of their 
 apart) and writes a run record to ``<output>/runs/`` that ``python -m datagen size --from`` reads.
 ``train``: one optimizer step of the regional adapter on SDXL base's real UNet/VAE/text encoders
 (``training.trainer.real_size``) at 512 px with gradient checkpointing, bf16 frozen weights.
+``train --model sd35|flux``: adapter steps on SD3.5 medium's or FLUX.1-dev's transformer
+(``training.model.mmdit.real``, random weights built on the device, bf16, gradient checkpointing; the preset
+``sd35_1024_8gpu`` / ``flux1_1024_8gpu``'s adapter) with random encoder outputs: step seconds and peak
+memory (CUDA's allocator peak on a GPU, the process's peak RSS on CPU).
 ``--tiny`` runs the same code on the tiny models (a seconds-long CPU smoke test).
 
     python benchmarks/real_size.py datagen --device cuda --output /tmp/rs
     python benchmarks/real_size.py train --device cuda
+    python benchmarks/real_size.py train --model flux --device cuda --size 1024 --repeats 3
     .venv/bin/python benchmarks/real_size.py datagen --device cpu --tiny --output /tmp/rs
+    .venv/bin/python benchmarks/real_size.py train --model flux --tiny
 
 Prints a table, then one JSON line ``{"benchmark": "real_size_<what>", "figures": {...}, "targets": {}}``.
 """
@@ -75,6 +81,55 @@ def run_datagen(args) -> dict:
     return {"benchmark": "real_size_datagen", "figures": figures, "targets": {"failed": 0}}
 
 
+MMDIT_PRESETS = {"sd35": ("sd3", "sd35_1024_8gpu.yaml"), "flux": ("flux", "flux1_1024_8gpu.yaml")}
+
+
+def peak_memory_gb(device: str) -> float:
+    """CUDA's allocator peak since the last reset on a GPU; the process's peak RSS (VmHWM) on CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
+
+
+def run_mmdit_train(args) -> dict:
+    import torch
+
+    from training.model.mmdit.real import real_mmdit_transformer
+    from training.model.mmdit.tiny import tiny_mmdit_components
+    from training.trainer.config import load_train_config
+    from training.trainer.real_size import flow_train_step
+
+    backbone, preset = MMDIT_PRESETS[args.model]
+    config = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / preset, {
+        "train.mixed_precision": args.dtype, "model.gradient_checkpointing": True})  # fmt: skip
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    t0 = time.perf_counter()
+    if args.tiny:
+        transformer = tiny_mmdit_components(f"tiny-{backbone}")["transformer"].to(args.device, dtype)
+    else:
+        transformer = real_mmdit_transformer(backbone, args.device, dtype)
+    build_s = time.perf_counter() - t0
+    size = 64 if args.tiny else args.size
+    boxes = [[0.1875 * size, 0.2344 * size, 0.625 * size, 0.7031 * size], [0.75 * size, 0.28 * size, size, 0.52 * size]]
+    texts = ["a red house with a brown door and two windows", "a green tree"]
+    out = flow_train_step(config, transformer, boxes, texts, size, args.device, repeats=args.repeats)
+    peak = peak_memory_gb(args.device)
+    steps = ", ".join(f"{s:.2f}" for s in out["step_seconds"])
+    print(f"{'tiny ' if args.tiny else ''}{args.model} adapter step at {size} px on {args.device} ({args.dtype} base, "
+          f"gradient checkpointing): {out['base_params'] / 1e9:.2f} B base, {out['trainable_params'] / 1e6:.1f} M "
+          f"trainable; built in {build_s:.1f} s")  # fmt: skip
+    print(f"{'steps s':>10s} {'last s':>8s} {'peak GiB':>9s} {'loss':>8s} {'grad norm':>10s}")
+    print(f"{steps:>10s} {out['seconds']:8.2f} {peak:9.2f} {out['loss']:8.4f} {out['grad_norm']:10.4f}")
+    figures = {"step_seconds": round(out["seconds"], 3), "first_step_seconds": round(out["step_seconds"][0], 3),
+               "peak_memory_gib": round(peak, 2), "build_seconds": round(build_s, 1), "loss": out["loss"],
+               "grad_norm": out["grad_norm"], "trainable_params": out["trainable_params"],
+               "base_params": out["base_params"], "size": size}  # fmt: skip
+    return {"benchmark": f"real_size_train_{args.model}", "figures": figures, "targets": {}}
+
+
 def run_train(args) -> dict:
     import numpy as np
     import torch
@@ -116,16 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=FIXED["max_new_tokens"])
     parser.add_argument("--max-objects", type=int, default=FIXED["max_objects"])
     parser.add_argument("--size", type=int, default=512, help="train: image side in px")
+    parser.add_argument("--model", choices=["sdxl", *MMDIT_PRESETS], default="sdxl", help="train: the base")
+    parser.add_argument("--repeats", type=int, default=1, help="train --model sd35|flux: steps (the last timed)")
     args = parser.parse_args(argv)
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {args.device}: no CUDA device on this machine", file=sys.stderr)
         return 2
-    if args.max_new_tokens < 1 or args.max_objects < 1 or args.size < 64 or args.size % 64:
-        print("error: --max-new-tokens and --max-objects must be >= 1, --size a multiple of 64", file=sys.stderr)
+    if min(args.max_new_tokens, args.max_objects, args.repeats) < 1 or args.size < 64 or args.size % 64:
+        print("error: --max-new-tokens, --max-objects and --repeats must be >= 1, --size a multiple of 64",
+              file=sys.stderr)  # fmt: skip
         return 2
-    result = run_datagen(args) if args.what == "datagen" else run_train(args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(args.device)
+    if args.what == "datagen":
+        result = run_datagen(args)
+    else:
+        result = run_train(args) if args.model == "sdxl" else run_mmdit_train(args)
     print(json.dumps(result))
     return 0
 

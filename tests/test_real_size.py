@@ -1,7 +1,8 @@
-"""Real model configurations with random weights on CPU: the real preset's datagen stages on two photos and
-one regional-adapter train step on SDXL base at 512 px (``make test-real-size``; ~20 min on 2 shared
-cores; peak memory ~7 GB for the stages, ~15 GB for the train step: 548 M fp32 adapter weights with
-gradients and AdamW states next to the bf16 UNet and text encoders).
+"""Real model configurations with random weights on CPU: the real preset's datagen stages on two photos,
+one regional-adapter train step on SDXL base at 512 px, and one on SD3.5 medium's transformer at 512 px
+(``make test-real-size``; ~20 min on 2 shared cores; peak memory ~7 GB for the stages, ~15 GB for the SDXL
+step: 548 M fp32 adapter weights with gradients and AdamW states next to the bf16 UNet and text encoders;
+the SD3.5 step measured 498 s and 7.4 GiB peak RSS, 10.7 min with its build, on a loaded machine).
 
 Tiny configs hide shape, dtype, memory and preprocessing mistakes: here every model has its real widths
 (Qwen2.5-VL-7B's language model cut to 2 layers), its real processor settings and special-token ids.
@@ -155,6 +156,46 @@ def test_adapter_train_step_on_real_sdxl_at_512(tmp_path):
     assert out["gligen_shapes"]["region_map"] == (1, 64, 64)
 
 
+def _peak_rss_reset() -> None:
+    """Start a new high-water mark of this process's resident memory (Linux: VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@pytest.mark.real_size
+def test_adapter_train_step_on_real_sd35_medium_at_512():
+    """SD3.5 medium's transformer (training.model.mmdit.real: 24 joint blocks of width 1536, dual attention in
+    blocks 0-12), bf16, gradient checkpointing, the sd35_1024_8gpu preset's adapter in fp32: one step at
+    512 px, random encoder outputs in place of T5-XXL and the CLIPs (they would not fit 24 GB beside it)."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    from training.model.mmdit.real import real_mmdit_transformer
+    from training.trainer.config import load_train_config
+    from training.trainer.real_size import flow_train_step
+
+    _peak_rss_reset()
+    config = load_train_config(ROOT / "configs" / "train" / "sd35_1024_8gpu.yaml", {
+        "train.mixed_precision": "bf16", "model.gradient_checkpointing": True})  # fmt: skip
+    transformer = real_mmdit_transformer("sd3", "cpu", torch.bfloat16)
+    blocks = transformer.transformer_blocks
+    assert len(blocks) == 24 and all(isinstance(b, JointTransformerBlock) for b in blocks)
+    assert [b.attn2 is not None for b in blocks] == [True] * 13 + [False] * 11  # SD3.5's MMDiT-X blocks
+    assert blocks[0].attn.to_q.weight.shape == (1536, 1536) and blocks[-1].context_pre_only
+    boxes = [[96, 120, 320, 360], [384, 144, 512, 264], [430, 240, 460, 384]]
+    texts = ["a red house with a brown door and two windows", "a green tree", "a brown tree trunk"]
+    out = flow_train_step(config, transformer, boxes, texts, 512)
+    rss = bench.peak_memory_gb("cpu")
+    print(f"\nSD3.5 medium 512 px adapter step on CPU (bf16, checkpointing): {out['seconds']:.1f} s, "
+          f"peak RSS {rss:.1f} GiB, {out['base_params'] / 1e9:.3f} B base, "
+          f"{out['trainable_params'] / 1e6:.1f} M trainable")
+    assert 2.24e9 < out["base_params"] < 2.25e9  # the config's parameters (its file adds a 0.23 B pos table)
+    assert out["trainable_params"] / out["base_params"] < 0.15
+    assert out["hidden_shape"] == (1, 16, 64, 64) and out["region_map"] == (1, 32, 32)  # the 16 px token grid
+    assert out["base_dtype"] == "torch.bfloat16" and out["param_dtypes"] == ["torch.float32"]
+    assert math.isfinite(out["loss"]) and out["loss"] > 0
+    assert math.isfinite(out["grad_norm"]) and out["grad_norm"] > 0  # gradients reached the adapter
+    assert rss < 20  # fits the 24 GB machine with room for the OS
+
+
 # ------------------------------------------------------------------ the GPU suite's CPU-testable parts
 
 
@@ -177,11 +218,37 @@ def test_benchmark_refuses_a_missing_gpu_and_bad_counts_in_one_line(tmp_path):
         assert proc.stderr.startswith("error: ") and needle in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_gpu_suite_dry_run_lists_its_commands():
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
+def test_gpu_suite_dry_run_lists_its_parts_each_within_eight_minutes():
+    """Every part's commands; each part's time limits sum to at most 470 s (8 minutes of device time with
+    the machine's start); a part that does not exist, or none, is one error line."""
+    suite = str(ROOT / "benchmarks" / "gpu_suite.sh")
+    proc = subprocess.run(["bash", suite, "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "benchmarks/real_size.py datagen --device cuda --dtype bf16" in out
     assert "benchmarks/real_size.py train --device cuda --dtype bf16" in out
     assert "benchmarks/train_step.py --sdxl --device cuda" in out
+    assert "benchmarks/real_size.py train --model flux --device cuda --dtype bf16" in out
+    assert "benchmarks/real_size.py train --model sd35 --device cuda --dtype bf16" in out
+    parts = [p for p in out.split("### part ") if p]
+    assert [p.split("\n")[0] for p in parts] == ["datagen", "sdxl", "sd35", "flux"]
+    for part in parts:
+        limits = [int(line.split("(<= ")[1].split("s)")[0]) for line in part.splitlines()[1:]]
+        assert len(limits) >= 3 and sum(limits) <= 470, part
+    one = subprocess.run(["bash", suite, "--part", "flux", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert one.returncode == 0 and one.stdout.count("### part") == 1 and "--model flux" in one.stdout
+    for args, needle in ((["--part", "nope"], "--part nope"), ([], "name a part"), (["--part"], "needs a name")):
+        bad = subprocess.run(["bash", suite, *args], capture_output=True, text=True, cwd=ROOT)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and needle in bad.stderr
+        assert bad.stderr.count("\n") == 1 and not bad.stdout
+
+
+@pytest.mark.parametrize("model", ["sd35", "flux"])
+def test_benchmark_mmdit_train_smoke_prints_step_time_and_peak_memory(model, capsys):
+    """The GPU suite's MM-DiT parts, on the tiny transformers on CPU: two steps, their seconds, the peak."""
+    assert bench.main(["train", "--model", model, "--tiny", "--repeats", "2"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    f = last["figures"]
+    assert last["benchmark"] == f"real_size_train_{model}" and f["size"] == 64
+    assert f["step_seconds"] > 0 and f["first_step_seconds"] > 0 and f["peak_memory_gib"] > 0.1
+    assert math.isfinite(f["loss"]) and f["grad_norm"] > 0 and f["trainable_params"] > 0

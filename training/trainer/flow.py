@@ -42,7 +42,14 @@ from training.trainer.config import ConfigError, TrainConfig
 from training.trainer.model_setup import Model, weight_dtype_of
 from training.trainer.step import SampleDraws
 
-__all__ = ["FlowFrozen", "build_flow_model", "flow_adapter_config", "is_flow", "load_flow_components"]
+__all__ = [
+    "FlowFrozen",
+    "build_flow_model",
+    "flow_adapter_config",
+    "is_flow",
+    "load_flow_components",
+    "transformer_inputs",
+]
 
 
 def is_flow(config: TrainConfig) -> bool:
@@ -61,10 +68,11 @@ def is_flow(config: TrainConfig) -> bool:
     return True
 
 
-def flow_adapter_config(cfg: ModelConfig) -> MMDiTAdapterConfig:
+def flow_adapter_config(cfg: ModelConfig, backbone: str | None = None) -> MMDiTAdapterConfig:
     """The adapter to build: ``model.model_type`` and ``model.mmdit``'s shape, or ``model.adapter``'s own; a
-    file of another type or backbone is a ConfigError naming both (the metadata only is read)."""
-    backbone = mmdit_backbone_of_base(cfg.base, revision=cfg.revision)
+    file of another type or backbone is a ConfigError naming both (the metadata only is read). ``backbone``:
+    the base's, when known without reading ``model.base`` (a transformer built here, not loaded)."""
+    backbone = backbone or mmdit_backbone_of_base(cfg.base, revision=cfg.revision)
     m = cfg.mmdit
     wanted = MMDiTAdapterConfig(
         backbone=backbone,
@@ -182,10 +190,6 @@ def flow_inputs(batch: dict, draws: SampleDraws, frozen: FlowFrozen, device: tor
     dist = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist
     latents = dist.mean + dist.std * draws.latent_noise.to(device=device, dtype=dist.mean.dtype)
     x0 = ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
-    noise = draws.noise.to(device)
-    sigma = draws.timesteps.to(device=device, dtype=torch.float32)
-    noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-    target = noise - x0
 
     captions = ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption, strict=True)]
     gligen = grounding_inputs_from_batch(
@@ -196,34 +200,50 @@ def flow_inputs(batch: dict, draws: SampleDraws, frozen: FlowFrozen, device: tor
         device=device,
         dtype=dtype,
     )
-    jak = {LAYOUT_KEY: gligen}
     length = frozen.recipe.max_sequence_length
     if frozen.backbone == "sd3":
         embeds, _, pooled, _ = pipe.encode_prompt(
             captions, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=length
         )
-        return {
-            "hidden_states": noisy.to(dtype),
-            "timestep": sigma * 1000,
-            "encoder_hidden_states": embeds.to(dtype),
-            "pooled_projections": pooled.to(dtype),
-            "joint_attention_kwargs": jak,
-            "target": target,
-        }
+        return transformer_inputs(frozen, x0, draws, embeds, pooled, None, gligen)
     embeds, pooled, text_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=length)
+    return transformer_inputs(frozen, x0, draws, embeds, pooled, text_ids, gligen)
+
+
+def transformer_inputs(
+    frozen: FlowFrozen,
+    x0: torch.Tensor,
+    draws: SampleDraws,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    text_ids: torch.Tensor | None,
+    gligen: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Noise the clean latents ``x0`` at the drawn levels; the backbone's keywords with the encoded caption
+    (``embeds``, ``pooled``; FLUX's ``text_ids``), the layout and the velocity ``target``."""
+    dtype, device = frozen.weight_dtype, x0.device
+    noise = draws.noise.to(device)
+    sigma = draws.timesteps.to(device=device, dtype=torch.float32)
+    noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+    target = noise - x0
+    common = {
+        "encoder_hidden_states": embeds.to(dtype),
+        "pooled_projections": pooled.to(dtype),
+        "joint_attention_kwargs": {LAYOUT_KEY: gligen},
+    }
+    if frozen.backbone == "sd3":
+        return {"hidden_states": noisy.to(dtype), "timestep": sigma * 1000, **common, "target": target}
     h, w = noisy.shape[-2] // 2, noisy.shape[-1] // 2
     guidance = None
-    if pipe.transformer.config.guidance_embeds:  # FLUX-dev: distilled guidance, held (docs/METHOD.md §10.4)
+    if frozen.pipe.transformer.config.guidance_embeds:  # FLUX-dev: distilled guidance, held (docs/METHOD.md §10.4)
         guidance = torch.full((len(noisy),), frozen.recipe.guidance, device=device)
     return {
         "hidden_states": pack_latents(noisy).to(dtype),
         "timestep": sigma,
         "guidance": guidance,
-        "encoder_hidden_states": embeds.to(dtype),
-        "pooled_projections": pooled.to(dtype),
+        **common,
         "txt_ids": text_ids,
         "img_ids": image_ids(h, w, device=device),
-        "joint_attention_kwargs": jak,
         "target": pack_latents(target),
     }
 

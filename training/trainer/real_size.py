@@ -4,14 +4,16 @@ The tiny parts (``training.model.tiny``) keep the code paths but hide shape, dty
 real model. ``real_sdxl_components`` returns ``StableDiffusionXLPipeline``'s constructor keys with SDXL
 base's UNet (2.6 B), VAE, both text encoders (CLIP ViT-L and OpenCLIP bigG) and DDPM scheduler configs, and
 CLIP's real 49408-token BPE tokenizers written from open_clip's bundled vocabulary. Parameters are
-created directly on the device in the compute dtype. Used by ``tests/test_real_size.py`` and
-``benchmarks/real_size.py``.
+created directly on the device in the compute dtype. ``flow_train_step`` takes one adapter step on a
+real-size MM-DiT transformer (``training.model.mmdit.real``: SD3.5 medium, FLUX.1-dev) with random
+encoder outputs. Used by ``tests/test_real_size.py`` and ``benchmarks/real_size.py``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -184,4 +186,110 @@ def train_step(config, components: dict, batch: dict, device: str = "cpu") -> di
         "gligen_shapes": {k: tuple(v.shape) for k, v in inputs["cross_attention_kwargs"]["gligen"].items()},
         "sample_shape": tuple(inputs["sample"].shape),
         "seconds": seconds,
+    }
+
+
+class _RandomTextEncoder(torch.nn.Module):
+    """Stands in for T5-XXL (4.7 B; it would not fit 24 GB beside the transformer): random features of its
+    width, drawn from the token ids, behind the region-text encoder's real tokenization and spans."""
+
+    def __init__(self, width: int, device: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        # where the features go (the encoder reads the device of a parameter)
+        self.anchor = torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype), requires_grad=False)
+        self.width = width
+        self.config = SimpleNamespace(hidden_size=width)  # what the region-text encoder reads of a model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        g = torch.Generator().manual_seed(int(input_ids.sum()))
+        hidden = torch.randn(*input_ids.shape, self.width, generator=g).to(self.anchor)
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+def flow_train_step(
+    config, transformer: torch.nn.Module, boxes, texts, size: int, device: str = "cpu", repeats: int = 1
+) -> dict:
+    """One adapter optimizer step on a real-size MM-DiT (``training.model.mmdit.real``) at ``size`` px.
+
+    The trainer's own parts: the adapter of ``config.model`` attached and made trainable (fp32 master weights,
+    the base frozen in its dtype), gradient checkpointing if set, its AdamW, the backbone's noise draws and
+    keywords (``training.trainer.flow``), autocast, backward, clipping. In place of the frozen encoders
+    (which do not fit beside the transformer on 24 GB): random clean latents for the VAE's, random caption
+    features of the real sequence length and width, and region texts tokenized (tiny T5 vocabulary) and
+    given random T5-XXL-wide features. ``repeats`` steps; returns the last one's loss, gradient norm and
+    seconds, every step's seconds, and the parameter counts.
+    """
+    import time
+
+    from training.model.adapter import set_adapter_trainable
+    from training.model.encoding import RegionTextEncoder, grounding_inputs
+    from training.model.mmdit.adapter import attach_mmdit_adapter, backbone_of_transformer
+    from training.model.mmdit.encoding import token_layout
+    from training.model.mmdit.real import CAPTION_TOKENS, real_scheduler
+    from training.model.mmdit.tiny import tiny_t5_tokenizer
+    from training.trainer import model_setup
+    from training.trainer.flow import (
+        FlowFrozen,
+        flow_adapter_config,
+        flow_draws,
+        flow_loss,
+        transformer_inputs,
+    )
+    from training.trainer.step import sample_seeds
+
+    dev = torch.device(device)
+    backbone = backbone_of_transformer(transformer)
+    dtype = next(transformer.parameters()).dtype
+    n_text, width = CAPTION_TOKENS[backbone], transformer.config.joint_attention_dim  # T5's width
+    pooled_width = transformer.config.pooled_projection_dim
+    m = config.model
+    adapter = flow_adapter_config(m, backbone)
+    encoder = RegionTextEncoder([tiny_t5_tokenizer()], [_RandomTextEncoder(width, device, dtype)],
+                                n_tokens=adapter.region_tokens)  # fmt: skip
+    attach_mmdit_adapter(transformer, adapter, width)
+    params = set_adapter_trainable(transformer)
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights; autocast computes in the base's dtype
+    if m.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = model_setup.make_optimizer(params, config.optim)
+    pipe = SimpleNamespace(scheduler=real_scheduler(backbone), transformer=transformer)
+    frozen = FlowFrozen(pipe, encoder, backbone, m.mmdit, dtype, m.attention_weight_scale)
+
+    latent = (16, size // 8, size // 8)
+    seconds = []
+    for step in range(repeats):  # the same step again: the first one pays the kernels' warm-up on GPUs
+        t0 = time.perf_counter()
+        draws = flow_draws(sample_seeds(config, 0, step, 1), latent, config, frozen)
+        g = torch.Generator().manual_seed(step)
+        x0 = torch.randn(1, *latent, generator=g).to(dev)
+        embeds = torch.randn(1, n_text, width, generator=g).to(dev)
+        pooled = torch.randn(1, pooled_width, generator=g).to(dev)
+        text_ids = torch.zeros(n_text, 3, device=dev) if backbone == "flux" else None
+        gligen = grounding_inputs([token_layout(boxes, texts, size, size)], encoder, device=dev, dtype=dtype)
+        inputs = transformer_inputs(frozen, x0, draws, embeds, pooled, text_ids, gligen)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = flow_loss(transformer, inputs)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = model_setup.learning_rate(step, config)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds.append(time.perf_counter() - t0)
+    n_base = sum(p.numel() for p in transformer.parameters()) - sum(p.numel() for p in params)
+    return {
+        "loss": float(loss.detach()),
+        "grad_norm": float(grad_norm),
+        "trainable_params": sum(p.numel() for p in params),
+        "base_params": n_base,
+        "param_dtypes": sorted({str(p.dtype) for p in params}),
+        "base_dtype": str(dtype),
+        "hidden_shape": tuple(inputs["hidden_states"].shape),
+        "region_map": tuple(gligen["region_map"].shape),
+        "seconds": seconds[-1],  # the last step's (the only one when repeats is 1)
+        "step_seconds": seconds,
     }

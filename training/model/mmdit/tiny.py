@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -37,6 +36,7 @@ from transformers import (
 )
 
 from training.model.mmdit.config import MMDIT_TINY_BASES
+from training.model.mmdit.real import real_scheduler
 from training.model.tiny import (
     BOS,
     EOS,
@@ -155,7 +155,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
     tok, tok_2 = tiny_tokenizers()
     return {
         "transformer": tiny_sd3_transformer(seed),
-        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "scheduler": real_scheduler("sd3"),
         "vae": tiny_mmdit_vae("sd3", seed),
         "text_encoder": _clip_with_projection(TEXT_HIDDEN[0], seed),
         "tokenizer": tok,
@@ -174,15 +174,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
         _text_config(TEXT_HIDDEN[0], len(vocab), vocab[EOS], vocab[BOS], projection_dim=PROJECTION_DIM)
     ).eval()
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        "scheduler": real_scheduler("flux"),
         "vae": tiny_mmdit_vae("flux", seed),
         "text_encoder": clip,
         "tokenizer": tiny_tokenizers()[0],
