@@ -158,10 +158,10 @@ def test_one_rank_fsdp_transformer_computes_the_plain_one_and_puts_keyword_hidde
         assert state.keys() == expected_grads.keys()
 
 
-def test_bf16_fsdp_transformer_keeps_the_float_timestep_and_refuses_bf16_shards_without_autocast(tmp_path):
+def test_bf16_fsdp_transformer_keeps_float_inputs_float_and_refuses_bf16_shards_without_autocast(tmp_path):
     """bf16 shards under bf16 autocast: SD3's timesteps 998 and 999 (both 1000 in bf16) give different
-    outputs, as the plain bf16 transformer under autocast does (the root does not cast its inputs); bf16
-    shards with mixed_precision "no" are refused, naming both fields."""
+    outputs, as the plain bf16 transformer under autocast does, and FLUX's blocks get their rotary cos / sin
+    in fp32 (no unit casts its inputs); bf16 shards with mixed_precision "no" are refused, naming both."""
     config = tiny_config("unused", tmp_path, **{"train.distributed": "fsdp", "train.mixed_precision": "bf16"})
     kw = _inputs("sd3", SIZE, SIZE)
     with one_rank_group():
@@ -171,6 +171,14 @@ def test_bf16_fsdp_transformer_keeps_the_float_timestep_and_refuses_bf16_shards_
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = (model(**{**kw, "timestep": torch.tensor([t])})[0] for t in (998.0, 999.0))
         assert a.dtype == torch.bfloat16 and not torch.equal(a, b)
+        flux, _, jak = _transformer("tiny-flux", lora=False)
+        flux = F.shard_unet(flux, config, torch.device("cpu"), 1)
+        seen = []
+        for block in [*flux.transformer_blocks, *flux.single_transformer_blocks]:
+            block.register_forward_pre_hook(lambda m, a, k: seen.append(k["image_rotary_emb"][0].dtype), with_kwargs=True)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            flux(**_inputs("flux", SIZE, SIZE), joint_attention_kwargs=jak)
+        assert seen == [torch.float32] * 4
         refused = tiny_config("unused", tmp_path, **{"train.distributed": "fsdp", "train.fsdp.param_dtype": "bf16"})
         with pytest.raises(ConfigError, match="train.fsdp.param_dtype=bf16 with train.mixed_precision=no"):
             F.shard_unet(_transformer("tiny-sd3", lora=False)[0], refused, torch.device("cpu"), 1)

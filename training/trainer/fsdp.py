@@ -35,10 +35,11 @@ Why the choices:
 - Precision (``train.fsdp``): frozen shards are stored, and every unit computes, in ``param_dtype``
   (``auto``: ``train.mixed_precision``'s dtype); trainable shards stay fp32 master weights; gradients are
   reduce-scattered in ``reduce_dtype``. fp16 is refused (accelerate's loss scaler is not FSDP2-aware).
-  An MM-DiT's root does not cast its inputs to ``param_dtype`` (its blocks do): the flow timestep is a float
-  (SD3: ``1000 sigma``), and bf16 would round it to a multiple of 4 above 512 before the sinusoidal
-  embedding (999 and 998 both to 1000), which DDP under autocast never does; the root's layers run under
-  the trainer's autocast, so an MM-DiT under FSDP refuses a bf16 ``param_dtype`` without bf16 autocast.
+  An MM-DiT's units do not cast their inputs to ``param_dtype``: the flow timestep is a float (SD3:
+  ``1000 sigma``) that bf16 would round to a multiple of 4 above 512 before the sinusoidal embedding (999
+  and 998 both to 1000), and FLUX's rotary cos / sin would enter every block in bf16, neither of which DDP
+  under autocast does. They run under the trainer's autocast instead, seeing the dtypes DDP's blocks see,
+  so an MM-DiT under FSDP refuses a bf16 ``param_dtype`` without bf16 autocast.
 - Checkpoints hold full tensors: :func:`full_state` gathers the trainable tensors (a collective, the
   same key order on every rank) and :func:`gather_optimizer_state` the optimizer's, so an FSDP checkpoint
   is the same files as a DDP one (and resumes under either); :func:`load_full_state` and
@@ -133,12 +134,12 @@ def shard_unet(unet: torch.nn.Module, config: TrainConfig, device: torch.device,
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(param_dtype)  # frozen shards stored as they compute
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[f.reduce_dtype])
-    root_policy = replace(policy, cast_forward_inputs=False) if mmdit else policy
+    if mmdit:  # under autocast every unit sees the dtypes DDP's do (the module docstring)
+        policy = replace(policy, cast_forward_inputs=False)
     mesh = init_device_mesh(device.type, (world_size,))
     units = [m for m in unet.modules() if isinstance(m, FSDP_UNITS)]
-    for module in units:  # bottom-up: the root's unit takes what no block took
+    for module in [*units, unet]:  # bottom-up: the root's unit takes what no block took
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(unet, mesh=mesh, mp_policy=root_policy, reshard_after_forward=True)
     for module in units:
         if any(p.requires_grad for p in module.parameters()):
             # prepend: before FSDP's own pre-hook, which wraps the inputs that require a gradient.
