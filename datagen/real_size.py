@@ -192,6 +192,20 @@ def real_clip(device: str = "cpu", dtype: torch.dtype = torch.float32):
     return model.eval(), tiny_models.ClipProcessor(preprocess, open_clip.get_tokenizer("ViT-L-14"))
 
 
+def real_sam3(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """facebook/sam3 (ViT 32 layers width 1024 at 1008 px, CLIP text 24 layers; ``datagen.tiny_sam``)."""
+    from .tiny_sam import real_sam3 as build
+
+    return build(_building(device, dtype))
+
+
+def real_sam2_large(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """facebook/sam2.1-hiera-large (Hiera-L at 1024 px; ``datagen.tiny_sam``)."""
+    from .tiny_sam import real_sam2_large as build
+
+    return build(_building(device, dtype))
+
+
 # name -> (kind, factory(device, dtype), the dtype the real preset runs it in on a GPU).
 FACTORIES: dict[str, tuple[str, Callable, torch.dtype]] = {
     "real-size-qwen2.5-vl-7b": ("vlm", real_vlm, torch.bfloat16),
@@ -204,6 +218,9 @@ FACTORIES: dict[str, tuple[str, Callable, torch.dtype]] = {
 # Other real-size builds, not in the real preset: name -> (kind, factory(device, dtype), dtype on a GPU).
 OTHER_FACTORIES: dict[str, tuple[str, Callable, torch.dtype]] = {
     "real-size-qwen3-vl-8b": ("vlm", real_qwen3_vl, torch.bfloat16),  # the sam3 preset's VLM
+    # float32 weights as load_model keeps them; the image encoders run under autocast to the spec's dtype
+    "real-size-sam3": ("detector", real_sam3, torch.float32),  # the sam3 preset's ground-and-segment engine
+    "real-size-sam2.1-hiera-large": ("segmenter", real_sam2_large, torch.float32),
 }
 
 

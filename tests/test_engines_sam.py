@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_datagen_stages import _batch, _count_calls, _image, _objects  # the stage tests' batches and spies
 
 from datagen.chunks import run_stage_on_chunk
 from datagen.config import load_config
@@ -31,34 +32,6 @@ from shards import SampleRecord, decode_mask, encode_mask, mask_to_box, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = preset("tiny_sam3")
-
-
-def _image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _batch(images: list, failed: tuple[int, ...] = (), **columns) -> dict:
-    n = len(images)
-    return {
-        "key": [f"k{i}" for i in range(n)],
-        "image": images,
-        "status": ["failed" if i in failed else "ok" for i in range(n)],
-        "error_stage": ["decode" if i in failed else None for i in range(n)],
-        "error": ["DecodeError: truncated" if i in failed else None for i in range(n)],
-        **columns,
-    }
-
-
-def _count_calls(monkeypatch, obj, name: str) -> list:
-    calls: list = []
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(obj, name, wrapper)
-    return calls
 
 
 def _check_masks(obj: dict, h: int, w: int) -> np.ndarray:
@@ -168,10 +141,6 @@ def test_sam3_one_row_per_input_whatever_fails(ground, monkeypatch):
 @pytest.fixture(scope="module")
 def segment():
     return SegmentStage(SegmentConfig(model=SPECS["segmenter"], encoder_batch_size=2, max_boxes_per_call=2))
-
-
-def _objects(*specs) -> list[dict]:
-    return [new_object(box, phrase, score) for box, phrase, score in specs]
 
 
 def test_sam2_is_chosen_by_the_model_and_fills_masks_at_image_size(segment, monkeypatch):
@@ -299,8 +268,7 @@ def test_stage_counts_reach_the_chunk_and_the_run_record():
 
 def test_sam3_chain_makes_valid_records_without_a_segmenter(ground):
     images = [_image(96, 128, 27), _image(72, 72, 28)]
-    batch = _batch(images, source_caption=["a dog and a cup on a table", "a man near a tree"],
-                   width=[128, 72], height=[96, 72])
+    batch = _batch(images, source_caption=["a dog and a cup on a table", "a man near a tree"])
     batch = TagStage(TagConfig(method="caption"))(batch)
     segment = SegmentStage(SegmentConfig(model=None))
     for stage in (ground, segment, FilterStage(FilterConfig(min_clip_score=None, min_detector_score=None,
@@ -377,3 +345,89 @@ def test_tiny_sam3_run_makes_a_valid_dataset_and_says_segment_had_nothing_to_do(
     check = subprocess.run([sys.executable, "-m", "shards", "validate", str(tmp_path / "out")], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ---------------------------------------------------------------- real size
+
+
+def _check_real(batch: dict, masked: bool) -> None:
+    assert batch["status"] == ["ok"] * len(batch["key"]), batch["error"]
+    for i, objs in enumerate(batch["objects"]):
+        w, h = batch["width"][i], batch["height"][i]
+        assert 1 <= len(objs) <= 4  # boxes exist at real scale; the test's max_objects
+        for o in objs:
+            x1, y1, x2, y2 = o["box"]
+            assert all(math.isfinite(v) for v in o["box"]) and 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            assert 0 <= o["detector_score"] <= 1 and o["phrase"]
+            if masked:
+                _check_masks(o, h, w)
+
+
+@pytest.mark.real_size
+@pytest.mark.timeout(3600)  # ~10 min on 2 idle cores (SAM ViT-H and SAM 3 at 1 TFLOP-scale per image each)
+def test_sam3_and_sam21_at_real_size_against_groundingdino_and_sam_vit_h(tmp_path, capsys):
+    """The ground + segment seconds per image of three paths on the real-size test's two photos, same tags
+    (the photos' caption phrases), random weights: the paper's GroundingDINO-T + SAM ViT-H, SAM 3 alone,
+    and GroundingDINO-T's boxes + SAM 2.1 hiera-large (a detector + SAM 2.1: MM GroundingDINO-T has
+    GroundingDINO-T's size). The issue's goal (the faster new path <= 0.6 of the paper's) is reported."""
+    import time
+
+    from datagen.real_size import FACTORIES, OTHER_FACTORIES, make_photos, register, run_stages
+
+    def builds(factories):
+        return register("cpu", factories={k: v for k, v in factories.items() if v[0] in ("detector", "segmenter")})
+
+    old, new = builds(FACTORIES), builds(OTHER_FACTORIES)
+    real = load_config(ROOT / "configs" / "datagen" / "real.yaml")
+    sam3 = load_config(ROOT / "configs" / "datagen" / "sam3.yaml")
+    tag = TagConfig(method="caption")  # the same four phrases for every path
+    gdino = dataclasses.replace(real.stages["ground"], model=old["detector"], max_objects=4)
+    # Random weights score SAM 3's queries near 0.5 x presence (lifted to 0.95 by the build): below the
+    # preset's 0.5, so the test's threshold is 0.3; the work per phrase is the same whatever passes.
+    sam3_ground = dataclasses.replace(sam3.stages["ground"], model=new["detector"], max_objects=4, box_threshold=0.3)
+    assert sam3.stages["segment"].model is None
+    tagged, _ = run_stages(make_photos(tmp_path / "photos"), {"decode": real.decode, "tag": tag})
+    grounded = {}
+
+    def keep_ground(name, batch):
+        if name == "ground":
+            grounded.update(copy.deepcopy(batch))
+
+    def said(path, timings):  # each path's seconds as soon as it ends (the whole test takes minutes)
+        with capsys.disabled():
+            print(f"\n{path}: " + ", ".join(f"{k} {b / r:.2f} s/image" for k, (r, b, _) in timings.items()))
+        return timings
+
+    t0 = time.perf_counter()
+    sam3_batch, alone = run_stages(tagged, {"ground": sam3_ground, "segment": sam3.stages["segment"]})
+    said("SAM 3", alone)
+    sam_h = dataclasses.replace(real.stages["segment"], model=old["segmenter"])
+    paper_batch, paper = run_stages(tagged, {"ground": gdino, "segment": sam_h}, on_stage=keep_ground)
+    said("GroundingDINO-T + SAM ViT-H", paper)
+    sam21 = dataclasses.replace(real.stages["segment"], model=new["segmenter"])
+    sam21_batch, sam21 = run_stages(grounded, {"segment": sam21})
+    said("SAM 2.1 hiera-large on GroundingDINO-T's boxes", sam21)
+    wall = time.perf_counter() - t0
+    for batch in (paper_batch, sam3_batch, sam21_batch):
+        _check_real(batch, masked=True)
+    assert all(o["mask_score"] == o["detector_score"] for objs in sam3_batch["objects"] for o in objs)
+
+    def per_image(timings, stage):
+        rows, busy, _ = timings[stage]
+        return busy / rows
+
+    figures = {
+        "gdino_t_ground_s": per_image(paper, "ground"), "sam_vit_h_segment_s": per_image(paper, "segment"),
+        "sam3_ground_s": per_image(alone, "ground"), "sam3_segment_s": per_image(alone, "segment"),
+        "sam21_large_segment_s": per_image(sam21, "segment"),
+    }
+    paper_s = figures["gdino_t_ground_s"] + figures["sam_vit_h_segment_s"]
+    figures["sam3_over_paper"] = (figures["sam3_ground_s"] + figures["sam3_segment_s"]) / paper_s
+    figures["gdino_sam21_over_paper"] = (figures["gdino_t_ground_s"] + figures["sam21_large_segment_s"]) / paper_s
+    figures = {k: round(v, 3) for k, v in figures.items()}
+    with capsys.disabled():
+        print(f"\nground + segment seconds per image at real size on CPU ({wall:.0f} s in all):")
+        for k, v in figures.items():
+            print(f"  {k:24s} {v:8.3f}")
+        print(json.dumps({"benchmark": "real_size_sam_cpu", "figures": figures,
+                          "targets": {"sam3_over_paper": 0.6, "gdino_sam21_over_paper": 0.6}}))
