@@ -1,5 +1,7 @@
 """Two processes under ``accelerate launch``: DDP on CPU (gloo; different data per rank, identical weights
-after). FSDP against DDP is in test_train_fsdp.py."""
+after). One launch trains two runs in turn in the same two processes (the launch and the imports are most of
+a tiny run's cost); a second launch resumes the first run's checkpoint in fresh processes. FSDP against DDP is
+in test_train_fsdp.py."""
 
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
     from safetensors.torch import save_file
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     from training.trainer.loop import train
@@ -53,12 +56,18 @@ WORKER = textwrap.dedent(
             sum(p.grad is None for group in opt.param_groups for p in group["params"])
         )
     )
-    out, overrides = sys.argv[1], json.loads(sys.argv[2])
-    result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", overrides))
-    rank = PartialState().process_index
-    save_file(result.adapter_state, f"{out}/rank{rank}.safetensors")
-    with open(f"{out}/losses{rank}.json", "w") as f:
-        json.dump({"losses": result.losses, "missing_grads": missing}, f)
+    out, runs, ports = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    for i, (name, overrides) in enumerate(runs.items()):
+        if i:  # train() ends by destroying the process group: the next run meets on a port of its own
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+            os.environ["MASTER_PORT"] = str(ports[i])
+        missing.clear()
+        result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", overrides))
+        rank = PartialState().process_index
+        save_file(result.adapter_state, f"{out}/{name}_rank{rank}.safetensors")
+        with open(f"{out}/{name}_losses{rank}.json", "w") as f:
+            json.dump({"losses": result.losses, "missing_grads": missing}, f)
+        AcceleratorState._reset_state(True)
     """
 )
 
@@ -103,18 +112,19 @@ def run_overrides(run: Path, dataset: str, *overrides: str) -> list[str]:
     ]
 
 
-def launch(folder: Path, dataset: str, *overrides: str) -> Run:
-    """Train the tiny preset with two CPU processes under ``accelerate launch``."""
-    folder.mkdir(parents=True)
+def launch_runs(folder: Path, runs: dict[str, list[str]]) -> dict[str, Run]:
+    """Train the tiny preset with each of ``runs`` (name: overrides, output_dir ``folder / name``) in turn, in
+    the same two CPU processes under one ``accelerate launch``: each launch costs both processes the imports
+    and the model build again."""
+    folder.mkdir(parents=True, exist_ok=True)
     script = folder / "worker.py"
     script.write_text(WORKER)
-    run = folder / "run"
-    overrides = run_overrides(run, dataset, *overrides)
+    ports = [_free_port() for _ in runs]
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(script), str(folder), json.dumps(overrides),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(ports[0]),
+        str(script), str(folder), json.dumps(runs), json.dumps(ports),
     ]  # fmt: skip
     # ACCELERATE_USE_CPU turns --multi_gpu's torchrun workers into a gloo process group on CPU
     # (``--cpu`` would make accelerate start a single process).
@@ -127,13 +137,21 @@ def launch(folder: Path, dataset: str, *overrides: str) -> Run:
     }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = [json.loads((folder / f"losses{r}.json").read_text()) for r in (0, 1)]
-    return Run(
-        out=run,
-        weights=[load_file(folder / f"rank{r}.safetensors") for r in (0, 1)],
-        losses=[log["losses"] for log in logs],
-        missing_grads=[log["missing_grads"] for log in logs],
-    )
+    done = {}
+    for name in runs:
+        logs = [json.loads((folder / f"{name}_losses{r}.json").read_text()) for r in (0, 1)]
+        done[name] = Run(
+            out=folder / name,
+            weights=[load_file(folder / f"{name}_rank{r}.safetensors") for r in (0, 1)],
+            losses=[log["losses"] for log in logs],
+            missing_grads=[log["missing_grads"] for log in logs],
+        )
+    return done
+
+
+def launch(folder: Path, dataset: str, *overrides: str) -> Run:
+    """Train the tiny preset once with two CPU processes under ``accelerate launch`` (output ``folder/run``)."""
+    return launch_runs(folder, {"run": run_overrides(folder / "run", dataset, *overrides)})["run"]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +160,22 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory, dataset) -> Run:
-    return launch(tmp_path_factory.mktemp("ddp") / "ddp", dataset)
+def runs(tmp_path_factory, dataset, uneven) -> dict[str, Run]:
+    """One launch, two runs in the same two processes: "ddp", the STEPS-step run the tests below check and
+    resume; "dropout", DROPOUT_STEPS steps of layout dropout 0.5 on the uneven shards."""
+    folder = tmp_path_factory.mktemp("ddp")
+    return launch_runs(
+        folder,
+        {
+            "ddp": run_overrides(folder / "ddp", dataset),
+            "dropout": run_overrides(folder / "dropout", uneven, *dropout_overrides(0.5, DROPOUT_STEPS)),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp(runs) -> Run:
+    return runs["ddp"]
 
 
 def test_two_processes_train_with_identical_weights_on_both_ranks(ddp):
@@ -191,6 +223,7 @@ DROPOUT = (
     "validation.every_steps=null",
     "checkpoint.every_steps=null",
 )
+DROPOUT_STEPS = 12  # five of them drop the layout on one rank only at the synchronising micro-batch
 
 
 def _ranks_disagree(layout_dropout: float, steps: int) -> list[int]:
@@ -209,14 +242,11 @@ def _ranks_disagree(layout_dropout: float, steps: int) -> list[int]:
     return [s for s in range(steps) if dropped[0][2 * s + 1] != dropped[1][2 * s + 1]]
 
 
-def _train_with_dropped_layouts(folder: Path, dataset: str, layout_dropout: float, steps: int) -> None:
-    run = launch(
-        folder / "ddp",
-        dataset,
-        *DROPOUT,
-        f"train.layout_dropout={layout_dropout}",
-        f"train.max_steps={steps}",
-    )
+def dropout_overrides(layout_dropout: float, steps: int) -> tuple[str, ...]:
+    return (*DROPOUT, f"train.layout_dropout={layout_dropout}", f"train.max_steps={steps}")
+
+
+def _check_dropped_layouts(run: Run, steps: int) -> None:
     assert [len(losses) for losses in run.losses] == [steps, steps]
     # Every trainable tensor had a gradient on both ranks before every optimizer step ...
     assert run.missing_grads == [[0] * steps] * 2
@@ -226,11 +256,11 @@ def _train_with_dropped_layouts(folder: Path, dataset: str, layout_dropout: floa
     assert all(np.isfinite(run.losses[r]).all() for r in (0, 1))
 
 
-def test_layout_dropout_on_one_rank_only_keeps_ddp_in_step(tmp_path, uneven):
+def test_layout_dropout_on_one_rank_only_keeps_ddp_in_step(runs):
     """Layout dropout 0.5, 12 steps on uneven shards: five synchronising micro-batches, the first at step 2,
     drop the layout on one rank only (before the zero path, the first of them aborted the run in gloo)."""
-    assert len(_ranks_disagree(0.5, 12)) == 5
-    _train_with_dropped_layouts(tmp_path, uneven, 0.5, 12)
+    assert len(_ranks_disagree(0.5, DROPOUT_STEPS)) == 5
+    _check_dropped_layouts(runs["dropout"], DROPOUT_STEPS)
 
 
 @pytest.mark.slow
@@ -239,7 +269,7 @@ def test_forty_steps_of_layout_dropout_keep_ddp_in_step(tmp_path, uneven, layout
     """40 steps on uneven shards with layout dropout 0.5 (ranks disagree on many steps) and 1.0 (no fuser
     ever attends, on either rank): every trainable tensor has a gradient on both ranks at every step."""
     assert layout_dropout == 1.0 or len(_ranks_disagree(layout_dropout, 40)) >= 10
-    _train_with_dropped_layouts(tmp_path, uneven, layout_dropout, 40)
+    _check_dropped_layouts(launch(tmp_path / "ddp", uneven, *dropout_overrides(layout_dropout, 40)), 40)
 
 
 def _files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
