@@ -330,6 +330,7 @@ def test_a_tiny_datagen_run_on_the_other_detectors(tmp_path, name):
 
 
 @pytest.mark.real_size
+@pytest.mark.timeout(3600)  # 200 CPU seconds of detection plus the builds; 11 min wall on a shared machine
 def test_detectors_at_real_size_on_the_two_photos(tmp_path, monkeypatch, capsys):
     """GroundingDINO-T (the real preset's), MM GroundingDINO-T, OWLv2 B/16 and Florence-2-large built at their
     real configurations, each run as the real preset's ground stage on the same two photos and the caption's
