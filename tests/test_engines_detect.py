@@ -238,6 +238,32 @@ def test_owlv2_boxes_match_transformers_post_processing(stages):
         assert np.allclose([d[1] for d in dets], r["scores"].numpy(), atol=1e-6)
 
 
+def test_owlv2_without_padding_scales_by_width_and_height_and_florence_refuses_a_crop(stages):
+    import copy
+
+    from torchvision.ops import box_convert
+
+    stage = stages["tiny-owlv2"]
+    processor = copy.deepcopy(stage.processor)
+    processor.image_processor.do_pad = False  # the image stretched to the square instead
+    det = OwlDetector(stage.model, processor, stage.config)
+    image = _image(48, 128, 23)
+    dets = det._forward([image], [["dog"]])[0]
+    with torch.inference_mode():
+        out = stage.model(**processor(text=[["dog"]], images=[image], return_tensors="pt"))
+    rel = box_convert(out.pred_boxes[0], "cxcywh", "xyxy")
+    keep = (out.logits[0, :, 0].sigmoid() > stage.config.box_threshold).nonzero().flatten()
+    assert len(dets) == len(keep) > 0
+    assert torch.allclose(
+        torch.stack([d[0] for d in dets]), rel[keep] * torch.tensor([128, 48, 128, 48]), atol=1e-3
+    )
+    florence = stages["tiny-florence2"]
+    cropping = copy.deepcopy(florence.processor)
+    cropping.image_processor.do_center_crop = True
+    with pytest.raises(ValueError, match="crops the image"):
+        FlorenceDetector(florence.model, cropping, florence.config)
+
+
 def test_owlv2_image_size_sets_the_square_side(monkeypatch):
     stage = GroundStage(GroundConfig(model=_spec("tiny-owlv2"), image_size=96))
     seen = []

@@ -37,6 +37,10 @@ class FlorenceDetector:
     """Phrase grounding with Florence-2: one generated answer per (image, tag)."""
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
+        if getattr(processor.image_processor, "do_center_crop", False):
+            raise ValueError(
+                "Florence-2's image processor crops the image: its answers' bins would not map to the image"
+            )
         self.model, self.processor, self.config = model, processor, config
 
     def detect(self, images: Sequence[np.ndarray], tags: Sequence[list[str]]) -> list[list[dict]]:

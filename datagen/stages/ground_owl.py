@@ -37,6 +37,7 @@ class OwlDetector:
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         self.model, self.processor, self.config = model, processor, config
         self.max_tokens = int(model.config.text_config.max_position_embeddings)
+        self.padded = bool(getattr(processor.image_processor, "do_pad", True))
 
     def detect(self, images: Sequence[np.ndarray], tags: Sequence[list[str]]) -> list[list[dict]]:
         """Objects for each image given its tags (``ground.GroundStage.detect``'s contract)."""
@@ -79,6 +80,8 @@ class OwlDetector:
         for k, (image, row_tags) in enumerate(zip(images, tags, strict=True)):
             score, best = probs[k, :, : len(row_tags)].max(dim=1)  # blank queries' columns never read
             keep = (score > self.config.box_threshold).nonzero().flatten().tolist()
-            side = float(max(image.shape[:2]))  # the square was padded at the bottom and right
-            results.append([(boxes[k, q] * side, float(score[q]), row_tags[int(best[q])]) for q in keep])
+            h, w = image.shape[:2]
+            # Padded at the bottom and right to a square of the longer side (without padding: stretched).
+            scale = torch.tensor([max(h, w)] * 4 if self.padded else [w, h, w, h], dtype=torch.float32)
+            results.append([(boxes[k, q] * scale, float(score[q]), row_tags[int(best[q])]) for q in keep])
         return results
