@@ -30,6 +30,7 @@ from datagen.stages.ground import GroundConfig, GroundStage, other_detector
 from datagen.stages.ground_florence import FlorenceDetector
 from datagen.stages.ground_owl import OwlDetector
 from shards import SampleRecord, validate_dataset
+from shards.reader import iter_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "datagen" / "tiny.yaml")
@@ -325,21 +326,13 @@ def _datagen_run(tmp_path: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def _objects(out: Path) -> list[dict]:
-    import tarfile
-
-    objects = []
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    objects += json.loads(tar.extractfile(member).read())["objects"]
-    return objects
+def _objects(out: Path) -> list:
+    return [o for sample in iter_samples(str(out)) for o in sample.record.objects]
 
 
 def test_a_tiny_datagen_run_on_owlv2(tmp_path):
     objects = _objects(_datagen_run(tmp_path, "tiny-owlv2"))
-    assert objects and all(0.1 < o["detector_score"] <= 1 for o in objects)
+    assert objects and all(0.1 < o.detector_score <= 1 for o in objects)
 
 
 @pytest.mark.slow
@@ -347,9 +340,9 @@ def test_a_tiny_datagen_run_on_owlv2(tmp_path):
 def test_a_tiny_datagen_run_on_the_other_detectors(tmp_path, name):
     objects = _objects(_datagen_run(tmp_path, name, "--set", "stages.ground.forward_batch_size=8"))
     if name == "tiny-mm-grounding-dino":
-        assert objects and all(0.05 < o["detector_score"] <= 1 for o in objects)
+        assert objects and all(0.05 < o.detector_score <= 1 for o in objects)
     else:  # a random Florence-2 writes no well-formed box: the run is valid, its images left without objects
-        assert all(math.isnan(o["detector_score"]) for o in objects)
+        assert all(o.detector_score is None for o in objects)
 
 
 # ---------------------------------------------------------------- real sizes, random weights
