@@ -155,13 +155,44 @@ def _stage_config(name: str, data: Any, models: str | None) -> Any:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"stages.{name}: expected a mapping of settings (got {data!r})", f"stages.{name}")
     data = dict(data or {})
-    if models is not None and "model" in {f.name for f in fields(config_cls)} and "model" not in data:
+    default = _default_model(config_cls, models)
+    if default is not None:
+        if "model" not in data and models is not None:
+            data["model"] = default
+        elif isinstance(data.get("model"), Mapping):
+            data["model"] = _complete_model(dict(data["model"]), default)
+    return build(config_cls, data, f"stages.{name}")
+
+
+def _default_model(config_cls: type, models: str | None) -> Any:
+    """The ModelSpec a stage runs when its config names none: the preset's of its kind, else the class's."""
+    if "model" not in {f.name for f in fields(config_cls)} or not _has_default(config_cls):
+        return None
+    spec = config_cls().model
+    if spec is None:
+        return None
+    if models is not None:
         from .models import preset
 
-        kind = config_cls().model.kind if _has_default(config_cls) else None
-        if kind is not None:
-            data["model"] = preset(models)[kind]
-    return build(config_cls, data, f"stages.{name}")
+        return preset(models).get(spec.kind, spec)
+    return spec
+
+
+def _complete_model(given: dict, default: Any) -> dict:
+    """A partly given ``model`` mapping, completed, so ``model: {name: google/owlv2-base-patch16}`` is enough.
+
+    Without a ``name`` it adjusts the default model (``{dtype: float32}``) and keeps everything else.
+    With one it is another model: only the stage's ``kind`` and, for a tiny factory's name, the ``tiny``
+    backend are filled in; the default's weights or revision belong to the default model, not this one.
+    """
+    if "name" not in given:
+        return {**dataclasses.asdict(default), **given}
+    from .models import TINY_KINDS
+
+    given.setdefault("kind", default.kind)
+    if given["name"] in TINY_KINDS:
+        given.setdefault("backend", "tiny")
+    return given
 
 
 def _has_default(cls: type) -> bool:

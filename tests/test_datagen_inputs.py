@@ -542,3 +542,28 @@ def test_stage_error_is_found_inside_ray_wrappers():
     assert _stage_error(outer) is inner and _stage_error(ValueError("x")) is None
     remote = RuntimeError("Traceback ...\ndatagen.stages.StageError: stage 'tag' failed on all 8 ok rows\n\nmore")
     assert str(_stage_error(remote)) == "stage 'tag' failed on all 8 ok rows"
+
+
+def test_a_model_given_by_name_alone_completes_from_the_stage_and_settings_alone_adjust_the_default():
+    from datagen.models import ModelSpec
+
+    every = {"m": {"stages": ["tag", "caption", "ground", "segment", "describe", "score", "filter"]}}
+    cfg = build_config({
+        "models": "tiny",
+        "pools": every,
+        "stages": {
+            # another model by name: the stage's kind, and the tiny backend for a tiny factory's name
+            "ground": {"model": {"name": "tiny-owlv2"}},
+            # a hub id: kind filled, backend stays "hf", the default's SAM weights are not carried over
+            "segment": {"model": {"name": "facebook/sam2.1-hiera-large"}},
+            # no name: the preset's model with one setting changed
+            "describe": {"model": {"dtype": "bfloat16"}},
+        },
+    })
+    assert cfg.stages["ground"].model == ModelSpec("detector", "tiny-owlv2", backend="tiny")
+    assert cfg.stages["segment"].model == ModelSpec("segmenter", "facebook/sam2.1-hiera-large")
+    assert cfg.stages["describe"].model == ModelSpec("vlm", "tiny-qwen2.5-vl", backend="tiny", dtype="bfloat16")
+    assert cfg.stages["tag"].model == ModelSpec("vlm", "tiny-qwen2.5-vl", backend="tiny")
+    with pytest.raises(ConfigError, match="stages.ground"):
+        build_config({"models": "tiny", "pools": every,
+                      "stages": {"ground": {"model": {"name": "tiny-owlv2", "kind": "vlm"}}}})
