@@ -21,7 +21,7 @@ import torch
 from . import models as _models
 from . import tiny_models
 from .models import ModelSpec
-from .tiny_vlm3 import real_qwen3_vl
+from .tiny_vlm3 import qwen3_vl_8b
 
 VLM_TEXT_LAYERS = 2  # of Qwen2.5-VL-7B's 28: the widths (and so every shape) stay real
 QWEN_IDS = {  # Qwen2.5-VL's special tokens at the ids of its real tokenizer
@@ -134,6 +134,12 @@ def real_vlm(device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
     model.generation_config.eos_token_id = [QWEN_IDS["<|im_end|>"], QWEN_IDS["<|endoftext|>"]]
     model.generation_config.pad_token_id = QWEN_IDS["<|endoftext|>"]
     return model.eval(), processor
+
+
+def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Qwen3-VL-8B-Instruct's configuration (vision tower whole, ``VLM_TEXT_LAYERS`` of its 36 text
+    layers, as for Qwen2.5-VL-7B; ``datagen.tiny_vlm3``): same tokenizer and special-token ids."""
+    return qwen3_vl_8b(_qwen_tokenizer(), QWEN_IDS, VLM_TEXT_LAYERS, _building(device, dtype))
 
 
 def _bert_tokenizer():

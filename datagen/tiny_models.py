@@ -285,9 +285,10 @@ def tiny_clip():
 
 def tiny_qwen3_vl():
     """Qwen3-VL (``Qwen3VLForConditionalGeneration``) with its processor (``datagen.tiny_vlm3``)."""
-    from .tiny_vlm3 import tiny_qwen3_vl as build  # that module imports this one
+    from .tiny_vlm3 import tiny_qwen3_vl as build
 
-    return build()
+    tokenizer = qwen_tokenizer()
+    return build(tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in VLM_SPECIAL_TOKENS}, _seeded())
 
 
 # The tiny backend's models by name (``ModelSpec(backend="tiny", name=...)``): (kind, factory).

@@ -5,16 +5,16 @@ position grid resampled per image (``num_position_embeddings``, a square), DeepS
 vision layers added to the first text layers: ``deepstack_visual_indexes``), interleaved mRoPE and an
 explicit ``head_dim``, image mean/std 0.5, no default system turn in its chat template, and a processor
 that also returns ``mm_token_type_ids``. The tokenizer class and the special tokens are Qwen2.5-VL's.
-``tiny_qwen3_vl`` is registered as ``tiny-qwen3-vl`` (``datagen.tiny_models.TINY_FACTORIES``);
-``real_qwen3_vl`` is Qwen3-VL-8B-Instruct's configuration with its language model cut to a few layers
-(``datagen.real_size``).
+``tiny_qwen3_vl`` builds the tiny one (registered as ``tiny-qwen3-vl`` by ``datagen.tiny_models``),
+``qwen3_vl_8b`` Qwen3-VL-8B-Instruct's configuration with its language model cut to a few layers
+(``datagen.real_size.real_qwen3_vl``). The callers pass the tokenizer, its special-token ids and the
+seeded build context, so this module imports nothing of datagen (no import cycle with its callers).
 """
 
 from __future__ import annotations
 
-import torch
-
-from . import tiny_models
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 
 # The shape of Qwen3-VL-Instruct's template (its tool-call and video branches left out): no default
 # system turn; a content part is an image when its type says so or it carries an image / image_url
@@ -52,7 +52,7 @@ def _processor(tokenizer, min_pixels: int, max_pixels: int):
     )
 
 
-def _config(ids: dict[str, int], text: dict, vision: dict):
+def _config(ids: Mapping[str, int], text: dict, vision: dict):
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
@@ -71,21 +71,20 @@ def _config(ids: dict[str, int], text: dict, vision: dict):
     )
 
 
-def _finish(model, ids: dict[str, int]):
+def _finish(model, ids: Mapping[str, int]):
     # Qwen3-VL's generation_config.json: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model.eval()
 
 
-def tiny_qwen3_vl():
-    """Qwen3-VL with its processor: 2 text layers of width 32, a 2-block vision tower, 64x64 px images."""
+def tiny_qwen3_vl(tokenizer, ids: Mapping[str, int], building: AbstractContextManager):
+    """Qwen3-VL with its processor: 2 text layers of width 32, a 2-block vision tower, 64x64 px images.
+    ``ids``: the Qwen special tokens' ids in ``tokenizer``; the weights are made inside ``building``."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    tokenizer = tiny_models.qwen_tokenizer()
     # Every image resized to 4x4 patches (2x2 tokens after the merge): milliseconds per image on a CPU.
     processor = _processor(tokenizer, min_pixels=64 * 64, max_pixels=64 * 64)
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tiny_models.VLM_SPECIAL_TOKENS}
     config = _config(
         ids,
         text=dict(
@@ -111,28 +110,25 @@ def tiny_qwen3_vl():
             deepstack_visual_indexes=[0],  # block 0's features join text layer 0
         ),
     )
-    with tiny_models._seeded():
+    with building:
         model = Qwen3VLForConditionalGeneration(config)
     return _finish(model, ids), processor
 
 
-def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """Qwen3-VL-8B-Instruct's configuration (vision tower whole, ``real_size.VLM_TEXT_LAYERS`` of its 36
-    text layers, as for Qwen2.5-VL-7B) with the hub processor's settings and the real special-token ids."""
+def qwen3_vl_8b(tokenizer, ids: Mapping[str, int], text_layers: int, building: AbstractContextManager):
+    """Qwen3-VL-8B-Instruct's configuration (vision tower whole, ``text_layers`` of its 36 text layers)
+    with the hub processor's settings; ``ids``: the real tokenizer's special-token ids."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from .real_size import QWEN_IDS, VLM_TEXT_LAYERS, _building, _qwen_tokenizer
-
-    tokenizer = _qwen_tokenizer()
     # preprocessor_config.json: size {shortest_edge: 65536, longest_edge: 16777216} pixels
     processor = _processor(tokenizer, min_pixels=65536, max_pixels=16777216)
     config = _config(
-        QWEN_IDS,
+        ids,
         text=dict(
             vocab_size=151936,
             hidden_size=4096,
             intermediate_size=12288,
-            num_hidden_layers=VLM_TEXT_LAYERS,
+            num_hidden_layers=text_layers,
             num_attention_heads=32,
             num_key_value_heads=8,
             head_dim=128,
@@ -151,6 +147,6 @@ def real_qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
             deepstack_visual_indexes=[8, 16, 24],
         ),
     )
-    with _building(device, dtype):
+    with building:
         model = Qwen3VLForConditionalGeneration(config)
-    return _finish(model, QWEN_IDS), processor
+    return _finish(model, ids), processor
