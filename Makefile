@@ -27,10 +27,10 @@ demo: $(STAMP)
 	$(BIN)/python -m training.demo --out demo_out
 
 # Two pytest-xdist workers (a 2-core machine; TEST_WORKERS=N for more cores), one test file each at a
-# time (tests/conftest.py groups them, the heavy files first): module fixtures are built once.
+# time, so module fixtures are built once; the heavy files first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

@@ -9,16 +9,17 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Under pytest-xdist (make test runs two workers on two cores) each worker and the processes it starts
-# compute on one thread: two workers with a thread per core each would oversubscribe the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One compute thread per test process and per process it starts (torch's OpenMP, numpy's BLAS): the tensors
+# are tiny, and make test runs two pytest-xdist workers on two cores. With a thread per core in each, an op's
+# threads can spin waiting for a peer the other worker holds off its core (measured on a loaded 2-core
+# machine: most often no difference, once 2.7x the CPU time of two of test_train.py's training tests).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import ipaddress  # noqa: E402
 import socket  # noqa: E402
 
 import psutil  # noqa: E402  (a Ray dependency)
-import pytest  # noqa: E402
 
 # Tests never reach the network: a connection to anything but this machine fails at once with a
 # clear message instead of hanging on a time-out.
@@ -53,29 +54,25 @@ socket.socket.connect_ex = _guarded_connect_ex
 
 
 # ---------------------------------------------------------------------------------------------------
-# pytest-xdist: ``make test`` runs ``-n 2 --dist loadgroup --no-loadscope-reorder``.
+# pytest-xdist: ``make test`` runs ``-n 2 --dist loadfile --no-loadscope-reorder``: one test file is one work
+# unit, on one worker, so its module fixtures are built once. (``--dist loadgroup`` would let tests name
+# their unit, but pytest-xdist 3.8 marks a group by rewriting ``item._nodeid``, which pytest 9 ignores.)
 
-# The files that take longest (CPU seconds, most of it in module fixtures): they start first, so that the
-# two workers do not end on one long file each other has to wait for.
+# The files that take longest (most of it in module fixtures that start two processes): they start first,
+# so that the two workers do not end on one long file the other has to wait for.
 HEAVY_FIRST = (
     "test_train_fsdp.py",
     "test_train_ddp.py",
-    "test_train.py",
     "test_datagen_pipeline.py",
-    "test_train_options.py",
-    "test_sd15.py",
+    "test_engines_detect.py",
+    "test_mmdit_fsdp.py",
     "test_docs_commands.py",
+    "test_datagen_resources.py",
 )
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under xdist, one work unit per test file (its module fixtures are built once, on one worker) unless
-    a test names its own ``xdist_group``; the heavy files first. Before xdist's hook, which reads the marks."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+    """Under xdist, the heavy files first (every worker collects the same order; the files keep theirs)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
