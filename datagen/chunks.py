@@ -236,7 +236,8 @@ def chunk_summary(packed: dict) -> dict:
             failures[k] = failures.get(k, 0) + 1
     return {"shard": packed["shard"], "start": packed["start"], "rows": len(packed["entries"]),
             "statuses": statuses, "failures": [[*k, n] for k, n in failures.items()], "objects": objects,
-            "busy": packed["busy"], "counts": packed.get("counts", {}), "nodes": packed["nodes"]}
+            "busy": packed["busy"], "nodes": packed["nodes"],
+            **({"counts": packed["counts"]} if packed.get("counts") else {})}  # stages' own tallies, when kept
 
 
 class FailFast:
