@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from .tiny_detectors import DETECTOR_FACTORIES  # MM GroundingDINO, OWLv2, Florence-2 (imports this lazily)
-from .tiny_sam import SAM_FACTORIES  # SAM 3 and SAM 2.1 (it imports this module lazily)
+from .tiny_sam import sam_factories  # SAM 3 and SAM 2.1
 
 SEED = 0
 
@@ -298,6 +298,6 @@ TINY_FACTORIES: dict[str, tuple[str, Callable]] = {
     "tiny-grounding-dino": ("detector", tiny_grounding_dino),
     "tiny-sam": ("segmenter", tiny_sam),
     "tiny-clip": ("clip", tiny_clip),
-    **SAM_FACTORIES,
+    **sam_factories(_seeded),
     **DETECTOR_FACTORIES,
 }

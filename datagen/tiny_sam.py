@@ -16,7 +16,8 @@ ground stage's whole path (thresholds, NMS, masks) runs. The outputs stay meanin
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -70,11 +71,10 @@ def _build(cls, config, building):
     return model.eval()
 
 
-def tiny_sam3(building=None):
-    """``Sam3Model`` at 112 px: ViT 2 layers width 32, CLIP text 1 layer, DETR 1+1 layers, 20 queries."""
+def tiny_sam3(building: AbstractContextManager):
+    """``Sam3Model`` at 112 px: ViT 2 layers width 32, CLIP text 1 layer, DETR 1+1 layers, 20 queries;
+    parameters created under ``building`` (a seeded context: ``datagen.tiny_models``)."""
     from transformers import Sam3Config, Sam3Model
-
-    from .tiny_models import _seeded
 
     size, patch = 112, 14
     grid = size // patch  # 8: the FPN's levels are 4x, 2x and 1x of it
@@ -106,16 +106,15 @@ def tiny_sam3(building=None):
         detr_decoder_config={**small, "num_layers": 1, "num_queries": 20},
         mask_decoder_config={"hidden_size": 32, "num_attention_heads": 2},
     )
-    model = _build(Sam3Model, config, building or _seeded())
+    model = _build(Sam3Model, config, building)
     _lift_presence(model)
     return model, sam3_processor(size, 4 * grid)
 
 
-def tiny_sam2(building=None):
-    """``Sam2Model`` at 128 px: a 4-stage Hiera of 1-2 blocks each (width 16..128), decoder width 32."""
+def tiny_sam2(building: AbstractContextManager):
+    """``Sam2Model`` at 128 px: a 4-stage Hiera of 1-2 blocks each (width 16..128), decoder width 32;
+    parameters created under ``building``."""
     from transformers import Sam2Config, Sam2Model
-
-    from .tiny_models import _seeded
 
     size = 128
     config = Sam2Config(
@@ -140,7 +139,7 @@ def tiny_sam2(building=None):
         prompt_encoder_config={"hidden_size": 32, "image_size": size, "patch_size": 16, "mask_input_channels": 4},
         mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
     )
-    return _build(Sam2Model, config, building or _seeded()), sam2_processor(size, size // 4)
+    return _build(Sam2Model, config, building), sam2_processor(size, size // 4)
 
 
 def real_sam3(building=None):
@@ -176,5 +175,8 @@ def real_sam2_large(building=None):
     return _build(Sam2Model, config, building or nullcontext()), sam2_processor()
 
 
-# The tiny backend's SAM builds by name: (kind, factory). SAM 3 grounds (its masks come with its boxes).
-SAM_FACTORIES = {"tiny-sam3": ("detector", tiny_sam3), "tiny-sam2": ("segmenter", tiny_sam2)}
+def sam_factories(seeded: Callable[[], AbstractContextManager]) -> dict[str, tuple[str, Callable]]:
+    """The tiny backend's SAM builds by name: (kind, factory), each built under ``seeded()`` (passed in by
+    ``datagen.tiny_models``, so this module imports nothing of it). SAM 3 grounds: its masks come with its boxes."""
+    return {"tiny-sam3": ("detector", lambda: tiny_sam3(seeded())),
+            "tiny-sam2": ("segmenter", lambda: tiny_sam2(seeded()))}

@@ -78,7 +78,7 @@ class GroundStage:
         else:
             self.model, self.processor = load_model(config.model)
             if is_sam3(self.model):  # SAM 3 grounds and segments each phrase itself: no prompt packing
-                self.sam3 = Sam3Grounder(self.model, self.processor, config)
+                self.sam3 = Sam3Grounder(self.model, self.processor, config, select_boxes)
                 return
             self.other = other_detector(self.model, self.processor, config)  # OWLv2, Florence-2
             if self.other is not None:

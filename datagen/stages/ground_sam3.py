@@ -25,7 +25,7 @@ of a 1024 px image); the vision encoder, most of the work, runs under autocast t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +48,9 @@ def is_sam3(model: Any) -> bool:
 class Sam3Grounder:
     """Objects (box, phrase, detector_score and the mask fields) for images and their phrases."""
 
-    def __init__(self, model, processor, config) -> None:
+    def __init__(self, model, processor, config, select_boxes: Callable) -> None:
         self.model, self.processor, self.config = model, processor, config
+        self.select_boxes = select_boxes  # ground.select_boxes, the filters every ground engine shares
         self.dtype = config.model.resolved_dtype()  # the vision encoder's autocast dtype
         self.text_length = int(model.config.text_config.max_position_embeddings)
 
@@ -59,8 +60,6 @@ class Sam3Grounder:
 
     @torch.inference_mode()
     def detect_one(self, image: np.ndarray, phrases: list[str]) -> list[dict]:
-        from .ground import select_boxes  # ground imports this module
-
         cfg = self.config
         h, w = image.shape[:2]
         vision = self._vision(image)
@@ -82,7 +81,7 @@ class Sam3Grounder:
         scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes[0].device)
         all_boxes = clip_boxes_to_image(torch.cat(boxes) * scale, (h, w)).cpu()
         all_scores = torch.cat(scores).cpu()
-        keep = select_boxes(all_boxes, all_scores, names, w, h, cfg)
+        keep = self.select_boxes(all_boxes, all_scores, names, w, h, cfg)
         if not keep:
             return []
         logits = torch.cat(masks)[keep]
