@@ -1,6 +1,6 @@
 """Tiny, randomly initialised builds of the ground stage's other phrase-grounding detectors, offline.
 
-MM GroundingDINO (``MMGroundingDinoForObjectDetection``), OWLv2 (``Owlv2ForObjectDetection``) and
+OWLv2 (``Owlv2ForObjectDetection``) and
 Florence-2 (``Florence2ForConditionalGeneration``), each with the processor class its hub checkpoints
 use, built from small configs with seeded weights like ``datagen.tiny_models`` (registered there in
 ``TINY_FACTORIES``). Tokenizers are built in memory: GroundingDINO's WordPiece vocabulary for MM
@@ -8,15 +8,15 @@ GroundingDINO, CLIP's real BPE (open_clip ships it) for OWLv2, a byte-level BPE 
 Florence-2's 1000 location tokens for Florence-2. Their outputs are meaningless; a random Florence-2
 rarely writes a well-formed box, so tests that need its boxes feed it answers.
 
-The same three at their real sizes with random weights (``real_detectors``, for ``datagen.real_size``):
-MM GroundingDINO-T, OWLv2 B/16 at 960 px and Florence-2-large, with the real processors' settings.
+MM GroundingDINO's tiny build is ``datagen.tiny_models.tiny_mm_grounding_dino`` (the tiny GroundingDINO's
+config under the MM class); the real-size builds of all three are in ``datagen.real_detectors``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from .tiny_base import WORDS, _byte_bpe, _seeded, clip_bpe_tokenizer
 
 # Florence-2's task tokens besides the 1000 location bins (its tokenizer adds them after BART's vocabulary).
 FLORENCE_TOKENS = ("<od>", "</od>", "<ocr>", "</ocr>", "<poly>", "</poly>", "<sep>", "<ground>", "<obj>")
@@ -25,39 +25,10 @@ FLORENCE_LOCATIONS = 1000  # the post-processor dequantises <loc_0>..<loc_999> o
 FLORENCE_POST_PROCESSOR = {"phrase_grounding": {"banned_grounding_tokens": ["the image"]}, "pure_text": {}}
 
 
-def tiny_mm_grounding_dino():
-    """MM GroundingDINO at the tiny GroundingDINO's sizes, with the same ``GroundingDinoProcessor``."""
-    from transformers import MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
-
-    from .tiny_models import _seeded, tiny_grounding_dino
-
-    base, processor = tiny_grounding_dino()  # one source of the sizes: the GroundingDINO build's config
-    fields = MMGroundingDinoConfig.__dataclass_fields__
-    config = MMGroundingDinoConfig(
-        **{k: v for k, v in base.config.to_dict().items() if k in fields and k != "model_type"}
-    )
-    with _seeded():
-        model = MMGroundingDinoForObjectDetection(config)
-    return model.eval(), processor
-
-
-def clip_bpe_tokenizer(**kwargs):
-    """transformers' ``CLIPTokenizer`` on CLIP's real 49408-token BPE, from the file open_clip ships."""
-    import open_clip
-    from transformers import CLIPTokenizer
-
-    bpe = open_clip.SimpleTokenizer()
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF's spelling
-    vocab = {names.get(token, token): i for token, i in bpe.encoder.items()}
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)
-
-
 def tiny_owlv2():
     """OWLv2 (ViT 64 px, patch 16: 16 boxes per image; 2 layers, width 32) with ``Owlv2Processor``."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    from .tiny_models import _seeded
 
     # The real tokenizer's settings: 16 tokens a query, padded with "!" (id 0, which marks blank queries).
     tokenizer = clip_bpe_tokenizer(pad_token="!", model_max_length=16)
@@ -83,7 +54,6 @@ def florence_tokenizer(regular_ids: int = 0):
     vocabulary, so Florence-2's own tokens land where the real tokenizer has them: 50265 onwards)."""
     from transformers import BartTokenizer
 
-    from .tiny_models import WORDS, _byte_bpe
 
     words, merges = _byte_bpe(WORDS)
     vocab = {t: i for i, t in enumerate(("<s>", "<pad>", "</s>", "<unk>"))}  # BART's ids 0-3
@@ -104,7 +74,6 @@ def tiny_florence2():
         Florence2Processor,
     )
 
-    from .tiny_models import _seeded
 
     tokenizer = florence_tokenizer()
     # Florence-2's preprocessing: the whole image resized to a square (no crop), one token per 32 px
@@ -130,87 +99,8 @@ def tiny_florence2():
     return model.eval(), processor
 
 
-# ------------------------------------------------------------------ real sizes, random weights
-
-
-def real_mm_grounding_dino(device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """mm_grounding_dino_tiny_o365v1_goldg_v3det: ``MMGroundingDinoConfig``'s defaults (Swin-T, BERT-base)."""
-    from transformers import (
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        MMGroundingDinoConfig,
-        MMGroundingDinoForObjectDetection,
-    )
-
-    from .real_size import _bert_tokenizer, _building
-
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(), tokenizer=_bert_tokenizer()
-    )
-    with _building(device, dtype):
-        model = MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(disable_custom_kernels=True))
-    return model.eval(), processor
-
-
-def real_owlv2(device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """owlv2-base-patch16-ensemble: ViT-B/16 at 960 px (3600 boxes an image), CLIP's text tower and BPE."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-
-    from .real_size import _building
-
-    tokenizer = clip_bpe_tokenizer(pad_token="!", model_max_length=16)
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(), tokenizer=tokenizer)  # 960 x 960
-    with _building(device, dtype):
-        model = Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960, "patch_size": 16}))
-    return model.eval(), processor
-
-
-def real_florence2_large(device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Florence-2-large (florence-community): DaViT-L at 768 px (577 image tokens), BART-large 12 + 12 layers."""
-    from transformers import (
-        CLIPImageProcessor,
-        Florence2Config,
-        Florence2ForConditionalGeneration,
-        Florence2Processor,
-    )
-
-    from .real_size import _building
-
-    tokenizer = florence_tokenizer(regular_ids=50265)
-    image_processor = CLIPImageProcessor(
-        size={"height": 768, "width": 768}, do_center_crop=False, crop_size={"height": 768, "width": 768},
-        resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], image_seq_length=577,
-    )  # fmt: skip
-    processor = Florence2Processor(
-        image_processor=image_processor, tokenizer=tokenizer, post_processor_config=FLORENCE_POST_PROCESSOR
-    )
-    config = Florence2Config(
-        # the converted checkpoints' vocabulary: len(tokenizer) padded to a multiple of 64
-        text_config=dict(model_type="bart", vocab_size=-(-len(tokenizer) // 64) * 64, d_model=1024,
-                         encoder_layers=12, decoder_layers=12, encoder_attention_heads=16, decoder_attention_heads=16,
-                         encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024, bos_token_id=0,
-                         pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0),
-        vision_config=dict(depths=[1, 1, 9, 1], embed_dim=[256, 512, 1024, 2048], num_heads=[8, 16, 32, 64],
-                           num_groups=[8, 16, 32, 64], window_size=12, projection_dim=1024),
-        image_token_id=tokenizer.image_token_id,
-    )  # fmt: skip
-    with _building(device, dtype):
-        model = Florence2ForConditionalGeneration(config)
-    return model.eval(), processor
-
-
-def real_detectors():
-    """``datagen.real_size`` builds of these detectors: name -> (kind, factory(device, dtype), dtype on a GPU)."""
-    return {
-        "real-size-mm-grounding-dino-tiny": ("detector", real_mm_grounding_dino, torch.float32),
-        "real-size-owlv2-base-patch16": ("detector", real_owlv2, torch.float32),
-        "real-size-florence2-large": ("detector", real_florence2_large, torch.float32),
-    }
-
-
 # Registered in ``datagen.tiny_models.TINY_FACTORIES``: name -> (kind, factory).
 DETECTOR_FACTORIES: dict[str, tuple[str, Callable]] = {
-    "tiny-mm-grounding-dino": ("detector", tiny_mm_grounding_dino),
     "tiny-owlv2": ("detector", tiny_owlv2),
     "tiny-florence2": ("detector", tiny_florence2),
 }

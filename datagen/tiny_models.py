@@ -9,25 +9,15 @@ Weights are seeded, so two builds in two processes are identical. Callers cache 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
 import torch
 
-from .tiny_detectors import DETECTOR_FACTORIES  # MM GroundingDINO, OWLv2, Florence-2 (imports this lazily)
+from .tiny_base import SEED, WORDS, _byte_bpe, _seeded  # noqa: F401 - SEED and WORDS re-exported for callers
+from .tiny_detectors import DETECTOR_FACTORIES  # OWLv2, Florence-2
 from .tiny_sam import sam_factories  # SAM 3 and SAM 2.1
-
-SEED = 0
-
-# Words the tiny tokenizers know as whole tokens, so random generations decode to word-like text.
-WORDS = (
-    "a an the and of on in with at near next to behind front left right top bottom small large red blue "
-    "green white black yellow wooden old young man woman person child dog cat car bus tree house road sky "
-    "table chair cup bottle book phone window door grass water boat bird horse bicycle building sign "
-    "shirt hat bag ball plate food flower lamp wall floor street light cloud mountain field"
-).split()
 
 # Qwen2-style special tokens the VLM processor and chat template need.
 VLM_SPECIAL_TOKENS = (
@@ -65,33 +55,6 @@ CLIP_CFG = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-@contextmanager
-def _seeded(seed: int = SEED) -> Iterator[None]:
-    """Seed torch for a build without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _byte_bpe(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocab (all 256 bytes) with left-to-right merges that spell ``words``."""
-    from tokenizers import pre_tokenizers
-
-    vocab: dict[str, int] = {}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        for spelled in (word, "\u0120" + word):  # "Ġ" is the byte-level space
-            piece = spelled[0]
-            for ch in spelled[1:]:
-                if piece + ch not in vocab:
-                    merges.append((piece, ch))
-                    vocab[piece + ch] = len(vocab)
-                piece += ch
-    return vocab, merges
 
 
 def qwen_tokenizer():
@@ -283,6 +246,20 @@ def tiny_clip():
     return model.eval(), ClipProcessor(preprocess, open_clip.SimpleTokenizer(context_length=77))
 
 
+def tiny_mm_grounding_dino():
+    """MM GroundingDINO at the tiny GroundingDINO's sizes, with the same ``GroundingDinoProcessor``."""
+    from transformers import MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
+
+    base, processor = tiny_grounding_dino()  # one source of the sizes: the GroundingDINO build's config
+    fields = MMGroundingDinoConfig.__dataclass_fields__
+    config = MMGroundingDinoConfig(
+        **{k: v for k, v in base.config.to_dict().items() if k in fields and k != "model_type"}
+    )
+    with _seeded():
+        model = MMGroundingDinoForObjectDetection(config)
+    return model.eval(), processor
+
+
 def tiny_qwen3_vl():
     """Qwen3-VL (``Qwen3VLForConditionalGeneration``) with its processor (``datagen.tiny_vlm3``)."""
     from .tiny_vlm3 import tiny_qwen3_vl as build
@@ -296,6 +273,7 @@ TINY_FACTORIES: dict[str, tuple[str, Callable]] = {
     "tiny-qwen2.5-vl": ("vlm", tiny_vlm),
     "tiny-qwen3-vl": ("vlm", tiny_qwen3_vl),
     "tiny-grounding-dino": ("detector", tiny_grounding_dino),
+    "tiny-mm-grounding-dino": ("detector", tiny_mm_grounding_dino),
     "tiny-sam": ("segmenter", tiny_sam),
     "tiny-clip": ("clip", tiny_clip),
     **sam_factories(_seeded),

@@ -15,35 +15,22 @@ ground stage's whole path (thresholds, NMS, masks) runs. The outputs stay meanin
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from .tiny_base import clip_bpe_tokenizer
+
 PRESENCE_LOGIT = 3.0  # sigmoid(3) = 0.95: random queries score ~0.47, above the default box threshold
 SAM3_TEXT_LENGTH = 32  # facebook/sam3's text context (its processor pads every phrase to 32 tokens)
 
 
-@functools.cache
-def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP's vocab and merges from open_clip's bundled BPE file (what facebook/sam3's tokenizer holds)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    simple = SimpleTokenizer()
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {names.get(t, t): i for t, i in simple.encoder.items()}
-    return vocab, sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-
-
 def sam3_processor(image_size: int = 1008, mask_size: int = 288):
     """``Sam3Processor``: images resized to ``image_size`` square, CLIP's tokenizer (32 tokens, padded)."""
-    from transformers import CLIPTokenizer, Sam3ImageProcessor, Sam3Processor
+    from transformers import Sam3ImageProcessor, Sam3Processor
 
-    vocab, merges = _clip_vocab()
-    tokenizer = CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), model_max_length=SAM3_TEXT_LENGTH, pad_token="<|endoftext|>"
-    )
+    tokenizer = clip_bpe_tokenizer(model_max_length=SAM3_TEXT_LENGTH, pad_token="<|endoftext|>")
     image_processor = Sam3ImageProcessor(
         size={"height": image_size, "width": image_size}, mask_size={"height": mask_size, "width": mask_size}
     )

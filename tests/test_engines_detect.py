@@ -358,9 +358,9 @@ def test_detectors_at_real_size_on_the_two_photos(tmp_path, monkeypatch, capsys)
     import time
 
     from datagen.config import load_config
+    from datagen.real_detectors import real_detectors
     from datagen.real_size import FACTORIES, make_photos, register, run_stages
     from datagen.stages.tag import TagConfig, caption_phrases
-    from datagen.tiny_detectors import real_detectors
 
     monkeypatch.setattr(florence_mod, "MAX_NEW_TOKENS", 12)
     cfg = load_config(ROOT / "configs" / "datagen" / "real.yaml")
