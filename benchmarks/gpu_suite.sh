@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh --dry-run             # every part's commands (what the fast test checks)
 # Parts:
 #   datagen  the real preset's datagen stages at real size (per-stage seconds per image, a run record)
+#   sam3     the sam3 preset's stages the same way (Qwen3-VL-8B, SAM 3 grounding and segmenting, CLIP)
 #   sdxl     one SDXL base adapter step at 512 px, and the SDXL train-step benchmark
 #   sd35     SD3.5 medium adapter steps at 1024 px (2.2 B transformer, checkpointing): step time, peak memory
 #   flux     FLUX.1-dev adapter steps at 1024 px (11.9 B transformer in bf16, 57 fusers, checkpointing):
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PARTS=(datagen sdxl sd35 flux)
+PARTS=(datagen sam3 sdxl sd35 flux)
 CHOICES=$(IFS="|"; echo "${PARTS[*]}")
 DRY=0
 PART=""
@@ -53,6 +54,7 @@ COMMON=(
 part_steps() {
   case "$1" in
     datagen) echo "real_size_datagen|240|$RS datagen --device cuda --dtype bf16 --max-new-tokens 32 --max-objects 4 --output $OUT/datagen" ;;
+    sam3) echo "real_size_datagen_sam3|240|$RS datagen --preset sam3 --device cuda --dtype bf16 --max-new-tokens 32 --max-objects 4 --output $OUT/datagen_sam3" ;;
     sdxl)
       echo "real_size_train|120|$RS train --device cuda --dtype bf16 --size 512"
       echo "train_step_sdxl|150|$PY benchmarks/train_step.py --sdxl --device cuda --batch 2 --repeats 2" ;;

@@ -32,14 +32,19 @@ import time
 from pathlib import Path
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "datagen" / "real.yaml"
+# datagen presets: (config, tiny model preset for --tiny)
+DATAGEN_PRESETS = {"real": (REAL_CONFIG, "tiny"), "sam3": (REAL_CONFIG.with_name("sam3.yaml"), "tiny_sam3")}
 # Bounded work per image so a run's length is fixed: new tokens per VLM answer and objects per image.
 FIXED = {"max_new_tokens": 32, "max_objects": 4}
 
 
-def stage_overrides(max_new_tokens: int, max_objects: int) -> dict:
+def stage_overrides(max_new_tokens: int, max_objects: int, preset: str = "real") -> dict:
     """Per-stage config overrides that fix the token and object counts (random weights never stop early)."""
     vlm = {"max_new_tokens": max_new_tokens}
-    return {"tag": vlm, "caption": vlm, "describe": vlm, "ground": {"max_objects": max_objects},
+    ground = {"max_objects": max_objects}
+    if preset == "sam3":  # random SAM 3 queries score ~0.47 (datagen.tiny_sam), under sam3.yaml's 0.5
+        ground["box_threshold"] = 0.3
+    return {"tag": vlm, "caption": vlm, "describe": vlm, "ground": ground,
             # random scores: keep every object so score and filter see real work
             "filter": {"min_clip_score": None, "min_detector_score": None, "min_mask_agreement": None}}
 
@@ -49,17 +54,29 @@ def run_datagen(args) -> dict:
 
     from datagen.measurement import load_measurement, run_record, save_run_record
     from datagen.models import preset
-    from datagen.real_size import busy_summary, make_photos, real_stage_configs, register, run_stages
+    from datagen.real_size import (
+        FACTORIES,
+        OTHER_FACTORIES,
+        busy_summary,
+        make_photos,
+        real_stage_configs,
+        register,
+        run_stages,
+    )
 
+    config_path, tiny_preset = DATAGEN_PRESETS[args.preset]
     if args.tiny:
-        specs = {k: dataclasses.replace(s, device=args.device) for k, s in preset("tiny").items()}
+        specs = {k: dataclasses.replace(s, device=args.device) for k, s in preset(tiny_preset).items()}
     else:
         dtypes = {"vlm": torch.bfloat16, "clip": torch.bfloat16} if args.dtype == "bf16" else {
             "vlm": torch.float32, "clip": torch.float32}
-        specs = register(args.device, dtypes)
+        # sam3: Qwen3-VL-8B, SAM 3 (grounds and segments) and the real preset's CLIP ViT-L/14
+        factories = None if args.preset == "real" else {
+            **{n: f for n, f in FACTORIES.items() if f[0] == "clip"}, **OTHER_FACTORIES}
+        specs = register(args.device, dtypes, factories)
     output = Path(args.output or tempfile.mkdtemp(prefix="real_size_"))
     inputs = make_photos(output / "photos")
-    cfg, configs = real_stage_configs(specs, str(REAL_CONFIG), stage_overrides(args.max_new_tokens, args.max_objects))
+    cfg, configs = real_stage_configs(specs, str(config_path), stage_overrides(args.max_new_tokens, args.max_objects, args.preset))
     t0 = time.perf_counter()
     batch, timings = run_stages(inputs, configs)
     wall = time.perf_counter() - t0
@@ -68,7 +85,7 @@ def run_datagen(args) -> dict:
     path = save_run_record(str(output), record)
     measured = load_measurement(str(output))  # what `datagen size --from` reads
     n = len(batch["key"])
-    print(f"{'tiny' if args.tiny else 'real-size'} models on {args.device}, {n} images, "
+    print(f"{args.preset} preset, {'tiny' if args.tiny else 'real-size'} models on {args.device}, {n} images, "
           f"{args.max_new_tokens} new tokens, <= {args.max_objects} objects per image; record {path}")
     print(f"{'stage':10s} {'s/image':>10s} {'load s':>10s}")
     for name, (rows, busy, load) in timings.items():
@@ -78,7 +95,8 @@ def run_datagen(args) -> dict:
                     "record_stages": sorted(measured.rates)})
     if failed:
         print(f"failed rows: {failed}", file=sys.stderr)
-    return {"benchmark": "real_size_datagen", "figures": figures, "targets": {"failed": 0}}
+    return {"benchmark": "real_size_datagen" if args.preset == "real" else f"real_size_datagen_{args.preset}",
+            "figures": figures, "targets": {"failed": 0}}
 
 
 MMDIT_PRESETS = {"sd35": ("sd3", "sd35_1024_8gpu.yaml"), "flux": ("flux", "flux1_1024_8gpu.yaml")}
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="VLM/CLIP weights (datagen) or frozen SDXL weights (train)")
+    parser.add_argument("--preset", choices=sorted(DATAGEN_PRESETS), default="real",
+                        help="datagen: configs/datagen/<preset>.yaml's models (sam3: Qwen3-VL-8B + SAM 3 + CLIP)")
     parser.add_argument("--tiny", action="store_true", help="the tiny models instead (smoke test)")
     parser.add_argument("--output", help="datagen output folder for the run record (default: a temp folder)")
     parser.add_argument("--max-new-tokens", type=int, default=FIXED["max_new_tokens"])

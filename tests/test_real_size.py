@@ -199,11 +199,13 @@ def test_adapter_train_step_on_real_sd35_medium_at_512():
 # ------------------------------------------------------------------ the GPU suite's CPU-testable parts
 
 
-def test_benchmark_datagen_smoke_writes_a_record_size_accepts(tmp_path, capsys):
-    assert bench.main(["datagen", "--tiny", "--output", str(tmp_path), "--max-new-tokens", "4",
+@pytest.mark.parametrize("preset", ["real", "sam3"])
+def test_benchmark_datagen_smoke_writes_a_record_size_accepts(tmp_path, capsys, preset):
+    assert bench.main(["datagen", "--preset", preset, "--tiny", "--output", str(tmp_path), "--max-new-tokens", "4",
                        "--max-objects", "2"]) == 0  # fmt: skip
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["benchmark"] == "real_size_datagen" and last["figures"]["failed"] == 0
+    name = "real_size_datagen" if preset == "real" else "real_size_datagen_sam3"
+    assert last["benchmark"] == name and last["figures"]["failed"] == 0
     assert set(last["figures"]["record_stages"]) == set(STAGE_COLUMNS)
     assert list((tmp_path / "runs").glob("*.json"))
 
@@ -231,7 +233,8 @@ def test_gpu_suite_dry_run_lists_its_parts_each_within_eight_minutes():
     assert "benchmarks/real_size.py train --model flux --device cuda --dtype bf16" in out
     assert "benchmarks/real_size.py train --model sd35 --device cuda --dtype bf16" in out
     parts = [p for p in out.split("### part ") if p]
-    assert [p.split("\n")[0] for p in parts] == ["datagen", "sdxl", "sd35", "flux"]
+    assert [p.split("\n")[0] for p in parts] == ["datagen", "sam3", "sdxl", "sd35", "flux"]
+    assert "benchmarks/real_size.py datagen --preset sam3 --device cuda" in out
     for part in parts:
         limits = [int(line.split("(<= ")[1].split("s)")[0]) for line in part.splitlines()[1:]]
         assert len(limits) >= 3 and sum(limits) <= 470, part
