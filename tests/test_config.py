@@ -167,7 +167,7 @@ def test_a_cross_field_error_blames_the_override_below_it():
         (["vlm.vllm.gpu_memory_utilization=0"],
          "override vlm.vllm.gpu_memory_utilization=0: vlm.vllm.gpu_memory_utilization: must be in (0, 1] (got 0)"),
         (["decode.min_side=512"], "override decode.min_side=512: decode: max_side (256) must be >= min_side (512)"),
-        (["models=huge"], "override models=huge: models: must be one of ['real', 'tiny'] (got 'huge')"),
+        (["models=huge"], "override models=huge: models: must be one of ['real', 'sam3', 'tiny', 'tiny_sam3'] (got 'huge')"),
         (["stages.tag=3"], "override stages.tag=3: stages.tag: expected a mapping of settings (got 3)"),
         (["stages.tag.batchsize=2"], "override stages.tag.batchsize=2: stages.tag: unknown key 'batchsize' (valid keys: "
          "batch_size, caption_fallback, generate_batch_size, max_new_tokens, max_pixels, max_tags, max_words, "

@@ -129,7 +129,10 @@ def _raw_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     for file in files:
         missing = [c for c in COLUMNS if c not in file.columns]
         if missing:
-            raise ValueError(f"{url_for(fs, file.path)}: no column {missing} (LayoutSAM columns: {', '.join(COLUMNS)})")
+            what = f"{url_for(fs, file.path)}: no column {missing} (LayoutSAM columns: {', '.join(COLUMNS)})"
+            if Path(path).is_dir():  # a folder is read as LayoutSAM: say what else it could have been
+                what = f"{path}: is a folder, not a layouts file, and not LayoutSAM parquet ({what})"
+            raise ValueError(what)
     for _, file, row, raw in iter_rows(fs, files, list(COLUMNS), batch_size=BATCH_ROWS):
         yield f"{url_for(fs, file.path)}[row {row}]", raw
 
