@@ -6,20 +6,35 @@ size differs from its stats file is not used). It then reads each sample's JSON 
 each, asked for concurrently on object stores and HTTP), checks it and applies the dataset's filters. The
 samples that pass are the stream's, numbered dataset by dataset, shard by shard, in tar order; every other
 one is counted by reason: ``error/corrupt_shard``, ``error/missing_member``, ``error/bad_json``,
-``filtered/too_few_objects``, ``filtered/too_many_objects``. Each rank builds the same index (the JSON
-bytes are about 1% of a shard's), once per loader.
+``filtered/too_few_objects``, ``filtered/too_many_objects``.
+
+``shared_index(config)`` is what the loader calls, once per loader, in the process that builds it (not in
+its DataLoader workers, which receive the index with their dataset). When ``torch.distributed`` is
+initialized with more than one process and this loader is that process's rank, the index is built once per
+job, not once per rank: rank 0 builds it and broadcasts it (``StreamIndex.to_bytes``: numpy arrays and a
+JSON header in an npz, nothing unpickled) to the other ranks, which read no JSON range at all (a 1M-sample
+dataset on S3 with 16 ranks: 1M range GETs at start-up instead of 16M). Every rank must then build its loader
+(it is a collective). A build that fails on rank 0 raises the same error (type and message) on every rank;
+while rank 0 works, it broadcasts a heartbeat every ``HEARTBEAT_S`` seconds so that no collective waits near
+the process group's timeout (NCCL's default is 10 minutes). Without a process group, or with one of one
+process, each loader builds its own.
 
 A dataset on an HTTP server that ignores byte ranges (``python -m http.server``) has its tars copied
 once, each with one streamed GET, into the folder ``scratch()`` returns (a temporary folder of the
-loader's), and is read from there.
+loader's), and is read from there; with a shared index each rank copies them into its own folder (a rank
+on another node cannot read rank 0's).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
+import zipfile
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,6 +48,8 @@ from training.data.examples import object_text
 log = logging.getLogger(__name__)
 
 _THREADS = 8  # shards indexed at once: object stores answer slowly, not heavily
+HEARTBEAT_S = 30.0  # while rank 0 builds a shared index: seconds between its "still working" broadcasts
+_FORMAT = 1  # of StreamIndex.to_bytes
 
 
 def keep_objects(record: SampleRecord, f: FilterConfig) -> SampleRecord:
@@ -152,6 +169,56 @@ class StreamIndex:
         """The shard of each sample id."""
         return np.searchsorted(self.shard_first, ids, side="right") - 1
 
+    def to_bytes(self) -> bytes:
+        """The index as an npz: its arrays, and its strings and counters as one JSON header array."""
+        header = {"format": _FORMAT, "urls": list(self.urls), "counts": self.counts,
+                  "tars": [tar for tar, _, _ in self.identity]}
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            shard_sizes=np.asarray(self.shard_sizes, dtype=np.int64),
+            dataset_shards=np.asarray(self.dataset_shards, dtype=np.int64),
+            start=self.start,
+            end=self.end,
+            shard_first=self.shard_first,
+            found=np.asarray([found for _, found, _ in self.identity], dtype=np.int64),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StreamIndex:
+        """The index ``to_bytes`` wrote; ValueError when ``data`` is not one (checked, never unpickled)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                a = {k: z[k] for k in z.files}
+            header = json.loads(a["header"].tobytes())
+            if header.get("format") != _FORMAT:
+                raise ValueError(f"format {header.get('format')!r}, expected {_FORMAT}")
+            sizes = [int(n) for n in a["shard_sizes"]]
+            urls, tars, found = header["urls"], header["tars"], [int(n) for n in a["found"]]
+            index = cls(
+                urls=tuple(str(u) for u in urls),
+                shard_sizes=tuple(sizes),
+                dataset_shards=tuple(int(n) for n in a["dataset_shards"]),
+                start=a["start"],
+                end=a["end"],
+                shard_first=a["shard_first"],
+                counts={str(k): int(v) for k, v in header["counts"].items()},
+                identity=tuple((str(t), f, n) for t, f, n in zip(tars, found, sizes, strict=True)),
+            )
+            if any(a[k].dtype != np.int64 or a[k].ndim != 1 for k in a if k != "header"):
+                raise ValueError("its arrays are not one-dimensional int64")
+        except (KeyError, TypeError, AttributeError, OSError, zipfile.BadZipFile, ValueError) as e:
+            raise ValueError(f"not a stream index: {type(e).__name__}: {e}") from None
+        # Consistency, so that a damaged index fails here rather than as wrong byte ranges later.
+        n = len(index.urls)
+        if not (len(tars) == len(index.shard_first) == n == sum(index.dataset_shards)
+                and len(index.start) == len(index.end) == sum(sizes)
+                and index.shard_first.tolist() == np.cumsum([0, *sizes])[:-1].tolist()):
+            raise ValueError("not a stream index: its shard and sample counts disagree")
+        return index
+
 
 def build_index(config: StreamConfig, scratch: Callable[[], str]) -> StreamIndex:
     """The index of ``config``'s datasets (module doc); a dataset without a usable sample is a ConfigError."""
@@ -196,3 +263,72 @@ def build_index(config: StreamConfig, scratch: Callable[[], str]) -> StreamIndex
         counts=dict(sorted(counts.items())),
         identity=tuple((job[2].tar, e.found, len(e.start)) for job, e in zip(jobs, entries, strict=True)),
     )
+
+
+def shared_index(config: StreamConfig, scratch: Callable[[], str], rank: int, world_size: int) -> StreamIndex:
+    """``build_index`` once per job: on rank 0, broadcast to the other ranks of the default process group
+    (module doc); the loader of ``rank`` of ``world_size`` calls it. Without such a group, build_index."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and (rank, world_size) == (dist.get_rank(), dist.get_world_size())):
+        return build_index(config, scratch)
+    # NCCL moves CUDA tensors only; gloo (and a "cpu:gloo,cuda:nccl" group) moves CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def send(status: int, payload: bytes = b"") -> None:
+        dist.broadcast(torch.tensor([status, len(payload)], dtype=torch.int64, device=device), src=0)
+        if payload:
+            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device), src=0)
+
+    if rank == 0:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(build_index, config, scratch)
+            while not wait([future], timeout=HEARTBEAT_S).done:
+                send(_WORKING)
+        error = future.exception()
+        if error is None:
+            index = future.result()
+            send(_BUILT, index.to_bytes())
+            return index
+        kind = next((name for name, cls in _SENT_ERRORS.items() if isinstance(error, cls)), None)
+        message = str(error) if kind else f"rank 0 could not build the stream index: {type(error).__name__}: {error}"
+        send(_FAILED, json.dumps({"type": kind or "RuntimeError", "message": message}).encode())
+        raise error
+    while True:
+        head = torch.zeros(2, dtype=torch.int64, device=device)
+        dist.broadcast(head, src=0)
+        status, length = head.tolist()
+        if status != _WORKING:
+            break
+    data = torch.empty(length, dtype=torch.uint8, device=device)
+    if length:
+        dist.broadcast(data, src=0)
+    payload = data.cpu().numpy().tobytes()
+    if status == _FAILED:
+        sent = json.loads(payload)
+        raise _SENT_ERRORS.get(sent["type"], RuntimeError)(sent["message"])
+    return _own_copies(StreamIndex.from_bytes(payload), scratch)
+
+
+_WORKING, _BUILT, _FAILED = 0, 1, 2  # rank 0's status broadcasts
+# The errors of a failed build that every rank raises as rank 0 did (the trainer reports them as config errors).
+_SENT_ERRORS = {"ConfigError": ConfigError, "ValueError": ValueError, "OSError": OSError}
+
+
+def _own_copies(index: StreamIndex, scratch: Callable[[], str]) -> StreamIndex:
+    """``index`` (rank 0's) with rank 0's local copies of tars (a shard whose URL is not its tar's) replaced
+    by this rank's own."""
+    copied = [i for i, (url, (tar, _, _)) in enumerate(zip(index.urls, index.identity, strict=True)) if url != tar]
+    if not copied:
+        return index
+    log.warning("%d tars on a server that ignores byte ranges: copying them once on this rank too", len(copied))
+    folder = scratch()
+    with ThreadPoolExecutor(max_workers=min(_THREADS, len(copied))) as pool:
+        paths = list(pool.map(
+            lambda i: local_copy(index.identity[i][0], folder, os.path.basename(index.urls[i])), copied))
+    urls = list(index.urls)
+    for i, path in zip(copied, paths, strict=True):
+        urls[i] = path
+    return replace(index, urls=tuple(urls))

@@ -11,8 +11,9 @@ The trainer's side::
         log(loader.counters())                                # errors, filtered samples, repeats
 
 The parts: ``training.data.index`` (which samples there are: byte ranges, JSON checked and filtered once
-per loader), ``training.data.plan`` (the global order: the sample at each position of an epoch) and
-``training.data.stages`` (the batches each DataLoader worker makes). Read them for the details.
+per loader, or under torch.distributed once per job by rank 0 and broadcast), ``training.data.plan`` (the
+global order: the sample at each position of an epoch) and ``training.data.stages`` (the batches each
+DataLoader worker makes). Read them for the details.
 
 Epochs. With ``resampled: false`` and no ``epoch_samples`` an epoch is one pass over every dataset:
 every sample that passes the filters is delivered exactly once over all ranks and workers, whatever the
@@ -60,7 +61,7 @@ from torch.utils.data import DataLoader
 from shards.schema import json_sha256
 from training.data.collate import normalize_pixels
 from training.data.config import ConfigError, StreamConfig
-from training.data.index import build_index
+from training.data.index import shared_index
 from training.data.plan import Plan, derive_seed, mixture_probabilities
 from training.data.stages import META, EpochStream, Segment
 
@@ -96,7 +97,7 @@ class StreamLoader:
         self.config, self.rank, self.world_size = config, rank, world_size
         mixture_probabilities([d.weight for d in config.datasets], [d.path for d in config.datasets])
         self._scratch: tempfile.TemporaryDirectory | None = None
-        self.index = build_index(config, self._scratch_folder)
+        self.index = shared_index(config, self._scratch_folder, rank, world_size)  # rank 0's, under DDP
         self.plan = Plan(
             list(self.index.shard_sizes),
             list(self.index.dataset_shards),

@@ -1,0 +1,179 @@
+"""The stream's index built once per job: ``StreamIndex.to_bytes`` / ``from_bytes`` round trips exactly and
+refuses damaged bytes, and under a two-process gloo group only rank 0 reads JSON ranges, the other rank
+receives the same index (rank 0's build errors included) and both stream the batches of loaders that built
+their own."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile_fixture import served
+from test_stream import config, fingerprint, write_dataset
+from test_stream_epochs import corrupt_in_place
+
+import training.data.index as index_module
+from training.data.index import StreamIndex, build_index
+from training.data.stream import build_loader
+
+FIELDS = ("urls", "shard_sizes", "dataset_shards", "start", "end", "shard_first", "counts", "identity")
+
+
+def assert_same_index(a: StreamIndex, b: StreamIndex) -> None:
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype == np.int64 and x.tolist() == y.tolist(), name
+        else:
+            assert type(x) is type(y) and x == y, name
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two datasets, uneven shards (one empty), one bad JSON record and filtered samples: counts to carry."""
+    root = tmp_path_factory.mktemp("shared")
+    write_dataset(root / "a", [5, 0, 3], prefix="a")
+    write_dataset(root / "b", [4, 6], prefix="b", seed=1)
+    corrupt_in_place(root / "a", 2, "a2x1", "json")
+    return root / "a", root / "b"
+
+
+def test_an_index_round_trips_through_bytes_exactly(two_datasets):
+    cfg = config(list(two_datasets), filters={"min_objects": 2})
+    built = build_index(cfg, lambda: "unused")
+    assert built.counts["error/bad_json"] == 1 and built.counts["filtered/too_few_objects"] > 0
+    assert 0 in built.shard_sizes and built.dataset_shards == (3, 2)
+    assert_same_index(StreamIndex.from_bytes(built.to_bytes()), built)
+    assert [type(v) for t in built.identity for v in t] == [str, int, int] * 5  # as build_index makes them
+
+
+def test_damaged_index_bytes_are_refused_not_trusted(two_datasets):
+    data = build_index(config(list(two_datasets)), lambda: "unused").to_bytes()
+    with pytest.raises(ValueError, match="not a stream index"):
+        StreamIndex.from_bytes(data[: len(data) // 2])  # cut short
+    with np.load(io.BytesIO(data)) as z:
+        arrays = {k: z[k] for k in z.files}
+    for name, value in [
+        ("start", arrays["start"][:-1]),  # a sample short: the counts disagree
+        ("shard_first", arrays["shard_first"] + 1),
+        ("end", arrays["end"].astype(np.float64)),
+        ("found", np.array([None] * len(arrays["found"]), dtype=object)),  # would need unpickling
+    ]:
+        buf = io.BytesIO()
+        np.savez(buf, **{**arrays, name: value})
+        with pytest.raises(ValueError, match="not a stream index"):
+            StreamIndex.from_bytes(buf.getvalue())
+
+
+# --- two ranks: a gloo group of two spawned processes ------------------------------------------------------
+
+
+def _rank_main(rank: int, init: str, out: str, cases: dict) -> None:
+    """One rank: each case builds a loader (or fails to) in the group; what it saw goes to ``out``."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    real_read, real_build, real_broadcast = index_module.read_ranges, index_module.build_index, dist.broadcast
+    index_module.HEARTBEAT_S = 0.05  # rank 0 below takes 0.5 s longer: heartbeats come
+    result: dict = {}
+    for name, case in cases.items():
+        seen = {"reads": 0, "builds": 0, "broadcasts": 0}
+
+        def counting_read(url, starts, ends, seen=seen):
+            seen["reads"] += 1
+            return real_read(url, starts, ends)
+
+        def build(cfg, scratch, seen=seen, fail=case.get("fail")):
+            seen["builds"] += 1
+            time.sleep(0.5)
+            if fail == "KeyError":
+                raise KeyError("boom")
+            return real_build(cfg, scratch)
+
+        def broadcast(tensor, src, seen=seen, **kw):
+            seen["broadcasts"] += 1
+            return real_broadcast(tensor, src, **kw)
+
+        index_module.read_ranges, index_module.build_index, dist.broadcast = counting_read, build, broadcast
+        cfg = config(case["paths"], batch_size=2)
+        try:
+            loader = build_loader(cfg, rank=rank, world_size=2)
+        except Exception as e:  # noqa: BLE001 - what each rank raised is the test's subject
+            result[name] = {**seen, "error": [type(e).__name__, str(e)]}
+            continue
+        Path(f"{out}/{name}{rank}.npz").write_bytes(loader.index.to_bytes())
+        result[name] = {**seen, "batches": [list(map(str, fingerprint(b))) for b in loader],
+                        "urls": list(loader.index.urls)}
+    Path(f"{out}/result{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path: Path, cases: dict) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp_path / "init"), str(tmp_path), cases)) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung"
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+
+
+def test_under_two_ranks_only_rank_0_reads_the_json_and_both_get_its_index_or_its_error(tmp_path, two_datasets):
+    (tmp_path / "web").mkdir()
+    write_dataset(tmp_path / "web" / "ds", [3, 4], prefix="w")
+    t0 = time.monotonic()
+    with served(tmp_path / "web") as url:  # python -m http.server: no byte ranges, tars copied per rank
+        cases = {
+            "local": {"paths": [str(p) for p in two_datasets]},
+            "http": {"paths": [f"{url}/ds"]},
+            "missing": {"paths": [str(tmp_path / "nowhere")]},
+            "bug": {"paths": [str(two_datasets[0])], "fail": "KeyError"},
+        }
+        ranks = run_two_ranks(tmp_path, cases)
+        elapsed = time.monotonic() - t0
+        # What each rank would have streamed building its own index (no process group here).
+        alone = {name: [[list(map(str, fingerprint(b))) for b in build_loader(config(c["paths"], batch_size=2),
+                                                                               rank=r, world_size=2)]
+                        for r in range(2)]
+                 for name, c in cases.items() if name in ("local", "http")}
+    assert elapsed < 100
+    for name in ("local", "http"):
+        r0, r1 = ranks[0][name], ranks[1][name]
+        assert r0["builds"] == 1 and r0["reads"] == {"local": 4, "http": 2}[name]  # one per non-empty shard
+        assert r1["builds"] == 0 and r1["reads"] == 0
+        # Heartbeats while rank 0 built (0.5 s at 0.05 s), then the status and the index: the same count.
+        assert r0["broadcasts"] == r1["broadcasts"] >= 2 + 3
+        a = StreamIndex.from_bytes((tmp_path / f"{name}0.npz").read_bytes())
+        b = StreamIndex.from_bytes((tmp_path / f"{name}1.npz").read_bytes())
+        assert [r0["batches"], r1["batches"]] == alone[name]  # bit for bit the batches of a rank's own index
+        if name == "local":
+            assert_same_index(a, b)
+        else:  # each rank reads its own copies of the tars, named as rank 0's
+            assert [os.path.basename(u) for u in a.urls] == [os.path.basename(u) for u in b.urls] == ["0-000000.tar",
+                                                                                                    "0-000001.tar"]
+            assert set(a.urls).isdisjoint(b.urls)
+            assert_same_index(a, replace(b, urls=a.urls))
+    # Rank 0's failure is every rank's: the same type and message, the other rank never building.
+    missing0, missing1 = ranks[0]["missing"], ranks[1]["missing"]
+    assert missing0["error"] == missing1["error"] == [
+        "ConfigError", f"datasets[0].path: dataset {str(tmp_path / 'nowhere')!r} does not exist"]
+    assert missing1["builds"] == 0
+    assert ranks[0]["bug"]["error"] == ["KeyError", "'boom'"]
+    assert ranks[1]["bug"]["error"] == ["RuntimeError", "rank 0 could not build the stream index: KeyError: 'boom'"]
