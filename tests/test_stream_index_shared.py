@@ -73,7 +73,7 @@ def test_damaged_index_bytes_are_refused_not_trusted(two_datasets):
             StreamIndex.from_bytes(buf.getvalue())
 
 
-# --- two ranks: a gloo group of two spawned processes ------------------------------------------------------
+# --- two ranks: a gloo group of two forked processes ------------------------------------------------------
 
 
 def _rank_main(rank: int, init: str, out: str, cases: dict) -> None:
@@ -85,7 +85,7 @@ def _rank_main(rank: int, init: str, out: str, cases: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     real_read, real_build, real_broadcast = index_module.read_ranges, index_module.build_index, dist.broadcast
-    index_module.HEARTBEAT_S = 0.05  # rank 0 below takes 0.5 s longer: heartbeats come
+    index_module.HEARTBEAT_S = 0.05  # rank 0 below takes 0.3 s longer: heartbeats come
     result: dict = {}
     for name, case in cases.items():
         seen = {"reads": 0, "builds": 0, "broadcasts": 0}
@@ -96,7 +96,7 @@ def _rank_main(rank: int, init: str, out: str, cases: dict) -> None:
 
         def build(cfg, scratch, seen=seen, fail=case.get("fail")):
             seen["builds"] += 1
-            time.sleep(0.5)
+            time.sleep(0.3)
             if fail == "KeyError":
                 raise KeyError("boom")
             return real_build(cfg, scratch)
@@ -120,7 +120,8 @@ def _rank_main(rank: int, init: str, out: str, cases: dict) -> None:
 
 
 def run_two_ranks(tmp_path: Path, cases: dict) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
+    # Forked as the DataLoader's workers are: a spawned rank would spend seconds importing torch again.
+    ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(r, str(tmp_path / "init"), str(tmp_path), cases)) for r in range(2)]
     for p in procs:
         p.start()
@@ -158,7 +159,7 @@ def test_under_two_ranks_only_rank_0_reads_the_json_and_both_get_its_index_or_it
         r0, r1 = ranks[0][name], ranks[1][name]
         assert r0["builds"] == 1 and r0["reads"] == {"local": 4, "http": 2}[name]  # one per non-empty shard
         assert r1["builds"] == 0 and r1["reads"] == 0
-        # Heartbeats while rank 0 built (0.5 s at 0.05 s), then the status and the index: the same count.
+        # Heartbeats while rank 0 built (0.3 s at 0.05 s), then the status and the index: the same count.
         assert r0["broadcasts"] == r1["broadcasts"] >= 2 + 3
         a = StreamIndex.from_bytes((tmp_path / f"{name}0.npz").read_bytes())
         b = StreamIndex.from_bytes((tmp_path / f"{name}1.npz").read_bytes())
