@@ -7,6 +7,7 @@ Equivalences are checked with AdamW turned into plain gradient descent: with ``b
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -175,6 +176,40 @@ def test_sample_draws_depend_only_on_the_sample_seed_and_dropout_rates_hold():
     both = np.mean(np.array(many.drop_caption) & np.array(many.drop_layout))
     assert abs(both - 0.03) < 0.01  # independent decisions
     assert many.timesteps.min() >= 0 and many.timesteps.max() == 999
+
+
+def test_a_samples_seed_is_keyed_by_its_stream_place_not_by_the_rank_or_batch_that_delivers_it(tmp_path):
+    """Uneven shards (13 samples, exact epochs) over two epochs on 2 ranks x batch 1, 1 x 2 and 3 x 2: each
+    (epoch, position) holds the same sample with the same seed on every topology; the same sample gets another
+    seed in the next epoch and as the repeat that evens out the ranks (position 13: position 0's sample)."""
+    dataset = write_dataset(tmp_path, sizes=[7, 4, 2])
+    c = tiny_config(dataset, tmp_path / "out", **{"data.resampled": False, "data.epoch_samples": None})
+    seen = {}  # (world, batch) -> {(epoch, position): (key, seed)}
+    for world, batch_size in ((2, 1), (1, 2), (3, 2)):
+        got = seen[world, batch_size] = {}
+        data = dataclasses.replace(c.data, batch_size=batch_size)
+        for rank in range(world):
+            loader = build_loader(data, rank=rank, world_size=world)
+            for batch in (b for _ in range(2) for b in loader):  # two epochs
+                seeds = S.sample_seeds(c, batch["stream_position"])
+                assert seeds == S.sample_seeds(c, batch["stream_position"].tolist())  # a tensor or pairs
+                for place, key, seed in zip(batch["stream_position"].tolist(), batch["key"], seeds, strict=True):
+                    assert tuple(place) not in got
+                    got[tuple(place)] = (key, seed)
+    two_by_one, one_by_two, three_by_two = seen.values()
+    assert two_by_one == one_by_two and len(two_by_one) == 2 * 14  # the same global batch: the same places
+    common = three_by_two.keys() & two_by_one.keys()  # G = 6 evens out with 5 repeats, G = 2 with 1
+    assert len(common) == 2 * 14 and all(three_by_two[p] == two_by_one[p] for p in common)
+    # Every delivery its own seed: the same key in epochs 0 and 1, and the repeat at position 13.
+    assert len({seed for _, seed in two_by_one.values()}) == 2 * 14
+    assert two_by_one[0, 13][0] == two_by_one[0, 0][0] and two_by_one[0, 13][1] != two_by_one[0, 0][1]
+    by_key = {}
+    for (epoch, _), (key, seed) in sorted(two_by_one.items()):
+        by_key.setdefault(key, {}).setdefault(epoch, seed)
+    assert len(by_key) == 13 and all(seeds[0] != seeds[1] for seeds in by_key.values())
+    # The draws follow the seed; the noise seed offset changes them.
+    other = TrainConfig.from_yaml("configs/train/tiny.yaml", ["train.noise_seed_offset=1"])
+    assert S.sample_seeds(other, [(0, 0)]) != S.sample_seeds(c, [(0, 0)]) == [two_by_one[0, 0][1]]
 
 
 @pytest.fixture(scope="module")

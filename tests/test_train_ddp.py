@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from test_stream import write_dataset as write_uneven_dataset
 from test_train import write_dataset
 
+from training.data.plan import rank_positions
 from training.layout.regions import empty_layout
 from training.model.adapter import (
     AdapterConfig,
@@ -162,13 +163,16 @@ def dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, dataset, uneven) -> dict[str, Run]:
     """One launch, two runs in the same two processes: "ddp", the STEPS-step run the tests below check and
-    resume; "dropout", DROPOUT_STEPS steps of layout dropout 0.5 on the uneven shards."""
+    resume; "dropout", DROPOUT_STEPS steps of caption and layout dropout 0.5 on the uneven shards, checkpointed
+    at RESUME_AT for the one-process resume below."""
     folder = tmp_path_factory.mktemp("ddp")
     return launch_runs(
         folder,
         {
             "ddp": run_overrides(folder / "ddp", dataset),
-            "dropout": run_overrides(folder / "dropout", uneven, *dropout_overrides(0.5, DROPOUT_STEPS)),
+            "dropout": run_overrides(
+                folder / "dropout", uneven, *dropout_overrides(0.5, DROPOUT_STEPS), f"checkpoint.every_steps={RESUME_AT}"
+            ),
         },
     )
 
@@ -223,7 +227,20 @@ DROPOUT = (
     "validation.every_steps=null",
     "checkpoint.every_steps=null",
 )
-DROPOUT_STEPS = 12  # five of them drop the layout on one rank only at the synchronising micro-batch
+DROPOUT_STEPS = 12  # seven of them drop the layout on one rank only at the synchronising micro-batch
+RESUME_AT = 8  # the dropout run's checkpoint that one process resumes with batch 2
+EPOCH_BATCHES = 7  # 13 samples in global batches of 2: the 7th holds one repeat (position 13)
+
+
+def _place(rank: int, micro: int) -> tuple[int, int]:
+    """(epoch, position) of rank ``rank``'s micro-batch ``micro`` (batch 1 on 2 ranks) in the uneven shards."""
+    return micro // EPOCH_BATCHES, int(rank_positions(0, micro % EPOCH_BATCHES, rank, 2, 1)[0])
+
+
+def _dropped(config: TrainConfig, rank: int, micro: int) -> tuple[bool, bool]:
+    """Whether that sample's (caption, layout) is dropped."""
+    draws = sample_draws(sample_seeds(config, [_place(rank, micro)]), (4, 8, 8), config, 1000)
+    return draws.drop_caption[0], draws.drop_layout[0]
 
 
 def _ranks_disagree(layout_dropout: float, steps: int) -> list[int]:
@@ -232,13 +249,7 @@ def _ranks_disagree(layout_dropout: float, steps: int) -> list[int]:
     config = TrainConfig.from_yaml(
         "configs/train/tiny.yaml", ["train.caption_dropout=0.5", f"train.layout_dropout={layout_dropout}"]
     )
-    dropped = [
-        [
-            sample_draws(sample_seeds(config, rank, m, 1), (4, 8, 8), config, 1000).drop_layout[0]
-            for m in range(2 * steps)
-        ]
-        for rank in (0, 1)
-    ]
+    dropped = [[_dropped(config, rank, m)[1] for m in range(2 * steps)] for rank in (0, 1)]
     return [s for s in range(steps) if dropped[0][2 * s + 1] != dropped[1][2 * s + 1]]
 
 
@@ -257,9 +268,9 @@ def _check_dropped_layouts(run: Run, steps: int) -> None:
 
 
 def test_layout_dropout_on_one_rank_only_keeps_ddp_in_step(runs):
-    """Layout dropout 0.5, 12 steps on uneven shards: five synchronising micro-batches, the first at step 2,
+    """Layout dropout 0.5, 12 steps on uneven shards: seven synchronising micro-batches, the first at step 1,
     drop the layout on one rank only (before the zero path, the first of them aborted the run in gloo)."""
-    assert len(_ranks_disagree(0.5, DROPOUT_STEPS)) == 5
+    assert len(_ranks_disagree(0.5, DROPOUT_STEPS)) == 7
     _check_dropped_layouts(runs["dropout"], DROPOUT_STEPS)
 
 
@@ -320,18 +331,34 @@ def test_a_batch_without_layouts_reaches_every_trainable_weight_and_leaves_the_o
     assert model_type == "ca" or any(".fuser.self_attn." in n for n in zero)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_where_the_global_order_stood(tmp_path, dataset, ddp):
-    """Fewer processes after a stop: the stream's one global position is re-split over the new ranks, so
-    one process goes on from the sample where the two stood (2 per step: 1 process x batch 1 x accumulation 2,
-    after 4 per step on two)."""
+def test_a_two_process_checkpoint_resumes_in_one_process_where_the_global_order_stood(tmp_path, uneven, runs):
+    """Fewer processes after a stop: the stream's one global position is re-split over the new ranks, so one
+    process with twice the batch (1 x batch 2 x accumulation 2, after 2 x batch 1 x 2: 4 samples per step
+    either way) goes on from the sample where the two stood, and, each sample's noise, timestep and dropouts
+    keyed by its (epoch, position), with the losses and weights of the uninterrupted two-process run up to
+    float summation order. Caption and layout dropout 0.5 on uneven shards; the 4 resumed steps cross an
+    epoch's end and its repeat (position 13) and drop captions and layouts on some samples only."""
     from training.trainer.loop import train
 
-    step1 = ddp.out / "checkpoints" / "step_0000001"
+    dropout = runs["dropout"]
+    saved_at = dropout.out / "checkpoints" / f"step_{RESUME_AT:07d}"
     run = tmp_path / "one"
-    train(TrainConfig.from_yaml("configs/train/tiny.yaml",
-                                run_overrides(run, dataset, f"checkpoint.resume={step1}")))
-    saved = json.loads((step1 / "stream_state.json").read_text())
-    final = json.loads((run / "checkpoints" / f"step_{STEPS:07d}" / "stream_state.json").read_text())
-    assert (saved["world_size"], final["world_size"]) == (2, 1)
-    epoch = 8  # data.epoch_samples
-    assert final["epoch"] * epoch + final["position"] == saved["epoch"] * epoch + saved["position"] + 2 * (STEPS - 1)
+    overrides = (*dropout_overrides(0.5, DROPOUT_STEPS), f"checkpoint.resume={saved_at}", "data.batch_size=2")
+    result = train(TrainConfig.from_yaml("configs/train/tiny.yaml", run_overrides(run, uneven, *overrides)))
+    saved = json.loads((saved_at / "stream_state.json").read_text())
+    final = json.loads((run / "checkpoints" / f"step_{DROPOUT_STEPS:07d}" / "stream_state.json").read_text())
+    assert (saved["world_size"], saved["batch_size"], final["world_size"], final["batch_size"]) == (2, 1, 1, 2)
+    # 4 samples per step: step 8 stood at epoch 2's position 4 (32 = 2 x 14 + 4), step 12 at epoch 3's 6.
+    assert (saved["epoch"], saved["position"], final["epoch"], final["position"]) == (2, 4, 3, 6)
+    repeats = [sum(r["counts"].get("repeat/even_out", 0) for r in s["ranks"].values()) for s in (saved, final)]
+    assert repeats == [2, 3]  # one repeat per exact epoch of 13 samples in global batches of 2
+    config = TrainConfig.from_yaml("configs/train/tiny.yaml", ["train.caption_dropout=0.5", "train.layout_dropout=0.5"])
+    window = [_dropped(config, r, m) for r in (0, 1) for m in range(2 * RESUME_AT, 2 * DROPOUT_STEPS)]
+    assert {c for c, _ in window} == {True, False} and {lay for _, lay in window} == {True, False}
+    # DDP's loss per rank is the mean of its 2 samples; one process's is the mean of all 4.
+    uninterrupted = [(a + b) / 2 for a, b in zip(*(losses[RESUME_AT:] for losses in dropout.losses), strict=True)]
+    assert len(result.losses) == DROPOUT_STEPS - RESUME_AT
+    assert np.abs(np.subtract(result.losses, uninterrupted)).max() < 1e-6, (result.losses, uninterrupted)
+    theirs = dropout.weights[0]
+    assert result.adapter_state.keys() == theirs.keys()
+    assert max(float((result.adapter_state[k].float() - theirs[k].float()).abs().max()) for k in theirs) < 1e-6

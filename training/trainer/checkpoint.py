@@ -207,8 +207,8 @@ def read_resume_state(folder: Path, config: TrainConfig, world_size: int) -> Res
     saved on N processes with batch size B continues on M processes with batch size C exactly where that
     order stood (``training.data.stream``: the position is re-split over the new ranks). The optimizer step
     counter, and with it the LR schedule, goes on from ``step``; each step then sees M x C x accumulation
-    samples. The per-sample draws (noise, timestep, dropout) are seeded by rank and sample count, so after
-    such a change they are fresh draws, not the ones the old topology would have made.
+    samples. The per-sample draws (noise, timestep, dropout) are seeded by each sample's (epoch, position)
+    in that order (``train_step.sample_seeds``), so they are the draws the old topology would have made.
     """
     trainer = _read_json(folder / TRAINER_STATE)
     path = folder / TRAINER_STATE

@@ -36,7 +36,8 @@ A mistake in the config, an override, a dataset path or the checkpoint to resume
 config, the data and the checkpoint are checked.
 
 Each micro-batch (``training/trainer/step.py``): encode the images with the VAE, draw per sample (from a
-generator keyed by the seed, the rank and the sample's index, so a resumed run draws the same) the noise,
+generator keyed by the seed and the sample's (epoch, position) in the stream, so a resumed run draws the same
+on any world size and batch size) the noise,
 a uniform timestep and the caption / layout dropout; encode captions as the SDXL pipeline does ("" for a
 dropped one), region texts through the encoder's cache (the empty layout for a dropped one); SDXL's
 micro-conditioning from each sample's original size, crop offset and target size; epsilon MSE.
@@ -207,15 +208,15 @@ def train(config: TrainConfig) -> TrainResult:
         desc="train",
     )
     latent_channels = accelerator.unwrap_model(unet).config.in_channels
-    micro, step_loss = step * accum, 0.0
+    step_loss = 0.0
     window_start, window_steps = time.perf_counter(), 0  # for samples/s, validation and checkpoints excluded
     while step < config.train.max_steps:
         for batch in loader:
             if not validation_layouts and is_main:
                 validation_layouts = stream_validation_layouts(batch, config.validation.num_images, config)
-            # Sample n of this rank gets its own seed: resuming, or regrouping samples into micro-batches,
-            # draws the same noise, timestep and dropout for it.
-            seeds = sample_seeds(config, rank, micro * batch_size, len(batch["caption"]))
+            # Each sample's seed is keyed by its (epoch, position) in the global order: resuming, regrouping
+            # into micro-batches or re-splitting over other ranks / batch sizes draws the same for it.
+            seeds = sample_seeds(config, batch["stream_position"])
             h, w = (int(x) // 8 for x in batch["target_size"][0])
             draws = sample_draws(seeds, (latent_channels, h, w), config, n_timesteps)
             with accelerator.accumulate(unet):
@@ -233,7 +234,6 @@ def train(config: TrainConfig) -> TrainResult:
                     grad_norm = accelerator.clip_grad_norm_(params, limit)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro += 1
             step_loss += loss.detach().item() / accum
             if not accelerator.sync_gradients:
                 continue

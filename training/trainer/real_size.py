@@ -165,7 +165,7 @@ def train_step(config, components: dict, batch: dict, device: str = "cpu") -> di
     n = len(batch["caption"])
     h, w = (int(x) // 8 for x in batch["target_size"][0])
     t0 = time.perf_counter()
-    draws = sample_draws(sample_seeds(config, 0, 0, n), (model.unet.config.in_channels, h, w), config,
+    draws = sample_draws(sample_seeds(config, [(0, j) for j in range(n)]), (model.unet.config.in_channels, h, w), config,
                          model.n_timesteps)  # fmt: skip
     inputs = unet_inputs(batch, draws, model.frozen, dev)
     with torch.autocast(dev.type, dtype=model.frozen.weight_dtype, enabled=model.frozen.weight_dtype != torch.float32):
@@ -261,7 +261,7 @@ def flow_train_step(
     seconds = []
     for step in range(repeats):  # the same step again: the first one pays the kernels' warm-up on GPUs
         t0 = time.perf_counter()
-        draws = flow_draws(sample_seeds(config, 0, step, 1), latent, config, frozen)
+        draws = flow_draws(sample_seeds(config, [(0, step)]), latent, config, frozen)
         g = torch.Generator().manual_seed(step)
         x0 = torch.randn(1, *latent, generator=g).to(dev)
         embeds = torch.randn(1, n_text, width, generator=g).to(dev)

@@ -1,13 +1,18 @@
 """One training step's inputs and loss: per-sample draws, UNet inputs from a batch, epsilon MSE.
 
 Every random choice of a sample (noise, VAE latent noise, timestep, caption and layout dropout) comes from
-a generator keyed by the run's seed, the rank and the sample's index, so a resumed run, or the same samples
-grouped into other micro-batches, draws the same (docs/METHOD.md §6). Captions are encoded by the stock
+a generator keyed by the run's seed and the sample's place in the stream's global order, its (epoch,
+position) (the batch's ``stream_position``), so a resumed run, the same samples grouped into other
+micro-batches, or delivered by another number of ranks or another batch size, draws the same (docs/METHOD.md
+§6). That place is one delivery: a sample the stream repeats (``repeat/even_out``, at the positions past an
+epoch's last sample) or delivers again in a later epoch sits at another position or epoch and draws anew; a
+substitute for an unusable sample takes its slot's position (one delivery, one draw). Captions are encoded by the stock
 pipeline's ``encode_prompt``; SDXL adds its pooled embedding and size ids, SD1.5 has neither.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +49,14 @@ class SampleDraws:
     drop_layout: list[bool]
 
 
-def sample_seeds(config: TrainConfig, rank: int, first: int, n: int) -> list[int]:
-    """Seeds of this rank's samples ``first .. first + n - 1`` (counted from the run's first sample)."""
-    return [
-        derive_seed(config.seed, _NOISE, config.train.noise_seed_offset, rank, first + j) for j in range(n)
-    ]
+def sample_seeds(config: TrainConfig, stream_position: torch.Tensor | Sequence[Sequence[int]]) -> list[int]:
+    """Seeds of the samples at ``stream_position``, (epoch, position) per sample (a batch's (B, 2) tensor).
+
+    Keyed by the place in the global order only, not by the rank, world size or batch size that delivers it.
+    """
+    pairs = stream_position.tolist() if isinstance(stream_position, torch.Tensor) else stream_position
+    offset = config.train.noise_seed_offset
+    return [derive_seed(config.seed, _NOISE, offset, int(epoch), int(position)) for epoch, position in pairs]
 
 
 def sample_draws(
