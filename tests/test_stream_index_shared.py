@@ -178,3 +178,62 @@ def test_under_two_ranks_only_rank_0_reads_the_json_and_both_get_its_index_or_it
     assert missing1["builds"] == 0
     assert ranks[0]["bug"]["error"] == ["KeyError", "'boom'"]
     assert ranks[1]["bug"]["error"] == ["RuntimeError", "rank 0 could not build the stream index: KeyError: 'boom'"]
+
+
+# --- the cache file: a restart reads no JSON range --------------------------------------------------------
+
+
+def test_a_cached_index_is_reused_until_its_shards_or_filters_change_and_rebuilt_when_damaged(
+    tmp_path, monkeypatch, caplog
+):
+    write_dataset(tmp_path / "ds", [4, 3])
+    reads = []
+    real_read = index_module.read_ranges
+    monkeypatch.setattr(index_module, "read_ranges", lambda u, s, e: reads.append(u) or real_read(u, s, e))
+    cache = str(tmp_path / "out" / "stream_index")
+    cfg = config([tmp_path / "ds"], batch_size=2)
+    first = build_loader(cfg, index_cache=cache)
+    assert len(reads) == 2 and len(list((tmp_path / "out" / "stream_index").glob("stream-index-*.npz"))) == 1
+    again = build_loader(cfg, index_cache=cache)  # a restart
+    assert len(reads) == 2
+    assert_same_index(again.index, first.index)
+    assert [fingerprint(b) for b in again] == [fingerprint(b) for b in first]
+    # Other filters, or another shard, give another key: built again, never the stale index.
+    build_loader(config([tmp_path / "ds"], batch_size=2, filters={"min_objects": 2}), index_cache=cache)
+    assert len(reads) == 4
+    write_dataset(tmp_path / "ds", [4, 3, 2])
+    assert sum(build_loader(cfg, index_cache=cache).index.shard_sizes) == 9 and len(reads) == 7
+    # A damaged file (one byte changed, same size): a warning naming it, built again, and rewritten.
+    npz = max((tmp_path / "out" / "stream_index").glob("stream-index-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 1
+    npz.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="training.data.index_cache"):
+        rebuilt = build_loader(cfg, index_cache=cache)
+    assert f"stream index cache {npz} is damaged" in caplog.text and len(reads) == 10
+    assert sum(rebuilt.index.shard_sizes) == 9
+    build_loader(cfg, index_cache=cache)
+    assert len(reads) == 10  # the rewritten file is trusted again
+
+
+def test_a_cached_index_that_fails_its_checks_is_rebuilt_and_local_copies_are_made_again(tmp_path, caplog):
+    from training.data.index_cache import write_cached
+
+    (tmp_path / "web").mkdir()
+    write_dataset(tmp_path / "web" / "ds", [3, 2])
+    cache = str(tmp_path / "cache")
+    with served(tmp_path / "web") as url:  # no byte ranges: the index's URLs are the loader's own copies
+        cfg = config([f"{url}/ds"], batch_size=2)
+        first = build_loader(cfg, index_cache=cache)
+        batches, urls = [fingerprint(b) for b in first], first.index.urls
+        del first  # its copies go with its scratch folder
+        assert not any(os.path.exists(u) for u in urls)
+        again = build_loader(cfg, index_cache=cache)
+        assert [fingerprint(b) for b in again] == batches and again.index.urls != urls
+        # Bytes that match their sidecar but are no index: a warning, built again.
+        [npz] = Path(cache).glob("stream-index-*.npz")
+        write_cached(cache, npz.stem.removeprefix("stream-index-"), b"not an npz")
+        with caplog.at_level("WARNING", logger="training.data.index"):
+            rebuilt = build_loader(cfg, index_cache=cache)
+    assert "not a stream index" in caplog.text
+    assert sum(rebuilt.index.shard_sizes) == 5 and len(npz.read_bytes()) > 100

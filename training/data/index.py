@@ -17,7 +17,9 @@ dataset on S3 with 16 ranks: 1M range GETs at start-up instead of 16M). Every ra
 (it is a collective). A build that fails on rank 0 raises the same error (type and message) on every rank;
 while rank 0 works, it broadcasts a heartbeat every ``HEARTBEAT_S`` seconds so that no collective waits near
 the process group's timeout (NCCL's default is 10 minutes). Without a process group, or with one of one
-process, each loader builds its own.
+process, each loader builds its own. With a cache folder (``build_loader(index_cache=...)``), the index
+is kept there for the next start (``training.data.index_cache``: keyed by the shards and filters, checked
+before it is trusted).
 
 A dataset on an HTTP server that ignores byte ranges (``python -m http.server``) has its tars copied
 once, each with one streamed GET, into the folder ``scratch()`` returns (a temporary folder of the
@@ -44,6 +46,7 @@ from shards.offsets import local_copy, read_ranges, serves_ranges, shard_spans
 from shards.schema import SampleRecord, SchemaError
 from training.data.config import ConfigError, DatasetSpec, FilterConfig, StreamConfig
 from training.data.examples import object_text
+from training.data.index_cache import index_key, read_cached, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +268,37 @@ def build_index(config: StreamConfig, scratch: Callable[[], str]) -> StreamIndex
     )
 
 
-def shared_index(config: StreamConfig, scratch: Callable[[], str], rank: int, world_size: int) -> StreamIndex:
-    """``build_index`` once per job: on rank 0, broadcast to the other ranks of the default process group
-    (module doc); the loader of ``rank`` of ``world_size`` calls it. Without such a group, build_index."""
+def cached_index(config: StreamConfig, scratch: Callable[[], str], cache: str | None) -> StreamIndex:
+    """``build_index``, or with a ``cache`` folder the index stored there for these datasets, shards and
+    filters (``training.data.index_cache``), else built and stored there."""
+    if cache is None:
+        return build_index(config, scratch)
+    key = index_key(config, [complete_shards(d, i) for i, d in enumerate(config.datasets)], _FORMAT)
+    data = read_cached(cache, key)
+    if data is not None:
+        try:
+            index = StreamIndex.from_bytes(data)
+        except ValueError as e:
+            log.warning("stream index cache in %s for key %s: %s; building the index again", cache, key, e)
+        else:
+            log.info("stream index: %d samples from the cache in %s", len(index.start), cache)
+            return _own_copies(index, scratch)
+    index = build_index(config, scratch)
+    write_cached(cache, key, index.to_bytes())
+    return index
+
+
+def shared_index(
+    config: StreamConfig, scratch: Callable[[], str], rank: int, world_size: int, cache: str | None = None
+) -> StreamIndex:
+    """``cached_index`` once per job: on rank 0, broadcast to the other ranks of the default process group
+    (module doc); the loader of ``rank`` of ``world_size`` calls it. Without such a group, cached_index."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             and (rank, world_size) == (dist.get_rank(), dist.get_world_size())):
-        return build_index(config, scratch)
+        return cached_index(config, scratch, cache)
     # NCCL moves CUDA tensors only; gloo (and a "cpu:gloo,cuda:nccl" group) moves CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -284,7 +309,7 @@ def shared_index(config: StreamConfig, scratch: Callable[[], str], rank: int, wo
 
     if rank == 0:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(build_index, config, scratch)
+            future = pool.submit(cached_index, config, scratch, cache)
             while not wait([future], timeout=HEARTBEAT_S).done:
                 send(_WORKING)
         error = future.exception()

@@ -91,13 +91,15 @@ class StreamLoader:
     rank) and then moves ``epoch`` on.
     """
 
-    def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def __init__(
+        self, config: StreamConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, index_cache: str | None = None
+    ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.config, self.rank, self.world_size = config, rank, world_size
         mixture_probabilities([d.weight for d in config.datasets], [d.path for d in config.datasets])
         self._scratch: tempfile.TemporaryDirectory | None = None
-        self.index = shared_index(config, self._scratch_folder, rank, world_size)  # rank 0's, under DDP
+        self.index = shared_index(config, self._scratch_folder, rank, world_size, index_cache)  # rank 0's, under DDP
         self.plan = Plan(
             list(self.index.shard_sizes),
             list(self.index.dataset_shards),
@@ -245,14 +247,21 @@ def merge_states(states: list[dict]) -> dict:
 
 
 def build_loader(
-    config: StreamConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, state: dict | None = None
+    config: StreamConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    state: dict | None = None,
+    index_cache: str | None = None,
 ) -> StreamLoader:
     """The training stream of one rank: iterate it for an epoch's batches; ``state`` resumes exactly.
+
+    ``index_cache``: a local folder where the index is kept for a restart (``training.data.index_cache``).
 
     Do not pass the result through ``accelerator.prepare``: the stream is already split by rank.
     Move batches to the device yourself (``pin_memory`` in the config helps).
     """
-    loader = StreamLoader(config, rank=rank, world_size=world_size, epoch=epoch)
+    loader = StreamLoader(config, rank=rank, world_size=world_size, epoch=epoch, index_cache=index_cache)
     if state is not None:
         loader.load_state_dict(state)
     return loader
