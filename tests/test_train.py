@@ -385,7 +385,17 @@ def test_resume_continues_exactly_and_only_the_adapter_changes(dataset, tmp_path
             dataset, tmp_path / "split", **{**common, "train.max_steps": n, "validation.every_steps": n}
         )
     )
-    second = T.train(tiny_config(dataset, tmp_path / "split", **{**common, "checkpoint.resume": "latest"}))
+    (cached,) = (tmp_path / "split" / "stream_index").glob("stream-index-*.npz")  # the first start's index
+    from training.data import index as index_module
+
+    reads = []
+    real_read_ranges = index_module.read_ranges
+    index_module.read_ranges = lambda *a: reads.append(a) or real_read_ranges(*a)
+    try:
+        second = T.train(tiny_config(dataset, tmp_path / "split", **{**common, "checkpoint.resume": "latest"}))
+    finally:
+        index_module.read_ranges = real_read_ranges
+    assert not reads  # the restart took the kept index: no sample's JSON read again
     assert second.step == 2 * n and len(second.losses) == n
     assert first.losses + second.losses == full.losses  # bit for bit (test_checkpoint.py: the optimizer too)
     for name in ("adapter.safetensors", "adapter_ema.safetensors"):

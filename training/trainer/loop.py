@@ -144,8 +144,10 @@ def train(config: TrainConfig) -> TrainResult:
     resume_from = resolve_on_main(accelerator, config.checkpoint.resume, out)
     resumed = read_resume_state(resume_from, config, world) if resume_from else None
     step = resumed.step if resumed else 0
-    try:
-        loader = build_loader(config.data, rank=rank, world_size=world)
+    flow = is_flow(config)  # an SD3 / FLUX.1 base trains with flow matching (training/trainer/flow.py)
+    (flow_adapter_config if flow else adapter_config)(config.model)  # the adapter file against the config (cheap)
+    try:  # the last check: the stream index it builds is kept in output_dir for a restart (rank 0 writes it)
+        loader = build_loader(config.data, rank=rank, world_size=world, index_cache=str(out / "stream_index"))
     except (OSError, ConfigError) as e:
         raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
     if resumed:
@@ -153,8 +155,6 @@ def train(config: TrainConfig) -> TrainResult:
             loader.load_state_dict(resumed.stream_state)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{resume_from / 'stream_state.json'}: {e}") from None
-    flow = is_flow(config)  # an SD3 / FLUX.1 base trains with flow matching (training/trainer/flow.py)
-    (flow_adapter_config if flow else adapter_config)(config.model)  # the adapter file against the config (cheap)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
