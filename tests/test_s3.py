@@ -195,7 +195,10 @@ SHARDS = 5  # 20 inputs, 4 per shard
 
 def _datagen_cmd(inputs: list[str], output: str) -> list[str]:
     return [sys.executable, "-m", "datagen", "run", "--config", TINY, *(a for i in inputs for a in ("--input", i)),
-            "--output", output, "--no-progress", "--set", "inputs.samples_per_shard=4", "--set", "execution.num_cpus=2"]
+            "--output", output, "--no-progress", "--set", "inputs.samples_per_shard=4", "--set", "execution.num_cpus=2",
+            # one chunk per shard: shards are sealed over several waves of chunks, so a kill at the first
+            # sealed shard lands mid-run (with tiny.yaml's 16-input chunks four shards seal at once)
+            "--set", "execution.chunk_size=4"]
 
 
 def _env() -> dict:
@@ -277,7 +280,13 @@ def test_sigkill_then_resume_on_s3_gives_byte_identical_shards(s3_run):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (its process group)
         proc.wait()
-    complete = [s.complete for s in list_shards(out)]
+    # A write already sent to the S3 server still lands after the kill: count shards once the listing has
+    # stopped changing.
+    complete, settled = None, [s.complete for s in list_shards(out)]
+    while settled != complete:
+        complete = settled
+        time.sleep(1.0)
+        settled = [s.complete for s in list_shards(out)]
     assert 0 < sum(complete) < SHARDS, complete  # killed mid-run
     resumed = subprocess.run(_datagen_cmd(inputs, out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
