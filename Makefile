@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile tests
 
 # Two CPU processes, 200 steps, SIGKILLed and resumed twice, every epoch's samples accounted for
 # (tests/test_soak.py). Minutes; in neither the default nor the slow run.
