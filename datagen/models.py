@@ -179,16 +179,14 @@ def _load_hf_vlm(spec: ModelSpec) -> tuple[Any, Any]:
 
 
 def _load_hf_detector(spec: ModelSpec) -> tuple[Any, Any]:
-    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    if _model_type(spec) == "sam3":  # not a zero-shot detector class: it masks as it grounds
+    model_type = _model_type(spec)  # one config read decides the class
+    if model_type == "sam3":  # not a zero-shot detector class: it masks as it grounds
         return _load_hf_sam3(spec)
     # GroundingDINO, MM GroundingDINO and OWLv2 are zero-shot detector classes; Florence-2 grounds phrases
     # by generating text (ground_florence), an image-text-to-text class.
-    from transformers import AutoModelForImageTextToText
-
-    florence = _model_type(spec) == "florence2"
-    auto = AutoModelForImageTextToText if florence else AutoModelForZeroShotObjectDetection
+    auto = AutoModelForImageTextToText if model_type == "florence2" else AutoModelForZeroShotObjectDetection
     model = auto.from_pretrained(
         spec.name, revision=spec.revision, dtype=spec.resolved_dtype(), device_map=str(spec.resolved_device())
     )

@@ -53,7 +53,7 @@ def ground():
 
 
 def test_sam3_is_chosen_by_the_model_and_its_objects_are_boxed_masked_and_scored(ground):
-    assert isinstance(ground.sam3, Sam3Grounder) and type(ground.model).__name__ == "Sam3Model"
+    assert isinstance(ground.other, Sam3Grounder) and type(ground.model).__name__ == "Sam3Model"
     images = [_image(60, 90, 1), _image(100, 50, 2), _image(40, 40, 3), _image(40, 40, 4)]
     tags = [["dog", "red car", "tree"], ["cup"], [], ["dog"]]
     out = ground(_batch(images, failed=(3,), tags=tags))
@@ -94,7 +94,7 @@ def test_sam3_shared_embeddings_give_what_a_plain_forward_gives(ground):
     # The engine expands one image's embeddings over its phrase rows; the model's own forward on pixels
     # and one phrase must give the same boxes and scores for that phrase.
     image, phrases = _image(56, 72, 6), ["dog", "red car"]
-    sam3 = ground.sam3
+    sam3 = ground.other
     with torch.inference_mode():
         shared = sam3._decode(sam3._vision(image), phrases)
         pixels = ground.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
@@ -118,14 +118,14 @@ def test_sam3_box_filters_and_threshold_apply(ground):
 
 def test_sam3_one_row_per_input_whatever_fails(ground, monkeypatch):
     images = [_image(48, 48, 8), np.zeros((10, 10)), _image(48, 64, 9), _image(50, 50, 10)]
-    original = ground.sam3.detect_one
+    original = ground.other.detect_one
 
     def flaky(image, phrases):
         if image.shape == (50, 50, 3):
             raise RuntimeError("engine broke on this image")
         return original(image, phrases)
 
-    monkeypatch.setattr(ground.sam3, "detect_one", flaky)
+    monkeypatch.setattr(ground.other, "detect_one", flaky)
     out = ground(_batch(images, tags=[["dog"]] * 4))
     assert out["status"] == ["ok", "failed", "ok", "failed"] and len(out["objects"]) == 4
     assert out["error"][1].startswith("ValueError: image must be HxWx3 uint8")

@@ -30,7 +30,6 @@ from shards.config import NonNegativeFloat, PositiveInt, UnitFloat
 
 from ..models import ModelSpec, default_spec, load_model
 from . import Batch, as_image, new_object, run_rows
-from .ground_sam3 import Sam3Grounder, is_sam3
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,9 @@ class GroundStage:
 
     def __init__(self, config: GroundConfig) -> None:
         self.config = config
-        self.sam3: Sam3Grounder | None = None  # the ground-and-segment engine, when the model is SAM 3
-        self.other: Any = None  # OWLv2's or Florence-2's detector (other_detector), which batch their own way
+        # SAM 3's ground-and-segment engine, OWLv2's or Florence-2's detector (other_detector), which batch
+        # their own way; None: GroundingDINO-like, run here with packed prompts
+        self.other: Any = None
         if config.engine == "groundingdino-py":
             from .ground_gdino import load_gdino  # needs transformers<5: imported only when chosen
 
@@ -77,10 +77,7 @@ class GroundStage:
             self.tokenizer, max_text_len = self.model.tokenizer, self.model.max_text_len
         else:
             self.model, self.processor = load_model(config.model)
-            if is_sam3(self.model):  # SAM 3 grounds and segments each phrase itself: no prompt packing
-                self.sam3 = Sam3Grounder(self.model, self.processor, config, select_boxes)
-                return
-            self.other = other_detector(self.model, self.processor, config)  # OWLv2, Florence-2
+            self.other = other_detector(self.model, self.processor, config)  # SAM 3, OWLv2, Florence-2
             if self.other is not None:
                 return
             self.tokenizer, max_text_len = self.processor.tokenizer, self.model.config.max_text_len
@@ -97,8 +94,6 @@ class GroundStage:
 
     def detect(self, images: Sequence[np.ndarray], tags: Sequence[list[str]]) -> list[list[dict]]:
         """Objects for each image given its tags, batched over (image, prompt) pairs."""
-        if self.sam3 is not None:
-            return self.sam3.detect(images, tags)
         if self.other is not None:
             return self.other.detect(images, tags)
         pairs = [(r, chunk) for r, t in enumerate(tags) for chunk in self.pack_prompts(t)]
@@ -175,7 +170,9 @@ class GroundStage:
 
 
 GDINO_TYPES = ("grounding-dino", "mm-grounding-dino")  # model types GroundStage runs itself
-OTHER_TYPES = {"owlv2": ("ground_owl", "OwlDetector"), "florence2": ("ground_florence", "FlorenceDetector")}
+# SAM 3 grounds and segments each phrase itself (its objects come masked); OWLv2 and Florence-2 detect.
+OTHER_TYPES = {"sam3": ("ground_sam3", "Sam3Grounder"), "owlv2": ("ground_owl", "OwlDetector"),
+               "florence2": ("ground_florence", "FlorenceDetector")}
 
 
 def other_detector(model: Any, processor: Any, config: GroundConfig) -> Any:

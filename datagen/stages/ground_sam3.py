@@ -25,8 +25,7 @@ of a 1024 px image); the vision encoder, most of the work, runs under autocast t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,20 +36,14 @@ from . import new_object, with_mask
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "sam3"
-
-
-def is_sam3(model: Any) -> bool:
-    """Whether a loaded model is SAM 3 (``Sam3Model``), the ground-and-segment engine."""
-    return getattr(getattr(model, "config", None), "model_type", None) == MODEL_TYPE
-
-
 class Sam3Grounder:
     """Objects (box, phrase, detector_score and the mask fields) for images and their phrases."""
 
-    def __init__(self, model, processor, config, select_boxes: Callable) -> None:
+    def __init__(self, model, processor, config) -> None:
+        from .ground import select_boxes  # ground imports this module (ground.other_detector)
+
         self.model, self.processor, self.config = model, processor, config
-        self.select_boxes = select_boxes  # ground.select_boxes, the filters every ground engine shares
+        self.select_boxes = select_boxes  # the filters every ground engine shares
         self.dtype = config.model.resolved_dtype()  # the vision encoder's autocast dtype
         self.text_length = int(model.config.text_config.max_position_embeddings)
 
